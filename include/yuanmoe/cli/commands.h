@@ -1,0 +1,15 @@
+// Subcommands of the `yuanmoe` executable. Each parses its own options (cxxopts) and returns the
+// process exit code; errors are thrown and turned into one-line messages by main().
+#pragma once
+
+#include <string>
+
+namespace yuanmoe::cli {
+
+/// `yuanmoe inspect --config FILE [--set KEY=VALUE]...`
+int run_inspect(int argc, const char* const* argv);
+
+/// 1234567 -> "1,234,567".
+std::string with_thousands(int64_t value);
+
+}  // namespace yuanmoe::cli

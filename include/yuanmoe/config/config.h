@@ -1,0 +1,131 @@
+// Typed run configuration (SPEC §3): one struct per JSON section, one root RunConfig.
+// Parsing, serialisation and key documentation all come from the single schema in
+// src/config/schema.h, so a key exists in exactly one place. Nothing below the config
+// layer sees JSON or enum strings; each module receives only its own section.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace yuanmoe::config {
+
+enum class RouterKind { kAttention, kLinear, kRelu, kDense };
+enum class RouterDtype { kFp32 };
+enum class LrSchedule { kCosine, kConstant, kLinear };
+enum class Precision { kFp32, kBf16 };
+enum class PipelineSchedule { k1F1B, kGPipe };
+enum class Backend { kAuto, kGloo, kNccl };
+
+/// Decoder architecture (reference/yuan2-m32.md §1-§4).
+struct ModelConfig {
+  int64_t num_layers = 0;           ///< L, required
+  int64_t hidden_size = 0;          ///< D, required
+  int64_t num_attention_heads = 0;  ///< heads for Q, K and V (no GQA), required
+  int64_t head_dim = 0;             ///< Dh; Yuan uses 2*hidden/heads, so P = H*Dh may differ from D
+  int64_t rotary_dim = 0;           ///< leading dims of each head that RoPE rotates (even, <= Dh)
+  double rope_base = 10000.0;       ///< RoPE theta base; 40890 for the 16K fine-tune
+  int64_t vocab_size = 0;           ///< V, required
+  int64_t max_seq_length = 0;       ///< longest sequence the model is meant for, required
+  double rms_norm_eps = 1e-6;
+  bool tie_embeddings = true;       ///< output head reuses embed_tokens.weight
+  bool lfa = true;                  ///< Localized Filtering-based Attention on Q/K input
+  double init_std = 0.02;           ///< N(0, init_std); output projections scaled by 1/sqrt(2L)
+  double attention_dropout = 0.0;   ///< dropout on attention probabilities while training
+
+  /// Attention width P = heads * head_dim.
+  int64_t attention_width() const { return num_attention_heads * head_dim; }
+};
+
+/// Mixture-of-Experts feed-forward blocks and their routers (reference/routers.md).
+struct MoeConfig {
+  int64_t num_experts = 0;           ///< E, required
+  int64_t top_k = 0;                 ///< K; ReLU: sets the target sparsity 1 - K/E
+  int64_t ffn_hidden_size = 0;       ///< F, expert SwiGLU width, required
+  RouterKind router = RouterKind::kAttention;
+  RouterDtype router_dtype = RouterDtype::kFp32;
+  double aux_loss_coeff = 0.0;       ///< Switch load-balancing loss (top-k routers)
+  double z_loss_coeff = 0.0;         ///< ST-MoE router z-loss (top-k routers)
+  double bias_balancing_rate = 0.0;  ///< DeepSeek-V3 aux-loss-free bias update rate, 0 = off
+  double relu_l1_init = 1e-8;        ///< ReMoE lambda_0
+  double relu_l1_alpha = 1.2;        ///< ReMoE lambda multiplier per optimizer step
+  double capacity_factor = 0.0;      ///< 0 = dropless
+  int64_t moe_layer_freq = 1;        ///< layer l is MoE iff l % freq == 0; others dense SwiGLU
+  int64_t dense_ffn_hidden_size = 0; ///< width of dense layers; 0 = top_k * ffn_hidden_size
+
+  /// SwiGLU width of the dense layers: same active FLOPs as an MoE layer unless set.
+  int64_t dense_layer_ffn_size() const {
+    return dense_ffn_hidden_size > 0 ? dense_ffn_hidden_size : top_k * ffn_hidden_size;
+  }
+};
+
+struct TrainConfig {
+  int64_t seq_length = 0;  ///< required
+  int64_t micro_batch_size = 1;
+  int64_t global_batch_size = 1;
+  int64_t max_steps = 0;   ///< required
+  double lr = 3e-4;
+  double min_lr = 3e-5;
+  int64_t warmup_steps = 0;
+  LrSchedule lr_schedule = LrSchedule::kCosine;
+  double weight_decay = 0.1;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.95;
+  double adam_eps = 1e-8;
+  double grad_clip = 1.0;
+  int64_t seed = 1234;
+  Precision precision = Precision::kFp32;
+  bool recompute = false;
+  std::string init_from;   ///< checkpoint dir whose weights start a fine-tune; empty = none
+  int64_t eval_interval = 0;  ///< 0 = evaluate only at the end
+  int64_t eval_steps = 10;
+};
+
+struct DataConfig {
+  std::string train_prefix;
+  std::string valid_prefix;
+  std::string tokenizer;
+  bool reset_position_ids = true;
+  int64_t eod_id = -1;  ///< -1 = take it from the tokenizer
+};
+
+struct ParallelConfig {
+  int64_t pipeline_parallel_size = 1;
+  PipelineSchedule pipeline_schedule = PipelineSchedule::k1F1B;
+  std::optional<int64_t> num_microbatches;  ///< absent = derived from the batch sizes
+  Backend backend = Backend::kAuto;
+  int64_t timeout_s = 300;
+};
+
+struct CheckpointConfig {
+  int64_t interval = 0;  ///< 0 = only at the end
+  int64_t keep_last = 3;
+  std::string dir = "checkpoints";
+};
+
+struct LogConfig {
+  int64_t interval = 1;
+  bool progress = true;
+  bool plots = true;
+};
+
+/// The whole run: exactly the sections of the JSON file.
+struct RunConfig {
+  ModelConfig model;
+  MoeConfig moe;
+  TrainConfig train;
+  DataConfig data;
+  ParallelConfig parallel;
+  CheckpointConfig checkpoint;
+  LogConfig log;
+};
+
+/// The spelling of an enum value in JSON, and the table used to parse it.
+template <class Enum>
+const std::vector<std::pair<Enum, const char*>>& enum_names();
+template <class Enum>
+std::string to_string(Enum value);
+
+}  // namespace yuanmoe::config

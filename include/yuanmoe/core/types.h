@@ -1,0 +1,11 @@
+// Shape-letter legend used in tensor names across the code base (style.md §6):
+//   B batch, S sequence, T tokens (B*S flattened), D model dim (hidden_size),
+//   H heads, Dh head dim, P attention width (H*Dh), F expert FFN width, E experts,
+//   K routing slots per token, N routed (token, expert) pairs, V vocabulary.
+// So x_BSD is [batch, seq, hidden] and gates_TK is [tokens, slots].
+#pragma once
+#include <torch/torch.h>
+
+namespace yuanmoe {
+using torch::Tensor;
+}  // namespace yuanmoe

@@ -1,0 +1,39 @@
+// Yuan 2.0 self-attention (yuan2-m32.md §2, §4): V reads the input-norm output a, Q and K read
+// LFA(a); Q/K come from one per-head interleaved projection; partial RoPE; scale 1/sqrt(Dh);
+// causal softmax; o_proj back to D. No biases.
+#pragma once
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/core/types.h"
+#include "yuanmoe/model/lfa.h"
+
+namespace yuanmoe::model {
+
+/// softmax(q k^T / sqrt(Dh) + causal) v over q/k/v [B, H, S, Dh]; dropout on the probabilities
+/// when dropout_p > 0. Probabilities in fp32. Returns [B, H, S, Dh].
+Tensor causal_attention(const Tensor& q_BHSDh,
+                        const Tensor& k_BHSDh,
+                        const Tensor& v_BHSDh,
+                        double dropout_p);
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const config::ModelConfig& config);
+  /// a_BSD: input-norm output; position_ids_BS: RoPE positions. Returns [B, S, D].
+  Tensor forward(const Tensor& a_BSD, const Tensor& position_ids_BS);
+
+  const config::ModelConfig config;
+  // Megatron's fused get_query_key [2P, D] is cut in two halves exactly like the HF converter:
+  // q_proj holds the [q | k] rows of heads 0..H/2-1, k_proj those of heads H/2..H-1 (§4.1).
+  torch::nn::Linear q_proj{nullptr};  // D -> P
+  torch::nn::Linear k_proj{nullptr};  // D -> P
+  torch::nn::Linear v_proj{nullptr};  // D -> P, heads contiguous
+  torch::nn::Linear o_proj{nullptr};  // P -> D
+  LocalizedFiltering lf_gate{nullptr};  // only with config.lfa
+
+ private:
+  Tensor inverse_frequencies_;  // [rotary_dim / 2] fp32, not a parameter (HF: non-persistent)
+};
+TORCH_MODULE(Attention);
+
+}  // namespace yuanmoe::model

@@ -1,0 +1,15 @@
+// The one initialisation policy (yuan2-m32.md §7, Megatron defaults):
+//   RMSNorm weights 1; LFA conv weights and biases U(+-1/sqrt(fan_in)) (PyTorch Conv2d default,
+//   fan_in = in_channels * 2); output projections (o_proj, w2) N(0, init_std / sqrt(2 L));
+//   everything else (embedding, q/k/v, routers, w1, untied head) N(0, init_std).
+// Draws from the global generator in registration order: same seed, same weights.
+#pragma once
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/core/types.h"
+
+namespace yuanmoe::model {
+
+void init_weights(torch::nn::Module& model, const config::ModelConfig& config);
+
+}  // namespace yuanmoe::model

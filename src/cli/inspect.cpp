@@ -1,0 +1,52 @@
+// `yuanmoe inspect`: the resolved config, parameter counts and FLOPs per token, computed from the
+// config alone (no weights are allocated, so the 40B config is instant).
+#include <cxxopts.hpp>
+#include <iostream>
+
+#include "yuanmoe/cli/commands.h"
+#include "yuanmoe/config/config_io.h"
+#include "yuanmoe/config/validate.h"
+#include "yuanmoe/model/param_count.h"
+
+namespace yuanmoe::cli {
+
+std::string with_thousands(int64_t value) {
+  std::string digits = std::to_string(value < 0 ? -value : value);
+  for (int i = static_cast<int>(digits.size()) - 3; i > 0; i -= 3) digits.insert(i, ",");
+  return value < 0 ? "-" + digits : digits;
+}
+
+int run_inspect(int argc, const char* const* argv) {
+  cxxopts::Options options("yuanmoe inspect",
+                           "Print the resolved config, parameter counts and FLOPs per token.");
+  options.add_options()
+      ("config", "JSON config file", cxxopts::value<std::string>())
+      ("set", "override a config key, e.g. --set moe.router=linear (repeatable)",
+       cxxopts::value<std::vector<std::string>>())
+      ("h,help", "show this help");
+  const auto args = options.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << options.help() << "\n";
+    return 0;
+  }
+  if (!args.count("config")) throw std::invalid_argument("--config FILE is required");
+
+  const std::string path = args["config"].as<std::string>();
+  const std::vector<std::string> overrides =
+      args.count("set") ? args["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  const config::RunConfig run = config::load_config(path, overrides);
+  for (const auto& warning : config::config_warnings(run)) {
+    spdlog::warn("{}: {}", path, warning.to_string());
+  }
+
+  const model::ModelSize size = model::model_size(run.model, run.moe, run.train.seq_length);
+  std::cout << "config: " << path << "\n"
+            << config::to_json(run).dump(2) << "\n"
+            << "total parameters:  " << with_thousands(size.total_parameters) << "\n"
+            << "active parameters: " << with_thousands(size.active_parameters) << "\n"
+            << "forward FLOPs per token (seq_length " << run.train.seq_length
+            << "): " << with_thousands(size.forward_flops_per_token) << "\n";
+  return 0;
+}
+
+}  // namespace yuanmoe::cli

@@ -1,0 +1,77 @@
+// The `yuanmoe` executable: the only place argv is dispatched and exit codes are chosen.
+// Library code throws; here every error becomes one line per problem on stderr.
+#include <c10/util/Exception.h>
+#include <cxxopts.hpp>
+#include <iostream>
+#include <sstream>
+
+#include "yuanmoe/cli/commands.h"
+#include "yuanmoe/config/config_io.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*run)(int, const char* const*);
+  const char* summary;
+};
+
+const Command kCommands[] = {
+    {"inspect", yuanmoe::cli::run_inspect,
+     "resolved config, total / active parameters, forward FLOPs per token"},
+};
+
+void print_usage(std::ostream& out) {
+  out << "usage: yuanmoe <command> [options]   (yuanmoe <command> --help for its options)\n\n"
+         "commands:\n";
+  for (const auto& command : kCommands) {
+    out << "  " << command.name << std::string(14 - std::string(command.name).size(), ' ')
+        << command.summary << "\n";
+  }
+}
+
+/// Each line of a (possibly multi-line) message, prefixed, on stderr.
+void print_error(const std::string& prefix, const std::string& message) {
+  std::istringstream lines(message);
+  std::string line;
+  while (std::getline(lines, line)) std::cerr << prefix << line << "\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    print_usage(std::cerr);
+    return 2;
+  }
+  const std::string name = argv[1];
+  if (name == "-h" || name == "--help" || name == "help") {
+    print_usage(std::cout);
+    return 0;
+  }
+  for (const auto& command : kCommands) {
+    if (name != command.name) continue;
+    const std::string prefix = "yuanmoe " + name + ": error: ";
+    try {
+      return command.run(argc - 1, argv + 1);
+    } catch (const yuanmoe::config::ConfigError& e) {
+      print_error(prefix, e.what());
+      return 2;
+    } catch (const cxxopts::exceptions::exception& e) {
+      print_error(prefix, e.what());
+      return 2;
+    } catch (const std::invalid_argument& e) {
+      print_error(prefix, e.what());
+      return 2;
+    } catch (const c10::Error& e) {
+      print_error(prefix, e.what_without_backtrace());
+      return 1;
+    } catch (const std::exception& e) {
+      print_error(prefix, e.what());
+      return 1;
+    }
+  }
+  std::cerr << "yuanmoe: error: unknown command '" << name << "'\n";
+  print_usage(std::cerr);
+  return 2;
+}

@@ -1,0 +1,67 @@
+// Enum spellings in JSON. The tables are the single source for parsing, errors and docs.
+#include "yuanmoe/config/config.h"
+
+namespace yuanmoe::config {
+
+template <>
+const std::vector<std::pair<RouterKind, const char*>>& enum_names<RouterKind>() {
+  static const std::vector<std::pair<RouterKind, const char*>> names{
+      {RouterKind::kAttention, "attention"},
+      {RouterKind::kLinear, "linear"},
+      {RouterKind::kRelu, "relu"},
+      {RouterKind::kDense, "dense"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<RouterDtype, const char*>>& enum_names<RouterDtype>() {
+  static const std::vector<std::pair<RouterDtype, const char*>> names{{RouterDtype::kFp32, "fp32"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<LrSchedule, const char*>>& enum_names<LrSchedule>() {
+  static const std::vector<std::pair<LrSchedule, const char*>> names{
+      {LrSchedule::kCosine, "cosine"},
+      {LrSchedule::kConstant, "constant"},
+      {LrSchedule::kLinear, "linear"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<Precision, const char*>>& enum_names<Precision>() {
+  static const std::vector<std::pair<Precision, const char*>> names{{Precision::kFp32, "fp32"},
+                                                                    {Precision::kBf16, "bf16"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<PipelineSchedule, const char*>>& enum_names<PipelineSchedule>() {
+  static const std::vector<std::pair<PipelineSchedule, const char*>> names{
+      {PipelineSchedule::k1F1B, "1f1b"}, {PipelineSchedule::kGPipe, "gpipe"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<Backend, const char*>>& enum_names<Backend>() {
+  static const std::vector<std::pair<Backend, const char*>> names{
+      {Backend::kAuto, "auto"}, {Backend::kGloo, "gloo"}, {Backend::kNccl, "nccl"}};
+  return names;
+}
+
+template <class Enum>
+std::string to_string(Enum value) {
+  for (const auto& [v, name] : enum_names<Enum>()) {
+    if (v == value) return name;
+  }
+  return "?";
+}
+
+template std::string to_string(RouterKind);
+template std::string to_string(RouterDtype);
+template std::string to_string(LrSchedule);
+template std::string to_string(Precision);
+template std::string to_string(PipelineSchedule);
+template std::string to_string(Backend);
+
+}  // namespace yuanmoe::config

@@ -1,0 +1,298 @@
+// JSON <-> RunConfig through the schema visitor (schema.h). Three visitors: Reader collects
+// every problem with its path, Writer emits the resolved tree, Describer lists the keys.
+#include "yuanmoe/config/config_io.h"
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <type_traits>
+
+#include "schema.h"
+#include "yuanmoe/config/validate.h"
+
+namespace yuanmoe::config {
+namespace {
+
+using nlohmann::json;
+using schema::Presence;
+
+std::string describe_json(const json& j) {
+  std::string text = j.dump();
+  if (text.size() > 40) text = text.substr(0, 37) + "...";
+  return std::string(j.type_name()) + " " + text;
+}
+
+template <class Enum>
+std::string enum_choices() {
+  std::string out;
+  for (const auto& [value, name] : enum_names<Enum>()) {
+    out += (out.empty() ? "\"" : ", \"") + std::string(name) + "\"";
+  }
+  return out;
+}
+
+/// Reads one section (a JSON object) into a struct, collecting issues instead of throwing.
+class Reader {
+ public:
+  Reader(const json* object, std::string prefix, std::vector<ConfigIssue>* issues)
+      : object_(object), prefix_(std::move(prefix)), issues_(issues) {}
+
+  template <class T>
+  void field(const char* key, T& value, Presence presence, const char* /*doc*/) {
+    seen_.insert(key);
+    const std::string path = prefix_ + key;
+    if (object_ == nullptr || !object_->contains(key)) {
+      if (presence == schema::kRequired) issues_->push_back({path, "required key is missing"});
+      return;
+    }
+    read(object_->at(key), value, path);
+  }
+
+  template <class Section>
+  void section(const char* key, Section& value, Presence presence) {
+    seen_.insert(key);
+    const std::string path = prefix_ + key;
+    const json* child = nullptr;
+    if (object_ != nullptr && object_->contains(key)) {
+      child = &object_->at(key);
+      if (!child->is_object()) {
+        issues_->push_back({path, "expected an object, got " + describe_json(*child)});
+        return;
+      }
+    } else if (presence == schema::kRequired) {
+      issues_->push_back({path, "required section is missing"});
+      return;
+    }
+    Reader inner(child, path + ".", issues_);
+    schema::visit(inner, value);
+    inner.report_unknown_keys();
+  }
+
+  void report_unknown_keys() const {
+    if (object_ == nullptr) return;
+    for (const auto& item : object_->items()) {
+      if (seen_.count(item.key()) == 0) {
+        issues_->push_back({prefix_ + item.key(), "unknown key"});
+      }
+    }
+  }
+
+ private:
+  void read(const json& j, int64_t& out, const std::string& path) {
+    if (j.is_number_integer()) {
+      out = j.get<int64_t>();
+    } else {
+      issues_->push_back({path, "expected an integer, got " + describe_json(j)});
+    }
+  }
+  void read(const json& j, double& out, const std::string& path) {
+    if (j.is_number()) {
+      out = j.get<double>();
+    } else {
+      issues_->push_back({path, "expected a number, got " + describe_json(j)});
+    }
+  }
+  void read(const json& j, bool& out, const std::string& path) {
+    if (j.is_boolean()) {
+      out = j.get<bool>();
+    } else {
+      issues_->push_back({path, "expected true or false, got " + describe_json(j)});
+    }
+  }
+  void read(const json& j, std::string& out, const std::string& path) {
+    if (j.is_string()) {
+      out = j.get<std::string>();
+    } else {
+      issues_->push_back({path, "expected a string, got " + describe_json(j)});
+    }
+  }
+  void read(const json& j, std::optional<int64_t>& out, const std::string& path) {
+    if (j.is_null()) {
+      out.reset();
+    } else if (j.is_number_integer()) {
+      out = j.get<int64_t>();
+    } else {
+      issues_->push_back({path, "expected an integer or null, got " + describe_json(j)});
+    }
+  }
+  template <class Enum, class = std::enable_if_t<std::is_enum_v<Enum>>>
+  void read(const json& j, Enum& out, const std::string& path) {
+    if (j.is_string()) {
+      for (const auto& [value, name] : enum_names<Enum>()) {
+        if (j.get<std::string>() == name) {
+          out = value;
+          return;
+        }
+      }
+    }
+    issues_->push_back(
+        {path, "expected one of " + enum_choices<Enum>() + ", got " + describe_json(j)});
+  }
+
+  const json* object_;
+  std::string prefix_;
+  std::vector<ConfigIssue>* issues_;
+  std::set<std::string> seen_;
+};
+
+/// Emits every key of the schema, defaults included.
+class Writer {
+ public:
+  explicit Writer(json* out) : out_(out) {}
+
+  template <class T>
+  void field(const char* key, T& value, Presence, const char*) {
+    if constexpr (std::is_enum_v<T>) {
+      (*out_)[key] = to_string(value);
+    } else if constexpr (std::is_same_v<T, std::optional<int64_t>>) {
+      (*out_)[key] = value ? json(*value) : json(nullptr);
+    } else {
+      (*out_)[key] = value;
+    }
+  }
+
+  template <class Section>
+  void section(const char* key, Section& value, Presence) {
+    json child = json::object();
+    Writer inner(&child);
+    schema::visit(inner, value);
+    (*out_)[key] = std::move(child);
+  }
+
+ private:
+  json* out_;
+};
+
+/// Lists the keys with type, default and description (for docs/config.md and its test).
+class Describer {
+ public:
+  Describer(std::string prefix, std::vector<KeyDoc>* docs) : prefix_(std::move(prefix)), docs_(docs) {}
+
+  template <class T>
+  void field(const char* key, T& value, Presence presence, const char* doc) {
+    json default_json = json::object();
+    Writer(&default_json).field(key, value, presence, doc);
+    std::string default_value =
+        presence == schema::kRequired ? "required" : default_json[key].dump();
+    docs_->push_back({prefix_ + key, type_name(value), default_value, doc});
+  }
+
+  template <class Section>
+  void section(const char* key, Section& value, Presence) {
+    Describer inner(prefix_ + key + ".", docs_);
+    schema::visit(inner, value);
+  }
+
+ private:
+  static std::string type_name(const int64_t&) { return "integer"; }
+  static std::string type_name(const double&) { return "number"; }
+  static std::string type_name(const bool&) { return "boolean"; }
+  static std::string type_name(const std::string&) { return "string"; }
+  static std::string type_name(const std::optional<int64_t>&) { return "integer or null"; }
+  template <class Enum, class = std::enable_if_t<std::is_enum_v<Enum>>>
+  static std::string type_name(const Enum&) {
+    return "one of " + enum_choices<Enum>();
+  }
+
+  std::string prefix_;
+  std::vector<KeyDoc>* docs_;
+};
+
+std::string join_issues(const std::string& source, const std::vector<ConfigIssue>& issues) {
+  std::string out;
+  for (const auto& issue : issues) {
+    if (!out.empty()) out += "\n";
+    out += source.empty() ? issue.to_string() : source + ": " + issue.to_string();
+  }
+  return out;
+}
+
+}  // namespace
+
+ConfigError::ConfigError(std::string source, std::vector<ConfigIssue> issues)
+    : std::runtime_error(join_issues(source, issues)), issues_(std::move(issues)) {}
+
+json read_json_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError(path, {{"", "cannot open file"}});
+  try {
+    return json::parse(in, /*cb=*/nullptr, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  } catch (const json::parse_error& e) {
+    // e.what() names the byte offset; keep it to one line.
+    std::string what = e.what();
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    throw ConfigError(path, {{"", "invalid JSON: " + what}});
+  }
+}
+
+void apply_override(json& root, const std::string& assignment) {
+  const auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    throw ConfigError("--set", {{assignment, "expected KEY=VALUE, e.g. moe.router=linear"}});
+  }
+  const std::string key = assignment.substr(0, eq);
+  const std::string text = assignment.substr(eq + 1);
+  json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded()) value = text;  // bare words are strings: moe.router=linear
+
+  json* node = &root;
+  std::stringstream parts(key);
+  std::string part;
+  std::vector<std::string> path;
+  while (std::getline(parts, part, '.')) path.push_back(part);
+  for (size_t i = 0; i < path.size(); ++i) {
+    if (path[i].empty()) throw ConfigError("--set", {{key, "empty path component"}});
+    if (!node->is_object()) {
+      throw ConfigError("--set", {{key, "'" + path[i - 1] + "' is not an object"}});
+    }
+    node = &(*node)[path[i]];
+  }
+  *node = std::move(value);
+}
+
+ParseResult parse_config(const json& root) {
+  ParseResult result;
+  if (!root.is_object()) {
+    result.issues.push_back({"", "expected a JSON object at the top level"});
+    return result;
+  }
+  Reader reader(&root, "", &result.issues);
+  schema::visit(reader, result.config);
+  reader.report_unknown_keys();
+  return result;
+}
+
+RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  json root = read_json_file(path);
+  for (const auto& assignment : overrides) apply_override(root, assignment);
+  ParseResult parsed = parse_config(root);
+  // Report everything at once: rule violations too, except on keys that failed to parse (their
+  // placeholder value would only repeat the problem).
+  std::vector<ConfigIssue> issues = parsed.issues;
+  for (auto& issue : validate(parsed.config)) {
+    const bool already_reported =
+        std::any_of(parsed.issues.begin(), parsed.issues.end(),
+                    [&](const ConfigIssue& parse_issue) { return parse_issue.path == issue.path; });
+    if (!already_reported) issues.push_back(std::move(issue));
+  }
+  if (!issues.empty()) throw ConfigError(path, issues);
+  return parsed.config;
+}
+
+json to_json(const RunConfig& config) {
+  json out = json::object();
+  Writer writer(&out);
+  schema::visit(writer, const_cast<RunConfig&>(config));  // Writer only reads
+  return out;
+}
+
+std::vector<KeyDoc> describe_config_keys() {
+  std::vector<KeyDoc> docs;
+  RunConfig defaults;
+  Describer describer("", &docs);
+  schema::visit(describer, defaults);
+  return docs;
+}
+
+}  // namespace yuanmoe::config

@@ -1,0 +1,135 @@
+// The config schema: every JSON key, its struct field, whether it is required, and its meaning.
+// A visitor walks it to parse (config_io.cpp), to serialise, and to document keys, so adding a
+// key here is the whole change. Private to src/config.
+#pragma once
+
+#include "yuanmoe/config/config.h"
+
+namespace yuanmoe::config::schema {
+
+enum Presence { kOptional, kRequired };
+
+template <class V>
+void visit(V& v, ModelConfig& c) {
+  v.field("num_layers", c.num_layers, kRequired, "Number of decoder layers L.");
+  v.field("hidden_size", c.hidden_size, kRequired, "Residual stream width D.");
+  v.field("num_attention_heads", c.num_attention_heads, kRequired,
+          "Attention heads for Q, K and V (no grouped-query attention).");
+  v.field("head_dim", c.head_dim, kRequired,
+          "Per-head width Dh; attention width P = heads * Dh (Yuan: Dh = 2 * D / heads).");
+  v.field("rotary_dim", c.rotary_dim, kRequired,
+          "Leading dims of each head rotated by RoPE (even, <= head_dim; Yuan: head_dim / 2).");
+  v.field("rope_base", c.rope_base, kOptional,
+          "RoPE base theta; 40890 for the 16K fine-tune (NTK-aware rule from 10000).");
+  v.field("vocab_size", c.vocab_size, kRequired, "Vocabulary size V (embedding rows).");
+  v.field("max_seq_length", c.max_seq_length, kRequired,
+          "Longest sequence the model serves (train.seq_length must not exceed it).");
+  v.field("rms_norm_eps", c.rms_norm_eps, kOptional, "Epsilon of every RMSNorm.");
+  v.field("tie_embeddings", c.tie_embeddings, kOptional,
+          "Output head reuses embed_tokens.weight (Yuan: true).");
+  v.field("lfa", c.lfa, kOptional,
+          "true: Localized Filtering-based Attention feeds Q/K; false: plain attention.");
+  v.field("init_std", c.init_std, kOptional,
+          "Std of the normal init; output projections use init_std / sqrt(2 L).");
+  v.field("attention_dropout", c.attention_dropout, kOptional,
+          "Dropout on attention probabilities while training (Yuan: 0.1).");
+}
+
+template <class V>
+void visit(V& v, MoeConfig& c) {
+  v.field("num_experts", c.num_experts, kRequired, "Experts per MoE layer E.");
+  v.field("top_k", c.top_k, kRequired,
+          "Experts per token for top-k routers; the ReLU router's sparsity target is 1 - top_k/E.");
+  v.field("ffn_hidden_size", c.ffn_hidden_size, kRequired, "SwiGLU width F of one expert.");
+  v.field("router", c.router, kOptional,
+          "attention (Yuan), linear (top-k softmax), relu (ReMoE), dense (Jacobs 1991 softmax).");
+  v.field("router_dtype", c.router_dtype, kOptional, "Precision of router logits and gates.");
+  v.field("aux_loss_coeff", c.aux_loss_coeff, kOptional,
+          "Switch load-balancing loss coefficient (top-k routers; 1e-2 is usual).");
+  v.field("z_loss_coeff", c.z_loss_coeff, kOptional,
+          "ST-MoE router z-loss coefficient (top-k routers; 1e-3 is usual).");
+  v.field("bias_balancing_rate", c.bias_balancing_rate, kOptional,
+          "DeepSeek-V3 aux-loss-free expert-bias update rate per step (top-k routers); 0 = off.");
+  v.field("relu_l1_init", c.relu_l1_init, kOptional, "ReMoE initial L1 coefficient lambda_0.");
+  v.field("relu_l1_alpha", c.relu_l1_alpha, kOptional,
+          "ReMoE lambda multiplier per optimizer step (> 1).");
+  v.field("capacity_factor", c.capacity_factor, kOptional,
+          "Expert capacity ceil(cf * T * k / E) with token dropping; 0 = dropless.");
+  v.field("moe_layer_freq", c.moe_layer_freq, kOptional,
+          "Layer l is MoE when l % moe_layer_freq == 0, dense SwiGLU otherwise.");
+  v.field("dense_ffn_hidden_size", c.dense_ffn_hidden_size, kOptional,
+          "SwiGLU width of the dense layers; 0 = top_k * ffn_hidden_size (same active FLOPs).");
+}
+
+template <class V>
+void visit(V& v, TrainConfig& c) {
+  v.field("seq_length", c.seq_length, kRequired, "Tokens per training sequence.");
+  v.field("micro_batch_size", c.micro_batch_size, kOptional, "Sequences per forward/backward.");
+  v.field("global_batch_size", c.global_batch_size, kOptional,
+          "Sequences per optimizer step over all data-parallel ranks.");
+  v.field("max_steps", c.max_steps, kRequired, "Optimizer steps to train.");
+  v.field("lr", c.lr, kOptional, "Peak learning rate.");
+  v.field("min_lr", c.min_lr, kOptional, "Learning rate at the end of the decay.");
+  v.field("warmup_steps", c.warmup_steps, kOptional, "Linear warm-up steps from 0 to lr.");
+  v.field("lr_schedule", c.lr_schedule, kOptional, "Decay after warm-up.");
+  v.field("weight_decay", c.weight_decay, kOptional, "AdamW decoupled weight decay (matrices).");
+  v.field("adam_beta1", c.adam_beta1, kOptional, "AdamW beta1.");
+  v.field("adam_beta2", c.adam_beta2, kOptional, "AdamW beta2.");
+  v.field("adam_eps", c.adam_eps, kOptional, "AdamW epsilon.");
+  v.field("grad_clip", c.grad_clip, kOptional, "Global gradient-norm clip; 0 = off.");
+  v.field("seed", c.seed, kOptional, "Seed of init, data order and dropout.");
+  v.field("precision", c.precision, kOptional, "Compute precision (bf16 where supported).");
+  v.field("recompute", c.recompute, kOptional, "Activation checkpointing of whole blocks.");
+  v.field("init_from", c.init_from, kOptional,
+          "Checkpoint dir whose weights start a fine-tune (fresh optimizer); empty = none.");
+  v.field("eval_interval", c.eval_interval, kOptional, "Steps between evaluations; 0 = at end.");
+  v.field("eval_steps", c.eval_steps, kOptional, "Validation batches per evaluation.");
+}
+
+template <class V>
+void visit(V& v, DataConfig& c) {
+  v.field("train_prefix", c.train_prefix, kOptional, "Megatron indexed dataset (.bin/.idx).");
+  v.field("valid_prefix", c.valid_prefix, kOptional, "Validation dataset prefix.");
+  v.field("tokenizer", c.tokenizer, kOptional, "SentencePiece .model file.");
+  v.field("reset_position_ids", c.reset_position_ids, kOptional,
+          "Restart positions at 0 after every end-of-document token in a packed sample.");
+  v.field("eod_id", c.eod_id, kOptional, "End-of-document token id; -1 = from the tokenizer.");
+}
+
+template <class V>
+void visit(V& v, ParallelConfig& c) {
+  v.field("pipeline_parallel_size", c.pipeline_parallel_size, kOptional, "Pipeline stages.");
+  v.field("pipeline_schedule", c.pipeline_schedule, kOptional, "Pipeline schedule.");
+  v.field("num_microbatches", c.num_microbatches, kOptional,
+          "Micro-batches per step; null = global / (micro * data-parallel size).");
+  v.field("backend", c.backend, kOptional, "c10d backend: auto = NCCL on CUDA, Gloo on CPU.");
+  v.field("timeout_s", c.timeout_s, kOptional, "Collective and rendezvous timeout in seconds.");
+}
+
+template <class V>
+void visit(V& v, CheckpointConfig& c) {
+  v.field("interval", c.interval, kOptional, "Steps between checkpoints; 0 = only at the end.");
+  v.field("keep_last", c.keep_last, kOptional, "Complete checkpoints kept; older are pruned.");
+  v.field("dir", c.dir, kOptional, "Checkpoint dir, relative to the run dir.");
+}
+
+template <class V>
+void visit(V& v, LogConfig& c) {
+  v.field("interval", c.interval, kOptional, "Steps between metric lines.");
+  v.field("progress", c.progress, kOptional, "Progress bar when stdout is a terminal.");
+  v.field("plots", c.plots, kOptional, "Regenerate PNG plots under plots/ (needs gnuplot).");
+}
+
+/// Sections in file order; every section is optional except model, moe and train.
+template <class V>
+void visit(V& v, RunConfig& c) {
+  v.section("model", c.model, kRequired);
+  v.section("moe", c.moe, kRequired);
+  v.section("train", c.train, kRequired);
+  v.section("data", c.data, kOptional);
+  v.section("parallel", c.parallel, kOptional);
+  v.section("checkpoint", c.checkpoint, kOptional);
+  v.section("log", c.log, kOptional);
+}
+
+}  // namespace yuanmoe::config::schema

@@ -1,0 +1,77 @@
+#include "yuanmoe/model/moe.h"
+
+#include <cmath>
+
+namespace yuanmoe::model {
+
+MoeImpl::MoeImpl(const config::MoeConfig& config, int64_t hidden_size) : config(config) {
+  gate = register_module("gate", make_router(config, hidden_size));
+  experts = register_module(
+      "experts", GroupedExperts(config.num_experts, hidden_size, config.ffn_hidden_size));
+}
+
+MoeOutput MoeImpl::forward(const Tensor& x) {
+  const int64_t hidden = x.size(-1);
+  const Tensor x_TD = x.reshape({-1, hidden});
+  const int64_t tokens = x_TD.size(0), experts_count = config.num_experts;
+
+  const Routing routing = gate->forward(x_TD);
+  const int64_t slots = routing.expert_ids_TK.size(1);
+
+  // Routed pairs in token-major order; pair p is slot p % K of token p / K.
+  Tensor pair_ids_N = torch::arange(tokens * slots, x_TD.options().dtype(torch::kLong));
+  Tensor expert_ids_N = routing.expert_ids_TK.reshape(-1);
+  Tensor gates_N = routing.gates_TK.reshape(-1);
+  if (routing.skip_zero_gates) {
+    pair_ids_N = torch::nonzero(gates_N).squeeze(1);
+    expert_ids_N = expert_ids_N.index_select(0, pair_ids_N);
+    gates_N = gates_N.index_select(0, pair_ids_N);
+  }
+
+  // Stable: inside an expert, pairs keep batch order (deterministic; capacity drops by position).
+  Tensor order_N = std::get<1>(torch::sort(expert_ids_N, /*stable=*/true));
+  Tensor pairs_per_expert_E = torch::bincount(expert_ids_N, /*weights=*/{}, experts_count);
+  if (is_training()) {
+    torch::NoGradGuard no_grad;
+    load_.pairs_per_expert_E = load_.pairs_per_expert_E.defined()
+                                   ? load_.pairs_per_expert_E + pairs_per_expert_E
+                                   : pairs_per_expert_E.clone();
+    load_.tokens += tokens;
+  }
+  if (config.capacity_factor > 0) {
+    // routers.md §9: C = ceil(cf * T * k / E); later pairs of an overfull expert are dropped and
+    // the residual carries their token unchanged.
+    const auto capacity = static_cast<int64_t>(std::ceil(
+        config.capacity_factor * static_cast<double>(tokens * slots) / experts_count));
+    const Tensor sorted_experts_N = expert_ids_N.index_select(0, order_N);
+    const Tensor expert_start_E = pairs_per_expert_E.cumsum(0) - pairs_per_expert_E;
+    const Tensor rank_in_expert_N = torch::arange(order_N.size(0), order_N.options()) -
+                                    expert_start_E.index_select(0, sorted_experts_N);
+    order_N = order_N.masked_select(rank_in_expert_N < capacity);
+    pairs_per_expert_E = pairs_per_expert_E.clamp_max(capacity);
+  }
+
+  // The only host sync of the layer: the per-expert row counts drive the GEMM loop.
+  const Tensor counts_cpu = pairs_per_expert_E.to(torch::kCPU).contiguous();
+  const std::vector<int64_t> rows_per_expert(counts_cpu.data_ptr<int64_t>(),
+                                             counts_cpu.data_ptr<int64_t>() + experts_count);
+
+  const Tensor sorted_pairs_N = pair_ids_N.index_select(0, order_N);
+  const Tensor xs_ND = x_TD.index_select(0, torch::div(sorted_pairs_N, slots, "floor"));
+  const Tensor ys_ND = experts->forward(xs_ND, rows_per_expert) *
+                       gates_N.index_select(0, order_N).unsqueeze(1).to(x_TD.scalar_type());
+
+  const Tensor slot_rows = torch::zeros({tokens * slots, hidden}, ys_ND.options());
+  const Tensor out_TD = torch::index_copy(slot_rows, 0, sorted_pairs_N, ys_ND)
+                            .view({tokens, slots, hidden})
+                            .sum(1);
+  return {out_TD.view(x.sizes()), routing.aux_loss};
+}
+
+ExpertLoad MoeImpl::take_load() {
+  ExpertLoad load = std::move(load_);
+  load_ = ExpertLoad{};
+  return load;
+}
+
+}  // namespace yuanmoe::model

@@ -1,0 +1,152 @@
+#include "yuanmoe/model/router.h"
+
+#include "yuanmoe/model/gating.h"
+
+namespace yuanmoe::model {
+
+using config::RouterKind;
+
+namespace {
+torch::nn::Linear no_bias_linear(int64_t in, int64_t out) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
+}
+}  // namespace
+
+Routing RouterImpl::forward(const Tensor& x_TD) {
+  // Routers run in fp32 at least: "compute gate in float32 to help stability of expert load
+  // balancing" (torchtitan); Yuan uses --use-fp32-router.
+  const auto dtype = torch::promote_types(x_TD.scalar_type(), torch::kFloat);
+  return gate(score(x_TD.to(dtype)));
+}
+
+Tensor RouterImpl::linear_scores(const Tensor& x_TD, const Tensor& weight_ED) {
+  return torch::matmul(x_TD, weight_ED.to(x_TD.scalar_type()).t());
+}
+
+TopKRouterImpl::TopKRouterImpl(const config::MoeConfig& config) : RouterImpl(config) {
+  expert_bias = register_buffer("expert_bias", torch::zeros({config.num_experts}));
+}
+
+Routing TopKRouterImpl::gate(const Tensor& logits_TE) {
+  const bool use_bias = config.bias_balancing_rate > 0;
+  TopKGates top = top_k_gates(logits_TE, config.top_k, use_bias ? expert_bias : Tensor());
+  Routing routing;
+  routing.expert_ids_TK = top.expert_ids_TK;
+  routing.gates_TK = top.gates_TK;
+  if (is_training()) {
+    Tensor aux;
+    if (config.aux_loss_coeff > 0) {
+      aux = config.aux_loss_coeff * switch_load_balancing_loss(logits_TE, top.expert_ids_TK);
+    }
+    if (config.z_loss_coeff > 0) {
+      Tensor z = config.z_loss_coeff * router_z_loss(logits_TE);
+      aux = aux.defined() ? aux + z : z;
+    }
+    routing.aux_loss = aux;
+  }
+  return routing;
+}
+
+void TopKRouterImpl::update_after_step(const RouterStepStats& stats) {
+  if (config.bias_balancing_rate <= 0) return;
+  torch::NoGradGuard no_grad;
+  expert_bias.add_(expert_bias_delta(stats.pairs_per_expert_E, config.bias_balancing_rate)
+                       .to(expert_bias.options()));
+}
+
+AttentionRouterImpl::AttentionRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
+    : TopKRouterImpl(config) {
+  query = register_module("query", no_bias_linear(hidden_size, config.num_experts));
+  key = register_module("key", no_bias_linear(hidden_size, config.num_experts));
+  value = register_module("value", no_bias_linear(hidden_size, config.num_experts));
+}
+
+Tensor AttentionRouterImpl::score(const Tensor& x_TD) {
+  const Tensor q_TE = linear_scores(x_TD, query->weight);
+  const Tensor k_TE = linear_scores(x_TD, key->weight);
+  const Tensor v_TE = linear_scores(x_TD, value->weight);
+  // Per token an E x E attention over experts: A_ij = q_i k_j (no scaling), row softmax, times v.
+  const Tensor probs_TEE = torch::softmax(q_TE.unsqueeze(2) * k_TE.unsqueeze(1), -1);
+  return torch::bmm(probs_TEE, v_TE.unsqueeze(2)).squeeze(2);
+}
+
+LinearRouterImpl::LinearRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
+    : TopKRouterImpl(config) {
+  weight = register_parameter("weight", torch::zeros({config.num_experts, hidden_size}));
+}
+
+Tensor LinearRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
+
+ReluRouterImpl::ReluRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
+    : RouterImpl(config) {
+  weight = register_parameter("weight", torch::zeros({config.num_experts, hidden_size}));
+  l1_coeff = register_buffer("l1_coeff", torch::full({}, config.relu_l1_init, torch::kFloat));
+}
+
+Tensor ReluRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
+
+Routing ReluRouterImpl::gate(const Tensor& logits_TE) {
+  const int64_t tokens = logits_TE.size(0), experts = logits_TE.size(1);
+  const Tensor gates_TE = relu_gates(logits_TE);
+  Routing routing;
+  routing.gates_TK = gates_TE;
+  routing.expert_ids_TK = torch::arange(experts, torch::dtype(torch::kLong).device(logits_TE.device()))
+                              .expand({tokens, experts});
+  routing.skip_zero_gates = true;
+  if (is_training()) {
+    routing.aux_loss = l1_coeff.to(gates_TE.scalar_type()) *
+                       relu_load_balanced_l1(gates_TE, config.top_k);
+  }
+  return routing;
+}
+
+void ReluRouterImpl::update_after_step(const RouterStepStats& stats) {
+  const double target_active =
+      static_cast<double>(config.top_k) / static_cast<double>(config.num_experts);
+  const double next = next_relu_l1_coeff(l1_coeff.item<double>(), stats.active_fraction_all_layers,
+                                         target_active, config.relu_l1_alpha);
+  torch::NoGradGuard no_grad;
+  l1_coeff.fill_(next);
+}
+
+DenseRouterImpl::DenseRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
+    : RouterImpl(config) {
+  weight = register_parameter("weight", torch::zeros({config.num_experts, hidden_size}));
+}
+
+Tensor DenseRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
+
+Routing DenseRouterImpl::gate(const Tensor& logits_TE) {
+  const int64_t tokens = logits_TE.size(0), experts = logits_TE.size(1);
+  Routing routing;
+  routing.gates_TK = dense_gates(logits_TE);
+  routing.expert_ids_TK = torch::arange(experts, torch::dtype(torch::kLong).device(logits_TE.device()))
+                              .expand({tokens, experts});
+  return routing;
+}
+
+std::shared_ptr<RouterImpl> make_router(const config::MoeConfig& config, int64_t hidden_size) {
+  switch (config.router) {
+    case RouterKind::kAttention:
+      return std::make_shared<AttentionRouterImpl>(config, hidden_size);
+    case RouterKind::kLinear:
+      return std::make_shared<LinearRouterImpl>(config, hidden_size);
+    case RouterKind::kRelu:
+      return std::make_shared<ReluRouterImpl>(config, hidden_size);
+    case RouterKind::kDense:
+      return std::make_shared<DenseRouterImpl>(config, hidden_size);
+  }
+  TORCH_INTERNAL_ASSERT(false, "unhandled router kind");
+}
+
+double next_relu_l1_coeff(double coeff, double active_fraction, double target_active, double alpha) {
+  return active_fraction > target_active ? coeff * alpha : coeff / alpha;
+}
+
+Tensor expert_bias_delta(const Tensor& pairs_per_expert_E, double rate) {
+  const Tensor counts = pairs_per_expert_E.to(torch::kFloat);
+  const Tensor delta = rate * torch::sign(counts.mean() - counts);
+  return delta - delta.mean();
+}
+
+}  // namespace yuanmoe::model

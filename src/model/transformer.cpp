@@ -1,0 +1,56 @@
+#include "yuanmoe/model/transformer.h"
+
+namespace yuanmoe::model {
+
+TransformerImpl::TransformerImpl(const config::ModelConfig& model,
+                                 const config::MoeConfig& moe,
+                                 StageSpec stage)
+    : config(model), stage(stage) {
+  if (stage.has_embedding || (stage.has_head && model.tie_embeddings)) {
+    // The last stage of a tied pipeline keeps its own copy, summed with the first's (Megatron).
+    embed_tokens = register_module("embed_tokens",
+                                   torch::nn::Embedding(model.vocab_size, model.hidden_size));
+  }
+  std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> named_blocks;
+  for (int64_t l = stage.first_layer; l < stage.end_layer; ++l) {
+    blocks.push_back(TransformerBlock(model, moe, l));
+    named_blocks.emplace_back(std::to_string(l), blocks.back().ptr());
+  }
+  layers = register_module("layers", torch::nn::ModuleDict(named_blocks));
+  if (stage.has_head) {
+    norm = register_module("norm", RmsNorm(model.hidden_size, model.rms_norm_eps));
+    if (!model.tie_embeddings) {
+      lm_head = register_module(
+          "lm_head", torch::nn::Linear(
+                         torch::nn::LinearOptions(model.hidden_size, model.vocab_size).bias(false)));
+    }
+  }
+}
+
+ModelOutput TransformerImpl::forward(const Tensor& input, const Tensor& position_ids_BS) {
+  Tensor x = stage.has_embedding ? embed_tokens(input) : input;  // [B, S, D]
+  Tensor aux_loss;
+  for (auto& block : blocks) {
+    BlockOutput out = block(x, position_ids_BS);
+    x = out.x;
+    if (out.aux_loss.defined()) aux_loss = aux_loss.defined() ? aux_loss + out.aux_loss : out.aux_loss;
+  }
+  if (!stage.has_head) return {x, aux_loss};
+  const Tensor h = norm(x);
+  const Tensor& head_weight = config.tie_embeddings ? embed_tokens->weight : lm_head->weight;
+  return {torch::matmul(h, head_weight.t()), aux_loss};  // [B, S, V]
+}
+
+std::vector<Moe> TransformerImpl::moe_layers() const {
+  std::vector<Moe> out;
+  for (const auto& block : blocks) {
+    if (block->moe) out.push_back(block->moe);
+  }
+  return out;
+}
+
+Tensor default_position_ids(int64_t batch, int64_t seq, torch::Device device) {
+  return torch::arange(seq, torch::dtype(torch::kLong).device(device)).unsqueeze(0).expand({batch, seq});
+}
+
+}  // namespace yuanmoe::model
