@@ -71,7 +71,6 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  std::cerr << "yuanmoe: error: unknown command '" << name << "'\n";
-  print_usage(std::cerr);
+  std::cerr << "yuanmoe: error: unknown command '" << name << "' (see yuanmoe --help)\n";
   return 2;
 }

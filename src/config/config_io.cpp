@@ -243,6 +243,7 @@ void apply_override(json& root, const std::string& assignment) {
   while (std::getline(parts, part, '.')) path.push_back(part);
   for (size_t i = 0; i < path.size(); ++i) {
     if (path[i].empty()) throw ConfigError("--set", {{key, "empty path component"}});
+    if (node->is_null()) *node = json::object();  // a new section
     if (!node->is_object()) {
       throw ConfigError("--set", {{key, "'" + path[i - 1] + "' is not an object"}});
     }

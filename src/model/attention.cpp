@@ -14,7 +14,8 @@ Tensor causal_attention(const Tensor& q_BHSDh,
                         double dropout_p) {
   const int64_t seq = q_BHSDh.size(2);
   const double scale = 1.0 / std::sqrt(static_cast<double>(q_BHSDh.size(-1)));
-  Tensor scores_BHSS = torch::matmul(q_BHSDh, k_BHSDh.transpose(-2, -1)).to(torch::kFloat) * scale;
+  Tensor scores_BHSS = torch::matmul(q_BHSDh, k_BHSDh.transpose(-2, -1));
+  scores_BHSS = scores_BHSS.to(at_least_fp32(scores_BHSS)) * scale;
   const Tensor future_SS =
       torch::ones({seq, seq}, torch::dtype(torch::kBool).device(q_BHSDh.device())).triu(1);
   scores_BHSS.masked_fill_(future_SS, -std::numeric_limits<float>::infinity());

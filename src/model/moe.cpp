@@ -29,7 +29,7 @@ MoeOutput MoeImpl::forward(const Tensor& x) {
   }
 
   // Stable: inside an expert, pairs keep batch order (deterministic; capacity drops by position).
-  Tensor order_N = std::get<1>(torch::sort(expert_ids_N, /*stable=*/true));
+  Tensor order_N = std::get<1>(torch::sort(expert_ids_N, /*stable=*/c10::optional<bool>(true), /*dim=*/0));
   Tensor pairs_per_expert_E = torch::bincount(expert_ids_N, /*weights=*/{}, experts_count);
   if (is_training()) {
     torch::NoGradGuard no_grad;

@@ -7,9 +7,9 @@ RmsNormImpl::RmsNormImpl(int64_t dim, double eps) : eps(eps) {
 }
 
 Tensor RmsNormImpl::forward(const Tensor& x) {
-  const Tensor x32 = x.to(torch::kFloat);
+  const Tensor x32 = x.to(at_least_fp32(x));
   const Tensor inv_rms = torch::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return (x32 * inv_rms * weight.to(torch::kFloat)).to(x.scalar_type());
+  return (x32 * inv_rms * weight.to(x32.scalar_type())).to(x.scalar_type());
 }
 
 }  // namespace yuanmoe::model

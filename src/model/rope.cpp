@@ -20,10 +20,11 @@ RopeAngles rope_angles(const Tensor& inverse_frequencies, const Tensor& position
 Tensor apply_rope(const Tensor& x_BSHDh, const RopeAngles& angles, int64_t rotary_dim) {
   if (rotary_dim == 0) return x_BSHDh;
   const int64_t half = rotary_dim / 2;
-  const Tensor x = x_BSHDh.to(torch::kFloat);
+  const Tensor x = x_BSHDh.to(at_least_fp32(x_BSHDh));
   const Tensor x1 = x.narrow(-1, 0, half);
   const Tensor x2 = x.narrow(-1, half, half);
-  std::vector<Tensor> parts{x1 * angles.cos - x2 * angles.sin, x2 * angles.cos + x1 * angles.sin};
+  const Tensor cos = angles.cos.to(x.scalar_type()), sin = angles.sin.to(x.scalar_type());
+  std::vector<Tensor> parts{x1 * cos - x2 * sin, x2 * cos + x1 * sin};
   const int64_t head_dim = x.size(-1);
   if (rotary_dim < head_dim) parts.push_back(x.narrow(-1, rotary_dim, head_dim - rotary_dim));
   return torch::cat(parts, -1).to(x_BSHDh.scalar_type());

@@ -15,8 +15,7 @@ torch::nn::Linear no_bias_linear(int64_t in, int64_t out) {
 Routing RouterImpl::forward(const Tensor& x_TD) {
   // Routers run in fp32 at least: "compute gate in float32 to help stability of expert load
   // balancing" (torchtitan); Yuan uses --use-fp32-router.
-  const auto dtype = torch::promote_types(x_TD.scalar_type(), torch::kFloat);
-  return gate(score(x_TD.to(dtype)));
+  return gate(score(x_TD.to(at_least_fp32(x_TD))));
 }
 
 Tensor RouterImpl::linear_scores(const Tensor& x_TD, const Tensor& weight_ED) {

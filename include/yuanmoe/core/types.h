@@ -8,4 +8,10 @@
 
 namespace yuanmoe {
 using torch::Tensor;
+
+/// fp32, or wider when the input is wider: numerically sensitive steps (norm statistics, softmax,
+/// RoPE, routers) run in fp32 for bf16 models and stay exact for double-precision checks.
+inline torch::Dtype at_least_fp32(const Tensor& t) {
+  return torch::promote_types(t.scalar_type(), torch::kFloat);
+}
 }  // namespace yuanmoe

@@ -1,0 +1,220 @@
+// Config parsing and validation: every problem reported with its JSON path, overrides, the
+// shipped configs, and the documentation of every key.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "yuanmoe/config/config_io.h"
+#include "yuanmoe/config/validate.h"
+
+namespace yuanmoe::config {
+namespace {
+
+using nlohmann::json;
+
+json minimal_config() {
+  return json::parse(R"({
+    "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "head_dim": 32,
+              "rotary_dim": 16, "vocab_size": 256, "max_seq_length": 64},
+    "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 96},
+    "train": {"seq_length": 64, "max_steps": 10}
+  })");
+}
+
+/// Parse + validate, as load_config does, returning every issue.
+std::vector<ConfigIssue> issues_of(const json& root) {
+  ParseResult parsed = parse_config(root);
+  auto issues = parsed.issues;
+  if (issues.empty()) issues = validate(parsed.config);
+  return issues;
+}
+
+::testing::AssertionResult has_issue(const std::vector<ConfigIssue>& issues, const std::string& path,
+                                     const std::string& fragment) {
+  for (const auto& issue : issues) {
+    if (issue.path == path && issue.message.find(fragment) != std::string::npos) {
+      return ::testing::AssertionSuccess();
+    }
+  }
+  std::string all;
+  for (const auto& issue : issues) all += "\n  " + issue.to_string();
+  return ::testing::AssertionFailure() << "no issue '" << fragment << "' at " << path << "; got:" << all;
+}
+
+TEST(ConfigTest, MinimalConfigIsValidAndFillsDefaults) {
+  const ParseResult parsed = parse_config(minimal_config());
+  ASSERT_TRUE(parsed.issues.empty());
+  EXPECT_TRUE(validate(parsed.config).empty());
+  EXPECT_EQ(parsed.config.model.num_layers, 2);
+  EXPECT_EQ(parsed.config.moe.router, RouterKind::kAttention);
+  EXPECT_DOUBLE_EQ(parsed.config.model.rms_norm_eps, 1e-6);
+  EXPECT_EQ(parsed.config.moe.dense_layer_ffn_size(), 2 * 96);
+}
+
+TEST(ConfigTest, UnknownKeysAreErrorsWithTheirPath) {
+  auto root = minimal_config();
+  root["model"]["hiden_size"] = 3;
+  root["optimizer"] = json::object();
+  const auto issues = issues_of(root);
+  EXPECT_TRUE(has_issue(issues, "model.hiden_size", "unknown key"));
+  EXPECT_TRUE(has_issue(issues, "optimizer", "unknown key"));
+}
+
+TEST(ConfigTest, WrongTypesNameExpectedAndFound) {
+  auto root = minimal_config();
+  root["model"]["hidden_size"] = "64";
+  root["model"]["lfa"] = 1;
+  root["train"]["lr"] = "fast";
+  root["model"]["num_layers"] = 2.5;
+  root["moe"] = json::array();
+  const auto issues = issues_of(root);
+  EXPECT_TRUE(has_issue(issues, "model.hidden_size", "expected an integer, got string \"64\""));
+  EXPECT_TRUE(has_issue(issues, "model.lfa", "expected true or false"));
+  EXPECT_TRUE(has_issue(issues, "train.lr", "expected a number"));
+  EXPECT_TRUE(has_issue(issues, "model.num_layers", "expected an integer, got number 2.5"));
+  EXPECT_TRUE(has_issue(issues, "moe", "expected an object"));
+}
+
+TEST(ConfigTest, EnumErrorsListTheValidChoices) {
+  auto root = minimal_config();
+  root["moe"]["router"] = "switch";
+  root["train"]["lr_schedule"] = "wsd";
+  const auto issues = issues_of(root);
+  EXPECT_TRUE(has_issue(issues, "moe.router",
+                        "expected one of \"attention\", \"linear\", \"relu\", \"dense\", got string \"switch\""));
+  EXPECT_TRUE(has_issue(issues, "train.lr_schedule", "\"cosine\", \"constant\", \"linear\""));
+}
+
+TEST(ConfigTest, MissingRequiredKeysAreNamed) {
+  auto root = minimal_config();
+  root["model"].erase("vocab_size");
+  root.erase("train");
+  const auto issues = issues_of(root);
+  EXPECT_TRUE(has_issue(issues, "model.vocab_size", "required key is missing"));
+  EXPECT_TRUE(has_issue(issues, "train", "required section is missing"));
+}
+
+TEST(ConfigTest, CrossFieldRules) {
+  auto root = minimal_config();
+  root["moe"]["top_k"] = 9;
+  root["model"]["rotary_dim"] = 40;
+  root["model"]["hidden_size"] = -64;
+  root["train"]["global_batch_size"] = 10;
+  root["train"]["micro_batch_size"] = 4;
+  root["train"]["seq_length"] = 128;
+  const auto issues = issues_of(root);
+  EXPECT_TRUE(has_issue(issues, "moe.top_k", "must be <= moe.num_experts (8), got 9"));
+  EXPECT_TRUE(has_issue(issues, "model.rotary_dim", "must be <= model.head_dim (32), got 40"));
+  EXPECT_TRUE(has_issue(issues, "model.hidden_size", "must be > 0, got -64"));
+  EXPECT_TRUE(has_issue(issues, "train.global_batch_size", "divisible by train.micro_batch_size (4)"));
+  EXPECT_TRUE(has_issue(issues, "train.seq_length", "must be <= model.max_seq_length (64)"));
+
+  auto odd = minimal_config();
+  odd["model"]["rotary_dim"] = 15;
+  EXPECT_TRUE(has_issue(issues_of(odd), "model.rotary_dim", "must be even"));
+
+  auto relu = minimal_config();
+  relu["moe"]["router"] = "relu";
+  relu["moe"]["capacity_factor"] = 1.25;
+  EXPECT_TRUE(has_issue(issues_of(relu), "moe.capacity_factor", "must be 0 (dropless) with the relu router"));
+}
+
+TEST(ConfigTest, LoadConfigReportsEveryProblemAtOnce) {
+  const auto path = std::filesystem::temp_directory_path() / "yuanmoe_bad_config.json";
+  auto root = minimal_config();
+  root["model"]["typo"] = 1;
+  root["model"]["hidden_size"] = "x";
+  root["moe"]["top_k"] = 9;
+  std::ofstream(path) << root.dump();
+  try {
+    load_config(path.string());
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    // Parse errors and rule violations together; no duplicate for the key that failed to parse.
+    EXPECT_EQ(e.issues().size(), 3u) << e.what();
+    EXPECT_NE(std::string(e.what()).find(path.string() + ": moe.top_k: must be <="), std::string::npos);
+  }
+}
+
+TEST(ConfigTest, OverridesUseDottedPathsAndJsonValues) {
+  auto root = minimal_config();
+  apply_override(root, "moe.router=linear");
+  apply_override(root, "train.max_steps=50");
+  apply_override(root, "train.lr=3e-4");
+  apply_override(root, "model.lfa=false");
+  apply_override(root, "data.tokenizer=\"a b.model\"");
+  const ParseResult parsed = parse_config(root);
+  ASSERT_TRUE(parsed.issues.empty());
+  EXPECT_EQ(parsed.config.moe.router, RouterKind::kLinear);
+  EXPECT_EQ(parsed.config.train.max_steps, 50);
+  EXPECT_DOUBLE_EQ(parsed.config.train.lr, 3e-4);
+  EXPECT_FALSE(parsed.config.model.lfa);
+  EXPECT_EQ(parsed.config.data.tokenizer, "a b.model");
+  EXPECT_THROW(apply_override(root, "moe.router"), ConfigError);
+  EXPECT_THROW(apply_override(root, "moe.router.x=1"), ConfigError);
+  apply_override(root, "moe.new_key=1");
+  EXPECT_TRUE(has_issue(issues_of(root), "moe.new_key", "unknown key"));
+}
+
+TEST(ConfigTest, ResolvedJsonRoundTrips) {
+  auto root = minimal_config();
+  root["parallel"] = {{"num_microbatches", 4}};
+  const ParseResult parsed = parse_config(root);
+  const json resolved = to_json(parsed.config);
+  const ParseResult again = parse_config(resolved);
+  ASSERT_TRUE(again.issues.empty());
+  EXPECT_EQ(to_json(again.config), resolved);
+  EXPECT_EQ(resolved["parallel"]["num_microbatches"], 4);
+  EXPECT_EQ(resolved["moe"]["router"], "attention");
+}
+
+TEST(ConfigTest, WarnsWhenAnOptionHasNoEffect) {
+  auto root = minimal_config();
+  root["moe"]["router"] = "dense";
+  root["moe"]["aux_loss_coeff"] = 0.01;
+  const auto warnings = config_warnings(parse_config(root).config);
+  EXPECT_TRUE(has_issue(warnings, "moe.aux_loss_coeff", "no effect with the dense router"));
+  EXPECT_TRUE(has_issue(warnings, "moe.top_k", "no effect with the dense router"));
+}
+
+std::vector<std::filesystem::path> shipped_configs() {
+  std::vector<std::filesystem::path> paths;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator("configs")) {
+    if (entry.path().extension() == ".json") paths.push_back(entry.path());
+  }
+  std::sort(paths.begin(), paths.end());
+  return paths;
+}
+
+TEST(ShippedConfigs, AllParseAndValidate) {
+  const auto paths = shipped_configs();
+  ASSERT_GE(paths.size(), 6u) << "run the tests from the repository root";
+  for (const auto& path : paths) {
+    EXPECT_NO_THROW(load_config(path.string())) << path;
+  }
+}
+
+TEST(ShippedConfigs, AblationConfigsDifferOnlyInTheRouter) {
+  const json base = read_json_file("configs/ablation/attention.json");
+  for (const char* router : {"linear", "relu", "dense"}) {
+    json variant = read_json_file(std::string("configs/ablation/") + router + ".json");
+    EXPECT_EQ(variant["moe"]["router"], router);
+    variant["moe"]["router"] = "attention";
+    EXPECT_EQ(variant, base) << router;
+  }
+}
+
+TEST(ConfigDocs, EveryKeyIsDocumented) {
+  std::ifstream in("docs/config.md");
+  ASSERT_TRUE(in) << "docs/config.md missing";
+  std::stringstream text;
+  text << in.rdbuf();
+  for (const auto& key : describe_config_keys()) {
+    EXPECT_NE(text.str().find("`" + key.path + "`"), std::string::npos) << key.path << " is not in docs/config.md";
+  }
+}
+
+}  // namespace
+}  // namespace yuanmoe::config

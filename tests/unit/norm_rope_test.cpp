@@ -1,0 +1,102 @@
+// RMSNorm against its formula written as loops; RoPE against the complex-number form.
+#include <complex>
+
+#include "support/fixtures.h"
+#include "yuanmoe/model/norm.h"
+#include "yuanmoe/model/rope.h"
+
+namespace yuanmoe::model {
+namespace {
+
+using testing::max_abs_diff;
+using NormRopeTest = testing::SeededTest;
+
+TEST_F(NormRopeTest, RmsNormMatchesExplicitLoops) {
+  RmsNorm norm(8, 1e-6);
+  norm->weight.data().uniform_(0.5, 1.5);
+  const auto x = torch::randn({3, 5, 8});
+  const auto y = norm(x);
+  auto expected = torch::empty_like(x);
+  auto xa = x.accessor<float, 3>();
+  auto wa = norm->weight.accessor<float, 1>();
+  for (int b = 0; b < 3; ++b) {
+    for (int s = 0; s < 5; ++s) {
+      double mean_square = 0;
+      for (int d = 0; d < 8; ++d) mean_square += double(xa[b][s][d]) * xa[b][s][d] / 8.0;
+      for (int d = 0; d < 8; ++d) {
+        expected[b][s][d] = wa[d] * xa[b][s][d] / std::sqrt(mean_square + 1e-6);
+      }
+    }
+  }
+  EXPECT_LT(max_abs_diff(y, expected), 1e-5);
+}
+
+TEST_F(NormRopeTest, RmsNormKeepsBf16DtypeAndComputesStatisticsInFp32) {
+  RmsNorm norm(16, 1e-6);
+  const auto x = torch::randn({4, 16}) * 100;
+  const auto y = norm(x.to(torch::kBFloat16));
+  EXPECT_EQ(y.scalar_type(), torch::kBFloat16);
+  EXPECT_LT(max_abs_diff(y, norm(x)), 2e-2);
+}
+
+/// Reference: pairs (i, i + r/2) as the complex number x_i + j x_{i+r/2}, multiplied by
+/// e^{j m theta_i} with theta_i = base^(-2i/r); dims >= r unchanged.
+torch::Tensor rope_complex_reference(const torch::Tensor& x_BSHDh,
+                                     const torch::Tensor& positions_BS,
+                                     int64_t rotary_dim,
+                                     double base) {
+  auto out = x_BSHDh.to(torch::kDouble).clone();
+  const int64_t half = rotary_dim / 2;
+  for (int64_t b = 0; b < x_BSHDh.size(0); ++b) {
+    for (int64_t s = 0; s < x_BSHDh.size(1); ++s) {
+      const double m = positions_BS[b][s].item<double>();
+      for (int64_t h = 0; h < x_BSHDh.size(2); ++h) {
+        for (int64_t i = 0; i < half; ++i) {
+          const double theta = std::pow(base, -2.0 * i / rotary_dim);
+          const std::complex<double> z(out[b][s][h][i].item<double>(),
+                                       out[b][s][h][i + half].item<double>());
+          const std::complex<double> rotated = z * std::polar(1.0, m * theta);
+          out[b][s][h][i] = rotated.real();
+          out[b][s][h][i + half] = rotated.imag();
+        }
+      }
+    }
+  }
+  return out;
+}
+
+TEST_F(NormRopeTest, PartialRopeMatchesComplexForm) {
+  const int64_t rotary_dim = 8, head_dim = 16;
+  const auto x = torch::randn({2, 6, 3, head_dim});
+  // Row 1 has positions reset after an end-of-document token at index 2.
+  const auto positions = torch::tensor({0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1, 2}, torch::kLong).view({2, 6});
+  const auto angles = rope_angles(rope_inverse_frequencies(rotary_dim, 10000.0), positions);
+  const auto y = apply_rope(x, angles, rotary_dim);
+  const auto expected = rope_complex_reference(x, positions, rotary_dim, 10000.0);
+  EXPECT_LT(max_abs_diff(y, expected), 1e-5);
+  // Dims beyond rotary_dim pass through bit-exactly.
+  EXPECT_TRUE(torch::equal(y.narrow(-1, rotary_dim, head_dim - rotary_dim),
+                           x.narrow(-1, rotary_dim, head_dim - rotary_dim)));
+}
+
+TEST_F(NormRopeTest, RotatedDotProductDependsOnlyOnRelativePosition) {
+  const int64_t rotary_dim = 16;
+  const auto q = torch::randn({1, 1, 1, rotary_dim});
+  const auto k = torch::randn({1, 1, 1, rotary_dim});
+  const auto inverse = rope_inverse_frequencies(rotary_dim, 10000.0);
+  const auto score = [&](int64_t m, int64_t n) {
+    const auto qm = apply_rope(q, rope_angles(inverse, torch::full({1, 1}, m, torch::kLong)), rotary_dim);
+    const auto kn = apply_rope(k, rope_angles(inverse, torch::full({1, 1}, n, torch::kLong)), rotary_dim);
+    return (qm * kn).sum().item<double>();
+  };
+  EXPECT_NEAR(score(7, 3), score(104, 100), 1e-4);
+  EXPECT_GT(std::abs(score(7, 3) - score(7, 6)), 1e-4);
+}
+
+TEST(RopeBase, NtkAwareRuleGivesYuan16kBase) {
+  // yuan2-m32.md §4.2: 10000 * 4^(128/126) = 40889.94 -> 40890.
+  EXPECT_NEAR(ntk_scaled_rope_base(10000.0, 4.0, 128), 40889.94, 0.01);
+}
+
+}  // namespace
+}  // namespace yuanmoe::model

@@ -1,0 +1,244 @@
+// Routers against per-token loops and the reference formulas (routers.md), gating properties for
+// every router kind, balancing terms and the once-per-step updates.
+#include "support/fixtures.h"
+#include "yuanmoe/model/gating.h"
+#include "yuanmoe/model/init.h"
+#include "yuanmoe/model/router.h"
+
+namespace yuanmoe::model {
+namespace {
+
+using config::RouterKind;
+using testing::max_abs_diff;
+using RouterTest = testing::SeededTest;
+
+std::shared_ptr<RouterImpl> make_initialised_router(const config::MoeConfig& moe, int64_t hidden) {
+  auto router = make_router(moe, hidden);
+  torch::NoGradGuard no_grad;
+  for (auto& p : router->parameters()) p.normal_(0.0, 0.3);
+  return router;
+}
+
+/// HF form of top-k gating: softmax over all experts, take the k largest, divide by their sum.
+void expect_hf_top_k(const Routing& routing, const torch::Tensor& logits_TE, int64_t k) {
+  const auto probs = torch::softmax(logits_TE.to(torch::kDouble), -1);
+  for (int64_t t = 0; t < logits_TE.size(0); ++t) {
+    const auto order = std::get<1>(probs[t].sort(/*dim=*/-1, /*descending=*/true));
+    double selected_sum = 0;
+    for (int64_t s = 0; s < k; ++s) selected_sum += probs[t][order[s]].item<double>();
+    for (int64_t s = 0; s < k; ++s) {
+      const int64_t expert = order[s].item<int64_t>();
+      EXPECT_EQ(routing.expert_ids_TK[t][s].item<int64_t>(), expert) << "token " << t;
+      EXPECT_NEAR(routing.gates_TK[t][s].item<double>(), probs[t][expert].item<double>() / selected_sum, 1e-6);
+    }
+  }
+}
+
+TEST_F(RouterTest, AttentionRouterMatchesPerTokenLoop) {
+  const auto moe = testing::small_moe_config(RouterKind::kAttention);
+  auto router = make_initialised_router(moe, 16);
+  auto& attention = dynamic_cast<AttentionRouterImpl&>(*router);
+  const auto x = torch::randn({5, 16});
+  const int64_t E = moe.num_experts;
+  auto logits = torch::zeros({5, E}, torch::kDouble);
+  for (int64_t t = 0; t < 5; ++t) {
+    const auto xt = x[t].to(torch::kDouble);
+    const auto q = torch::mv(attention.query->weight.to(torch::kDouble), xt);
+    const auto k = torch::mv(attention.key->weight.to(torch::kDouble), xt);
+    const auto v = torch::mv(attention.value->weight.to(torch::kDouble), xt);
+    for (int64_t i = 0; i < E; ++i) {
+      // Row i: softmax_j(q_i k_j), no 1/sqrt scaling; r_i = sum_j P_ij v_j.
+      double max_a = -1e300;
+      for (int64_t j = 0; j < E; ++j) max_a = std::max(max_a, (q[i] * k[j]).item<double>());
+      double total = 0, weighted = 0;
+      for (int64_t j = 0; j < E; ++j) {
+        const double p = std::exp((q[i] * k[j]).item<double>() - max_a);
+        total += p;
+        weighted += p * v[j].item<double>();
+      }
+      logits[t][i] = weighted / total;
+    }
+    // r is a convex combination of v.
+    EXPECT_GE(logits[t].min().item<double>(), v.min().item<double>() - 1e-9);
+    EXPECT_LE(logits[t].max().item<double>(), v.max().item<double>() + 1e-9);
+  }
+  const Routing routing = router->forward(x);
+  EXPECT_EQ(routing.gates_TK.scalar_type(), torch::kFloat);
+  expect_hf_top_k(routing, logits, moe.top_k);
+}
+
+TEST_F(RouterTest, LinearRouterMatchesSoftmaxThenRenormalise) {
+  const auto moe = testing::small_moe_config(RouterKind::kLinear);
+  auto router = make_initialised_router(moe, 16);
+  const auto x = torch::randn({7, 16});
+  const auto logits = torch::matmul(x.to(torch::kDouble),
+                                    dynamic_cast<LinearRouterImpl&>(*router).weight.to(torch::kDouble).t());
+  expect_hf_top_k(router->forward(x), logits, moe.top_k);
+}
+
+TEST_F(RouterTest, RoutersRunInFp32ForBf16Input) {
+  for (auto kind : testing::all_router_kinds()) {
+    auto router = make_initialised_router(testing::small_moe_config(kind), 16);
+    const auto x = torch::randn({4, 16});
+    const Routing fp32 = router->forward(x);
+    const Routing bf16 = router->forward(x.to(torch::kBFloat16));
+    EXPECT_EQ(bf16.gates_TK.scalar_type(), torch::kFloat) << config::to_string(kind);
+    EXPECT_LT(max_abs_diff(fp32.gates_TK, bf16.gates_TK), 0.05) << config::to_string(kind);
+  }
+}
+
+class RouterPropertyTest : public testing::SeededTestWithParam<RouterKind> {};
+
+TEST_P(RouterPropertyTest, GatesHaveTheRouterShape) {
+  const auto moe = testing::small_moe_config(GetParam());
+  auto router = make_initialised_router(moe, 16);
+  const auto x = torch::randn({64, 16});
+  const Routing r = router->forward(x);
+  const int64_t T = 64, E = moe.num_experts, k = moe.top_k;
+  switch (GetParam()) {
+    case RouterKind::kAttention:
+    case RouterKind::kLinear: {
+      // Exactly k distinct experts per token, gates > 0 summing to 1.
+      ASSERT_EQ(r.gates_TK.sizes(), (std::vector<int64_t>{T, k}));
+      EXPECT_TRUE((r.gates_TK > 0).all().item<bool>());
+      EXPECT_LT(max_abs_diff(r.gates_TK.sum(-1), torch::ones({T})), 1e-6);
+      EXPECT_TRUE((r.expert_ids_TK.select(1, 0) != r.expert_ids_TK.select(1, 1)).all().item<bool>());
+      EXPECT_FALSE(r.skip_zero_gates);
+      break;
+    }
+    case RouterKind::kRelu: {
+      // Non-negative, unnormalised, a variable number of active experts per token.
+      ASSERT_EQ(r.gates_TK.sizes(), (std::vector<int64_t>{T, E}));
+      EXPECT_TRUE((r.gates_TK >= 0).all().item<bool>());
+      const auto active = (r.gates_TK > 0).sum(-1);
+      EXPECT_GT(active.max().item<int64_t>(), active.min().item<int64_t>());
+      EXPECT_TRUE(r.skip_zero_gates);
+      break;
+    }
+    case RouterKind::kDense: {
+      // Every expert on every token, softmax gates.
+      ASSERT_EQ(r.gates_TK.sizes(), (std::vector<int64_t>{T, E}));
+      EXPECT_TRUE((r.gates_TK > 0).all().item<bool>());
+      EXPECT_LT(max_abs_diff(r.gates_TK.sum(-1), torch::ones({T})), 1e-6);
+      EXPECT_TRUE(torch::equal(r.expert_ids_TK, torch::arange(E).expand({T, E})));
+      break;
+    }
+  }
+}
+
+TEST_P(RouterPropertyTest, AuxLossOnlyWhileTraining) {
+  auto moe = testing::small_moe_config(GetParam());
+  moe.aux_loss_coeff = 1e-2;
+  moe.z_loss_coeff = 1e-3;
+  auto router = make_initialised_router(moe, 16);
+  const auto x = torch::randn({8, 16});
+  router->eval();
+  EXPECT_FALSE(router->forward(x).aux_loss.defined());
+  router->train();
+  const bool has_term = GetParam() != RouterKind::kDense;
+  EXPECT_EQ(router->forward(x).aux_loss.defined(), has_term);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllRouters, RouterPropertyTest, ::testing::ValuesIn(testing::all_router_kinds()),
+                         [](const auto& info) { return config::to_string(info.param); });
+
+TEST_F(RouterTest, TopOneGateIsTheRawProbabilityNotOne) {
+  // routers.md §1 k = 1 trap: a renormalised single gate is always 1 and gives no gradient.
+  const auto logits = torch::randn({6, 4}, torch::requires_grad());
+  const TopKGates top = top_k_gates(logits, 1, {});
+  const auto probs = torch::softmax(logits, -1);
+  EXPECT_LT(max_abs_diff(top.gates_TK.squeeze(1), std::get<0>(probs.max(-1))), 1e-7);
+  top.gates_TK.sum().backward();
+  EXPECT_GT(logits.grad().abs().sum().item<double>(), 0);
+}
+
+TEST_F(RouterTest, SelectionBiasChangesTheChoiceButNotTheGateValues) {
+  const auto logits = torch::tensor({{3.0f, 2.0f, 1.0f, 0.0f}});
+  const auto bias = torch::tensor({0.0f, 0.0f, 0.0f, 10.0f});
+  const TopKGates top = top_k_gates(logits, 2, bias);
+  EXPECT_EQ(top.expert_ids_TK[0][0].item<int64_t>(), 3);
+  EXPECT_EQ(top.expert_ids_TK[0][1].item<int64_t>(), 0);
+  // Gates from the unbiased logits 0 and 3.
+  const double e3 = std::exp(3.0), e0 = 1.0;
+  EXPECT_NEAR(top.gates_TK[0][0].item<double>(), e0 / (e0 + e3), 1e-6);
+  EXPECT_NEAR(top.gates_TK[0][1].item<double>(), e3 / (e0 + e3), 1e-6);
+}
+
+TEST_F(RouterTest, SwitchLossMatchesFormulaAndIsOneAtBalance) {
+  const int64_t T = 6, E = 3, k = 2;
+  const auto logits = torch::randn({T, E});
+  const auto ids = std::get<1>(logits.topk(k, -1));
+  double expected = 0;
+  const auto probs = torch::softmax(logits, -1);
+  for (int64_t e = 0; e < E; ++e) {
+    const double f = (ids == e).sum().item<double>() / (T * k);
+    const double p = probs.select(1, e).mean().item<double>();
+    expected += E * f * p;
+  }
+  EXPECT_NEAR(switch_load_balancing_loss(logits, ids).item<double>(), expected, 1e-6);
+  // Uniform probabilities and every expert chosen equally often.
+  const auto uniform = torch::zeros({3, 3});
+  const auto balanced = torch::tensor({0, 1, 1, 2, 2, 0}, torch::kLong).view({3, 2});
+  EXPECT_NEAR(switch_load_balancing_loss(uniform, balanced).item<double>(), 1.0, 1e-6);
+}
+
+TEST_F(RouterTest, ZLossIsMeanSquaredLogSumExp) {
+  const auto logits = torch::randn({5, 4});
+  double expected = 0;
+  for (int64_t t = 0; t < 5; ++t) {
+    double sum = 0;
+    for (int64_t e = 0; e < 4; ++e) sum += std::exp(logits[t][e].item<double>());
+    expected += std::pow(std::log(sum), 2) / 5;
+  }
+  EXPECT_NEAR(router_z_loss(logits).item<double>(), expected, 1e-5);
+}
+
+TEST_F(RouterTest, ReluL1MatchesReferenceCodeFormula) {
+  // ReMoE reference: E/(k T^2) * sum_e (sum_t R_te) * c_e, c_e = #tokens with R_te > 0.
+  const int64_t T = 10, E = 4, k = 1;
+  const auto gates = torch::relu(torch::randn({T, E}));
+  double expected = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    expected += gates.select(1, e).sum().item<double>() * (gates.select(1, e) > 0).sum().item<double>();
+  }
+  expected *= double(E) / (k * T * T);
+  EXPECT_NEAR(relu_load_balanced_l1(gates, k).item<double>(), expected, 1e-5);
+}
+
+TEST_F(RouterTest, ReluCoefficientFollowsTheSparsityController) {
+  EXPECT_DOUBLE_EQ(next_relu_l1_coeff(1.0, /*active*/ 0.5, /*target*/ 0.25, 1.2), 1.2);
+  EXPECT_DOUBLE_EQ(next_relu_l1_coeff(1.2, 0.1, 0.25, 1.2), 1.0);
+  EXPECT_DOUBLE_EQ(next_relu_l1_coeff(1.2, 0.25, 0.25, 1.2), 1.0);  // reference divides at equality
+
+  auto moe = testing::small_moe_config(RouterKind::kRelu);
+  auto router = make_router(moe, 16);
+  auto& relu = dynamic_cast<ReluRouterImpl&>(*router);
+  EXPECT_FLOAT_EQ(relu.l1_coeff.item<float>(), 1e-8f);
+  RouterStepStats stats;
+  stats.active_fraction_all_layers = 0.9;  // far denser than the target 2/8
+  router->update_after_step(stats);
+  EXPECT_FLOAT_EQ(relu.l1_coeff.item<float>(), 1.2e-8f);
+  // The coefficient is a checkpointed buffer.
+  EXPECT_TRUE(router->named_buffers().contains("l1_coeff"));
+}
+
+TEST_F(RouterTest, BiasBalancingRaisesUnderloadedExperts) {
+  const auto counts = torch::tensor({10, 0, 5, 5}, torch::kLong);
+  const auto delta = expert_bias_delta(counts, 1e-3);
+  EXPECT_LT(delta[0].item<double>(), 0);
+  EXPECT_GT(delta[1].item<double>(), 0);
+  EXPECT_NEAR(delta.sum().item<double>(), 0.0, 1e-9);  // centred
+
+  auto moe = testing::small_moe_config(RouterKind::kLinear);
+  moe.num_experts = 4;
+  moe.bias_balancing_rate = 1e-3;
+  auto router = make_router(moe, 16);
+  RouterStepStats stats;
+  stats.pairs_per_expert_E = counts;
+  router->update_after_step(stats);
+  const auto& bias = dynamic_cast<TopKRouterImpl&>(*router).expert_bias;
+  EXPECT_LT(max_abs_diff(bias, delta), 1e-9);
+}
+
+}  // namespace
+}  // namespace yuanmoe::model
