@@ -10,6 +10,13 @@ namespace {
 torch::nn::Linear no_bias_linear(int64_t in, int64_t out) {
   return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
 }
+
+/// Slot e of every token is expert e: the layout of the routers that may use every expert.
+Tensor every_expert_TK(const Tensor& logits_TE) {
+  const int64_t tokens = logits_TE.size(0), experts = logits_TE.size(1);
+  return torch::arange(experts, torch::dtype(torch::kLong).device(logits_TE.device()))
+      .expand({tokens, experts});
+}
 }  // namespace
 
 Routing RouterImpl::forward(const Tensor& x_TD) {
@@ -85,12 +92,10 @@ ReluRouterImpl::ReluRouterImpl(const config::MoeConfig& config, int64_t hidden_s
 Tensor ReluRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
 
 Routing ReluRouterImpl::gate(const Tensor& logits_TE) {
-  const int64_t tokens = logits_TE.size(0), experts = logits_TE.size(1);
   const Tensor gates_TE = relu_gates(logits_TE);
   Routing routing;
   routing.gates_TK = gates_TE;
-  routing.expert_ids_TK = torch::arange(experts, torch::dtype(torch::kLong).device(logits_TE.device()))
-                              .expand({tokens, experts});
+  routing.expert_ids_TK = every_expert_TK(logits_TE);
   routing.skip_zero_gates = true;
   if (is_training()) {
     routing.aux_loss = l1_coeff.to(gates_TE.scalar_type()) *
@@ -116,11 +121,9 @@ DenseRouterImpl::DenseRouterImpl(const config::MoeConfig& config, int64_t hidden
 Tensor DenseRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
 
 Routing DenseRouterImpl::gate(const Tensor& logits_TE) {
-  const int64_t tokens = logits_TE.size(0), experts = logits_TE.size(1);
   Routing routing;
   routing.gates_TK = dense_gates(logits_TE);
-  routing.expert_ids_TK = torch::arange(experts, torch::dtype(torch::kLong).device(logits_TE.device()))
-                              .expand({tokens, experts});
+  routing.expert_ids_TK = every_expert_TK(logits_TE);
   return routing;
 }
 
