@@ -19,6 +19,8 @@ struct Command {
 const Command kCommands[] = {
     {"inspect", yuanmoe::cli::run_inspect,
      "resolved config, total / active parameters, forward FLOPs per token"},
+    {"prepare-data", yuanmoe::cli::run_prepare_data,
+     "tokenize text / JSONL into Megatron indexed datasets (train + valid)"},
 };
 
 void print_usage(std::ostream& out) {

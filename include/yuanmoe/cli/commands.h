@@ -9,6 +9,9 @@ namespace yuanmoe::cli {
 /// `yuanmoe inspect --config FILE [--set KEY=VALUE]...`
 int run_inspect(int argc, const char* const* argv);
 
+/// `yuanmoe prepare-data --input FILE... --output PREFIX (--tokenizer MODEL | --train-tokenizer VOCAB)`
+int run_prepare_data(int argc, const char* const* argv);
+
 /// 1234567 -> "1,234,567".
 std::string with_thousands(int64_t value);
 

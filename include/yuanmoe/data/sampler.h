@@ -1,0 +1,94 @@
+// GPT pretraining batches from an indexed dataset, Megatron style: the sequences of an epoch are
+// shuffled and concatenated into one token stream (documents end in EOD), the stream is cut into
+// samples of seq_length + 1 tokens that overlap by one token (the last label of sample k is the
+// first input of sample k + 1), and the samples of the epoch are shuffled again. Data-parallel
+// rank r of n takes its micro-batch from each block of n * micro_batch_size consecutive samples,
+// so ranks never overlap and the consumed-samples count is the same on every rank.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+#include <vector>
+
+#include "yuanmoe/data/indexed_dataset.h"
+
+namespace yuanmoe::data {
+
+/// Everything needed to resume exactly where a run stopped (saved in checkpoints). It does not
+/// depend on the data-parallel layout: `cursor` counts samples of the epoch consumed by all ranks.
+struct SamplerState {
+  uint64_t seed = 0;   ///< seeds the per-epoch sequence and sample permutations
+  int64_t epoch = 0;   ///< current pass over the data, from 0
+  int64_t cursor = 0;  ///< samples of `epoch` already consumed, all ranks together
+
+  bool operator==(const SamplerState& other) const {
+    return seed == other.seed && epoch == other.epoch && cursor == other.cursor;
+  }
+};
+
+void to_json(nlohmann::json& j, const SamplerState& state);
+/// Throws std::invalid_argument naming the key when one is missing or has the wrong type.
+void from_json(const nlohmann::json& j, SamplerState& state);
+
+struct SamplerOptions {
+  int64_t seq_length = 0;        ///< S: tokens per sample fed to the model
+  int64_t micro_batch_size = 1;  ///< B: samples per batch on this rank
+  int64_t rank = 0;              ///< data-parallel rank r
+  int64_t world_size = 1;        ///< data-parallel size n
+  uint64_t seed = 0;
+  bool shuffle = true;  ///< false: sequences in file order, samples in stream order (evaluation)
+  /// Position ids restart at 0 after every EOD token (documents packed in one sample do not see
+  /// each other's positions); needs eod_id.
+  bool reset_position_ids = false;
+  int64_t eod_id = -1;
+};
+
+/// One micro-batch, every tensor [B, S] int64 on the CPU.
+struct Batch {
+  torch::Tensor tokens;        ///< model input
+  torch::Tensor labels;        ///< tokens shifted left by one: labels[b][i] = stream[i + 1]
+  torch::Tensor position_ids;  ///< 0..S-1, or reset after each EOD when requested
+};
+
+class GptSampler {
+ public:
+  /// Throws std::invalid_argument for bad options and when the dataset holds fewer than
+  /// seq_length + 1 tokens (the message names the dataset).
+  GptSampler(std::shared_ptr<const IndexedDataset> dataset, const SamplerOptions& options);
+
+  /// The next micro-batch of this rank; advances the state by world_size * micro_batch_size
+  /// samples, starting a new epoch (logged) when the current one runs out.
+  Batch next_batch();
+
+  const SamplerState& state() const { return state_; }
+  /// Resumes from a saved state; throws std::invalid_argument when the cursor does not fit this
+  /// dataset and sequence length.
+  void set_state(const SamplerState& state);
+
+  /// Samples in one epoch: (tokens - 1) / seq_length; the stream's tail shorter than a sample is
+  /// not used in that epoch (it is in others, where the order differs).
+  int64_t samples_per_epoch() const { return samples_per_epoch_; }
+  /// The seq_length + 1 tokens of sample `index` (in shuffled order) of `epoch`, into `out`.
+  void sample_tokens(int64_t epoch, int64_t index, int64_t* out);
+
+ private:
+  void build_epoch(int64_t epoch);
+
+  std::shared_ptr<const IndexedDataset> dataset_;
+  SamplerOptions options_;
+  SamplerState state_;
+  int64_t samples_per_epoch_ = 0;
+  // The epoch whose tables are built: sequence order, prefix sums of its lengths, sample order.
+  int64_t built_epoch_ = -1;
+  std::vector<int64_t> order_;
+  std::vector<int64_t> starts_;
+  std::vector<int64_t> sample_order_;
+};
+
+/// position_ids [B, S] for tokens [B, S] int64: 0, 1, 2, ... restarting at 0 on the token after
+/// each `eod_id`.
+torch::Tensor reset_position_ids(const torch::Tensor& tokens, int64_t eod_id);
+
+}  // namespace yuanmoe::data

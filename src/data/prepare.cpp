@@ -1,0 +1,407 @@
+// prepare-data: stream documents, tokenize them on worker threads, write train/valid MMIDIDX
+// datasets in input order. Reading the next batch of documents overlaps with encoding the current
+// one; memory stays bounded by two batches of `workers` chunks of kChunkBytes of text each.
+#include "yuanmoe/data/prepare.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <future>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+#include "yuanmoe/data/tokenizer.h"
+
+namespace yuanmoe::data {
+
+namespace {
+
+constexpr size_t kChunkBytes = 256 * 1024;  ///< text per worker task
+constexpr size_t kReadBuffer = 1 << 20;     ///< ifstream buffer per input file
+
+bool is_blank(const std::string& line) {
+  return line.find_first_not_of(" \t\r\f\v") == std::string::npos;
+}
+
+bool has_suffix(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+bool jsonl_by_name(const std::string& path) {
+  return has_suffix(path, ".jsonl") || has_suffix(path, ".ndjson") || has_suffix(path, ".json");
+}
+
+void check_input_file(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    throw std::runtime_error(path + ": cannot open input file (" + std::strerror(errno) + ")");
+  }
+  if (!S_ISREG(st.st_mode)) throw std::runtime_error(path + ": input is not a regular file");
+}
+
+std::string join(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& item : items) out += (out.empty() ? "" : ", ") + item;
+  return out;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+InputFormat parse_input_format(const std::string& name) {
+  if (name == "auto") return InputFormat::kAuto;
+  if (name == "text") return InputFormat::kText;
+  if (name == "jsonl") return InputFormat::kJsonl;
+  throw std::invalid_argument("--format: expected one of \"auto\", \"text\", \"jsonl\", got \"" + name + "\"");
+}
+
+// ---------------------------------------------------------------------------------------------
+// DocumentReader
+
+struct DocumentReader::Stream {
+  explicit Stream(const std::string& path) : path(path), buffer(kReadBuffer) {
+    in.rdbuf()->pubsetbuf(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    in.open(path, std::ios::binary);
+  }
+  std::string path;
+  std::vector<char> buffer;
+  std::ifstream in;
+  int64_t line = 0;
+  bool jsonl = false;
+};
+
+DocumentReader::DocumentReader(std::vector<std::string> files, InputFormat format)
+    : files_(std::move(files)), format_(format) {}
+
+DocumentReader::~DocumentReader() = default;
+
+bool DocumentReader::open_next_file() {
+  stream_.reset();
+  if (file_index_ >= files_.size()) return false;
+  const std::string& path = files_[file_index_++];
+  check_input_file(path);
+  stream_ = std::make_unique<Stream>(path);
+  if (!stream_->in.is_open()) {
+    throw std::runtime_error(path + ": cannot open input file (" + std::strerror(errno) + ")");
+  }
+  stream_->jsonl = format_ == InputFormat::kJsonl || (format_ == InputFormat::kAuto && jsonl_by_name(path));
+  return true;
+}
+
+bool DocumentReader::next(Document& document) {
+  std::string line;
+  for (;;) {
+    if (!stream_ && !open_next_file()) return false;
+    Stream& s = *stream_;
+    bool open_document = false;
+    while (std::getline(s.in, line)) {
+      ++s.line;
+      bytes_read_ += static_cast<int64_t>(line.size()) + 1;
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      if (is_blank(line)) {
+        if (open_document) return true;  // a blank line closes a plain-text document
+        continue;
+      }
+      if (s.jsonl) {
+        document.text = std::move(line);
+        document.file = s.path;
+        document.line = s.line;
+        document.jsonl = true;
+        return true;
+      }
+      if (open_document) {
+        document.text += '\n';
+        document.text += line;
+      } else {
+        document.text = std::move(line);
+        document.file = s.path;
+        document.line = s.line;
+        document.jsonl = false;
+        open_document = true;
+      }
+    }
+    if (s.in.bad()) throw std::runtime_error(s.path + ": read error at line " + std::to_string(s.line + 1));
+    stream_.reset();
+    if (open_document) return true;  // the file's last document needs no trailing blank line
+  }
+}
+
+void parse_document(Document& document) {
+  if (!document.jsonl) return;
+  const std::string where = document.file + ":" + std::to_string(document.line) + ": ";
+  nlohmann::json object;
+  try {
+    object = nlohmann::json::parse(document.text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw std::runtime_error(where + "invalid JSON (" + e.what() + ")");
+  }
+  if (!object.is_object()) throw std::runtime_error(where + "expected a JSON object with a \"text\" field");
+  const auto it = object.find("text");
+  if (it == object.end()) throw std::runtime_error(where + "no \"text\" field");
+  if (!it->is_string()) throw std::runtime_error(where + "\"text\" must be a string, got " + it->type_name());
+  document.text = it->get<std::string>();
+  document.jsonl = false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// prepare_data
+
+namespace {
+
+/// A batch of documents for one worker, and what it produced: the tokens of every kept document
+/// (EOD included) back to back, and each document's token count (0 = skipped, nothing encoded).
+struct Chunk {
+  std::vector<Document> documents;
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> lengths;
+};
+
+void encode_chunk(const Tokenizer& tokenizer, Chunk& chunk) {
+  for (Document& document : chunk.documents) {
+    parse_document(document);
+    const std::vector<int32_t> ids = tokenizer.encode(document.text);
+    if (ids.empty()) {
+      chunk.lengths.push_back(0);
+    } else {
+      chunk.tokens.insert(chunk.tokens.end(), ids.begin(), ids.end());
+      chunk.tokens.push_back(tokenizer.eod_id());
+      chunk.lengths.push_back(static_cast<int64_t>(ids.size()) + 1);
+    }
+    std::string().swap(document.text);
+  }
+}
+
+/// Up to `count` chunks of about kChunkBytes of text each; empty at the end of the input.
+std::vector<Chunk> read_chunks(DocumentReader& reader, int count) {
+  std::vector<Chunk> chunks;
+  Document document;
+  for (int c = 0; c < count; ++c) {
+    Chunk chunk;
+    size_t bytes = 0;
+    while (bytes < kChunkBytes && reader.next(document)) {
+      bytes += document.text.size();
+      chunk.documents.push_back(std::move(document));
+      document = Document{};
+    }
+    if (chunk.documents.empty()) break;
+    chunks.push_back(std::move(chunk));
+  }
+  return chunks;
+}
+
+void write_meta(const std::string& prefix, const std::string& split, const IndexedDatasetWriter& writer,
+                const Tokenizer& tokenizer, const PrepareOptions& options) {
+  const nlohmann::json meta{
+      {"format", "yuanmoe.dataset.meta"},
+      {"version", 1},
+      {"split", split},
+      {"documents", writer.num_documents()},
+      {"sequences", writer.num_sequences()},
+      {"tokens", writer.num_tokens()},
+      {"dtype", dtype_name(writer.dtype())},
+      {"tokenizer",
+       {{"model", tokenizer.path()},
+        {"vocab_size", tokenizer.vocab_size()},
+        {"eod_id", tokenizer.eod_id()},
+        {"pad_id", tokenizer.pad_id()},
+        {"unk_id", tokenizer.unk_id()},
+        {"bos_id", tokenizer.bos_id()},
+        {"eos_id", tokenizer.eos_id()}}},
+      {"inputs", options.inputs},
+      {"valid_fraction", options.valid_fraction},
+  };
+  const std::string path = meta_file_path(prefix);
+  std::ofstream out(path);
+  out << meta.dump(2) << "\n";
+  if (!out) throw std::runtime_error(path + ": write failed");
+}
+
+void validate(const PrepareOptions& o) {
+  if (o.inputs.empty()) throw std::invalid_argument("--input FILE is required");
+  if (o.output_prefix.empty()) throw std::invalid_argument("--output PREFIX is required");
+  if (o.tokenizer.empty() == (o.train_vocab_size <= 0)) {
+    throw std::invalid_argument("exactly one of --tokenizer MODEL and --train-tokenizer VOCAB is required");
+  }
+  if (!(o.valid_fraction >= 0.0 && o.valid_fraction < 1.0)) {
+    throw std::invalid_argument(fmt::format("--valid-fraction must be in [0, 1), got {}", o.valid_fraction));
+  }
+  if (o.workers < 1) throw std::invalid_argument("--workers must be >= 1, got " + std::to_string(o.workers));
+  for (const auto& input : o.inputs) check_input_file(input);
+}
+
+}  // namespace
+
+PrepareSummary prepare_data(const PrepareOptions& options) {
+  validate(options);
+  PrepareSummary summary;
+
+  // 1. Tokenizer: trained on the input itself when asked (its own streaming pass).
+  summary.tokenizer = options.tokenizer;
+  if (options.train_vocab_size > 0) {
+    summary.tokenizer = options.output_prefix + ".model";
+    const auto start = std::chrono::steady_clock::now();
+    spdlog::info("prepare-data: training a {} tokenizer with {} pieces on {} input file(s)",
+                 options.tokenizer_type, options.train_vocab_size, options.inputs.size());
+    DocumentReader reader(options.inputs, options.format);
+    Document document;
+    std::string pending;  // the current document's text, consumed line by line
+    size_t position = 0;
+    TokenizerTrainOptions train;
+    const auto max_sentence = static_cast<size_t>(train.max_sentence_bytes);
+    int64_t sentences = 0;
+    int64_t too_long = 0;
+    bool input_failed = false;  // the input's own error, not SentencePiece's, stopped training
+    const SentenceSource source = [&](std::string& sentence) {
+      for (;;) {
+        while (position < pending.size()) {
+          size_t end = pending.find('\n', position);
+          if (end == std::string::npos) end = pending.size();
+          const size_t begin = position;
+          position = end + 1;
+          if (end == begin) continue;
+          if (end - begin > max_sentence) {
+            ++too_long;
+            continue;
+          }
+          sentence.assign(pending, begin, end - begin);
+          ++sentences;
+          return true;
+        }
+        try {
+          if (!reader.next(document)) return false;
+          parse_document(document);
+        } catch (...) {
+          input_failed = true;
+          throw;
+        }
+        pending = std::move(document.text);
+        position = 0;
+      }
+    };
+    train.vocab_size = options.train_vocab_size;
+    train.model_type = options.tokenizer_type;
+    train.max_sentences = options.tokenizer_max_sentences;
+    train.num_threads = options.workers;
+    try {
+      train_tokenizer(source, options.output_prefix, train);
+    } catch (const std::runtime_error&) {
+      if (sentences == 0 && !input_failed) throw std::runtime_error(join(options.inputs) + ": no text to train a tokenizer on");
+      throw;
+    }
+    summary.tokenizer_train_seconds = seconds_since(start);
+    spdlog::info("prepare-data: tokenizer {} trained on {} lines in {:.1f} s{}", summary.tokenizer,
+                 sentences, summary.tokenizer_train_seconds,
+                 too_long ? fmt::format(" ({} lines over {} bytes left out)", too_long, max_sentence)
+                          : std::string());
+  }
+  const Tokenizer tokenizer(summary.tokenizer);
+  summary.vocab_size = tokenizer.vocab_size();
+  summary.eod_id = tokenizer.eod_id();
+  summary.dtype = best_fitting_dtype(summary.vocab_size);
+  spdlog::info("prepare-data: tokenizer {}: {} pieces, EOD id {} (\"{}\"), token dtype {}", summary.tokenizer,
+               summary.vocab_size, summary.eod_id, tokenizer.piece(summary.eod_id), dtype_name(summary.dtype));
+
+  // 2. Tokenize and write, in input order.
+  summary.train.prefix = options.output_prefix + "_train";
+  IndexedDatasetWriter train(summary.train.prefix, summary.dtype);
+  std::unique_ptr<IndexedDatasetWriter> valid;
+  if (options.valid_fraction > 0) {
+    summary.valid.prefix = options.output_prefix + "_valid";
+    valid = std::make_unique<IndexedDatasetWriter>(summary.valid.prefix, summary.dtype);
+  }
+  const double f = options.valid_fraction;
+  int64_t ordinal = 0;  // documents written so far, both splits
+  const auto start = std::chrono::steady_clock::now();
+  auto last_log = start;
+  const auto progress = [&](const char* what) {
+    const double elapsed = std::max(seconds_since(start), 1e-9);
+    const int64_t tokens = train.num_tokens() + (valid ? valid->num_tokens() : 0);
+    spdlog::info("prepare-data: {}{} documents, {} tokens, {:.1f} MB in {:.1f} s: {:.2f} MB/s, {:.0f} tokens/s",
+                 what, ordinal, tokens, summary.input_bytes / 1e6, elapsed, summary.input_bytes / 1e6 / elapsed,
+                 tokens / elapsed);
+  };
+
+  DocumentReader reader(options.inputs, options.format);
+  std::vector<Chunk> current = read_chunks(reader, options.workers);
+  while (!current.empty()) {
+    std::vector<std::future<void>> encoding;
+    for (Chunk& chunk : current) {
+      encoding.push_back(std::async(std::launch::async, [&tokenizer, &chunk] { encode_chunk(tokenizer, chunk); }));
+    }
+    std::vector<Chunk> next = read_chunks(reader, options.workers);
+    for (auto& task : encoding) task.get();  // rethrows the first failure in input order
+
+    for (const Chunk& chunk : current) {
+      const int32_t* tokens = chunk.tokens.data();
+      for (const int64_t length : chunk.lengths) {
+        if (length == 0) {
+          ++summary.skipped_documents;
+          continue;
+        }
+        const bool to_valid = valid && std::floor((ordinal + 1) * f + 0.5) > std::floor(ordinal * f + 0.5);
+        (to_valid ? *valid : train).add_document(tokens, static_cast<size_t>(length));
+        tokens += length;
+        ++ordinal;
+      }
+    }
+    summary.input_bytes = reader.bytes_read();
+    if (seconds_since(last_log) >= options.log_interval_s) {
+      progress("");
+      last_log = std::chrono::steady_clock::now();
+    }
+    current = std::move(next);
+  }
+
+  if (ordinal == 0) throw std::runtime_error(join(options.inputs) + ": no documents in the input");
+  train.finish();
+  write_meta(summary.train.prefix, "train", train, tokenizer, options);
+  summary.train.documents = train.num_documents();
+  summary.train.tokens = train.num_tokens();
+  if (valid) {
+    valid->finish();
+    write_meta(summary.valid.prefix, "valid", *valid, tokenizer, options);
+    summary.valid.documents = valid->num_documents();
+    summary.valid.tokens = valid->num_tokens();
+    if (summary.valid.documents == 0) {
+      spdlog::warn("prepare-data: {} documents are too few for --valid-fraction {}: {} is empty", ordinal, f,
+                   summary.valid.prefix);
+    }
+  }
+  summary.tokenize_seconds = seconds_since(start);
+  progress("done: ");
+  return summary;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata
+
+std::optional<DatasetMeta> load_dataset_meta(const std::string& prefix) {
+  const std::string path = meta_file_path(prefix);
+  std::ifstream in(path);
+  if (!in) return std::nullopt;
+  try {
+    const nlohmann::json j = nlohmann::json::parse(in);
+    DatasetMeta meta;
+    const auto& t = j.at("tokenizer");
+    meta.tokenizer = t.at("model").get<std::string>();
+    meta.vocab_size = t.at("vocab_size").get<int64_t>();
+    meta.eod_id = t.at("eod_id").get<int64_t>();
+    meta.pad_id = t.at("pad_id").get<int64_t>();
+    meta.unk_id = t.at("unk_id").get<int64_t>();
+    meta.documents = j.at("documents").get<int64_t>();
+    meta.tokens = j.at("tokens").get<int64_t>();
+    meta.dtype = j.at("dtype").get<std::string>();
+    return meta;
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(path + ": invalid dataset metadata (" + e.what() + ")");
+  }
+}
+
+}  // namespace yuanmoe::data

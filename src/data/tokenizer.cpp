@@ -1,0 +1,180 @@
+// Tokenizer on top of the SentencePiece module: loads the module once (dlopen, isolated symbols),
+// turns its status strings into exceptions naming the model file, and streams training sentences
+// through a callback so the input is never loaded whole.
+#include "yuanmoe/data/tokenizer.h"
+
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <exception>
+#include <fstream>
+#include <mutex>
+#include <stdexcept>
+
+#include "sentencepiece_backend.h"
+
+#ifndef YUANMOE_SENTENCEPIECE_MODULE_PATH
+#define YUANMOE_SENTENCEPIECE_MODULE_PATH ""
+#endif
+
+namespace yuanmoe::data {
+
+namespace {
+
+struct Module {
+  detail::CreateBackendFn create = nullptr;
+  detail::TrainFn train = nullptr;
+};
+
+/// Candidate locations, first hit wins: $YUANMOE_SENTENCEPIECE_MODULE, the directory of the
+/// running executable, the build tree that compiled this file.
+std::vector<std::string> module_candidates() {
+  std::vector<std::string> paths;
+  if (const char* env = std::getenv("YUANMOE_SENTENCEPIECE_MODULE"); env && *env) paths.emplace_back(env);
+  std::string self(4096, '\0');
+  const auto n = ::readlink("/proc/self/exe", self.data(), self.size());
+  if (n > 0) {
+    self.resize(static_cast<size_t>(n));
+    paths.push_back(self.substr(0, self.rfind('/') + 1) + detail::kModuleFile);
+  }
+  if (*YUANMOE_SENTENCEPIECE_MODULE_PATH) paths.emplace_back(YUANMOE_SENTENCEPIECE_MODULE_PATH);
+  return paths;
+}
+
+const Module& module() {
+  static Module loaded;
+  static std::string error;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    for (const auto& path : module_candidates()) {
+      if (!std::ifstream(path).good()) continue;
+      // RTLD_DEEPBIND: SentencePiece binds to its own protobuf, not libtorch's (see
+      // sentencepiece_backend.h); RTLD_LOCAL keeps its symbols away from everyone else.
+      void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+      if (!handle) {
+        error = path + ": cannot load the SentencePiece module (" + ::dlerror() + ")";
+        return;
+      }
+      loaded.create = reinterpret_cast<detail::CreateBackendFn>(::dlsym(handle, detail::kCreateBackendSymbol));
+      loaded.train = reinterpret_cast<detail::TrainFn>(::dlsym(handle, detail::kTrainSymbol));
+      if (!loaded.create || !loaded.train) error = path + ": not a yuanmoe SentencePiece module";
+      return;  // the handle stays open for the life of the process
+    }
+    error = std::string(detail::kModuleFile) +
+            ": SentencePiece module not found next to the executable; set YUANMOE_SENTENCEPIECE_MODULE";
+  });
+  if (!error.empty()) throw std::runtime_error(error);
+  return loaded;
+}
+
+}  // namespace
+
+Tokenizer::Tokenizer(const std::string& path) : path_(path), sp_(module().create()) {
+  // SentencePiece's own message for a missing file is terse; say which file and why.
+  if (!std::ifstream(path).good()) throw std::runtime_error(path + ": cannot open tokenizer model");
+  if (const std::string error = sp_->load(path); !error.empty()) {
+    throw std::runtime_error(path + ": not a SentencePiece model (" + error + ")");
+  }
+  // Yuan's models carry "<eod>"; LLaMA-style models end documents with EOS ("</s>").
+  // piece_to_id answers unk for an unknown piece, hence the round trip through id_to_piece.
+  const int eod = sp_->piece_to_id(kEodPiece);
+  if (sp_->id_to_piece(eod) == kEodPiece) {
+    eod_id_ = eod;
+  } else if (sp_->eos_id() >= 0) {
+    eod_id_ = sp_->eos_id();
+  } else {
+    throw std::runtime_error(path + ": tokenizer has neither an \"<eod>\" piece nor an EOS id");
+  }
+}
+
+Tokenizer::~Tokenizer() = default;
+Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
+Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
+
+std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
+  std::vector<int> ids;
+  if (const std::string error = sp_->encode(text, &ids); !error.empty()) {
+    throw std::runtime_error(path_ + ": encode failed: " + error);
+  }
+  return std::vector<int32_t>(ids.begin(), ids.end());
+}
+
+std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
+  const int64_t vocab = vocab_size();
+  for (const int32_t id : ids) {
+    if (id < 0 || id >= vocab) {
+      throw std::out_of_range(path_ + ": token id " + std::to_string(id) + " outside the vocabulary [0, " +
+                              std::to_string(vocab) + ")");
+    }
+  }
+  std::string text;
+  if (const std::string error = sp_->decode(std::vector<int>(ids.begin(), ids.end()), &text); !error.empty()) {
+    throw std::runtime_error(path_ + ": decode failed: " + error);
+  }
+  return text;
+}
+
+std::string Tokenizer::piece(int32_t id) const {
+  if (id < 0 || id >= vocab_size()) {
+    throw std::out_of_range(path_ + ": token id " + std::to_string(id) + " outside the vocabulary");
+  }
+  return sp_->id_to_piece(id);
+}
+
+int64_t Tokenizer::vocab_size() const { return sp_->piece_size(); }
+int32_t Tokenizer::pad_id() const { return sp_->pad_id(); }
+int32_t Tokenizer::unk_id() const { return sp_->unk_id(); }
+int32_t Tokenizer::bos_id() const { return sp_->bos_id(); }
+int32_t Tokenizer::eos_id() const { return sp_->eos_id(); }
+
+void train_tokenizer(const SentenceSource& source, const std::string& model_prefix,
+                     const TokenizerTrainOptions& options) {
+  if (options.model_type != "bpe" && options.model_type != "unigram") {
+    throw std::invalid_argument("tokenizer model type must be \"bpe\" or \"unigram\", got \"" +
+                                options.model_type + "\"");
+  }
+  // Reserved pieces (5) + byte fallback (256) must leave room for learned pieces.
+  if (options.vocab_size < 300) {
+    throw std::invalid_argument("tokenizer vocabulary size must be >= 300, got " +
+                                std::to_string(options.vocab_size));
+  }
+  // The LLaMA recipe: identity normalisation, no whitespace folding and byte fallback make the
+  // tokenizer lossless (any UTF-8 round-trips, no <unk>); digits are split one per token.
+  const std::unordered_map<std::string, std::string> args{
+      {"model_prefix", model_prefix},
+      {"vocab_size", std::to_string(options.vocab_size)},
+      {"model_type", options.model_type},
+      {"unk_id", "0"},
+      {"bos_id", "1"},
+      {"eos_id", "2"},
+      {"pad_id", "3"},
+      {"user_defined_symbols", kEodPiece},
+      {"byte_fallback", "true"},
+      {"split_digits", "true"},
+      {"normalization_rule_name", "identity"},
+      {"remove_extra_whitespaces", "false"},
+      {"allow_whitespace_only_pieces", "true"},
+      {"character_coverage", "0.9995"},
+      {"input_sentence_size", std::to_string(options.max_sentences)},
+      {"shuffle_input_sentence", "true"},
+      {"max_sentence_length", std::to_string(options.max_sentence_bytes)},
+      {"num_threads", std::to_string(std::max(1, options.num_threads))},
+  };
+  // An exception must not unwind through SentencePiece's frames: park it, end the stream, rethrow.
+  std::exception_ptr failure;
+  const detail::SentenceCallback next = [&](std::string& sentence) {
+    try {
+      return source(sentence);
+    } catch (...) {
+      failure = std::current_exception();
+      return false;
+    }
+  };
+  std::string error;
+  module().train(args, next, static_cast<unsigned>(options.seed), &error);
+  if (failure) std::rethrow_exception(failure);
+  if (!error.empty()) throw std::runtime_error(model_prefix + ".model: tokenizer training failed: " + error);
+}
+
+}  // namespace yuanmoe::data
