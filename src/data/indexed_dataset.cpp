@@ -77,6 +77,21 @@ bool fits(DType dtype, int64_t v) {
   }
 }
 
+/// Calls f(T{}) with the C++ type stored for `dtype`: the one place dtype codes meet types.
+template <class F>
+void visit_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kUInt8: f(uint8_t{}); break;
+    case DType::kInt8: f(int8_t{}); break;
+    case DType::kInt16: f(int16_t{}); break;
+    case DType::kUInt16: f(uint16_t{}); break;
+    case DType::kInt32: f(int32_t{}); break;
+    case DType::kInt64: f(int64_t{}); break;
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat64: f(double{}); break;
+  }
+}
+
 template <class T>
 void append_as(std::vector<char>& out, const int32_t* tokens, size_t count) {
   const size_t start = out.size();
@@ -129,16 +144,7 @@ void IndexedDatasetWriter::add_sequence(const int32_t* tokens, size_t count) {
     }
   }
   buffer_.clear();
-  switch (dtype_) {
-    case DType::kUInt8: append_as<uint8_t>(buffer_, tokens, count); break;
-    case DType::kInt8: append_as<int8_t>(buffer_, tokens, count); break;
-    case DType::kInt16: append_as<int16_t>(buffer_, tokens, count); break;
-    case DType::kUInt16: append_as<uint16_t>(buffer_, tokens, count); break;
-    case DType::kInt32: append_as<int32_t>(buffer_, tokens, count); break;
-    case DType::kInt64: append_as<int64_t>(buffer_, tokens, count); break;
-    case DType::kFloat32: append_as<float>(buffer_, tokens, count); break;
-    case DType::kFloat64: append_as<double>(buffer_, tokens, count); break;
-  }
+  visit_dtype(dtype_, [&](auto tag) { append_as<decltype(tag)>(buffer_, tokens, count); });
   if (!buffer_.empty() && std::fwrite(buffer_.data(), 1, buffer_.size(), bin_) != buffer_.size()) {
     throw std::runtime_error(data_file_path(prefix_) + ".tmp: write failed (" + errno_text() + ")");
   }
@@ -330,16 +336,7 @@ void IndexedDataset::read(int64_t i, int64_t offset, int64_t count, int64_t* out
   }
   const unsigned char* src =
       bin_->data + sequence_pointer(i) + offset * static_cast<int64_t>(dtype_size(dtype_));
-  switch (dtype_) {
-    case DType::kUInt8: widen<uint8_t>(src, count, out); break;
-    case DType::kInt8: widen<int8_t>(src, count, out); break;
-    case DType::kInt16: widen<int16_t>(src, count, out); break;
-    case DType::kUInt16: widen<uint16_t>(src, count, out); break;
-    case DType::kInt32: widen<int32_t>(src, count, out); break;
-    case DType::kInt64: widen<int64_t>(src, count, out); break;
-    case DType::kFloat32: widen<float>(src, count, out); break;
-    case DType::kFloat64: widen<double>(src, count, out); break;
-  }
+  visit_dtype(dtype_, [&](auto tag) { widen<decltype(tag)>(src, count, out); });
 }
 
 std::vector<int64_t> IndexedDataset::sequence(int64_t i) const {
