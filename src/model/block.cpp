@@ -26,9 +26,9 @@ BlockOutput TransformerBlockImpl::forward(const Tensor& x_BSD, const Tensor& pos
   const Tensor m = post_attention_layernorm(x);
   if (moe) {
     MoeOutput out = moe(m);
-    return {x + out.out, out.aux_loss};
+    return {x + out.out, out.aux_loss, out.pairs_per_expert_E};
   }
-  return {x + dense_mlp(m), Tensor()};
+  return {x + dense_mlp(m), Tensor(), Tensor()};
 }
 
 }  // namespace yuanmoe::model

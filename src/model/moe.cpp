@@ -31,13 +31,7 @@ MoeOutput MoeImpl::forward(const Tensor& x) {
   // Stable: inside an expert, pairs keep batch order (deterministic; capacity drops by position).
   Tensor order_N = std::get<1>(torch::sort(expert_ids_N, /*stable=*/c10::optional<bool>(true), /*dim=*/0));
   Tensor pairs_per_expert_E = torch::bincount(expert_ids_N, /*weights=*/{}, experts_count);
-  if (is_training()) {
-    torch::NoGradGuard no_grad;
-    load_.pairs_per_expert_E = load_.pairs_per_expert_E.defined()
-                                   ? load_.pairs_per_expert_E + pairs_per_expert_E
-                                   : pairs_per_expert_E.clone();
-    load_.tokens += tokens;
-  }
+  const Tensor routed_pairs_E = pairs_per_expert_E;  // before drops: what the router asked for
   if (config.capacity_factor > 0) {
     // routers.md §9: C = ceil(cf * T * k / E); later pairs of an overfull expert are dropped and
     // the residual carries their token unchanged.
@@ -65,13 +59,7 @@ MoeOutput MoeImpl::forward(const Tensor& x) {
   const Tensor out_TD = torch::index_copy(slot_rows, 0, sorted_pairs_N, ys_ND)
                             .view({tokens, slots, hidden})
                             .sum(1);
-  return {out_TD.view(x.sizes()), routing.aux_loss};
-}
-
-ExpertLoad MoeImpl::take_load() {
-  ExpertLoad load = std::move(load_);
-  load_ = ExpertLoad{};
-  return load;
+  return {out_TD.view(x.sizes()), routing.aux_loss, routed_pairs_E};
 }
 
 }  // namespace yuanmoe::model

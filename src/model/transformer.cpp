@@ -30,15 +30,18 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& model,
 ModelOutput TransformerImpl::forward(const Tensor& input, const Tensor& position_ids_BS) {
   Tensor x = stage.has_embedding ? embed_tokens(input) : input;  // [B, S, D]
   Tensor aux_loss;
+  std::vector<Tensor> expert_load;
   for (auto& block : blocks) {
     BlockOutput out = block(x, position_ids_BS);
     x = out.x;
     if (out.aux_loss.defined()) aux_loss = aux_loss.defined() ? aux_loss + out.aux_loss : out.aux_loss;
+    if (out.pairs_per_expert_E.defined()) expert_load.push_back(out.pairs_per_expert_E);
   }
-  if (!stage.has_head) return {x, aux_loss};
+  const Tensor expert_load_LE = expert_load.empty() ? Tensor() : torch::stack(expert_load);
+  if (!stage.has_head) return {x, aux_loss, expert_load_LE};
   const Tensor h = norm(x);
   const Tensor& head_weight = config.tie_embeddings ? embed_tokens->weight : lm_head->weight;
-  return {torch::matmul(h, head_weight.t()), aux_loss};  // [B, S, V]
+  return {torch::matmul(h, head_weight.t()), aux_loss, expert_load_LE};  // [B, S, V]
 }
 
 std::vector<Moe> TransformerImpl::moe_layers() const {

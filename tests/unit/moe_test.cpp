@@ -76,27 +76,21 @@ TEST_F(MoeTest, CapacityFactorDropsOverflowInBatchOrder) {
   EXPECT_GT(max_abs_diff(out, moe_reference(*moe, x)), 1e-3);
 }
 
-TEST_F(MoeTest, TrainingForwardCountsLoadAndEvalDoesNot) {
+TEST_F(MoeTest, ForwardReportsRoutedPairsPerExpert) {
   auto moe = make_moe(testing::small_moe_config(RouterKind::kAttention), 16);
   const auto x = torch::randn({10, 16});
-  moe->eval();
-  moe(x);
-  EXPECT_EQ(moe->take_load().tokens, 0);
-  moe->train();
-  moe(x);
-  moe(x);
-  const ExpertLoad load = moe->take_load();
-  EXPECT_EQ(load.tokens, 20);
-  EXPECT_EQ(load.pairs_per_expert_E.sum().item<int64_t>(), 20 * 2);  // top-2
-  EXPECT_EQ(moe->take_load().tokens, 0);  // taken
+  const Tensor pairs_E = moe(x).pairs_per_expert_E;
+  ASSERT_EQ(pairs_E.sizes(), torch::IntArrayRef({8}));
+  EXPECT_EQ(pairs_E.sum().item<int64_t>(), 10 * 2);  // top-2
+  // The same counts as the routing itself.
+  const Routing routing = moe->gate->forward(x);
+  EXPECT_TRUE(torch::equal(pairs_E, torch::bincount(routing.expert_ids_TK.reshape(-1), {}, 8)));
 }
 
 TEST_F(MoeTest, DenseRouterRunsEveryExpertOnEveryToken) {
   auto moe = make_moe(testing::small_moe_config(RouterKind::kDense), 16);
-  moe->train();
-  moe(torch::randn({5, 16}));
-  const ExpertLoad load = moe->take_load();
-  EXPECT_TRUE(torch::equal(load.pairs_per_expert_E, torch::full({8}, 5, torch::kLong)));
+  const Tensor pairs_E = moe(torch::randn({5, 16})).pairs_per_expert_E;
+  EXPECT_TRUE(torch::equal(pairs_E, torch::full({8}, 5, torch::kLong)));
 }
 
 TEST_F(MoeTest, SwigluUsesTheFirstHalfOfW1AsGate) {

@@ -142,6 +142,18 @@ TEST_F(TransformerTest, SameSeedSameWeights) {
   for (const auto& item : a->named_parameters()) EXPECT_TRUE(torch::equal(item.value(), pb[item.key()])) << item.key();
 }
 
+TEST_F(TransformerTest, ReportsExpertLoadPerMoeLayer) {
+  auto moe = testing::small_moe_config(RouterKind::kLinear);
+  auto model_config = testing::small_model_config();
+  model_config.num_layers = 3;
+  moe.moe_layer_freq = 2;  // layers 0 and 2 are MoE
+  auto model = make_model(model_config, moe);
+  const auto ids = torch::randint(97, {2, 5});
+  const Tensor load_LE = model(ids, default_position_ids(2, 5)).expert_load_LE;
+  ASSERT_EQ(load_LE.sizes(), torch::IntArrayRef({2, 8}));
+  EXPECT_TRUE(torch::equal(load_LE.sum(1), torch::full({2}, 2 * 5 * 2, torch::kLong)));
+}
+
 TEST_F(TransformerTest, PipelineStagesLoadedByNameReproduceTheWholeModel) {
   auto model = testing::small_model_config();
   model.num_layers = 3;

@@ -18,6 +18,7 @@ bool is_moe_layer(const config::MoeConfig& moe, int64_t layer_index);
 struct BlockOutput {
   Tensor x;         // [B, S, D]
   Tensor aux_loss;  // this layer's weighted router loss, undefined when none
+  Tensor pairs_per_expert_E;  // int64 [E] routed pairs on MoE layers, undefined on dense ones
 };
 
 class TransformerBlockImpl : public torch::nn::Module {

@@ -17,12 +17,10 @@ namespace yuanmoe::model {
 struct MoeOutput {
   Tensor out;       // same shape as the input
   Tensor aux_loss;  // weighted router loss of this layer, undefined when none
-};
-
-/// Routed pairs per expert (before capacity drops) and tokens, accumulated in training mode.
-struct ExpertLoad {
-  Tensor pairs_per_expert_E;  // int64 [E]
-  int64_t tokens = 0;
+  // Routed (token, expert) pairs per expert before capacity drops, int64 [E], no grad. Returned
+  // rather than accumulated in the module, so a recomputed forward (activation checkpointing)
+  // cannot count a batch twice; the trainer sums it over micro-batches.
+  Tensor pairs_per_expert_E;
 };
 
 class MoeImpl : public torch::nn::Module {
@@ -30,15 +28,10 @@ class MoeImpl : public torch::nn::Module {
   MoeImpl(const config::MoeConfig& config, int64_t hidden_size);
   /// x [..., D] -> out [..., D].
   MoeOutput forward(const Tensor& x);
-  /// Returns the load accumulated since the last call and starts a new count.
-  ExpertLoad take_load();
 
   const config::MoeConfig config;
   std::shared_ptr<RouterImpl> gate;  // HF name: mlp.gate
   GroupedExperts experts{nullptr};   // HF names: mlp.experts.{e}.w1 / w2
-
- private:
-  ExpertLoad load_;
 };
 TORCH_MODULE(Moe);
 

@@ -38,6 +38,7 @@ struct StageSpec {
 struct ModelOutput {
   Tensor out;       // logits [B, S, V] on the last stage, hidden [B, S, D] otherwise
   Tensor aux_loss;  // sum of this stage's weighted router losses; undefined when none
+  Tensor expert_load_LE;  // int64 [MoE layers of this stage, E] routed pairs; undefined when none
 };
 
 class TransformerImpl : public torch::nn::Module {
