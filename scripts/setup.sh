@@ -10,6 +10,7 @@ packages=(
   libsentencepiece-dev sentencepiece
   libcxxopts-dev libspdlog-dev nlohmann-json3-dev libgtest-dev
   python3-numpy
+  gnuplot-nox   # plots/ during training (optional at run time: skipped with a warning)
 )
 
 missing=()

@@ -136,6 +136,7 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
   c.positive(config.checkpoint.keep_last, "checkpoint.keep_last");
   c.require(!config.checkpoint.dir.empty(), "checkpoint.dir", "must not be empty");
   c.positive(config.log.interval, "log.interval");
+  c.non_negative(config.log.peak_tflops, "log.peak_tflops");
   return issues;
 }
 

@@ -1,5 +1,7 @@
 #include "yuanmoe/model/transformer.h"
 
+#include "yuanmoe/model/recompute.h"
+
 namespace yuanmoe::model {
 
 TransformerImpl::TransformerImpl(const config::ModelConfig& model,
@@ -31,8 +33,10 @@ ModelOutput TransformerImpl::forward(const Tensor& input, const Tensor& position
   Tensor x = stage.has_embedding ? embed_tokens(input) : input;  // [B, S, D]
   Tensor aux_loss;
   std::vector<Tensor> expert_load;
+  const bool recompute_blocks = recompute && is_training() && torch::GradMode::is_enabled();
   for (auto& block : blocks) {
-    BlockOutput out = block(x, position_ids_BS);
+    BlockOutput out = recompute_blocks ? recompute_block(*block, x, position_ids_BS)
+                                       : block(x, position_ids_BS);
     x = out.x;
     if (out.aux_loss.defined()) aux_loss = aux_loss.defined() ? aux_loss + out.aux_loss : out.aux_loss;
     if (out.pairs_per_expert_E.defined()) expert_load.push_back(out.pairs_per_expert_E);

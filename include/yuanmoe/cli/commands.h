@@ -12,6 +12,12 @@ int run_inspect(int argc, const char* const* argv);
 /// `yuanmoe prepare-data --input FILE... --output PREFIX (--tokenizer MODEL | --train-tokenizer VOCAB)`
 int run_prepare_data(int argc, const char* const* argv);
 
+/// `yuanmoe train --config FILE [--set KEY=VALUE]... [--run-dir DIR] [--exit-after-steps N]`
+int run_train(int argc, const char* const* argv);
+
+/// `yuanmoe eval --checkpoint DIR [--data PREFIX] [--steps N] [--dump-logits FILE]`
+int run_eval(int argc, const char* const* argv);
+
 /// 1234567 -> "1,234,567".
 std::string with_thousands(int64_t value);
 

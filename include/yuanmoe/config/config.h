@@ -109,6 +109,7 @@ struct LogConfig {
   int64_t interval = 1;
   bool progress = true;
   bool plots = true;
+  double peak_tflops = 0.0;  ///< 0 = measured at start-up
 };
 
 /// The whole run: exactly the sections of the JSON file.

@@ -56,6 +56,9 @@ class TransformerImpl : public torch::nn::Module {
 
   const config::ModelConfig config;
   const StageSpec stage;
+  /// Recompute every block in backward instead of storing its activations (train.recompute;
+  /// set by the trainer, applies only in training mode with grad enabled). See recompute.h.
+  bool recompute = false;
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleDict layers{nullptr};
   std::vector<TransformerBlock> blocks;  // the same modules as `layers`, typed, in order

@@ -1,0 +1,35 @@
+// Validation: mean next-token loss, perplexity and per-expert load over the first `steps`
+// micro-batches of a split, in file order (the same batches at every evaluation).
+#pragma once
+
+#include <functional>
+#include <memory>
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/data/sampler.h"
+#include "yuanmoe/model/transformer.h"
+
+namespace yuanmoe::train {
+
+struct EvalResult {
+  double loss = 0.0;        // mean over tokens
+  double perplexity = 0.0;  // exp(loss)
+  int64_t tokens = 0;
+  int64_t batches = 0;
+  Tensor expert_load_LE;    // fp64 [MoE layers, E]: each expert's share of the routed pairs
+};
+
+/// Runs `model` (switched to eval mode, restored after) on up to `steps` micro-batches of
+/// `options.micro_batch_size` sequences; fewer when the split is shorter than that. The first
+/// batch's logits go to `on_first_batch` when given (eval --dump-logits).
+EvalResult evaluate(model::TransformerImpl& model,
+                    std::shared_ptr<const data::IndexedDataset> dataset,
+                    data::SamplerOptions options,
+                    int64_t steps,
+                    config::Precision precision,
+                    const std::function<void(const data::Batch&, const Tensor& logits_BSV)>& on_first_batch = {});
+
+/// pairs_LE (int64 counts) -> each expert's share of its layer's routed pairs (rows sum to 1).
+Tensor expert_load_fractions(const Tensor& pairs_LE);
+
+}  // namespace yuanmoe::train

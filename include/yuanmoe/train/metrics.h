@@ -1,0 +1,52 @@
+// run_dir/metrics.jsonl: one JSON object per logged step (SPEC §4) and per evaluation
+// ("split": "valid"), and the terminal side of the same numbers (progress bar or log lines).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace yuanmoe::train {
+
+class MetricsLog {
+ public:
+  /// Opens `path` for appending. Lines of steps after `resume_step` are dropped first: they were
+  /// written by a run killed after its last checkpoint and will be produced again.
+  MetricsLog(std::filesystem::path path, int64_t resume_step);
+  void write(const nlohmann::ordered_json& line);
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+  std::ofstream out_;
+};
+
+/// A one-line bar with rate and ETA redrawn in place on a terminal; nothing otherwise (the
+/// trainer logs plain lines instead).
+class ProgressBar {
+ public:
+  ProgressBar(int64_t first_step, int64_t last_step, bool enabled);
+  void update(int64_t step, double loss, double tokens_per_s);
+  /// Erases the bar so a log line can be printed; the next update redraws it.
+  void clear();
+  void finish();
+  bool enabled() const { return enabled_; }
+  /// "3m10s" for the steps left at the average rate since the start.
+  std::string eta(int64_t step) const;
+
+ private:
+  int64_t first_step_, last_step_;
+  bool enabled_;
+  bool drawn_ = false;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
+
+/// 12345.6 -> "12.3k"; 1.2e6 -> "1.20M".
+std::string human_count(double value);
+/// seconds -> "1h02m", "3m10s", "42s".
+std::string human_duration(double seconds);
+
+}  // namespace yuanmoe::train

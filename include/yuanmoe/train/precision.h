@@ -1,0 +1,28 @@
+// Mixed precision: `precision: bf16` runs the forward under autocast (matmuls in bf16, weights,
+// optimizer state and the loss in fp32), on CUDA and on CPUs libtorch autocasts for.
+#pragma once
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/core/types.h"
+
+namespace yuanmoe::train {
+
+/// RAII: autocast to bf16 on `device` while alive when precision is bf16; a no-op for fp32.
+class AutocastScope {
+ public:
+  AutocastScope(config::Precision precision, torch::Device device);
+  ~AutocastScope();
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  bool active_ = false;
+  bool cuda_ = false;
+  bool previous_enabled_ = false;
+  c10::ScalarType previous_dtype_ = torch::kBFloat16;
+};
+
+/// The training device: the first CUDA device when libtorch has one, else the CPU.
+torch::Device training_device();
+
+}  // namespace yuanmoe::train

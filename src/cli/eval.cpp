@@ -1,0 +1,73 @@
+// `yuanmoe eval --checkpoint DIR [--data PREFIX] [--steps N] [--dump-logits FILE]`
+#include <cxxopts.hpp>
+#include <iostream>
+
+#include "yuanmoe/checkpoint/model_loader.h"
+#include "yuanmoe/checkpoint/safetensors.h"
+#include "yuanmoe/cli/commands.h"
+#include "yuanmoe/data/prepare.h"
+#include "yuanmoe/train/evaluate.h"
+
+namespace yuanmoe::cli {
+
+int run_eval(int argc, const char* const* argv) {
+  cxxopts::Options options("yuanmoe eval", "Validation loss, perplexity and per-expert load of a checkpoint.");
+  options.add_options()
+      ("checkpoint", "checkpoint step dir, or a run / checkpoints dir (newest checkpoint)",
+       cxxopts::value<std::string>())
+      ("data", "dataset prefix (default: the checkpoint's data.valid_prefix)", cxxopts::value<std::string>())
+      ("steps", "micro-batches to evaluate (default: the checkpoint's train.eval_steps)", cxxopts::value<int64_t>())
+      ("dump-logits", "write the first batch's logits and tokens as safetensors", cxxopts::value<std::string>())
+      ("h,help", "show this help");
+  const auto args = options.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << options.help() << "\n";
+    return 0;
+  }
+  if (!args.count("checkpoint")) throw std::invalid_argument("--checkpoint DIR is required");
+  checkpoint::LoadedModel loaded = checkpoint::load_model(args["checkpoint"].as<std::string>());
+  const config::RunConfig& run = loaded.config;
+  const std::string prefix = args.count("data") ? args["data"].as<std::string>() : run.data.valid_prefix;
+  if (prefix.empty()) throw std::invalid_argument("--data PREFIX is required: the checkpoint's config has no data.valid_prefix");
+  const int64_t steps = args.count("steps") ? args["steps"].as<int64_t>() : run.train.eval_steps;
+  if (steps <= 0) throw std::invalid_argument("--steps must be positive, got " + std::to_string(steps));
+
+  data::SamplerOptions sampler;
+  sampler.seq_length = run.train.seq_length;
+  sampler.micro_batch_size = run.train.micro_batch_size;
+  sampler.reset_position_ids = run.data.reset_position_ids;
+  sampler.eod_id = run.data.eod_id;
+  if (sampler.eod_id < 0) {
+    if (auto meta = data::load_dataset_meta(prefix)) sampler.eod_id = meta->eod_id;
+  }
+  if (sampler.eod_id < 0) sampler.reset_position_ids = false;
+  auto dataset = std::make_shared<const data::IndexedDataset>(prefix);
+
+  std::string dump_path = args.count("dump-logits") ? args["dump-logits"].as<std::string>() : "";
+  const auto dump = [&](const data::Batch& batch, const torch::Tensor& logits) {
+    checkpoint::write_safetensors(dump_path, {{"logits", logits.to(torch::kFloat)}, {"tokens", batch.tokens},
+                                              {"position_ids", batch.position_ids}},
+                                  {{"checkpoint", loaded.dir.string()}, {"data", prefix}});
+  };
+  const train::EvalResult result =
+      train::evaluate(*loaded.model, dataset, sampler, steps, run.train.precision,
+                      dump_path.empty() ? std::function<void(const data::Batch&, const torch::Tensor&)>() : dump);
+
+  std::printf("checkpoint: %s (step %lld)\ndata:       %s\n", loaded.dir.c_str(),
+              static_cast<long long>(loaded.progress.step), prefix.c_str());
+  std::printf("valid loss: %.4f\nperplexity: %.2f\ntokens:     %lld in %lld batches\n", result.loss,
+              result.perplexity, static_cast<long long>(result.tokens), static_cast<long long>(result.batches));
+  if (result.expert_load_LE.defined()) {
+    std::printf("expert load (share of routed tokens; uniform = %.4f):\n", 1.0 / run.moe.num_experts);
+    for (int64_t l = 0; l < result.expert_load_LE.size(0); ++l) {
+      const torch::Tensor row = result.expert_load_LE[l];
+      std::printf("  MoE layer %lld: min %.4f  max %.4f  max/uniform %.2f\n", static_cast<long long>(l),
+                  row.min().item<double>(), row.max().item<double>(),
+                  row.max().item<double>() * run.moe.num_experts);
+    }
+  }
+  if (!dump_path.empty()) std::printf("logits:     %s\n", dump_path.c_str());
+  return 0;
+}
+
+}  // namespace yuanmoe::cli

@@ -1,0 +1,59 @@
+// `yuanmoe train --config FILE [--set KEY=VALUE]... [--run-dir DIR] [--exit-after-steps N]`
+#include <cxxopts.hpp>
+#include <filesystem>
+#include <iostream>
+
+#include "yuanmoe/cli/commands.h"
+#include "yuanmoe/config/config_io.h"
+#include "yuanmoe/config/validate.h"
+#include "yuanmoe/train/trainer.h"
+
+namespace yuanmoe::cli {
+
+int run_train(int argc, const char* const* argv) {
+  cxxopts::Options options("yuanmoe train",
+                           "Pretrain, or fine-tune with train.init_from. Resumes from the newest complete "
+                           "checkpoint in the run dir.");
+  options.add_options()
+      ("config", "JSON config file", cxxopts::value<std::string>())
+      ("set", "override a config key, e.g. --set train.max_steps=50 (repeatable)",
+       cxxopts::value<std::vector<std::string>>())
+      ("run-dir", "run directory (default: runs/<config name>)", cxxopts::value<std::string>())
+      ("exit-after-steps", "stop after N steps in this invocation, with a checkpoint",
+       cxxopts::value<int64_t>()->default_value("0"))
+      ("h,help", "show this help");
+  const auto args = options.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << options.help() << "\n";
+    return 0;
+  }
+  if (!args.count("config")) throw std::invalid_argument("--config FILE is required");
+  const std::string path = args["config"].as<std::string>();
+  const std::vector<std::string> overrides =
+      args.count("set") ? args["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  const config::RunConfig run = config::load_config(path, overrides);
+  for (const auto& warning : config::config_warnings(run)) spdlog::warn("{}: {}", path, warning.to_string());
+
+  train::TrainerOptions trainer_options;
+  trainer_options.run_dir = args.count("run-dir") ? std::filesystem::path(args["run-dir"].as<std::string>())
+                                                  : std::filesystem::path("runs") / std::filesystem::path(path).stem();
+  trainer_options.exit_after_steps = args["exit-after-steps"].as<int64_t>();
+  if (trainer_options.exit_after_steps < 0) {
+    throw std::invalid_argument("--exit-after-steps must be >= 0, got " + std::to_string(trainer_options.exit_after_steps));
+  }
+
+  train::Trainer trainer(run, trainer_options);
+  const train::TrainSummary summary = trainer.run();
+  const auto& dir = trainer_options.run_dir;
+  std::cout << "\nrun dir:     " << dir.string() << "\n"
+            << "checkpoint:  " << summary.last_checkpoint.string() << "\n"
+            << "metrics:     " << (dir / "metrics.jsonl").string() << "\n"
+            << "plots:       " << (dir / "plots").string() << "\n";
+  if (summary.first_eval && summary.last_eval) {
+    std::printf("valid loss:  %.4f -> %.4f (perplexity %.1f -> %.1f)\n", summary.first_eval->loss,
+                summary.last_eval->loss, summary.first_eval->perplexity, summary.last_eval->perplexity);
+  }
+  return 0;
+}
+
+}  // namespace yuanmoe::cli

@@ -1,0 +1,54 @@
+#include "yuanmoe/train/evaluate.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "yuanmoe/train/loss.h"
+#include "yuanmoe/train/precision.h"
+
+namespace yuanmoe::train {
+
+Tensor expert_load_fractions(const Tensor& pairs_LE) {
+  const Tensor counts = pairs_LE.to(torch::kCPU, torch::kDouble);
+  return counts / counts.sum(1, /*keepdim=*/true).clamp_min(1.0);
+}
+
+EvalResult evaluate(model::TransformerImpl& model,
+                    std::shared_ptr<const data::IndexedDataset> dataset,
+                    data::SamplerOptions options,
+                    int64_t steps,
+                    config::Precision precision,
+                    const std::function<void(const data::Batch&, const Tensor&)>& on_first_batch) {
+  options.shuffle = false;
+  data::GptSampler sampler(std::move(dataset), options);
+  const int64_t batches = std::clamp<int64_t>(sampler.samples_per_epoch() / options.micro_batch_size, 1, steps);
+
+  const bool was_training = model.is_training();
+  model.eval();
+  torch::NoGradGuard no_grad;
+  const torch::Device device = model.parameters().front().device();
+  EvalResult result;
+  double loss_sum = 0.0;
+  Tensor pairs_LE;
+  for (int64_t i = 0; i < batches; ++i) {
+    const data::Batch batch = sampler.next_batch();
+    model::ModelOutput out;
+    {
+      AutocastScope autocast(precision, device);
+      out = model.forward(batch.tokens.to(device), batch.position_ids.to(device));
+    }
+    const Tensor labels = batch.labels.to(device);
+    loss_sum += language_model_loss(out.out, labels).item<double>() * static_cast<double>(labels.numel());
+    result.tokens += labels.numel();
+    if (out.expert_load_LE.defined()) pairs_LE = pairs_LE.defined() ? pairs_LE + out.expert_load_LE : out.expert_load_LE;
+    if (i == 0 && on_first_batch) on_first_batch(batch, out.out);
+  }
+  model.train(was_training);
+  result.batches = batches;
+  result.loss = loss_sum / static_cast<double>(result.tokens);
+  result.perplexity = std::exp(result.loss);
+  if (pairs_LE.defined()) result.expert_load_LE = expert_load_fractions(pairs_LE);
+  return result;
+}
+
+}  // namespace yuanmoe::train

@@ -1,0 +1,105 @@
+#include "yuanmoe/train/metrics.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+namespace yuanmoe::train {
+
+MetricsLog::MetricsLog(std::filesystem::path path, int64_t resume_step) : path_(std::move(path)) {
+  std::vector<std::string> kept;
+  {
+    std::ifstream in(path_);
+    std::string line;
+    while (std::getline(in, line)) {
+      try {
+        const auto j = nlohmann::json::parse(line);
+        if (j.value("step", int64_t{0}) <= resume_step) kept.push_back(line);
+      } catch (const nlohmann::json::exception&) {
+        // A torn last line from a killed run: drop it.
+      }
+    }
+  }
+  {
+    std::ofstream rewrite(path_, std::ios::trunc);
+    if (!rewrite) throw std::runtime_error(path_.string() + ": cannot write metrics file");
+    for (const auto& line : kept) rewrite << line << "\n";
+  }
+  out_.open(path_, std::ios::app);
+  if (!out_) throw std::runtime_error(path_.string() + ": cannot write metrics file");
+}
+
+void MetricsLog::write(const nlohmann::ordered_json& line) {
+  out_ << line.dump() << "\n";
+  out_.flush();
+}
+
+std::string human_count(double value) {
+  char text[32];
+  if (value >= 1e6) {
+    std::snprintf(text, sizeof(text), "%.2fM", value / 1e6);
+  } else if (value >= 1e3) {
+    std::snprintf(text, sizeof(text), "%.1fk", value / 1e3);
+  } else {
+    std::snprintf(text, sizeof(text), "%.0f", value);
+  }
+  return text;
+}
+
+std::string human_duration(double seconds) {
+  const auto s = static_cast<int64_t>(std::llround(std::max(seconds, 0.0)));
+  char text[32];
+  if (s >= 3600) {
+    std::snprintf(text, sizeof(text), "%lldh%02lldm", static_cast<long long>(s / 3600),
+                  static_cast<long long>(s % 3600 / 60));
+  } else if (s >= 60) {
+    std::snprintf(text, sizeof(text), "%lldm%02llds", static_cast<long long>(s / 60),
+                  static_cast<long long>(s % 60));
+  } else {
+    std::snprintf(text, sizeof(text), "%llds", static_cast<long long>(s));
+  }
+  return text;
+}
+
+ProgressBar::ProgressBar(int64_t first_step, int64_t last_step, bool enabled)
+    : first_step_(first_step), last_step_(last_step), enabled_(enabled && ::isatty(STDERR_FILENO)) {}
+
+std::string ProgressBar::eta(int64_t step) const {
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  const int64_t done = step - first_step_;
+  if (done <= 0) return "?";
+  return human_duration(elapsed / static_cast<double>(done) * static_cast<double>(last_step_ - step));
+}
+
+void ProgressBar::update(int64_t step, double loss, double tokens_per_s) {
+  if (!enabled_) return;
+  constexpr int kWidth = 30;
+  const double fraction = static_cast<double>(step) / static_cast<double>(std::max<int64_t>(last_step_, 1));
+  const int filled = static_cast<int>(fraction * kWidth);
+  std::ostringstream line;
+  line << "\r\033[K" << "step " << step << "/" << last_step_ << " [" << std::string(filled, '#')
+       << std::string(kWidth - filled, '.') << "] " << static_cast<int>(fraction * 100) << "% | loss ";
+  char number[32];
+  std::snprintf(number, sizeof(number), "%.4f", loss);
+  line << number << " | " << human_count(tokens_per_s) << " tok/s | ETA " << eta(step);
+  std::cerr << line.str() << std::flush;
+  drawn_ = true;
+}
+
+void ProgressBar::clear() {
+  if (enabled_ && drawn_) std::cerr << "\r\033[K" << std::flush;
+  drawn_ = false;
+}
+
+void ProgressBar::finish() {
+  if (enabled_ && drawn_) std::cerr << "\n" << std::flush;
+  drawn_ = false;
+}
+
+}  // namespace yuanmoe::train
