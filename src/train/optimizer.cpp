@@ -96,8 +96,8 @@ void load_optimizer_state_by_name(const torch::nn::Module& model,
         throw std::runtime_error(source + ": optimizer state '" + name + "/" + field + "' has shape " +
                                  c10::str(t.sizes()) + ", the parameter " + c10::str(p.sizes()));
       }
-      (std::string(field) == "exp_avg" ? s->exp_avg(t.to(p.options()))
-                                       : s->exp_avg_sq(t.to(p.options())));
+      const Tensor owned = t.to(p.options(), /*non_blocking=*/false, /*copy=*/true);  // never alias the source
+      (std::string(field) == "exp_avg" ? s->exp_avg(owned) : s->exp_avg_sq(owned));
     }
     states[state_key(p)] = std::move(s);
   }

@@ -12,6 +12,7 @@
 #include <set>
 #include <sstream>
 
+#include "support/temp_dir.h"
 #include "yuanmoe/data/indexed_dataset.h"
 #include "yuanmoe/data/prepare.h"
 #include "yuanmoe/data/sampler.h"
@@ -22,20 +23,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-/// A fresh directory under the system temp dir, removed with the test.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "yuanmoe-data-XXXXXX").string();
-    if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
+using testing::TempDir;
 
 std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

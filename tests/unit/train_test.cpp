@@ -1,0 +1,265 @@
+// The training loop and what it relies on: LR schedule values, recompute = same gradients,
+// a tiny run that learns, bit-exact resume, fine-tuning at a longer context, bad checkpoints.
+#include <fstream>
+
+#include "support/fixtures.h"
+#include "support/temp_dir.h"
+#include "support/tiny_run.h"
+#include "yuanmoe/checkpoint/checkpoint.h"
+#include "yuanmoe/model/init.h"
+#include "yuanmoe/model/rope.h"
+#include "yuanmoe/model/transformer.h"
+#include "yuanmoe/train/lr_schedule.h"
+#include "yuanmoe/train/trainer.h"
+
+namespace yuanmoe::train {
+namespace {
+
+namespace fs = std::filesystem;
+using config::RouterKind;
+using testing::TempDir;
+
+TEST(LrSchedule, WarmupThenCosineLinearOrConstant) {
+  config::TrainConfig t;
+  t.lr = 1.0;
+  t.min_lr = 0.1;
+  t.warmup_steps = 10;
+  t.max_steps = 110;
+  EXPECT_DOUBLE_EQ(lr_at(0, t), 0.1);   // (0 + 1) / 10
+  EXPECT_DOUBLE_EQ(lr_at(4, t), 0.5);
+  EXPECT_DOUBLE_EQ(lr_at(9, t), 1.0);
+  EXPECT_DOUBLE_EQ(lr_at(10, t), 1.0);  // decay starts at the peak
+  EXPECT_NEAR(lr_at(60, t), 0.55, 1e-12);   // halfway: min + (max - min) / 2
+  EXPECT_NEAR(lr_at(35, t), 0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI * 0.25)), 1e-12);
+  EXPECT_DOUBLE_EQ(lr_at(110, t), 0.1);
+  EXPECT_DOUBLE_EQ(lr_at(500, t), 0.1);  // past max_steps: stays at min_lr
+  t.lr_schedule = config::LrSchedule::kLinear;
+  EXPECT_NEAR(lr_at(35, t), 1.0 - 0.9 * 0.25, 1e-12);
+  EXPECT_DOUBLE_EQ(lr_at(110, t), 0.1);
+  t.lr_schedule = config::LrSchedule::kConstant;
+  EXPECT_DOUBLE_EQ(lr_at(35, t), 1.0);
+  EXPECT_DOUBLE_EQ(lr_at(5, t), 0.6);  // warmup applies to every schedule
+  t.warmup_steps = 0;
+  EXPECT_DOUBLE_EQ(lr_at(0, t), 1.0);
+}
+
+class RecomputeTest : public testing::SeededTestWithParam<RouterKind> {};
+
+TEST_P(RecomputeTest, GradientsEqualThoseWithoutRecompute) {
+  auto model_config = testing::small_model_config();
+  auto moe_config = testing::small_moe_config(GetParam());
+  moe_config.aux_loss_coeff = 0.01;
+  moe_config.z_loss_coeff = 0.001;
+  model::Transformer model(model_config, moe_config);
+  model::init_weights(*model, model_config);
+  model->to(torch::kDouble);
+  model->train();
+  const auto ids = torch::randint(97, {2, 7});
+  const auto pos = model::default_position_ids(2, 7);
+  const auto gradients = [&](bool recompute) {
+    model->recompute = recompute;
+    model->zero_grad(true);
+    const model::ModelOutput out = model(ids, pos);
+    Tensor loss = out.out.pow(2).mean();
+    if (out.aux_loss.defined()) loss = loss + out.aux_loss;
+    loss.backward();
+    std::vector<Tensor> grads;
+    for (const auto& p : model->parameters()) grads.push_back(p.grad().defined() ? p.grad().clone() : Tensor());
+    return std::make_pair(grads, out.expert_load_LE);
+  };
+  const auto [plain, load_plain] = gradients(false);
+  const auto [recomputed, load_recomputed] = gradients(true);
+  ASSERT_EQ(plain.size(), recomputed.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    ASSERT_EQ(plain[i].defined(), recomputed[i].defined()) << i;
+    if (plain[i].defined()) EXPECT_LT(testing::max_abs_diff(plain[i], recomputed[i]), 1e-12) << i;
+  }
+  EXPECT_TRUE(torch::equal(load_plain, load_recomputed));  // counted once, not once per run
+}
+
+INSTANTIATE_TEST_SUITE_P(AllRouters, RecomputeTest, ::testing::ValuesIn(testing::all_router_kinds()));
+
+/// Train losses by step from a run dir's metrics.jsonl.
+std::map<int64_t, double> train_losses(const fs::path& run_dir) {
+  std::map<int64_t, double> losses;
+  std::ifstream in(run_dir / "metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    if (!j.contains("split")) losses[j["step"].get<int64_t>()] = j["loss"].get<double>();
+  }
+  return losses;
+}
+
+class TrainerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { testing::write_tiny_corpora(data_.path().string(), 97); }
+  config::RunConfig config(RouterKind router = RouterKind::kAttention) {
+    return testing::tiny_run_config(data_.path().string(), router);
+  }
+  TempDir data_;
+};
+
+TEST_F(TrainerTest, ThirtyStepsLowerTheLoss) {
+  TempDir run_dir;
+  config::RunConfig run = config();
+  run.train.max_steps = 30;
+  run.train.eval_interval = 15;
+  Trainer trainer(run, {run_dir.path()});
+  const TrainSummary summary = trainer.run();
+  const auto losses = train_losses(run_dir.path());
+  ASSERT_EQ(losses.size(), 30u);
+  EXPECT_LT(losses.at(30), losses.at(1) - 1.0) << "first " << losses.at(1) << " last " << losses.at(30);
+  ASSERT_TRUE(summary.first_eval && summary.last_eval);
+  EXPECT_LT(summary.last_eval->loss, summary.first_eval->loss - 1.0);
+  EXPECT_TRUE(fs::exists(run_dir.path() / "checkpoints" / "step_00000030" / "manifest.json"));
+  EXPECT_TRUE(fs::exists(run_dir.path() / "config.resolved.json"));
+  EXPECT_TRUE(fs::exists(run_dir.path() / "train.log"));
+}
+
+TEST_F(TrainerTest, MetricsLinesCarryTheSpecFields) {
+  TempDir run_dir;
+  config::RunConfig run = config();
+  run.train.max_steps = 2;
+  Trainer(run, {run_dir.path()}).run();
+  std::ifstream in(run_dir.path() / "metrics.jsonl");
+  std::string line;
+  int train_lines = 0, valid_lines = 0;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.value("split", "") == "valid") {
+      ++valid_lines;
+      EXPECT_TRUE(j.contains("perplexity"));
+      continue;
+    }
+    ++train_lines;
+    for (const char* key : {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "mfu",
+                            "expert_load"}) {
+      EXPECT_TRUE(j.contains(key)) << key;
+    }
+    ASSERT_EQ(j["expert_load"].size(), 2u);  // MoE layers
+    double share = 0;
+    for (const auto& x : j["expert_load"][0]) share += x.get<double>();
+    EXPECT_NEAR(share, 1.0, 1e-3);
+    EXPECT_EQ(j["tokens_seen"].get<int64_t>(), j["step"].get<int64_t>() * 4 * 16);
+  }
+  EXPECT_EQ(train_lines, 2);
+  EXPECT_EQ(valid_lines, 2);  // the baseline at step 0 and the final one
+}
+
+class ResumeTest : public TrainerTest, public ::testing::WithParamInterface<RouterKind> {};
+
+TEST_P(ResumeTest, StoppedAndResumedRunIsBitIdentical) {
+  config::RunConfig run = config(GetParam());
+  run.moe.aux_loss_coeff = 0.01;
+  if (GetParam() == RouterKind::kAttention || GetParam() == RouterKind::kLinear) run.moe.bias_balancing_rate = 1e-3;
+  run.model.attention_dropout = 0.1;  // the RNG state has to resume too
+  run.train.max_steps = 8;
+  run.checkpoint.interval = 3;
+  TempDir straight, resumed;
+  Trainer(run, {straight.path()}).run();
+
+  Trainer(run, {resumed.path(), /*exit_after_steps=*/5}).run();  // checkpoints at 3 and 5
+  // As if killed during step 5's checkpoint: only step 3 is complete, metrics run ahead to 5.
+  fs::remove_all(resumed.path() / "checkpoints" / "step_00000005");
+  Trainer second(run, {resumed.path()});
+  EXPECT_EQ(second.step(), 3);
+  second.run();
+
+  const auto expected = train_losses(straight.path()), actual = train_losses(resumed.path());
+  ASSERT_EQ(expected.size(), 8u);
+  ASSERT_EQ(actual.size(), 8u);
+  for (const auto& [step, loss] : expected) EXPECT_EQ(actual.at(step), loss) << "step " << step;  // bit-exact
+
+  const auto a = checkpoint::load_checkpoint(straight.path() / "checkpoints" / "step_00000008");
+  const auto b = checkpoint::load_checkpoint(resumed.path() / "checkpoints" / "step_00000008");
+  for (const auto& [xs, ys] : {std::make_pair(&a.model, &b.model), std::make_pair(&a.optimizer, &b.optimizer)}) {
+    ASSERT_EQ(xs->size(), ys->size());
+    for (size_t i = 0; i < xs->size(); ++i) {
+      EXPECT_EQ((*xs)[i].first, (*ys)[i].first);
+      EXPECT_TRUE(torch::equal((*xs)[i].second, (*ys)[i].second)) << (*xs)[i].first;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllRouters, ResumeTest, ::testing::ValuesIn(testing::all_router_kinds()));
+
+TEST_F(TrainerTest, FineTunesAtFourTimesTheContextFromACheckpoint) {
+  TempDir base_dir, tuned_dir;
+  config::RunConfig base = config();
+  base.train.max_steps = 4;
+  Trainer(base, {base_dir.path()}).run();
+
+  config::RunConfig tuned = base;  // 16 -> 64 tokens, base scaled by the NTK-aware rule
+  tuned.train.seq_length = 64;
+  tuned.model.max_seq_length = 64;
+  tuned.model.rope_base = model::ntk_scaled_rope_base(base.model.rope_base, 4.0, base.model.rotary_dim);
+  tuned.train.recompute = true;
+  tuned.train.lr_schedule = config::LrSchedule::kConstant;
+  tuned.train.warmup_steps = 0;
+  tuned.train.micro_batch_size = 1;
+  tuned.train.global_batch_size = 2;
+  tuned.train.max_steps = 3;
+  tuned.train.init_from = base_dir.path().string();
+  Trainer trainer(tuned, {tuned_dir.path()});
+  EXPECT_EQ(trainer.step(), 0);  // fresh schedule
+  const auto saved = checkpoint::load_checkpoint(base_dir.path() / "checkpoints" / "step_00000004");
+  const auto params = trainer.model()->named_parameters();
+  for (const auto& [name, t] : saved.model) {
+    if (params.contains(name)) EXPECT_TRUE(torch::equal(params[name], t)) << name;
+  }
+  const TrainSummary summary = trainer.run();
+  EXPECT_EQ(summary.last_step, 3);
+  EXPECT_TRUE(std::isfinite(summary.last_loss));
+  const auto manifest = checkpoint::read_manifest(tuned_dir.path() / "checkpoints" / "step_00000003");
+  EXPECT_EQ(manifest["config"]["train"]["seq_length"], 64);
+  EXPECT_EQ(manifest["tokens_seen"], 3 * 2 * 64);
+}
+
+TEST_F(TrainerTest, RefusesToResumeAnotherArchitecture) {
+  TempDir run_dir;
+  config::RunConfig run = config();
+  run.train.max_steps = 1;
+  Trainer(run, {run_dir.path()}).run();
+  run.moe.num_experts = 4;
+  try {
+    Trainer(run, {run_dir.path()});
+    FAIL() << "expected an error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("moe.num_experts is 8 in the checkpoint, 4 in the config"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST_F(TrainerTest, Bf16AutocastTrains) {
+  TempDir fp32_dir, bf16_dir;
+  config::RunConfig run = config();
+  run.train.max_steps = 3;
+  Trainer(run, {fp32_dir.path()}).run();
+  run.train.precision = config::Precision::kBf16;
+  const TrainSummary summary = Trainer(run, {bf16_dir.path()}).run();
+  EXPECT_TRUE(std::isfinite(summary.last_loss));
+  const auto fp32 = train_losses(fp32_dir.path()), bf16 = train_losses(bf16_dir.path());
+  EXPECT_NE(fp32.at(1), bf16.at(1));                 // autocast really ran in bf16
+  EXPECT_NEAR(fp32.at(1), bf16.at(1), 0.05);          // ... and computed the same model
+  // Weights and optimizer state stay fp32.
+  const auto saved = checkpoint::load_checkpoint(bf16_dir.path() / "checkpoints" / "step_00000003");
+  for (const auto& [name, t] : saved.model) {
+    if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kFloat) << name;
+  }
+}
+
+TEST_F(TrainerTest, MissingDatasetIsNamed) {
+  TempDir run_dir;
+  config::RunConfig run = config();
+  run.data.train_prefix = (run_dir.path() / "nope").string();
+  try {
+    Trainer(run, {run_dir.path()});
+    FAIL() << "expected an error";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("nope"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace yuanmoe::train
