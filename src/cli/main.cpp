@@ -2,8 +2,10 @@
 // Library code throws; here every error becomes one line per problem on stderr.
 #include <c10/util/Exception.h>
 #include <cxxopts.hpp>
+#include <cstdlib>
 #include <iostream>
 #include <sstream>
+#include <thread>
 
 #include "yuanmoe/cli/commands.h"
 #include "yuanmoe/config/config_io.h"
@@ -57,6 +59,11 @@ int main(int argc, char** argv) {
   for (const auto& command : kCommands) {
     if (name != command.name) continue;
     const std::string prefix = "yuanmoe " + name + ": error: ";
+    // One intra-op thread per core unless the user chose (reference/distributed.md §6); libtorch's
+    // own default can be lower than the cores a CPU run has.
+    if (std::getenv("OMP_NUM_THREADS") == nullptr) {
+      at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+    }
     try {
       return command.run(argc - 1, argv + 1);
     } catch (const yuanmoe::config::ConfigError& e) {
