@@ -3,6 +3,7 @@
 #include <cxxopts.hpp>
 #include <iostream>
 
+#include "yuanmoe/checkpoint/checkpoint.h"
 #include "yuanmoe/cli/commands.h"
 #include "yuanmoe/config/config_io.h"
 #include "yuanmoe/config/validate.h"
@@ -21,6 +22,8 @@ int run_inspect(int argc, const char* const* argv) {
                            "Print the resolved config, parameter counts and FLOPs per token.");
   options.add_options()
       ("config", "JSON config file", cxxopts::value<std::string>())
+      ("checkpoint", "checkpoint step dir, or a run / checkpoints dir (newest checkpoint)",
+       cxxopts::value<std::string>())
       ("set", "override a config key, e.g. --set moe.router=linear (repeatable)",
        cxxopts::value<std::vector<std::string>>())
       ("h,help", "show this help");
@@ -29,14 +32,28 @@ int run_inspect(int argc, const char* const* argv) {
     std::cout << options.help() << "\n";
     return 0;
   }
-  if (!args.count("config")) throw std::invalid_argument("--config FILE is required");
-
-  const std::string path = args["config"].as<std::string>();
-  const std::vector<std::string> overrides =
-      args.count("set") ? args["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-  const config::RunConfig run = config::load_config(path, overrides);
-  for (const auto& warning : config::config_warnings(run)) {
-    spdlog::warn("{}: {}", path, warning.to_string());
+  if (args.count("config") == args.count("checkpoint")) {
+    throw std::invalid_argument("exactly one of --config FILE and --checkpoint DIR is required");
+  }
+  std::string path;
+  config::RunConfig run;
+  nlohmann::ordered_json manifest;
+  if (args.count("checkpoint")) {
+    // Metadata only: the manifest is verified, the weights are not read.
+    const auto dir = checkpoint::resolve_checkpoint_dir(args["checkpoint"].as<std::string>());
+    path = (dir / "manifest.json").string();
+    manifest = checkpoint::read_manifest(dir);
+    config::ParseResult parsed = config::parse_config(nlohmann::json::parse(manifest["config"].dump()));
+    if (!parsed.issues.empty()) throw config::ConfigError(path + " (config)", parsed.issues);
+    run = parsed.config;
+  } else {
+    path = args["config"].as<std::string>();
+    const std::vector<std::string> overrides =
+        args.count("set") ? args["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+    run = config::load_config(path, overrides);
+    for (const auto& warning : config::config_warnings(run)) {
+      spdlog::warn("{}: {}", path, warning.to_string());
+    }
   }
 
   const model::ModelSize size = model::model_size(run.model, run.moe, run.train.seq_length);
@@ -46,6 +63,17 @@ int run_inspect(int argc, const char* const* argv) {
             << "active parameters: " << with_thousands(size.active_parameters) << "\n"
             << "forward FLOPs per token (seq_length " << run.train.seq_length
             << "): " << with_thousands(size.forward_flops_per_token) << "\n";
+  if (!manifest.empty()) {
+    std::cout << "checkpoint step: " << manifest["step"].get<int64_t>() << "\n"
+              << "tokens seen:     " << with_thousands(manifest["tokens_seen"].get<int64_t>()) << "\n"
+              << "layout:          " << manifest["layout"].dump() << "\n"
+              << "sampler:         " << manifest["sampler"].dump() << "\n"
+              << "tensors:         " << manifest["tensors"].size() << "\n";
+    for (const auto& [file, info] : manifest["files"].items()) {
+      std::cout << "file: " << file << "  " << with_thousands(info["bytes"].get<int64_t>()) << " bytes  crc32 "
+                << info["crc32"].get<uint32_t>() << "\n";
+    }
+  }
   return 0;
 }
 

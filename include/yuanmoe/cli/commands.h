@@ -6,7 +6,7 @@
 
 namespace yuanmoe::cli {
 
-/// `yuanmoe inspect --config FILE [--set KEY=VALUE]...`
+/// `yuanmoe inspect (--config FILE [--set KEY=VALUE]... | --checkpoint DIR)`
 int run_inspect(int argc, const char* const* argv);
 
 /// `yuanmoe prepare-data --input FILE... --output PREFIX (--tokenizer MODEL | --train-tokenizer VOCAB)`
