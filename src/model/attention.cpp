@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "yuanmoe/model/decode.h"
 #include "yuanmoe/model/rope.h"
 
 namespace yuanmoe::model {
@@ -11,13 +12,16 @@ namespace F = torch::nn::functional;
 Tensor causal_attention(const Tensor& q_BHSDh,
                         const Tensor& k_BHSDh,
                         const Tensor& v_BHSDh,
-                        double dropout_p) {
-  const int64_t seq = q_BHSDh.size(2);
+                        double dropout_p,
+                        int64_t offset) {
+  const int64_t seq_q = q_BHSDh.size(2), seq_k = k_BHSDh.size(2);
   const double scale = 1.0 / std::sqrt(static_cast<double>(q_BHSDh.size(-1)));
-  Tensor scores_BHSS = torch::matmul(q_BHSDh, k_BHSDh.transpose(-2, -1));
+  Tensor scores_BHSS = torch::matmul(q_BHSDh, k_BHSDh.transpose(-2, -1));  // [B, H, Sq, Sk]
   scores_BHSS = scores_BHSS.to(at_least_fp32(scores_BHSS)) * scale;
+  // Key j is in the future of query i when j > offset + i.
   const Tensor future_SS =
-      torch::ones({seq, seq}, torch::dtype(torch::kBool).device(q_BHSDh.device())).triu(1);
+      torch::ones({seq_q, seq_k}, torch::dtype(torch::kBool).device(q_BHSDh.device()))
+          .triu(1 + offset);
   scores_BHSS.masked_fill_(future_SS, -std::numeric_limits<float>::infinity());
   Tensor probs_BHSS = torch::softmax(scores_BHSS, -1);
   if (dropout_p > 0) probs_BHSS = F::dropout(probs_BHSS, F::DropoutFuncOptions().p(dropout_p));
@@ -41,12 +45,15 @@ AttentionImpl::AttentionImpl(const config::ModelConfig& config) : config(config)
   inverse_frequencies_ = rope_inverse_frequencies(config.rotary_dim, config.rope_base);
 }
 
-Tensor AttentionImpl::forward(const Tensor& a_BSD, const Tensor& position_ids_BS) {
+Tensor AttentionImpl::forward(const Tensor& a_BSD,
+                              const Tensor& position_ids_BS,
+                              LayerCache* cache) {
   const int64_t batch = a_BSD.size(0), seq = a_BSD.size(1);
   const int64_t heads = config.num_attention_heads, head_dim = config.head_dim;
 
   const Tensor v_BSHDh = v_proj(a_BSD).view({batch, seq, heads, head_dim});
-  const Tensor qk_input_BSD = config.lfa ? lf_gate(a_BSD) : a_BSD;
+  const Tensor qk_input_BSD =
+      config.lfa ? lf_gate(a_BSD, cache ? &cache->lfa : nullptr) : a_BSD;
   // [B, S, 2P] viewed per head as [q(Dh) | k(Dh)] (§4.1).
   const Tensor qk_BSH2 = torch::cat({q_proj(qk_input_BSD), k_proj(qk_input_BSD)}, -1)
                              .view({batch, seq, heads, 2 * head_dim});
@@ -55,9 +62,22 @@ Tensor AttentionImpl::forward(const Tensor& a_BSD, const Tensor& position_ids_BS
   const Tensor k_BSHDh =
       apply_rope(qk_BSH2.narrow(-1, head_dim, head_dim), angles, config.rotary_dim);
 
+  Tensor k_BHTDh = k_BSHDh.transpose(1, 2), v_BHTDh = v_BSHDh.transpose(1, 2);
+  int64_t offset = 0;  // tokens before this chunk
+  if (cache) {
+    // K is cached after RoPE (yuan2-m32.md §10), so cached keys keep their own positions.
+    if (cache->k_BHTDh.defined()) {
+      offset = cache->k_BHTDh.size(2);
+      k_BHTDh = torch::cat({cache->k_BHTDh, k_BHTDh}, 2);
+      v_BHTDh = torch::cat({cache->v_BHTDh, v_BHTDh}, 2);
+    }
+    cache->k_BHTDh = k_BHTDh;
+    cache->v_BHTDh = v_BHTDh;
+  }
+
   const double dropout_p = is_training() ? config.attention_dropout : 0.0;
-  const Tensor out_BHSDh = causal_attention(q_BSHDh.transpose(1, 2), k_BSHDh.transpose(1, 2),
-                                            v_BSHDh.transpose(1, 2), dropout_p);
+  const Tensor out_BHSDh =
+      causal_attention(q_BSHDh.transpose(1, 2), k_BHTDh, v_BHTDh, dropout_p, offset);
   return o_proj(out_BHSDh.transpose(1, 2).reshape({batch, seq, heads * head_dim}));
 }
 

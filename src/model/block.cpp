@@ -21,8 +21,10 @@ TransformerBlockImpl::TransformerBlockImpl(const config::ModelConfig& model,
   }
 }
 
-BlockOutput TransformerBlockImpl::forward(const Tensor& x_BSD, const Tensor& position_ids_BS) {
-  Tensor x = x_BSD + self_attn(input_layernorm(x_BSD), position_ids_BS);
+BlockOutput TransformerBlockImpl::forward(const Tensor& x_BSD,
+                                          const Tensor& position_ids_BS,
+                                          LayerCache* cache) {
+  Tensor x = x_BSD + self_attn(input_layernorm(x_BSD), position_ids_BS, cache);
   const Tensor m = post_attention_layernorm(x);
   if (moe) {
     MoeOutput out = moe(m);

@@ -1,5 +1,6 @@
 #include "yuanmoe/model/transformer.h"
 
+#include "yuanmoe/model/decode.h"
 #include "yuanmoe/model/recompute.h"
 
 namespace yuanmoe::model {
@@ -29,18 +30,29 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& model,
   }
 }
 
-ModelOutput TransformerImpl::forward(const Tensor& input, const Tensor& position_ids_BS) {
+ModelOutput TransformerImpl::forward(const Tensor& input,
+                                     const Tensor& position_ids_BS,
+                                     DecodeCache* cache) {
+  if (cache) {
+    TORCH_CHECK(cache->layers.size() == blocks.size(), "DecodeCache has ", cache->layers.size(),
+                " layers, this model (stage) has ", blocks.size(),
+                "; build the cache from this model: DecodeCache(model)");
+  }
   Tensor x = stage.has_embedding ? embed_tokens(input) : input;  // [B, S, D]
   Tensor aux_loss;
   std::vector<Tensor> expert_load;
-  const bool recompute_blocks = recompute && is_training() && torch::GradMode::is_enabled();
-  for (auto& block : blocks) {
-    BlockOutput out = recompute_blocks ? recompute_block(*block, x, position_ids_BS)
-                                       : block(x, position_ids_BS);
+  // Not with a cache: forward appends to it, so a rerun in backward would append twice.
+  const bool recompute_blocks =
+      recompute && is_training() && torch::GradMode::is_enabled() && cache == nullptr;
+  for (size_t l = 0; l < blocks.size(); ++l) {
+    BlockOutput out = recompute_blocks
+                          ? recompute_block(*blocks[l], x, position_ids_BS)
+                          : blocks[l](x, position_ids_BS, cache ? &cache->layers[l] : nullptr);
     x = out.x;
     if (out.aux_loss.defined()) aux_loss = aux_loss.defined() ? aux_loss + out.aux_loss : out.aux_loss;
     if (out.pairs_per_expert_E.defined()) expert_load.push_back(out.pairs_per_expert_E);
   }
+  if (cache) cache->num_tokens += x.size(1);
   const Tensor expert_load_LE = expert_load.empty() ? Tensor() : torch::stack(expert_load);
   if (!stage.has_head) return {x, aux_loss, expert_load_LE};
   const Tensor h = norm(x);

@@ -1,6 +1,7 @@
 // Yuan 2.0 self-attention (yuan2-m32.md §2, §4): V reads the input-norm output a, Q and K read
 // LFA(a); Q/K come from one per-head interleaved projection; partial RoPE; scale 1/sqrt(Dh);
-// causal softmax; o_proj back to D. No biases.
+// causal softmax; o_proj back to D. No biases. With a LayerCache (decode.h) a chunk attends to
+// the cached keys and values of the tokens before it (incremental decoding, yuan2-m32.md §10).
 #pragma once
 
 #include "yuanmoe/config/config.h"
@@ -9,18 +10,25 @@
 
 namespace yuanmoe::model {
 
-/// softmax(q k^T / sqrt(Dh) + causal) v over q/k/v [B, H, S, Dh]; dropout on the probabilities
-/// when dropout_p > 0. Probabilities in fp32. Returns [B, H, S, Dh].
+struct LayerCache;  // decode.h
+
+/// softmax(q k^T / sqrt(Dh) + causal) v with queries q [B, H, Sq, Dh] and keys/values k, v
+/// [B, H, Sk, Dh]; query i sits at key position offset + i and sees keys 0..offset + i
+/// (offset = Sk - Sq when a chunk follows cached keys, 0 for a whole sequence). Dropout on the
+/// probabilities when dropout_p > 0. Probabilities in fp32. Returns [B, H, Sq, Dh].
 Tensor causal_attention(const Tensor& q_BHSDh,
                         const Tensor& k_BHSDh,
                         const Tensor& v_BHSDh,
-                        double dropout_p);
+                        double dropout_p,
+                        int64_t offset = 0);
 
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const config::ModelConfig& config);
   /// a_BSD: input-norm output; position_ids_BS: RoPE positions. Returns [B, S, D].
-  Tensor forward(const Tensor& a_BSD, const Tensor& position_ids_BS);
+  /// With a cache, a_BSD continues the cached sequence: its rotated keys and values are appended
+  /// to the cache and its queries attend to every cached token before them.
+  Tensor forward(const Tensor& a_BSD, const Tensor& position_ids_BS, LayerCache* cache = nullptr);
 
   const config::ModelConfig config;
   // Megatron's fused get_query_key [2P, D] is cut in two halves exactly like the HF converter:

@@ -15,6 +15,8 @@ namespace yuanmoe::model {
 /// True when global layer `layer_index` has an MoE feed-forward block.
 bool is_moe_layer(const config::MoeConfig& moe, int64_t layer_index);
 
+struct LayerCache;  // decode.h
+
 struct BlockOutput {
   Tensor x;         // [B, S, D]
   Tensor aux_loss;  // this layer's weighted router loss, undefined when none
@@ -26,7 +28,10 @@ class TransformerBlockImpl : public torch::nn::Module {
   TransformerBlockImpl(const config::ModelConfig& model,
                        const config::MoeConfig& moe,
                        int64_t layer_index);
-  BlockOutput forward(const Tensor& x_BSD, const Tensor& position_ids_BS);
+  /// x_BSD -> x_BSD. With a cache, x_BSD continues the sequence cached for this layer.
+  BlockOutput forward(const Tensor& x_BSD,
+                      const Tensor& position_ids_BS,
+                      LayerCache* cache = nullptr);
 
   const int64_t layer_index;  // global index: the parameter names use it
   RmsNorm input_layernorm{nullptr};

@@ -25,6 +25,8 @@
 
 namespace yuanmoe::model {
 
+struct DecodeCache;  // decode.h
+
 /// The slice of the model one pipeline stage owns: layers [first_layer, end_layer), the
 /// embedding on the first stage, final norm + head on the last.
 struct StageSpec {
@@ -49,7 +51,12 @@ class TransformerImpl : public torch::nn::Module {
 
   /// input: token ids [B, S] (int64) on the first stage, hidden [B, S, D] otherwise.
   /// position_ids_BS: RoPE positions (reset after end-of-document when packing).
-  ModelOutput forward(const Tensor& input, const Tensor& position_ids_BS);
+  /// cache: incremental decoding (decode.h). The input then continues the cached sequence, whose
+  /// absolute positions the caller passes (cache->num_tokens + i for plain decoding); the cache
+  /// holds one LayerCache per layer of this stage and moves on by S tokens.
+  ModelOutput forward(const Tensor& input,
+                      const Tensor& position_ids_BS,
+                      DecodeCache* cache = nullptr);
 
   /// Every MoE layer of this stage, in layer order (for load statistics and router updates).
   std::vector<Moe> moe_layers() const;
