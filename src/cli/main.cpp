@@ -22,6 +22,7 @@ const Command kCommands[] = {
     {"train", yuanmoe::cli::run_train,
      "pretrain or fine-tune (train.init_from); resumes from the newest checkpoint in the run dir"},
     {"eval", yuanmoe::cli::run_eval, "validation loss / perplexity / expert load of a checkpoint"},
+    {"generate", yuanmoe::cli::run_generate, "continue a prompt with a checkpoint (KV cache + LFA state)"},
     {"inspect", yuanmoe::cli::run_inspect,
      "resolved config, total / active parameters, forward FLOPs per token"},
     {"prepare-data", yuanmoe::cli::run_prepare_data,

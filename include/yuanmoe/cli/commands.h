@@ -18,6 +18,9 @@ int run_train(int argc, const char* const* argv);
 /// `yuanmoe eval --checkpoint DIR [--data PREFIX] [--steps N] [--dump-logits FILE]`
 int run_eval(int argc, const char* const* argv);
 
+/// `yuanmoe generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]`
+int run_generate(int argc, const char* const* argv);
+
 /// 1234567 -> "1,234,567".
 std::string with_thousands(int64_t value);
 

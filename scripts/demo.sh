@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# README's first command: install what is missing, build, fetch the Brown corpus, train the
+# tokenizer and dataset if absent, pretrain configs/tiny-m32.json on CPU, evaluate the final
+# checkpoint and generate a sample. Rerunning it resumes (or, once done, just evaluates again).
+# Extra arguments go to `yuanmoe train`, e.g. ./scripts/demo.sh --set train.max_steps=50
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/setup.sh
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
+cmake --build build --target yuanmoe -j "$(nproc)"
+
+[ -f data/brown.txt ] || ./scripts/get-corpus.sh
+if [ ! -f data/brown_train.idx ] || [ ! -f data/brown.model ]; then
+  build/yuanmoe prepare-data --input data/brown.txt --output data/brown --train-tokenizer 8192
+fi
+
+run=runs/tiny-m32
+build/yuanmoe train --config configs/tiny-m32.json --run-dir "$run" "$@"
+echo
+build/yuanmoe eval --checkpoint "$run"
+echo
+echo "sample (greedy continuation of \"The jury said\"):"
+build/yuanmoe generate --checkpoint "$run" --prompt "The jury said" --max-new-tokens 48 --temperature 0
+echo
+echo "checkpoints: $run/checkpoints   metrics: $run/metrics.jsonl   plots: $run/plots/{loss,expert_load}.png"
+echo "next: fine-tune to 4x the context with build/yuanmoe train --config configs/tiny-m32-1k-finetune.json"

@@ -1,0 +1,67 @@
+// `yuanmoe generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]`
+#include <cxxopts.hpp>
+#include <iostream>
+
+#include "yuanmoe/checkpoint/model_loader.h"
+#include "yuanmoe/cli/commands.h"
+#include "yuanmoe/data/tokenizer.h"
+#include "yuanmoe/model/decode.h"
+
+namespace yuanmoe::cli {
+
+int run_generate(int argc, const char* const* argv) {
+  cxxopts::Options options("yuanmoe generate",
+                           "Continue a prompt with a checkpoint: KV cache + LFA state, one token per step.");
+  options.add_options()
+      ("checkpoint", "checkpoint step dir, or a run / checkpoints dir (newest checkpoint)",
+       cxxopts::value<std::string>())
+      ("prompt", "text to continue", cxxopts::value<std::string>())
+      ("max-new-tokens", "tokens to generate at most", cxxopts::value<int64_t>()->default_value("64"))
+      ("temperature", "softmax temperature; 0 = greedy", cxxopts::value<double>()->default_value("0.8"))
+      ("top-k", "sample among the k most likely tokens; 0 = all", cxxopts::value<int64_t>()->default_value("40"))
+      ("seed", "sampling seed", cxxopts::value<uint64_t>()->default_value("1234"))
+      ("h,help", "show this help");
+  const auto args = options.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << options.help() << "\n";
+    return 0;
+  }
+  if (!args.count("checkpoint")) throw std::invalid_argument("--checkpoint DIR is required");
+  if (!args.count("prompt")) throw std::invalid_argument("--prompt TEXT is required");
+  model::SamplingOptions sampling;
+  sampling.max_new_tokens = args["max-new-tokens"].as<int64_t>();
+  sampling.temperature = args["temperature"].as<double>();
+  sampling.top_k = args["top-k"].as<int64_t>();
+  sampling.seed = args["seed"].as<uint64_t>();
+  if (sampling.max_new_tokens <= 0) throw std::invalid_argument("--max-new-tokens must be positive");
+  if (sampling.temperature < 0) throw std::invalid_argument("--temperature must be >= 0");
+  if (sampling.top_k < 0) throw std::invalid_argument("--top-k must be >= 0");
+
+  checkpoint::LoadedModel loaded = checkpoint::load_model(args["checkpoint"].as<std::string>());
+  const std::string tokenizer_path =
+      !loaded.tokenizer.empty() ? loaded.tokenizer.string() : loaded.config.data.tokenizer;
+  if (tokenizer_path.empty()) {
+    throw std::invalid_argument(loaded.dir.string() + ": no tokenizer.model in the checkpoint and no data.tokenizer");
+  }
+  const data::Tokenizer tokenizer(tokenizer_path);
+  const std::vector<int32_t> encoded = tokenizer.encode(args["prompt"].as<std::string>());
+  if (encoded.empty()) throw std::invalid_argument("--prompt encodes to no tokens");
+  const std::vector<int64_t> prompt(encoded.begin(), encoded.end());
+  const int64_t room = loaded.config.model.max_seq_length - static_cast<int64_t>(prompt.size());
+  if (room <= 0) {
+    throw std::invalid_argument("--prompt is " + std::to_string(prompt.size()) + " tokens; model.max_seq_length is " +
+                                std::to_string(loaded.config.model.max_seq_length));
+  }
+  sampling.max_new_tokens = std::min(sampling.max_new_tokens, room);
+  sampling.eos_id = tokenizer.eod_id();
+
+  const std::vector<int64_t> generated = model::generate(*loaded.model, prompt, sampling);
+  std::vector<int32_t> all(encoded);
+  all.insert(all.end(), generated.begin(), generated.end());
+  std::cout << tokenizer.decode(all) << "\n";
+  std::cerr << "(" << loaded.dir.string() << ", step " << loaded.progress.step << ": " << prompt.size()
+            << " prompt + " << generated.size() << " generated tokens)\n";
+  return 0;
+}
+
+}  // namespace yuanmoe::cli
