@@ -20,8 +20,8 @@ build/yuanmoe train --config configs/tiny-m32.json --run-dir "$run" "$@"
 echo
 build/yuanmoe eval --checkpoint "$run"
 echo
-echo "sample (greedy continuation of \"The jury said\"):"
-build/yuanmoe generate --checkpoint "$run" --prompt "The jury said" --max-new-tokens 48 --temperature 0
+echo "sample (continuation of \"The jury said\", temperature 0.8, top-k 40):"
+build/yuanmoe generate --checkpoint "$run" --prompt "The jury said" --max-new-tokens 48
 echo
 echo "checkpoints: $run/checkpoints   metrics: $run/metrics.jsonl   plots: $run/plots/{loss,expert_load}.png"
 echo "next: fine-tune to 4x the context with build/yuanmoe train --config configs/tiny-m32-1k-finetune.json"

@@ -13,17 +13,13 @@ namespace yuanmoe::cli {
 int run_eval(int argc, const char* const* argv) {
   cxxopts::Options options("yuanmoe eval", "Validation loss, perplexity and per-expert load of a checkpoint.");
   options.add_options()
-      ("checkpoint", "checkpoint step dir, or a run / checkpoints dir (newest checkpoint)",
-       cxxopts::value<std::string>())
+      ("checkpoint", kCheckpointOptionHelp, cxxopts::value<std::string>())
       ("data", "dataset prefix (default: the checkpoint's data.valid_prefix)", cxxopts::value<std::string>())
       ("steps", "micro-batches to evaluate (default: the checkpoint's train.eval_steps)", cxxopts::value<int64_t>())
-      ("dump-logits", "write the first batch's logits and tokens as safetensors", cxxopts::value<std::string>())
-      ("h,help", "show this help");
-  const auto args = options.parse(argc, argv);
-  if (args.count("help")) {
-    std::cout << options.help() << "\n";
-    return 0;
-  }
+      ("dump-logits", "write the first batch's logits and tokens as safetensors", cxxopts::value<std::string>());
+  const auto parsed = parse_or_help(options, argc, argv);
+  if (!parsed) return 0;
+  const cxxopts::ParseResult& args = *parsed;
   if (!args.count("checkpoint")) throw std::invalid_argument("--checkpoint DIR is required");
   checkpoint::LoadedModel loaded = checkpoint::load_model(args["checkpoint"].as<std::string>());
   const config::RunConfig& run = loaded.config;

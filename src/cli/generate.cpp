@@ -13,19 +13,15 @@ int run_generate(int argc, const char* const* argv) {
   cxxopts::Options options("yuanmoe generate",
                            "Continue a prompt with a checkpoint: KV cache + LFA state, one token per step.");
   options.add_options()
-      ("checkpoint", "checkpoint step dir, or a run / checkpoints dir (newest checkpoint)",
-       cxxopts::value<std::string>())
+      ("checkpoint", kCheckpointOptionHelp, cxxopts::value<std::string>())
       ("prompt", "text to continue", cxxopts::value<std::string>())
       ("max-new-tokens", "tokens to generate at most", cxxopts::value<int64_t>()->default_value("64"))
       ("temperature", "softmax temperature; 0 = greedy", cxxopts::value<double>()->default_value("0.8"))
       ("top-k", "sample among the k most likely tokens; 0 = all", cxxopts::value<int64_t>()->default_value("40"))
-      ("seed", "sampling seed", cxxopts::value<uint64_t>()->default_value("1234"))
-      ("h,help", "show this help");
-  const auto args = options.parse(argc, argv);
-  if (args.count("help")) {
-    std::cout << options.help() << "\n";
-    return 0;
-  }
+      ("seed", "sampling seed", cxxopts::value<uint64_t>()->default_value("1234"));
+  const auto parsed = parse_or_help(options, argc, argv);
+  if (!parsed) return 0;
+  const cxxopts::ParseResult& args = *parsed;
   if (!args.count("checkpoint")) throw std::invalid_argument("--checkpoint DIR is required");
   if (!args.count("prompt")) throw std::invalid_argument("--prompt TEXT is required");
   model::SamplingOptions sampling;

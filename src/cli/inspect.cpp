@@ -11,6 +11,16 @@
 
 namespace yuanmoe::cli {
 
+std::optional<cxxopts::ParseResult> parse_or_help(cxxopts::Options& options, int argc, const char* const* argv) {
+  options.add_options()("h,help", "show this help");
+  cxxopts::ParseResult args = options.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << options.help() << "\n";
+    return std::nullopt;
+  }
+  return args;
+}
+
 std::string with_thousands(int64_t value) {
   std::string digits = std::to_string(value < 0 ? -value : value);
   for (int i = static_cast<int>(digits.size()) - 3; i > 0; i -= 3) digits.insert(i, ",");
@@ -22,16 +32,12 @@ int run_inspect(int argc, const char* const* argv) {
                            "Print the resolved config, parameter counts and FLOPs per token.");
   options.add_options()
       ("config", "JSON config file", cxxopts::value<std::string>())
-      ("checkpoint", "checkpoint step dir, or a run / checkpoints dir (newest checkpoint)",
-       cxxopts::value<std::string>())
+      ("checkpoint", kCheckpointOptionHelp, cxxopts::value<std::string>())
       ("set", "override a config key, e.g. --set moe.router=linear (repeatable)",
-       cxxopts::value<std::vector<std::string>>())
-      ("h,help", "show this help");
-  const auto args = options.parse(argc, argv);
-  if (args.count("help")) {
-    std::cout << options.help() << "\n";
-    return 0;
-  }
+       cxxopts::value<std::vector<std::string>>());
+  const auto parsed = parse_or_help(options, argc, argv);
+  if (!parsed) return 0;
+  const cxxopts::ParseResult& args = *parsed;
   if (args.count("config") == args.count("checkpoint")) {
     throw std::invalid_argument("exactly one of --config FILE and --checkpoint DIR is required");
   }

@@ -29,15 +29,12 @@ int run_prepare_data(int argc, const char* const* argv) {
       ("valid-fraction", "share of documents in the validation split (0 = none)",
        cxxopts::value<double>()->default_value("0.02"))
       ("workers", "tokenizing threads", cxxopts::value<int>()->default_value(std::to_string(cores)))
-      ("log-interval", "seconds between progress lines", cxxopts::value<double>()->default_value("10"))
-      ("h,help", "show this help");
+      ("log-interval", "seconds between progress lines", cxxopts::value<double>()->default_value("10"));
   // `--input a.txt b.jsonl`: the words after --input that are not options are inputs too.
   options.parse_positional({"input"});
-  const auto args = options.parse(argc, argv);
-  if (args.count("help")) {
-    std::cout << options.help() << "\n";
-    return 0;
-  }
+  const auto parsed = parse_or_help(options, argc, argv);
+  if (!parsed) return 0;
+  const cxxopts::ParseResult& args = *parsed;
   if (!args.unmatched().empty()) {
     throw std::invalid_argument("unexpected argument '" + args.unmatched().front() + "' (inputs take --input)");
   }

@@ -20,13 +20,10 @@ int run_train(int argc, const char* const* argv) {
        cxxopts::value<std::vector<std::string>>())
       ("run-dir", "run directory (default: runs/<config name>)", cxxopts::value<std::string>())
       ("exit-after-steps", "stop after N steps in this invocation, with a checkpoint",
-       cxxopts::value<int64_t>()->default_value("0"))
-      ("h,help", "show this help");
-  const auto args = options.parse(argc, argv);
-  if (args.count("help")) {
-    std::cout << options.help() << "\n";
-    return 0;
-  }
+       cxxopts::value<int64_t>()->default_value("0"));
+  const auto parsed = parse_or_help(options, argc, argv);
+  if (!parsed) return 0;
+  const cxxopts::ParseResult& args = *parsed;
   if (!args.count("config")) throw std::invalid_argument("--config FILE is required");
   const std::string path = args["config"].as<std::string>();
   const std::vector<std::string> overrides =

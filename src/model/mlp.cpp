@@ -27,14 +27,16 @@ GroupedExpertsImpl::GroupedExpertsImpl(int64_t num_experts,
 }
 
 Tensor GroupedExpertsImpl::forward(const Tensor& xs_ND, const std::vector<int64_t>& rows_per_expert) {
+  // unbind / split_with_sizes, not w1[e] / narrow: their backward assembles all experts' grads in
+  // one stack / cat, where one select or narrow per expert would each allocate and add a
+  // zero-filled gradient of the whole [E, 2F, D] weight (E times the memory traffic).
+  const std::vector<Tensor> w1_e = w1.unbind(0), w2_e = w2.unbind(0);
+  const std::vector<Tensor> xs_e = xs_ND.split_with_sizes(rows_per_expert, 0);
   std::vector<Tensor> outputs;
   outputs.reserve(rows_per_expert.size());
-  int64_t offset = 0;
   for (size_t e = 0; e < rows_per_expert.size(); ++e) {
-    const int64_t rows = rows_per_expert[e];
-    if (rows == 0) continue;
-    outputs.push_back(swiglu(xs_ND.narrow(0, offset, rows), w1[e], w2[e]));
-    offset += rows;
+    if (rows_per_expert[e] == 0) continue;
+    outputs.push_back(swiglu(xs_e[e], w1_e[e], w2_e[e]));
   }
   if (outputs.empty()) return xs_ND.new_zeros({0, w2.size(1)});
   return torch::cat(outputs, 0);

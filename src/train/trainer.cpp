@@ -293,10 +293,10 @@ TrainSummary Trainer::run() {
   }
   const model::ModelSize size = model::model_size(config_.model, config_.moe, train.seq_length);
   info(fmt::format("training {} parameters ({} active) on {} ({} threads) | {} tokens/step, {} micro-batches "
-                   "| steps {}..{} of {} | peak {:.1f} TFLOP/s{}",
+                   "| steps {}..{} of {} | peak {:.0f} GFLOP/s{}",
                    size.total_parameters, size.active_parameters, device_.str(), at::get_num_threads(),
                    train.global_batch_size * train.seq_length, micro_batches_per_step_, step_ + 1, stop_step,
-                   train.max_steps, peak_flops_ / 1e12, config_.log.peak_tflops > 0 ? " (config)" : " (measured)"));
+                   train.max_steps, peak_flops_ / 1e9, config_.log.peak_tflops > 0 ? " (config)" : " (measured)"));
 
   auto redraw_plots = [&] {
     if (!plots_enabled_) return;

@@ -2,6 +2,8 @@
 // process exit code; errors are thrown and turned into one-line messages by main().
 #pragma once
 
+#include <cxxopts.hpp>
+#include <optional>
 #include <string>
 
 namespace yuanmoe::cli {
@@ -20,6 +22,13 @@ int run_eval(int argc, const char* const* argv);
 
 /// `yuanmoe generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]`
 int run_generate(int argc, const char* const* argv);
+
+/// Adds -h/--help and parses argv; prints the help and returns nullopt when it was asked for.
+std::optional<cxxopts::ParseResult> parse_or_help(cxxopts::Options& options, int argc, const char* const* argv);
+
+/// What --checkpoint accepts, for every command that reads one.
+inline constexpr const char* kCheckpointOptionHelp =
+    "checkpoint step dir, or a run / checkpoints dir (newest checkpoint)";
 
 /// 1234567 -> "1,234,567".
 std::string with_thousands(int64_t value);
