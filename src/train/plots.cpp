@@ -80,7 +80,8 @@ std::string render_plots(const fs::path& run_dir) {
            << " (share of each layer''s routed tokens)'\n"
            << "set xlabel 'expert'\nset ylabel 'layer'\nunset grid\nset cbrange [0:*]\n"
            << "set palette defined (0 'white', 1 '#4575b4', 2 '#d73027')\n"
-           << "set yrange [-0.5:" << latest_load.size() - 0.5 << "] reverse\n"
+           << "set xrange [-0.5:" << latest_load[0].size() - 0.5 << "]\n"
+           << "set yrange [-0.5:" << latest_load.size() - 0.5 << "]\nset ytics 1\n"
            << "plot 'expert_load.dat' matrix with image notitle\n";
   }
   std::ofstream(dir / "plots.gp") << script.str();

@@ -10,6 +10,7 @@
 #include "yuanmoe/model/rope.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/train/lr_schedule.h"
+#include "yuanmoe/train/plots.h"
 #include "yuanmoe/train/trainer.h"
 
 namespace yuanmoe::train {
@@ -89,6 +90,33 @@ std::map<int64_t, double> train_losses(const fs::path& run_dir) {
     if (!j.contains("split")) losses[j["step"].get<int64_t>()] = j["loss"].get<double>();
   }
   return losses;
+}
+
+TEST(Plots, DrawsLossAndLoadFromMetricsOrSaysWhyNot) {
+  TempDir run;
+  {
+    std::ofstream metrics(run.path() / "metrics.jsonl");
+    metrics << R"({"step":0,"split":"valid","loss":5.0})" << "\n"
+            << R"({"step":1,"loss":4.5,"expert_load":[[0.25,0.75],[0.5,0.5]]})" << "\n"
+            << R"({"step":2,"loss":4.0,"expert_load":[[0.5,0.5],[0.4,0.6]]})" << "\n"
+            << R"({"step":2,"split":"valid","loss":4.2})" << "\n";
+  }
+  const char* path = std::getenv("PATH");
+  const std::string saved_path = path ? path : "";
+  ::setenv("PATH", "/nonexistent", 1);
+  const std::string without = render_plots(run.path());
+  ::setenv("PATH", saved_path.c_str(), 1);
+  EXPECT_NE(without.find("gnuplot not found"), std::string::npos) << without;
+  EXPECT_FALSE(fs::exists(run.path() / "plots" / "loss.png"));
+
+  const std::string problem = render_plots(run.path());  // scripts/setup.sh installs gnuplot
+  ASSERT_EQ(problem, "");
+  EXPECT_GT(fs::file_size(run.path() / "plots" / "loss.png"), 1000u);
+  EXPECT_GT(fs::file_size(run.path() / "plots" / "expert_load.png"), 1000u);
+  std::ifstream load(run.path() / "plots" / "expert_load.dat");
+  std::string first_row;
+  std::getline(load, first_row);
+  EXPECT_EQ(first_row, "0.5 0.5 ");  // the latest train line's layer 0
 }
 
 class TrainerTest : public ::testing::Test {
