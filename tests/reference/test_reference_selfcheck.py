@@ -140,10 +140,6 @@ def write_hf_dir(d, cfg, sd, form="single"):
 # Loop implementations written directly from the document
 # ------------------------------------------------------------------------------------------
 
-def rms_loop(x, w, eps=1e-6):
-    return w * x / math.sqrt(float((x * x).mean()) + eps) if x.dim() == 1 else None
-
-
 def lfa_loop(sd, l, a, eps=1e-6):
     """§3 formula, one timestep at a time. a: [S,H] (one sequence)."""
     p = "model.layers.%d.self_attn.lf_gate." % l
@@ -422,7 +418,15 @@ def main():
         sd2["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
         d = write_hf_dir(os.path.join(root, "with_lm_head"), cfg, sd2, "sharded")
         assert torch.equal(yr.load_model(d).forward(tokens), ref)
-        return "bit-identical: single, " + ", ".join(msgs) + ", +lm_head"
+        # bf16-stored weights (as the published checkpoint): loaded and upcast, equal to the
+        # model built from the bf16-rounded weights stored as fp32
+        sd_bf = {k: v.bfloat16() for k, v in sd.items()}
+        d_bf = write_hf_dir(os.path.join(root, "bf16"), cfg, sd_bf, "sharded")
+        d_rd = write_hf_dir(os.path.join(root, "bf16r"), cfg,
+                            {k: v.float() for k, v in sd_bf.items()}, "bin")
+        assert torch.equal(yr.load_model(d_bf).forward(tokens),
+                           yr.load_model(d_rd).forward(tokens))
+        return "bit-identical: single, " + ", ".join(msgs) + ", +lm_head; bf16 storage ok"
     check("(e) sharded safetensors / .bin forms", t_forms)
 
     # (f) routers

@@ -33,7 +33,8 @@ Ambiguities resolved here (see also the report in the commit message):
     weights were fine-tuned with 40890 (§12.1): pass it explicitly when that is wanted.
   * rotary_dim: config "rotary_dim" if present, else hidden_size // num_attention_heads (the HF
     code's choice, §4.2).
-  * head_dim = attention_projection_size / num_attention_heads (§1: 4096/16 = 256); scale
+  * head_dim = attention_projection_size / num_attention_heads (§1: 4096/16 = 256;
+    attention_projection_size defaults to hidden_size if absent); scale
     1/sqrt(head_dim) (§4.3, not the vLLM 1/sqrt(H/n_h), §12.3).
   * Tied embeddings: tie = config.get("tie_word_embeddings", True) (YuanConfig default, §8.3).
     tie -> logits use model.embed_tokens.weight (a present lm_head.weight that differs is
