@@ -9,7 +9,7 @@ packages=(
   libtorch-dev libgloo-dev libopenblas0-openmp
   libsentencepiece-dev sentencepiece
   libcxxopts-dev libspdlog-dev nlohmann-json3-dev libgtest-dev
-  python3-numpy
+  python3-numpy python3-torch   # independent readers and the PyTorch reference model (tests/)
   gnuplot-nox   # plots/ during training (optional at run time: skipped with a warning)
 )
 
