@@ -195,30 +195,22 @@ def load_state_dict(hf_dir):
     def torch_load(p):
         return torch.load(p, map_location="cpu")
 
-    p = os.path.join(hf_dir, "model.safetensors")
-    if os.path.exists(p):
-        return load_safetensors(p)
-    p = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(p):
-        return from_index(p, load_safetensors)
-    shards = sorted(glob.glob(os.path.join(hf_dir, "model-*-of-*.safetensors")))
-    if shards:
-        sd = {}
-        for s in shards:
-            sd.update(load_safetensors(s))
-        return sd
-    p = os.path.join(hf_dir, "pytorch_model.bin")
-    if os.path.exists(p):
-        return torch_load(p)
-    p = os.path.join(hf_dir, "pytorch_model.bin.index.json")
-    if os.path.exists(p):
-        return from_index(p, torch_load)
-    shards = sorted(glob.glob(os.path.join(hf_dir, "pytorch_model-*-of-*.bin")))
-    if shards:
-        sd = {}
-        for s in shards:
-            sd.update(torch_load(s))
-        return sd
+    # Preference: single file, indexed shards, unindexed shards; safetensors before .bin.
+    for single, index, pattern, load in (
+            ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors", load_safetensors),
+            ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin", torch_load)):
+        p = os.path.join(hf_dir, single)
+        if os.path.exists(p):
+            return load(p)
+        p = os.path.join(hf_dir, index)
+        if os.path.exists(p):
+            return from_index(p, load)
+        shards = sorted(glob.glob(os.path.join(hf_dir, pattern)))
+        if shards:
+            sd = {}
+            for s in shards:
+                sd.update(load(s))
+            return sd
     raise FileNotFoundError("no model.safetensors / pytorch_model*.bin in %s" % hf_dir)
 
 
