@@ -5,7 +5,6 @@
 #include "yuanmoe/checkpoint/model_loader.h"
 #include "yuanmoe/checkpoint/safetensors.h"
 #include "yuanmoe/cli/commands.h"
-#include "yuanmoe/data/prepare.h"
 #include "yuanmoe/train/evaluate.h"
 
 namespace yuanmoe::cli {
@@ -28,18 +27,11 @@ int run_eval(int argc, const char* const* argv) {
   const int64_t steps = args.count("steps") ? args["steps"].as<int64_t>() : run.train.eval_steps;
   if (steps <= 0) throw std::invalid_argument("--steps must be positive, got " + std::to_string(steps));
 
-  data::SamplerOptions sampler;
-  sampler.seq_length = run.train.seq_length;
-  sampler.micro_batch_size = run.train.micro_batch_size;
-  sampler.reset_position_ids = run.data.reset_position_ids;
-  sampler.eod_id = run.data.eod_id;
-  if (sampler.eod_id < 0) {
-    if (auto meta = data::load_dataset_meta(prefix)) sampler.eod_id = meta->eod_id;
-  }
-  if (sampler.eod_id < 0) sampler.reset_position_ids = false;
+  data::SamplerOptions sampler = train::sampler_options(run, prefix);
+  if (sampler.eod_id < 0) sampler.reset_position_ids = false;  // data made elsewhere, EOD unknown
   auto dataset = std::make_shared<const data::IndexedDataset>(prefix);
 
-  std::string dump_path = args.count("dump-logits") ? args["dump-logits"].as<std::string>() : "";
+  const std::string dump_path = args.count("dump-logits") ? args["dump-logits"].as<std::string>() : "";
   const auto dump = [&](const data::Batch& batch, const torch::Tensor& logits) {
     checkpoint::write_safetensors(dump_path, {{"logits", logits.to(torch::kFloat)}, {"tokens", batch.tokens},
                                               {"position_ids", batch.position_ids}},

@@ -116,7 +116,7 @@ void visit(V& v, CheckpointConfig& c) {
 template <class V>
 void visit(V& v, LogConfig& c) {
   v.field("interval", c.interval, kOptional, "Steps between metric lines.");
-  v.field("progress", c.progress, kOptional, "Progress bar when stdout is a terminal.");
+  v.field("progress", c.progress, kOptional, "Progress bar when stderr is a terminal (plain log lines otherwise).");
   v.field("plots", c.plots, kOptional, "Regenerate PNG plots under plots/ (needs gnuplot).");
   v.field("peak_tflops", c.peak_tflops, kOptional,
           "Device peak for MFU, TFLOP/s; 0 = measure with a large matmul at start-up.");

@@ -23,6 +23,18 @@ struct ForwardState {
     s.cpu_autocast_dtype = at::autocast::get_autocast_cpu_dtype();
     return s;
   }
+  void save_to(AutogradContext* ctx) const {
+    ctx->saved_data["rng"] = cpu_rng;
+    ctx->saved_data["autocast"] = cpu_autocast;
+    ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(cpu_autocast_dtype);
+  }
+  static ForwardState saved_in(AutogradContext* ctx) {
+    ForwardState s;
+    s.cpu_rng = ctx->saved_data["rng"].toTensor();
+    s.cpu_autocast = ctx->saved_data["autocast"].toBool();
+    s.cpu_autocast_dtype = static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt());
+    return s;
+  }
   void apply() const {
     at::Generator generator = at::detail::getDefaultCPUGenerator();  // a handle: shares the state
     generator.set_state(cpu_rng);
@@ -37,8 +49,7 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x_BSD, const Tensor& position_ids_BS,
                                int64_t block_address) {
     ctx->saved_data["block"] = block_address;
-    ctx->saved_data["rng"] = at::detail::getDefaultCPUGenerator().get_state();
-    ctx->saved_data["autocast"] = at::autocast::is_cpu_enabled();
+    ForwardState::capture().save_to(ctx);
     ctx->save_for_backward({x_BSD, position_ids_BS});
     auto* block = reinterpret_cast<TransformerBlockImpl*>(block_address);
     const BlockOutput out = block->forward(x_BSD, position_ids_BS);  // grad mode is off here
@@ -56,10 +67,7 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
     auto* block = reinterpret_cast<TransformerBlockImpl*>(ctx->saved_data["block"].toInt());
 
     const ForwardState now = ForwardState::capture();
-    ForwardState first = now;
-    first.cpu_rng = ctx->saved_data["rng"].toTensor();
-    first.cpu_autocast = ctx->saved_data["autocast"].toBool();
-    first.apply();
+    ForwardState::saved_in(ctx).apply();
     BlockOutput out;
     {
       torch::AutoGradMode grad_mode(true);

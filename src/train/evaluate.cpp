@@ -3,10 +3,24 @@
 #include <algorithm>
 #include <cmath>
 
+#include "yuanmoe/data/prepare.h"
 #include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/precision.h"
 
 namespace yuanmoe::train {
+
+data::SamplerOptions sampler_options(const config::RunConfig& run, const std::string& prefix) {
+  data::SamplerOptions options;
+  options.seq_length = run.train.seq_length;
+  options.micro_batch_size = run.train.micro_batch_size;
+  options.seed = static_cast<uint64_t>(run.train.seed);
+  options.reset_position_ids = run.data.reset_position_ids;
+  options.eod_id = run.data.eod_id;
+  if (options.eod_id < 0) {
+    if (auto meta = data::load_dataset_meta(prefix)) options.eod_id = meta->eod_id;
+  }
+  return options;
+}
 
 Tensor expert_load_fractions(const Tensor& pairs_LE) {
   const Tensor counts = pairs_LE.to(torch::kCPU, torch::kDouble);

@@ -72,13 +72,6 @@ void check_architecture(const ordered_json& saved, const config::RunConfig& conf
   }
 }
 
-/// EOD id: data.eod_id, else the dataset's sidecar, else the tokenizer's; -1 when unknown.
-int64_t resolve_eod_id(const config::DataConfig& data) {
-  if (data.eod_id >= 0) return data.eod_id;
-  if (auto meta = data::load_dataset_meta(data.train_prefix)) return meta->eod_id;
-  return -1;
-}
-
 ordered_json load_json_array(const Tensor& load_LE) {
   ordered_json rows = ordered_json::array();
   const Tensor rounded = (load_LE * 1e4).round() / 1e4;
@@ -115,21 +108,16 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
                                                                   config_.data.train_prefix + " (" +
                                                                   std::to_string(meta->vocab_size) + ")"}});
   }
-  data::SamplerOptions sampler_options;
-  sampler_options.seq_length = train.seq_length;
-  sampler_options.micro_batch_size = train.micro_batch_size;
-  sampler_options.seed = static_cast<uint64_t>(train.seed);
-  sampler_options.reset_position_ids = config_.data.reset_position_ids;
-  sampler_options.eod_id = resolve_eod_id(config_.data);
-  if (sampler_options.reset_position_ids && sampler_options.eod_id < 0) {
+  const data::SamplerOptions train_options = sampler_options(config_, config_.data.train_prefix);
+  if (train_options.reset_position_ids && train_options.eod_id < 0) {
     throw config::ConfigError("config", {{"data.eod_id", "unknown: set it, or prepare the data with yuanmoe "
                                                          "prepare-data (its .meta.json names it), or set "
                                                          "data.reset_position_ids to false"}});
   }
-  train_sampler_ = std::make_unique<data::GptSampler>(train_dataset, sampler_options);
+  train_sampler_ = std::make_unique<data::GptSampler>(train_dataset, train_options);
   if (!config_.data.valid_prefix.empty()) {
     valid_dataset_ = std::make_shared<const data::IndexedDataset>(config_.data.valid_prefix);
-    valid_options_ = sampler_options;
+    valid_options_ = train_options;  // the train split's EOD: both come from one tokenizer
   }
   micro_batches_per_step_ = train.global_batch_size / train.micro_batch_size;
 
@@ -215,6 +203,7 @@ Trainer::StepResult Trainer::train_step() {
       result.pairs_LE = result.pairs_LE.defined() ? result.pairs_LE + out.expert_load_LE : out.expert_load_LE;
     }
   }
+  if (result.pairs_LE.defined()) result.pairs_LE = result.pairs_LE.to(torch::kCPU);  // once per step
   result.loss = lm_sum.item<double>() * scale;
   result.aux_loss = aux_sum.item<double>() * scale;
   if (!std::isfinite(result.loss) || !std::isfinite(result.aux_loss)) {
@@ -234,14 +223,13 @@ Trainer::StepResult Trainer::train_step() {
 void Trainer::update_routers(const Tensor& pairs_LE, int64_t tokens) {
   const std::vector<model::Moe> layers = model_->moe_layers();
   if (layers.empty() || !pairs_LE.defined()) return;
-  const Tensor pairs = pairs_LE.to(torch::kCPU);
   model::RouterStepStats stats;
   stats.tokens = tokens;
   // ReMoE's L1 coefficient follows the sparsity of all layers together (routers.md §ReMoE).
   stats.active_fraction_all_layers =
-      pairs.sum().item<double>() / static_cast<double>(tokens * config_.moe.num_experts * pairs.size(0));
+      pairs_LE.sum().item<double>() / static_cast<double>(tokens * config_.moe.num_experts * pairs_LE.size(0));
   for (size_t l = 0; l < layers.size(); ++l) {
-    stats.pairs_per_expert_E = pairs[static_cast<int64_t>(l)].to(device_);
+    stats.pairs_per_expert_E = pairs_LE[static_cast<int64_t>(l)].to(device_);
     layers[l]->gate->update_after_step(stats);
   }
 }
@@ -324,8 +312,7 @@ TrainSummary Trainer::run() {
     interval_seconds += seconds;
     interval_tokens += tokens;
     if (result.pairs_LE.defined()) {
-      const Tensor pairs = result.pairs_LE.to(torch::kCPU);
-      interval_pairs_LE = interval_pairs_LE.defined() ? interval_pairs_LE + pairs : pairs;
+      interval_pairs_LE = interval_pairs_LE.defined() ? interval_pairs_LE + result.pairs_LE : result.pairs_LE;
     }
     summary.last_loss = result.loss;
     bar.update(step_, result.loss, static_cast<double>(tokens) / seconds);

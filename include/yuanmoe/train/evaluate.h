@@ -19,6 +19,11 @@ struct EvalResult {
   Tensor expert_load_LE;    // fp64 [MoE layers, E]: each expert's share of the routed pairs
 };
 
+/// Sampler options of `run` for the dataset at `prefix`: sequence length, micro-batch size, seed,
+/// position-id resetting, and the EOD id from data.eod_id, else from PREFIX.meta.json; -1 when
+/// neither names it (the caller decides whether that is an error).
+data::SamplerOptions sampler_options(const config::RunConfig& run, const std::string& prefix);
+
 /// Runs `model` (switched to eval mode, restored after) on up to `steps` micro-batches of
 /// `options.micro_batch_size` sequences; fewer when the split is shorter than that. The first
 /// batch's logits go to `on_first_batch` when given (eval --dump-logits).

@@ -53,7 +53,7 @@ class Trainer {
     double aux_loss = 0.0;  // router terms as added to the loss
     double grad_norm = 0.0;
     double lr = 0.0;
-    Tensor pairs_LE;        // routed pairs per MoE layer and expert (int64)
+    Tensor pairs_LE;        // routed pairs per MoE layer and expert (int64, CPU)
   };
 
   void resume_or_initialise();
