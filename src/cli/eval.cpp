@@ -15,7 +15,7 @@ int run_eval(int argc, const char* const* argv) {
       ("checkpoint", kCheckpointOptionHelp, cxxopts::value<std::string>())
       ("data", "dataset prefix (default: the checkpoint's data.valid_prefix)", cxxopts::value<std::string>())
       ("steps", "micro-batches to evaluate (default: the checkpoint's train.eval_steps)", cxxopts::value<int64_t>())
-      ("dump-logits", "write the first batch's logits and tokens as safetensors", cxxopts::value<std::string>());
+      ("dump-logits", "write the first batch's logits, tokens, labels and positions as safetensors", cxxopts::value<std::string>());
   const auto parsed = parse_or_help(options, argc, argv);
   if (!parsed) return 0;
   const cxxopts::ParseResult& args = *parsed;
@@ -34,7 +34,7 @@ int run_eval(int argc, const char* const* argv) {
   const std::string dump_path = args.count("dump-logits") ? args["dump-logits"].as<std::string>() : "";
   const auto dump = [&](const data::Batch& batch, const torch::Tensor& logits) {
     checkpoint::write_safetensors(dump_path, {{"logits", logits.to(torch::kFloat)}, {"tokens", batch.tokens},
-                                              {"position_ids", batch.position_ids}},
+                                              {"labels", batch.labels}, {"position_ids", batch.position_ids}},
                                   {{"checkpoint", loaded.dir.string()}, {"data", prefix}});
   };
   const train::EvalResult result =

@@ -23,6 +23,12 @@ int run_eval(int argc, const char* const* argv);
 /// `yuanmoe generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]`
 int run_generate(int argc, const char* const* argv);
 
+/// `yuanmoe export-hf --checkpoint DIR --output DIR [--dtype fp32|bf16] [--max-shard-size SIZE]`
+int run_export_hf(int argc, const char* const* argv);
+
+/// `yuanmoe import-hf --input DIR --output DIR [--rope-base B]`
+int run_import_hf(int argc, const char* const* argv);
+
 /// Adds -h/--help and parses argv; prints the help and returns nullopt when it was asked for.
 std::optional<cxxopts::ParseResult> parse_or_help(cxxopts::Options& options, int argc, const char* const* argv);
 
