@@ -95,10 +95,13 @@ NamedTensors read_torch_state_dict(const fs::path& file) {
   try {
     value = torch::pickle_load(bytes);
   } catch (const c10::Error& e) {
-    // LibTorch 1.13/2.x unpickle collections.OrderedDict as None, so a raw torch.save of
-    // model.state_dict() fails here; transformers' save_pretrained writes plain dicts.
-    fail(file, "LibTorch cannot unpickle it (" + first_line(e.what_without_backtrace()) +
-                   "); a dict of tensors is expected (re-save an OrderedDict as dict(state_dict), or as safetensors)");
+    // LibTorch unpickles collections.OrderedDict as None, so a raw torch.save of
+    // model.state_dict() fails here (an internal assert); save_pretrained writes plain dicts.
+    const std::string why = first_line(e.what_without_backtrace());
+    fail(file, "LibTorch cannot unpickle it" +
+                   (why.find("isGenericDict") != std::string::npos ? std::string(" (an OrderedDict?)")
+                                                                    : " (" + why.substr(0, 160) + ")") +
+                   "; a dict of tensors is expected: re-save an OrderedDict as dict(state_dict), or as safetensors");
   }
   if (!value.isGenericDict()) fail(file, "expected a dict of tensors, found " + value.tagKind());
   NamedTensors tensors;
