@@ -14,6 +14,13 @@ const std::vector<std::pair<RouterKind, const char*>>& enum_names<RouterKind>() 
 }
 
 template <>
+const std::vector<std::pair<RopeTables, const char*>>& enum_names<RopeTables>() {
+  static const std::vector<std::pair<RopeTables, const char*>> names{
+      {RopeTables::kExact, "exact"}, {RopeTables::kHfBf16, "hf_bf16"}, {RopeTables::kMegatronBf16, "megatron_bf16"}};
+  return names;
+}
+
+template <>
 const std::vector<std::pair<RouterDtype, const char*>>& enum_names<RouterDtype>() {
   static const std::vector<std::pair<RouterDtype, const char*>> names{{RouterDtype::kFp32, "fp32"}};
   return names;
@@ -59,6 +66,7 @@ std::string to_string(Enum value) {
 
 template std::string to_string(RouterKind);
 template std::string to_string(RouterDtype);
+template std::string to_string(RopeTables);
 template std::string to_string(LrSchedule);
 template std::string to_string(Precision);
 template std::string to_string(PipelineSchedule);

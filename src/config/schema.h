@@ -21,6 +21,9 @@ void visit(V& v, ModelConfig& c) {
           "Leading dims of each head rotated by RoPE (even, <= head_dim; Yuan: head_dim / 2).");
   v.field("rope_base", c.rope_base, kOptional,
           "RoPE base theta; 40890 for the 16K fine-tune (NTK-aware rule from 10000).");
+  v.field("rope_tables", c.rope_tables, kOptional,
+          "exact (fp32 from integer positions), hf_bf16 (HF code: bf16 inv_freq, positions, angles, "
+          "cos/sin) or megatron_bf16 (bf16-rounded inv_freq); the last two only for parity checks.");
   v.field("vocab_size", c.vocab_size, kRequired, "Vocabulary size V (embedding rows).");
   v.field("max_seq_length", c.max_seq_length, kRequired,
           "Longest sequence the model serves (train.seq_length must not exceed it).");

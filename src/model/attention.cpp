@@ -42,7 +42,7 @@ AttentionImpl::AttentionImpl(const config::ModelConfig& config) : config(config)
     lf_gate = register_module("lf_gate",
                               LocalizedFiltering(config.hidden_size, config.rms_norm_eps));
   }
-  inverse_frequencies_ = rope_inverse_frequencies(config.rotary_dim, config.rope_base);
+  inverse_frequencies_ = rope_inverse_frequencies(config.rotary_dim, config.rope_base, config.rope_tables);
 }
 
 Tensor AttentionImpl::forward(const Tensor& a_BSD,
@@ -57,7 +57,7 @@ Tensor AttentionImpl::forward(const Tensor& a_BSD,
   // [B, S, 2P] viewed per head as [q(Dh) | k(Dh)] (§4.1).
   const Tensor qk_BSH2 = torch::cat({q_proj(qk_input_BSD), k_proj(qk_input_BSD)}, -1)
                              .view({batch, seq, heads, 2 * head_dim});
-  const RopeAngles angles = rope_angles(inverse_frequencies_, position_ids_BS);
+  const RopeAngles angles = rope_angles(inverse_frequencies_, position_ids_BS, config.rope_tables);
   const Tensor q_BSHDh = apply_rope(qk_BSH2.narrow(-1, 0, head_dim), angles, config.rotary_dim);
   const Tensor k_BSHDh =
       apply_rope(qk_BSH2.narrow(-1, head_dim, head_dim), angles, config.rotary_dim);

@@ -4,17 +4,30 @@
 
 namespace yuanmoe::model {
 
-Tensor rope_inverse_frequencies(int64_t rotary_dim, double base) {
-  // In double, then one rounding to fp32 (Megatron keeps fp32 inv_freq; HF rounds to bf16).
+namespace {
+
+/// x rounded to the nearest bf16 value, kept in fp32.
+Tensor round_to_bf16(const Tensor& x) { return x.to(torch::kBFloat16).to(torch::kFloat); }
+
+}  // namespace
+
+Tensor rope_inverse_frequencies(int64_t rotary_dim, double base, config::RopeTables tables) {
+  // In double, then one rounding to fp32. Both references hold inv_freq in bf16: HF casts the
+  // buffer, Megatron's Float16Module rounds it (max relative error 0.37%, §12.2).
   auto i = torch::arange(0, rotary_dim / 2, torch::kDouble);
-  return torch::pow(base, -2.0 * i / static_cast<double>(rotary_dim)).to(torch::kFloat);
+  const Tensor inverse = torch::pow(base, -2.0 * i / static_cast<double>(rotary_dim)).to(torch::kFloat);
+  return tables == config::RopeTables::kExact ? inverse : round_to_bf16(inverse);
 }
 
-RopeAngles rope_angles(const Tensor& inverse_frequencies, const Tensor& position_ids_BS) {
+RopeAngles rope_angles(const Tensor& inverse_frequencies, const Tensor& position_ids_BS, config::RopeTables tables) {
   // Integer positions are exact in fp32 up to 2^24.
-  const Tensor positions = position_ids_BS.to(torch::kFloat).unsqueeze(-1);  // [B, S, 1]
-  const Tensor angles = (positions * inverse_frequencies.to(positions.device())).unsqueeze(2);
-  return {torch::cos(angles), torch::sin(angles)};  // [B, S, 1, r/2]
+  Tensor positions = position_ids_BS.to(torch::kFloat).unsqueeze(-1);  // [B, S, 1]
+  const bool hf = tables == config::RopeTables::kHfBf16;
+  if (hf) positions = round_to_bf16(positions);  // HF: arange(..., dtype=inv_freq.dtype)
+  Tensor angles = (positions * inverse_frequencies.to(positions.device())).unsqueeze(2);  // [B, S, 1, r/2]
+  if (!hf) return {torch::cos(angles), torch::sin(angles)};
+  angles = round_to_bf16(angles);  // HF: the outer product and cos/sin are bf16 ops
+  return {round_to_bf16(torch::cos(angles)), round_to_bf16(torch::sin(angles))};
 }
 
 Tensor apply_rope(const Tensor& x_BSHDh, const RopeAngles& angles, int64_t rotary_dim) {

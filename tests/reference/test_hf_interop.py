@@ -69,9 +69,37 @@ def dumped(name):
     return ref.load_safetensors(path(name))
 
 
-def reference_logits(hf_dir, dump, dtype=torch.float32):
-    model = ref.load_model(path(hf_dir), dtype=dtype)
+def reference_logits(hf_dir, dump, dtype=torch.float32, rope_tables="exact"):
+    model = ref.load_model(path(hf_dir), dtype=dtype, rope_tables=rope_tables)
     return model.forward(dump["tokens"].long(), dump["position_ids"].long())
+
+
+def tie_free(hf_dir, dump, rope_tables="exact"):
+    """[B, S] mask of the positions whose routing is unambiguous. Where the k-th and (k+1)-th
+    router logits of some layer are closer than fp32 can resolve, two correct fp32
+    implementations may pick different experts (reference §12.7: an untrained attention router's
+    logits are all near mean(v)); that token and, through attention, every later one in its row
+    are left out. The fp64 reference decides."""
+    model = ref.load_model(path(hf_dir), dtype=torch.float64, rope_tables=rope_tables)
+    tokens = dump["tokens"].long()
+    B, S = tokens.shape
+    ambiguous = torch.zeros(B, S, dtype=torch.bool)
+    route = model.route
+
+    def recording_route(l, x):
+        out = route(l, x)
+        top = out[0].topk(model.cfg.top_k + 1, dim=-1).values  # [B*S, k+1]
+        gap = top[:, -2] - top[:, -1]
+        ambiguous.logical_or_(gap.view(B, S) < 1e-7 + 1e-6 * top[:, -2].abs().view(B, S))
+        return out
+
+    model.route = recording_route
+    model.forward(tokens, dump["position_ids"].long())
+    return ambiguous.long().cummax(dim=1).values == 0
+
+
+def max_diff(a, b, mask):
+    return (a - b).abs().amax(-1)[mask].max().item()
 
 
 def eval_loss(stdout):
@@ -85,35 +113,55 @@ def eval_loss(stdout):
 # 1. export -> reference parity
 # ---------------------------------------------------------------------------------------------
 
-def parity(router):
+def parity(router, rope_tables="exact", seq=SEQ):
+    name = router if rope_tables == "exact" else rope_tables
     config = {
         "model": {"num_layers": LAYERS, "hidden_size": HIDDEN, "num_attention_heads": HEADS, "head_dim": HEAD_DIM,
-                  "rotary_dim": HIDDEN // HEADS, "rope_base": 40890.0, "vocab_size": VOCAB, "max_seq_length": SEQ},
+                  "rotary_dim": HIDDEN // HEADS, "rope_base": 40890.0, "rope_tables": rope_tables,
+                  # larger weights than the 0.02 default: sharper attention (positions matter for the
+                  # bf16 check) and router logits spread beyond fp32 rounding (see tie_free)
+                  "init_std": 0.1,
+                  "vocab_size": VOCAB, "max_seq_length": seq},
         "moe": {"num_experts": EXPERTS, "top_k": TOP_K, "ffn_hidden_size": FFN, "router": router},
-        "train": {"seq_length": SEQ, "micro_batch_size": 2, "global_batch_size": 2, "max_steps": 4, "lr": 3e-3,
+        "train": {"seq_length": seq, "micro_batch_size": 2, "global_batch_size": 2, "max_steps": 4, "lr": 3e-3,
                   "eval_steps": 1},
-        "data": {"train_prefix": "data_train", "valid_prefix": "data_valid", "tokenizer": "data.model"},
+        "data": {"train_prefix": "data_train", "valid_prefix": "data_valid", "tokenizer": "data.model",
+                 # positions past 256 (where bf16 positions differ) need no resets at <eod>
+                 "reset_position_ids": rope_tables == "exact"},
         "log": {"progress": False, "plots": False, "peak_tflops": 1},
     }
-    with open(path(router + ".json"), "w") as f:
+    with open(path(name + ".json"), "w") as f:
         json.dump(config, f)
-    run("train", "--config", router + ".json", "--run-dir", "run_" + router)
-    run("export-hf", "--checkpoint", "run_" + router, "--output", "hf_" + router)
-    run("eval", "--checkpoint", "run_" + router, "--steps", "1", "--dump-logits", router + "_logits.safetensors")
-    dump = dumped(router + "_logits.safetensors")
-    with open(path("hf_" + router, "config.json")) as f:
+    run("train", "--config", name + ".json", "--run-dir", "run_" + name)
+    run("export-hf", "--checkpoint", "run_" + name, "--output", "hf_" + name)
+    run("eval", "--checkpoint", "run_" + name, "--steps", "1", "--dump-logits", name + "_logits.safetensors")
+    dump = dumped(name + "_logits.safetensors")
+    mask = tie_free("hf_" + name, dump, rope_tables)
+    compared = "%d of %d positions" % (mask.sum().item(), mask.numel())
+    # A compared position past 256 in every row is what the bf16-position check needs.
+    check(mask.float().mean().item() >= 0.5 and (seq <= 256 or bool(mask[:, 256:].any(dim=1).all())),
+          "%s: routing unambiguous at %s" % (name, compared))
+    if rope_tables != "exact":
+        # HF's bf16 positions differ from exact ones past 256: the mode must match, and matter.
+        diff = max_diff(reference_logits("hf_" + name, dump, rope_tables=rope_tables), dump["logits"], mask)
+        exact = max_diff(reference_logits("hf_" + name, dump), dump["logits"], mask)
+        check(diff <= 1e-4 and exact > 10 * diff,
+              "rope_tables %s, %d positions: logits max |diff| %.2e vs the reference's %s tables (%.2e vs its "
+              "exact tables)" % (rope_tables, seq, diff, rope_tables, exact))
+        return
+    with open(path("hf_" + name, "config.json")) as f:
         hf_config = json.load(f)
     check(hf_config.get("router_type") == router and hf_config.get("rotary_base") == 40890.0,
           "%s: config.json carries router_type and rotary_base" % router)
     expected_gate = ["query", "key", "value"] if router == "attention" else [None]
-    names = set(ref.load_state_dict(path("hf_" + router)))
+    names = set(ref.load_state_dict(path("hf_" + name)))
     gate_names = {"model.layers.0.mlp.gate.%s.weight" % g if g else "model.layers.0.mlp.gate.weight"
                   for g in expected_gate}
     check(gate_names <= names and "model.layers.1.mlp.experts.31.w2.weight" in names and "lm_head.weight" in names,
           "%s: HF tensor names (%d tensors)" % (router, len(names)))
-    diff = (reference_logits("hf_" + router, dump) - dump["logits"]).abs().max().item()
-    check(diff <= 1e-4, "%s router: export -> reference logits max |diff| %.2e <= 1e-4 (%s)"
-          % (router, diff, list(dump["logits"].shape)))
+    diff = max_diff(reference_logits("hf_" + name, dump), dump["logits"], mask)
+    check(diff <= 1e-4, "%s router: export -> reference logits max |diff| %.2e <= 1e-4 (%s, %s)"
+          % (router, diff, list(dump["logits"].shape), compared))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +433,9 @@ def main():
         make_corpus()
         for router in ("attention", "linear"):
             parity(router)
+        # The linear router's logits spread wider than the attention router's (fewer near-ties to
+        # mask); positions are what this run checks.
+        parity("linear", rope_tables="hf_bf16", seq=320)
 
         bin_sd = write_bin_fixture("bin_fixture", fixture_state("attention", 1))
         write_config("bin_fixture", fixture_config("attention"))

@@ -48,10 +48,10 @@ Ambiguities resolved here (see also the report in the commit message):
     descending logit); this differs from HF's index_add_ order only by fp rounding.
   * Top-k ties are resolved by torch.topk (implementation-dependent, §12.7).
 
-API:  load_model(hf_dir, dtype=torch.float32, rope_base=None) -> YuanReference
+API:  load_model(hf_dir, dtype=torch.float32, rope_base=None, rope_tables="exact") -> YuanReference
       YuanReference.forward(tokens[B,S] int64, position_ids=None) -> logits [B,S,V] (dtype)
 CLI:  yuan2_reference.py HF_DIR --tokens IN.safetensors --out OUT.safetensors
-      [--dtype fp32|fp64] [--rope-base B]
+      [--dtype fp32|fp64] [--rope-base B] [--rope-tables exact|hf_bf16|megatron_bf16]
       reads "tokens" ([B,S] or [S], any integer dtype) and optional "position_ids";
       writes "logits" as F32.
 """
@@ -263,9 +263,12 @@ class Config:
 
 
 class YuanReference:
-    def __init__(self, config, sd, dtype=torch.float32):
+    def __init__(self, config, sd, dtype=torch.float32, rope_tables="exact"):
+        if rope_tables not in ("exact", "hf_bf16", "megatron_bf16"):
+            raise ValueError("rope_tables must be exact, hf_bf16 or megatron_bf16")
         self.cfg = c = config
         self.dtype = dtype
+        self.rope_mode = rope_tables
         used = set()
 
         def get(name, shape):
@@ -353,9 +356,26 @@ class YuanReference:
         return q, k
 
     def rope_tables(self, position_ids):
-        """§4.2 / §12.2: exact tables from exact integer positions (computed in fp64).
+        """§4.2 / §12.2: exact tables from exact integer positions (computed in fp64), or the
+        bf16 tables of a reference implementation (rope_tables "hf_bf16" / "megatron_bf16").
         position_ids: [B,S] int64 -> cos, sin [B, S, rotary_dim/2] in the compute dtype."""
         r = self.cfg.rotary_dim
+        if self.rope_mode == "hf_bf16":
+            # As the HF code builds its cache: inv_freq held in bf16, positions arange'd in
+            # inv_freq's dtype, the outer product and cos/sin computed by bf16 ops; rows indexed
+            # by position id.
+            inv_freq = (1.0 / (self.cfg.rope_base ** (torch.arange(0, r, 2).float() / r))).to(torch.bfloat16)
+            t = torch.arange(int(position_ids.max()) + 1, dtype=inv_freq.dtype)
+            freqs = torch.einsum("i,j->ij", t, inv_freq)  # [T, r/2] bf16
+            cos, sin = freqs.cos(), freqs.sin()
+            return cos[position_ids].to(self.dtype), sin[position_ids].to(self.dtype)
+        if self.rope_mode == "megatron_bf16":
+            # Float16Module rounds the inv_freq buffer to bf16; Megatron casts it back to fp32 and
+            # builds exact fp32 positions, angles and cos/sin.
+            inv_freq = (1.0 / (self.cfg.rope_base ** (torch.arange(0, r, 2).float() / r)))
+            inv_freq = inv_freq.to(torch.bfloat16).float()
+            ang = position_ids.float().unsqueeze(-1) * inv_freq
+            return torch.cos(ang).to(self.dtype), torch.sin(ang).to(self.dtype)
         i = torch.arange(0, r // 2, dtype=torch.float64)
         inv_freq = self.cfg.rope_base ** (-2.0 * i / r)  # theta_i = base^(-2i/r)
         ang = position_ids.to(torch.float64).unsqueeze(-1) * inv_freq  # [B, S, r/2]
@@ -464,10 +484,10 @@ class YuanReference:
     __call__ = forward
 
 
-def load_model(hf_dir, dtype=torch.float32, rope_base=None):
+def load_model(hf_dir, dtype=torch.float32, rope_base=None, rope_tables="exact"):
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = Config(json.load(f), rope_base=rope_base)
-    return YuanReference(cfg, load_state_dict(hf_dir), dtype=dtype)
+    return YuanReference(cfg, load_state_dict(hf_dir), dtype=dtype, rope_tables=rope_tables)
 
 
 def main(argv=None):
@@ -477,9 +497,11 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output safetensors with 'logits' (F32)")
     ap.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32")
     ap.add_argument("--rope-base", type=float, default=None)
+    ap.add_argument("--rope-tables", choices=["exact", "hf_bf16", "megatron_bf16"], default="exact",
+                    help="RoPE tables: exact, or the bf16 ones of the HF / Megatron code (§12.2)")
     args = ap.parse_args(argv)
     dtype = torch.float64 if args.dtype == "fp64" else torch.float32
-    model = load_model(args.hf_dir, dtype=dtype, rope_base=args.rope_base)
+    model = load_model(args.hf_dir, dtype=dtype, rope_base=args.rope_base, rope_tables=args.rope_tables)
     inp = load_safetensors(args.tokens)
     tokens = inp["tokens"].long()
     if tokens.dim() == 1:

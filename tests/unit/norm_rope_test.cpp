@@ -93,6 +93,30 @@ TEST_F(NormRopeTest, RotatedDotProductDependsOnlyOnRelativePosition) {
   EXPECT_GT(std::abs(score(7, 3) - score(7, 6)), 1e-4);
 }
 
+TEST(RopeTables, ReferenceBf16ModesRoundWhereTheReferencesDo) {
+  using config::RopeTables;
+  const int64_t rotary_dim = 128;
+  const Tensor exact = rope_inverse_frequencies(rotary_dim, 10000.0);
+  const Tensor rounded = rope_inverse_frequencies(rotary_dim, 10000.0, RopeTables::kMegatronBf16);
+  // bf16 keeps 8 significant bits: relative error <= 2^-8 (0.37% here, reference §12.2).
+  EXPECT_LE(((rounded - exact).abs() / exact).max().item<double>(), 1.0 / 256);
+  EXPECT_FALSE(torch::equal(rounded, exact));
+  EXPECT_TRUE(torch::equal(rope_inverse_frequencies(rotary_dim, 10000.0, RopeTables::kHfBf16), rounded));
+
+  // §12.2: HF's bf16 positions quantise 257 to 256; exact and Megatron tables keep them apart.
+  const auto positions = torch::tensor({256, 257, 4095, 4096}, torch::kLong).view({1, 4});
+  const RopeAngles hf = rope_angles(rounded, positions, RopeTables::kHfBf16);
+  EXPECT_TRUE(torch::equal(hf.cos[0][0], hf.cos[0][1]));
+  EXPECT_TRUE(torch::equal(hf.sin[0][2], hf.sin[0][3]));  // 4095 -> 4096
+  EXPECT_TRUE(torch::equal(hf.cos, hf.cos.to(torch::kBFloat16).to(torch::kFloat)));  // bf16 values
+  const RopeAngles megatron = rope_angles(rounded, positions, RopeTables::kMegatronBf16);
+  EXPECT_FALSE(torch::equal(megatron.cos[0][0], megatron.cos[0][1]));
+  // HF also rounds the angle itself: below 8 rad bf16 spacing is <= 2^-5, so cos moves < 0.02;
+  // at large angles the error grows to whole radians (why `exact` is the default).
+  const auto small = torch::arange(0, 8, torch::kLong).view({1, 8});
+  EXPECT_LT(max_abs_diff(rope_angles(rounded, small, RopeTables::kHfBf16).cos, rope_angles(exact, small).cos), 0.02);
+}
+
 TEST(RopeBase, NtkAwareRuleGivesYuan16kBase) {
   // yuan2-m32.md §4.2: 10000 * 4^(128/126) = 40889.94 -> 40890.
   EXPECT_NEAR(ntk_scaled_rope_base(10000.0, 4.0, 128), 40889.94, 0.01);

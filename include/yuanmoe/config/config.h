@@ -13,6 +13,9 @@
 namespace yuanmoe::config {
 
 enum class RouterKind { kAttention, kLinear, kRelu, kDense };
+/// How RoPE cos/sin tables are computed (yuan2-m32.md §12.2): exact fp32 from integer positions,
+/// or reproducing a reference's bf16 rounding for parity checks.
+enum class RopeTables { kExact, kHfBf16, kMegatronBf16 };
 enum class RouterDtype { kFp32 };
 enum class LrSchedule { kCosine, kConstant, kLinear };
 enum class Precision { kFp32, kBf16 };
@@ -27,6 +30,7 @@ struct ModelConfig {
   int64_t head_dim = 0;             ///< Dh; Yuan uses 2*hidden/heads, so P = H*Dh may differ from D
   int64_t rotary_dim = 0;           ///< leading dims of each head that RoPE rotates (even, <= Dh)
   double rope_base = 10000.0;       ///< RoPE theta base; 40890 for the 16K fine-tune
+  RopeTables rope_tables = RopeTables::kExact;
   int64_t vocab_size = 0;           ///< V, required
   int64_t max_seq_length = 0;       ///< longest sequence the model is meant for, required
   double rms_norm_eps = 1e-6;
