@@ -41,6 +41,9 @@ std::string shape_string(const Shape& shape) {
 std::vector<Slot> layout(const config::ModelConfig& model, const config::MoeConfig& moe) {
   const int64_t D = model.hidden_size, P = model.attention_width(), E = moe.num_experts,
                 F = moe.ffn_hidden_size, V = model.vocab_size;
+  if (!model.lfa) {
+    throw std::invalid_argument("model.lfa is false: the Yuan2-M32-hf layout always has LFA (lf_gate) weights");
+  }
   std::vector<Slot> slots;
   const auto plain = [&](const std::string& ours, Shape shape) {
     slots.emplace_back(ours, std::move(shape), std::vector<std::string>{"model." + ours});
@@ -51,14 +54,12 @@ std::vector<Slot> layout(const config::ModelConfig& model, const config::MoeConf
     plain(p + "input_layernorm.weight", {D});
     for (const char* proj : {"v_proj", "q_proj", "k_proj"}) plain(p + "self_attn." + proj + ".weight", {P, D});
     plain(p + "self_attn.o_proj.weight", {D, P});
-    if (model.lfa) {
-      const std::string g = p + "self_attn.lf_gate.";
-      plain(g + "conv1.weight", {D / 2, D, 2, 1});
-      plain(g + "conv1.bias", {D / 2});
-      plain(g + "conv2.weight", {D, D / 2, 2, 1});
-      plain(g + "conv2.bias", {D});
-      plain(g + "output_layernorm.weight", {D});
-    }
+    const std::string g = p + "self_attn.lf_gate.";
+    plain(g + "conv1.weight", {D / 2, D, 2, 1});
+    plain(g + "conv1.bias", {D / 2});
+    plain(g + "conv2.weight", {D, D / 2, 2, 1});
+    plain(g + "conv2.bias", {D});
+    plain(g + "output_layernorm.weight", {D});
     plain(p + "post_attention_layernorm.weight", {D});
     if (!model::is_moe_layer(moe, l)) {
       throw std::invalid_argument("layer " + std::to_string(l) + " is a dense SwiGLU layer (moe.moe_layer_freq " +

@@ -1,5 +1,5 @@
 // `yuanmoe export-hf --checkpoint DIR --output DIR [--dtype fp32|bf16] [--max-shard-size 5GB]`
-// `yuanmoe import-hf --input DIR --output DIR [--rope-base B]`
+// `yuanmoe import-hf --input DIR --output DIR [--rope-base B] [--rope-tables exact|hf_bf16|megatron_bf16]`
 // Both write into a fresh directory only; docs/interop.md describes the mapping.
 #include <cxxopts.hpp>
 #include <cstdio>
@@ -94,7 +94,9 @@ int run_import_hf(int argc, const char* const* argv) {
       ("input", "HF model directory: config.json + weights (+ tokenizer.model)", cxxopts::value<std::string>())
       ("output", "new checkpoints directory (gets step_00000000 and latest)", cxxopts::value<std::string>())
       ("rope-base", "RoPE base to record (default: config.json rotary_base / rope_theta, else 10000; "
-                    "the released M32 weights were fine-tuned at 40890)", cxxopts::value<double>());
+                    "the released M32 weights were fine-tuned at 40890)", cxxopts::value<double>())
+      ("rope-tables", "exact, hf_bf16 (reproduce the HF code's bf16 RoPE) or megatron_bf16 (docs/interop.md)",
+       cxxopts::value<std::string>()->default_value("exact"));
   const auto parsed = parse_or_help(options, argc, argv);
   if (!parsed) return 0;
   const cxxopts::ParseResult& args = *parsed;
@@ -116,6 +118,15 @@ int run_import_hf(int argc, const char* const* argv) {
   // sections are placeholders that a fine-tune config replaces (only architecture keys must match).
   config::RunConfig run;
   run.model = arch.model;
+  const std::string tables = args["rope-tables"].as<std::string>();
+  bool known_tables = false;
+  for (const auto& [value, name] : config::enum_names<config::RopeTables>()) {
+    if (tables == name) {
+      run.model.rope_tables = value;
+      known_tables = true;
+    }
+  }
+  if (!known_tables) throw std::invalid_argument("--rope-tables: expected exact, hf_bf16 or megatron_bf16, got '" + tables + "'");
   run.moe = arch.moe;
   run.train.seq_length = run.model.max_seq_length;
   run.train.max_steps = 1;

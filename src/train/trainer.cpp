@@ -35,7 +35,7 @@ bool may_differ(const std::string& key, bool fine_tune) {
       "model.init_std",          "model.attention_dropout", "moe.aux_loss_coeff",
       "moe.z_loss_coeff",        "moe.bias_balancing_rate", "moe.relu_l1_init",
       "moe.relu_l1_alpha",       "moe.capacity_factor"};
-  static const std::set<std::string> context_keys{"model.rope_base", "model.max_seq_length"};
+  static const std::set<std::string> context_keys{"model.rope_base", "model.rope_tables", "model.max_seq_length"};
   return training_knobs.count(key) > 0 || (fine_tune && context_keys.count(key) > 0);
 }
 
@@ -58,12 +58,14 @@ std::vector<std::string> differing_keys(const ordered_json& saved, const nlohman
 void check_architecture(const ordered_json& saved, const config::RunConfig& config,
                         const fs::path& dir, bool fine_tune) {
   const nlohmann::json current = config::to_json(config);
+  // Keys added after the checkpoint was written compare as their defaults.
+  const ordered_json saved_resolved = ordered(config::to_json(config::parse_config(nlohmann::json::parse(saved.dump())).config));
   std::string mismatches;
-  for (const auto& key : differing_keys(saved, current, {"model", "moe"})) {
+  for (const auto& key : differing_keys(saved_resolved, current, {"model", "moe"})) {
     if (may_differ(key, fine_tune)) continue;
     const auto dot = key.find('.');
     const std::string section = key.substr(0, dot), name = key.substr(dot + 1);
-    mismatches += (mismatches.empty() ? "" : "; ") + key + " is " + saved.at(section).value(name, ordered_json()).dump() +
+    mismatches += (mismatches.empty() ? "" : "; ") + key + " is " + saved_resolved.at(section).value(name, ordered_json()).dump() +
                   " in the checkpoint, " + current.at(section).at(name).dump() + " in the config";
   }
   if (!mismatches.empty()) {

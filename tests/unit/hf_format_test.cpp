@@ -123,6 +123,20 @@ TEST(HfFormat, ConfigProblemsAreListedTogether) {
   }
 }
 
+TEST(HfFormat, ModelsTheLayoutCannotHoldAreRefused) {
+  config::RunConfig run = run_config(config::RouterKind::kLinear);
+  run.model.lfa = false;
+  EXPECT_THROW(to_hf_state({}, run.model, run.moe, torch::kFloat32), std::invalid_argument);
+  run.model.lfa = true;
+  run.moe.moe_layer_freq = 2;  // layer 1 is dense SwiGLU
+  try {
+    to_hf_state({}, run.model, run.moe, torch::kFloat32);
+    FAIL() << "expected an error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("layer 1 is a dense SwiGLU layer"), std::string::npos) << e.what();
+  }
+}
+
 TEST(HfFiles, ShardsAndIndexRoundTrip) {
   testing::TempDir dir;
   NamedTensors tensors;

@@ -26,7 +26,7 @@ int run_generate(int argc, const char* const* argv);
 /// `yuanmoe export-hf --checkpoint DIR --output DIR [--dtype fp32|bf16] [--max-shard-size SIZE]`
 int run_export_hf(int argc, const char* const* argv);
 
-/// `yuanmoe import-hf --input DIR --output DIR [--rope-base B]`
+/// `yuanmoe import-hf --input DIR --output DIR [--rope-base B] [--rope-tables MODE]`
 int run_import_hf(int argc, const char* const* argv);
 
 /// Adds -h/--help and parses argv; prints the help and returns nullopt when it was asked for.
