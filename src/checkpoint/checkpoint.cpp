@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <set>
 #include <stdexcept>
 #include <vector>
 
@@ -137,34 +138,55 @@ std::string step_dir_name(int64_t step) {
   return name;
 }
 
-fs::path save_checkpoint(const fs::path& checkpoints_dir, const Checkpoint& checkpoint, int64_t keep_last) {
+fs::path begin_checkpoint(const fs::path& checkpoints_dir, int64_t step) {
   fs::create_directories(checkpoints_dir);
-  const std::string name = step_dir_name(checkpoint.progress.step);
-  const fs::path final_dir = checkpoints_dir / name;
-  const fs::path tmp_dir = checkpoints_dir / (kTmpPrefix + name);
   // Leftovers of runs killed mid-write are never complete: drop them.
   for (const auto& entry : fs::directory_iterator(checkpoints_dir)) {
     if (entry.path().filename().string().rfind(kTmpPrefix, 0) == 0) fs::remove_all(entry.path());
   }
+  const fs::path tmp_dir = checkpoints_dir / (kTmpPrefix + step_dir_name(step));
   fs::create_directories(tmp_dir);
+  return tmp_dir;
+}
 
-  const std::map<std::string, const NamedTensors*> tensor_files{
-      {"model.safetensors", &checkpoint.model},
-      {"optimizer.safetensors", &checkpoint.optimizer},
-      {"rng.safetensors", &checkpoint.rng}};
+void write_checkpoint_file(const fs::path& tmp_dir, const std::string& file, const NamedTensors& tensors) {
+  write_safetensors(tmp_dir / file, tensors);
+}
+
+fs::path save_checkpoint(const fs::path& checkpoints_dir, const Checkpoint& checkpoint, int64_t keep_last) {
+  const fs::path tmp_dir = begin_checkpoint(checkpoints_dir, checkpoint.progress.step);
+  write_checkpoint_file(tmp_dir, "model.safetensors", checkpoint.model);
+  write_checkpoint_file(tmp_dir, "optimizer.safetensors", checkpoint.optimizer);
+  write_checkpoint_file(tmp_dir, "rng.safetensors", checkpoint.rng);
+  return finish_checkpoint(checkpoints_dir, tmp_dir, checkpoint, keep_last);
+}
+
+fs::path finish_checkpoint(const fs::path& checkpoints_dir, const fs::path& tmp_dir, const Checkpoint& checkpoint,
+                           int64_t keep_last) {
+  const std::string name = step_dir_name(checkpoint.progress.step);
+  const fs::path final_dir = checkpoints_dir / name;
+  std::vector<fs::path> tensor_files;
+  for (const auto& entry : fs::directory_iterator(tmp_dir)) {
+    if (entry.path().extension() == ".safetensors") tensor_files.push_back(entry.path());
+  }
+  std::sort(tensor_files.begin(), tensor_files.end());
   ordered_json tensors = ordered_json::array();
-  for (const auto& [file, list] : tensor_files) {
-    write_safetensors(tmp_dir / file, *list);
-    for (auto& entry : tensor_entries(*list, file)) tensors.push_back(std::move(entry));
+  for (const fs::path& path : tensor_files) {
+    for (auto& entry : tensor_entries(read_safetensors(path).tensors, path.filename().string())) {
+      tensors.push_back(std::move(entry));
+    }
   }
   if (!checkpoint.tokenizer.empty()) {
     fs::copy_file(checkpoint.tokenizer, tmp_dir / "tokenizer.model", fs::copy_options::overwrite_existing);
     fsync_path(tmp_dir / "tokenizer.model", false);
   }
   ordered_json files = ordered_json::object();
-  for (const auto& entry : fs::directory_iterator(tmp_dir)) {
-    const auto [crc, bytes] = file_crc32(entry.path());
-    files[entry.path().filename().string()] = {{"bytes", bytes}, {"crc32", crc}};
+  std::vector<fs::path> all_files;
+  for (const auto& entry : fs::directory_iterator(tmp_dir)) all_files.push_back(entry.path());
+  std::sort(all_files.begin(), all_files.end());
+  for (const fs::path& path : all_files) {
+    const auto [crc, bytes] = file_crc32(path);
+    files[path.filename().string()] = {{"bytes", bytes}, {"crc32", crc}};
   }
 
   ordered_json manifest;
@@ -250,17 +272,22 @@ Checkpoint load_checkpoint(const fs::path& step_dir, LoadParts parts) {
     fail(step_dir / kManifest, std::string("malformed manifest: ") + e.what());
   }
 
-  const std::map<std::string, NamedTensors*> wanted =
-      parts == LoadParts::kAll
-          ? std::map<std::string, NamedTensors*>{{"model.safetensors", &checkpoint.model},
-                                                 {"optimizer.safetensors", &checkpoint.optimizer},
-                                                 {"rng.safetensors", &checkpoint.rng}}
-          : std::map<std::string, NamedTensors*>{{"model.safetensors", &checkpoint.model}};
+  // model*.safetensors, optimizer*.safetensors, rng*.safetensors: every shard, merged by name.
+  const auto destination = [&](const std::string& file) -> NamedTensors* {
+    if (fs::path(file).extension() != ".safetensors") return nullptr;
+    if (file.rfind("model", 0) == 0) return &checkpoint.model;
+    if (parts == LoadParts::kModelOnly) return nullptr;
+    if (file.rfind("optimizer", 0) == 0) return &checkpoint.optimizer;
+    if (file.rfind("rng", 0) == 0) return &checkpoint.rng;
+    return nullptr;
+  };
+  bool has_model = false;
   for (const auto& [file, info] : manifest.at("files").items()) {
     const fs::path path = step_dir / file;
     if (!fs::exists(path)) fail(path, "missing file listed in the manifest");
     if (file == "tokenizer.model") checkpoint.tokenizer = path;
-    if (wanted.count(file) == 0 && file != "tokenizer.model") continue;
+    if (destination(file) == nullptr && file != "tokenizer.model") continue;
+    has_model = has_model || destination(file) == &checkpoint.model;
     const auto [crc, bytes] = file_crc32(path);
     if (bytes != info.at("bytes").get<uint64_t>()) {
       fail(path, "size " + std::to_string(bytes) + " bytes, the manifest says " + info.at("bytes").dump() +
@@ -268,12 +295,17 @@ Checkpoint load_checkpoint(const fs::path& step_dir, LoadParts parts) {
     }
     if (crc != info.at("crc32").get<uint32_t>()) fail(path, "checksum mismatch (corrupted file)");
   }
-  for (const auto& [file, out] : wanted) {
-    if (!manifest.at("files").contains(file)) fail(step_dir / kManifest, "does not list " + file);
+  if (!has_model) fail(step_dir / kManifest, "lists no model*.safetensors file");
+  std::set<std::string> seen;
+  for (const auto& [file, info] : manifest.at("files").items()) {
+    NamedTensors* out = destination(file);
+    if (out == nullptr) continue;
     SafetensorsFile contents = read_safetensors(step_dir / file);
     std::map<std::string, Tensor> by_name(contents.tensors.begin(), contents.tensors.end());
+    size_t listed = 0;
     for (const auto& entry : manifest.at("tensors")) {
       if (entry.at("file") != file) continue;
+      ++listed;
       const std::string name = entry.at("name");
       const auto it = by_name.find(name);
       if (it == by_name.end()) fail(step_dir / file, "lacks tensor '" + name + "' listed in the manifest");
@@ -283,9 +315,11 @@ Checkpoint load_checkpoint(const fs::path& step_dir, LoadParts parts) {
           tensor_crc32(t) != entry.at("crc32").get<uint32_t>()) {
         fail(step_dir / file, "tensor '" + name + "' does not match the manifest (shape, dtype or checksum)");
       }
+      const std::string kind = file.substr(0, file.find_first_of("-."));
+      if (!seen.insert(kind + "/" + name).second) fail(step_dir / file, "tensor '" + name + "' is in two shards");
       out->emplace_back(name, t);
     }
-    if (out->size() != by_name.size()) fail(step_dir / file, "holds tensors the manifest does not list");
+    if (listed != by_name.size()) fail(step_dir / file, "holds tensors the manifest does not list");
   }
   return checkpoint;
 }

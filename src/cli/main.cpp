@@ -29,6 +29,7 @@ const Command kCommands[] = {
      "resolved config, total / active parameters, forward FLOPs per token"},
     {"prepare-data", yuanmoe::cli::run_prepare_data,
      "tokenize text / JSONL into Megatron indexed datasets (train + valid)"},
+    {"launch", yuanmoe::cli::run_launch, "run N local ranks of a command (torchrun-style), e.g. launch --nproc 2 -- train ..."},
     {"export-hf", yuanmoe::cli::run_export_hf, "write a checkpoint as a Hugging Face Yuan2-M32-hf model"},
     {"import-hf", yuanmoe::cli::run_import_hf,
      "turn a Hugging Face Yuan2-M32 model (safetensors or .bin) into a checkpoint"},

@@ -6,6 +6,8 @@
 #include "yuanmoe/cli/commands.h"
 #include "yuanmoe/config/config_io.h"
 #include "yuanmoe/config/validate.h"
+#include "yuanmoe/parallel/world.h"
+#include "yuanmoe/train/precision.h"
 #include "yuanmoe/train/trainer.h"
 
 namespace yuanmoe::cli {
@@ -32,6 +34,7 @@ int run_train(int argc, const char* const* argv) {
   for (const auto& warning : config::config_warnings(run)) spdlog::warn("{}: {}", path, warning.to_string());
 
   train::TrainerOptions trainer_options;
+  if (run.parallel.pipeline_parallel_size < 1) throw std::invalid_argument("parallel.pipeline_parallel_size must be >= 1");
   trainer_options.run_dir = args.count("run-dir") ? std::filesystem::path(args["run-dir"].as<std::string>())
                                                   : std::filesystem::path("runs") / std::filesystem::path(path).stem();
   trainer_options.exit_after_steps = args["exit-after-steps"].as<int64_t>();
@@ -39,8 +42,31 @@ int run_train(int argc, const char* const* argv) {
     throw std::invalid_argument("--exit-after-steps must be >= 0, got " + std::to_string(trainer_options.exit_after_steps));
   }
 
-  train::Trainer trainer(run, trainer_options);
-  const train::TrainSummary summary = trainer.run();
+  // torchrun / Slurm / Open MPI variables, or a single process (SPEC §6).
+  const parallel::WorldInfo world = parallel::detect_world();
+  trainer_options.parallel = parallel::ParallelContext::connect(world, run.parallel.pipeline_parallel_size,
+                                                                run.parallel, train::training_device());
+  const parallel::ParallelContext& context = trainer_options.parallel;
+  train::TrainSummary summary;
+  try {
+    train::Trainer trainer(run, trainer_options);
+    summary = trainer.run();
+    context.world_group.barrier();  // rank 0 serves the store: nobody leaves before everyone is done
+  } catch (const config::ConfigError&) {
+    throw;  // every rank reads the same config and reports the same problem
+  } catch (const std::exception& e) {
+    if (!context.distributed()) throw;
+    // Name this rank, and the rank that failed first if it was another one (a dead peer shows up
+    // here as a closed connection or a timeout).
+    const std::string message = e.what();
+    context.report_failure(message.substr(0, message.find('\n')));
+    std::string text = "rank " + std::to_string(world.rank) + " of " + std::to_string(world.world_size) + ": " + message;
+    if (auto first = context.first_failure(); first && first->rfind("rank " + std::to_string(world.rank) + ":", 0) != 0) {
+      text += "\n(first failure: " + *first + ")";
+    }
+    throw std::runtime_error(text);
+  }
+  if (world.rank != 0) return 0;
   const auto& dir = trainer_options.run_dir;
   std::cout << "\nrun dir:     " << dir.string() << "\n"
             << "checkpoint:  " << summary.last_checkpoint.string() << "\n"

@@ -27,41 +27,53 @@ Tensor expert_load_fractions(const Tensor& pairs_LE) {
   return counts / counts.sum(1, /*keepdim=*/true).clamp_min(1.0);
 }
 
+EvalResult evaluate(const EvalForward& forward,
+                    std::shared_ptr<const data::IndexedDataset> dataset,
+                    data::SamplerOptions options,
+                    int64_t steps,
+                    const std::function<void(const data::Batch&, const Tensor&)>& on_first_batch) {
+  options.shuffle = false;
+  data::GptSampler sampler(std::move(dataset), options);
+  const int64_t batches = std::clamp<int64_t>(sampler.samples_per_epoch() / options.micro_batch_size, 1, steps);
+  torch::NoGradGuard no_grad;
+  EvalResult result;
+  for (int64_t i = 0; i < batches; ++i) {
+    const data::Batch batch = sampler.next_batch();
+    const model::ModelOutput out = forward(batch);
+    if (out.out.defined()) {
+      const Tensor labels = batch.labels.to(out.out.device());
+      result.loss_sum += language_model_loss(out.out, labels).item<double>() * static_cast<double>(labels.numel());
+      if (i == 0 && on_first_batch) on_first_batch(batch, out.out);
+    }
+    result.tokens += batch.labels.numel();
+    if (out.expert_load_LE.defined()) {
+      const Tensor pairs = out.expert_load_LE.to(torch::kCPU);
+      result.pairs_LE = result.pairs_LE.defined() ? result.pairs_LE + pairs : pairs;
+    }
+  }
+  result.batches = batches;
+  result.loss = result.loss_sum / static_cast<double>(result.tokens);
+  result.perplexity = std::exp(result.loss);
+  if (result.pairs_LE.defined()) result.expert_load_LE = expert_load_fractions(result.pairs_LE);
+  return result;
+}
+
 EvalResult evaluate(model::TransformerImpl& model,
                     std::shared_ptr<const data::IndexedDataset> dataset,
                     data::SamplerOptions options,
                     int64_t steps,
                     config::Precision precision,
                     const std::function<void(const data::Batch&, const Tensor&)>& on_first_batch) {
-  options.shuffle = false;
-  data::GptSampler sampler(std::move(dataset), options);
-  const int64_t batches = std::clamp<int64_t>(sampler.samples_per_epoch() / options.micro_batch_size, 1, steps);
-
   const bool was_training = model.is_training();
   model.eval();
-  torch::NoGradGuard no_grad;
   const torch::Device device = model.parameters().front().device();
-  EvalResult result;
-  double loss_sum = 0.0;
-  Tensor pairs_LE;
-  for (int64_t i = 0; i < batches; ++i) {
-    const data::Batch batch = sampler.next_batch();
-    model::ModelOutput out;
-    {
-      AutocastScope autocast(precision, device);
-      out = model.forward(batch.tokens.to(device), batch.position_ids.to(device));
-    }
-    const Tensor labels = batch.labels.to(device);
-    loss_sum += language_model_loss(out.out, labels).item<double>() * static_cast<double>(labels.numel());
-    result.tokens += labels.numel();
-    if (out.expert_load_LE.defined()) pairs_LE = pairs_LE.defined() ? pairs_LE + out.expert_load_LE : out.expert_load_LE;
-    if (i == 0 && on_first_batch) on_first_batch(batch, out.out);
-  }
+  const EvalResult result = evaluate(
+      [&](const data::Batch& batch) {
+        AutocastScope autocast(precision, device);
+        return model.forward(batch.tokens.to(device), batch.position_ids.to(device));
+      },
+      std::move(dataset), options, steps, on_first_batch);
   model.train(was_training);
-  result.batches = batches;
-  result.loss = loss_sum / static_cast<double>(result.tokens);
-  result.perplexity = std::exp(result.loss);
-  if (pairs_LE.defined()) result.expert_load_LE = expert_load_fractions(pairs_LE);
   return result;
 }
 

@@ -107,19 +107,27 @@ void load_optimizer_state_by_name(const torch::nn::Module& model,
   }
 }
 
-double clip_gradients(const std::vector<Tensor>& parameters, double max_norm) {
+double squared_gradient_norm(const std::vector<Tensor>& parameters) {
   torch::NoGradGuard no_grad;
   std::vector<Tensor> squares;  // one device sync for the whole model, not one per parameter
   for (const auto& p : parameters) {
     if (p.grad().defined()) squares.push_back(p.grad().to(torch::kDouble).pow(2).sum());
   }
-  const double norm = squares.empty() ? 0.0 : std::sqrt(torch::stack(squares).sum().item<double>());
-  if (max_norm > 0 && norm > max_norm) {
-    const double scale = max_norm / (norm + 1e-6);
-    for (const auto& p : parameters) {
-      if (p.grad().defined()) p.grad().mul_(scale);
-    }
+  return squares.empty() ? 0.0 : torch::stack(squares).sum().item<double>();
+}
+
+void scale_gradients_to_norm(const std::vector<Tensor>& parameters, double max_norm, double norm) {
+  torch::NoGradGuard no_grad;
+  if (max_norm <= 0 || norm <= max_norm) return;
+  const double scale = max_norm / (norm + 1e-6);
+  for (const auto& p : parameters) {
+    if (p.grad().defined()) p.grad().mul_(scale);
   }
+}
+
+double clip_gradients(const std::vector<Tensor>& parameters, double max_norm) {
+  const double norm = std::sqrt(squared_gradient_norm(parameters));
+  scale_gradients_to_norm(parameters, max_norm, norm);
   return norm;
 }
 

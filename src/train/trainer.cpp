@@ -16,7 +16,9 @@
 #include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/lr_schedule.h"
 #include "yuanmoe/train/mfu.h"
+#include "yuanmoe/model/block.h"
 #include "yuanmoe/train/optimizer.h"
+#include "yuanmoe/train/pipeline.h"
 #include "yuanmoe/train/plots.h"
 #include "yuanmoe/train/precision.h"
 
@@ -74,6 +76,30 @@ void check_architecture(const ordered_json& saved, const config::RunConfig& conf
   }
 }
 
+/// The entries of a merged checkpoint state that belong to `model` (this stage): parameter and
+/// buffer names, or "{param}/..." optimizer entries.
+checkpoint::NamedTensors for_stage(const checkpoint::NamedTensors& all, const torch::nn::Module& model) {
+  std::set<std::string> names;
+  for (const auto& item : model.named_parameters()) names.insert(item.key());
+  for (const auto& item : model.named_buffers()) names.insert(item.key());
+  checkpoint::NamedTensors out;
+  for (const auto& [name, t] : all) {
+    if (names.count(name.substr(0, name.find('/')))) out.emplace_back(name, t);
+  }
+  return out;
+}
+
+/// What this rank writes into a checkpoint: every stage's dp rank 0 writes its stage's tensors,
+/// without the last stage's copy of a tied embedding (the first stage's is the one).
+checkpoint::NamedTensors without_tied_copy(const checkpoint::NamedTensors& state, const model::StageSpec& stage) {
+  if (stage.has_embedding) return state;
+  checkpoint::NamedTensors out;
+  for (const auto& [name, t] : state) {
+    if (name.rfind("embed_tokens.", 0) != 0) out.emplace_back(name, t);
+  }
+  return out;
+}
+
 ordered_json load_json_array(const Tensor& load_LE) {
   ordered_json rows = ordered_json::array();
   const Tensor rounded = (load_LE * 1e4).round() / 1e4;
@@ -86,19 +112,52 @@ ordered_json load_json_array(const Tensor& load_LE) {
 
 }  // namespace
 
+model::StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage) {
+  const int64_t base = num_layers / stages, extra = num_layers % stages;
+  const int64_t first = stage * base + std::min(stage, extra);
+  const int64_t end = first + base + (stage < extra ? 1 : 0);
+  return {first, end, stage == 0, stage == stages - 1};
+}
+
 Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
-    : config_(config), options_(std::move(options)), device_(training_device()) {
+    : config_(config), options_(std::move(options)), parallel_(options_.parallel), device_(training_device()) {
   const config::TrainConfig& train = config_.train;
+  const parallel::ParallelLayout& layout = parallel_.layout();
   fs::create_directories(options_.run_dir);
-  auto file_sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>((options_.run_dir / "train.log").string());
+  // Rank 0 talks to the terminal and train.log; every other rank keeps its own log file.
+  const std::string log_name =
+      is_logging_rank() ? "train.log" : "train.rank" + std::to_string(parallel_.world().rank) + ".log";
+  auto file_sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>((options_.run_dir / log_name).string());
   auto console_sink = std::make_shared<spdlog::sinks::stderr_sink_mt>();
-  console_ = std::make_shared<spdlog::logger>("train", spdlog::sinks_init_list{console_sink, file_sink});
+  console_ = is_logging_rank()
+                 ? std::make_shared<spdlog::logger>("train", spdlog::sinks_init_list{console_sink, file_sink})
+                 : std::make_shared<spdlog::logger>("train", file_sink);
   file_ = std::make_shared<spdlog::logger>("train.file", file_sink);
   for (auto& logger : {console_, file_}) {
     logger->set_pattern("[%Y-%m-%d %H:%M:%S] %v");
     logger->flush_on(spdlog::level::info);
   }
-  std::ofstream(options_.run_dir / "config.resolved.json") << config::to_json(config_).dump(2) << "\n";
+  if (is_logging_rank()) {
+    std::ofstream(options_.run_dir / "config.resolved.json") << config::to_json(config_).dump(2) << "\n";
+  }
+  if (layout.pp != config_.parallel.pipeline_parallel_size) {
+    throw std::logic_error("the parallel context was built for another pipeline size");
+  }
+  if (train.global_batch_size % (train.micro_batch_size * layout.dp) != 0) {
+    throw config::ConfigError("config", {{"train.global_batch_size",
+                                          "must be divisible by train.micro_batch_size x data-parallel size (" +
+                                              std::to_string(train.micro_batch_size) + " x " +
+                                              std::to_string(layout.dp) + "), got " +
+                                              std::to_string(train.global_batch_size)}});
+  }
+  micro_batches_per_global_batch_ = train.global_batch_size / train.micro_batch_size;
+  micro_batches_per_step_ = micro_batches_per_global_batch_ / layout.dp;
+  if (config_.parallel.num_microbatches && *config_.parallel.num_microbatches != micro_batches_per_step_) {
+    throw config::ConfigError("config", {{"parallel.num_microbatches",
+                                          "is " + std::to_string(*config_.parallel.num_microbatches) +
+                                              ", but global_batch_size / (micro_batch_size x data-parallel size) = " +
+                                              std::to_string(micro_batches_per_step_)}});
+  }
 
   if (config_.data.train_prefix.empty()) {
     throw config::ConfigError("config", {{"data.train_prefix", "required for training"}});
@@ -110,7 +169,9 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
                                                                   config_.data.train_prefix + " (" +
                                                                   std::to_string(meta->vocab_size) + ")"}});
   }
-  const data::SamplerOptions train_options = sampler_options(config_, config_.data.train_prefix);
+  data::SamplerOptions train_options = sampler_options(config_, config_.data.train_prefix);
+  train_options.rank = layout.dp_rank;  // the sampler state is global: any dp degree resumes it
+  train_options.world_size = layout.dp;
   if (train_options.reset_position_ids && train_options.eod_id < 0) {
     throw config::ConfigError("config", {{"data.eod_id", "unknown: set it, or prepare the data with yuanmoe "
                                                          "prepare-data (its .meta.json names it), or set "
@@ -121,12 +182,18 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
     valid_dataset_ = std::make_shared<const data::IndexedDataset>(config_.data.valid_prefix);
     valid_options_ = train_options;  // the train split's EOD: both come from one tokenizer
   }
-  micro_batches_per_step_ = train.global_batch_size / train.micro_batch_size;
 
-  // Same seed, same initial weights (init.h draws in registration order).
-  torch::manual_seed(static_cast<uint64_t>(train.seed));
-  model_ = model::Transformer(config_.model, config_.moe);
-  model::init_weights(*model_, config_.model);
+  // Each parameter's initial value depends only on the seed and its name (init.h), so every
+  // layout starts from the same model. Other randomness (dropout) differs per rank.
+  torch::manual_seed(static_cast<uint64_t>(train.seed + parallel_.world().rank));
+  stage_ = balanced_stage(config_.model.num_layers, layout.pp, layout.stage);
+  for (int64_t l = 0; l < config_.model.num_layers; ++l) {
+    if (!model::is_moe_layer(config_.moe, l)) continue;
+    ++total_moe_layers_;
+    if (l < stage_.first_layer) ++moe_layers_before_stage_;
+  }
+  model_ = model::Transformer(config_.model, config_.moe, stage_);
+  model::init_weights(*model_, config_.model, static_cast<uint64_t>(train.seed));
   model_->recompute = train.recompute;
   model_->to(device_);
   model_->train();
@@ -134,13 +201,15 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
   optimizer_ = make_optimizer(*model_, train);
 
   flops_per_token_ = training_flops_per_token(config_);
-  peak_flops_ = config_.log.peak_tflops > 0
-                    ? config_.log.peak_tflops * 1e12
-                    : measure_peak_flops(device_, train.precision == config::Precision::kBf16 ? torch::kBFloat16
-                                                                                              : torch::kFloat);
+  // Only rank 0 reports MFU; the peak is per process.
+  peak_flops_ = config_.log.peak_tflops > 0 ? config_.log.peak_tflops * 1e12
+                : !is_logging_rank()        ? 0.0
+                                            : measure_peak_flops(device_, train.precision == config::Precision::kBf16
+                                                                              ? torch::kBFloat16
+                                                                              : torch::kFloat);
   plots_enabled_ = config_.log.plots;
   resume_or_initialise();
-  metrics_ = std::make_unique<MetricsLog>(options_.run_dir / "metrics.jsonl", step_);
+  if (is_logging_rank()) metrics_ = std::make_unique<MetricsLog>(options_.run_dir / "metrics.jsonl", step_);
 }
 
 void Trainer::resume_or_initialise() {
@@ -151,10 +220,15 @@ void Trainer::resume_or_initialise() {
     for (const auto& key : differing_keys(saved.config, config::to_json(config_), {"train", "data", "checkpoint"})) {
       info("note: " + key + " differs from the checkpoint's config; using the new value");
     }
-    checkpoint::load_model_state(*model_, saved.model, (*latest / "model.safetensors").string());
-    load_optimizer_state_by_name(*model_, *optimizer_, saved.optimizer, (*latest / "optimizer.safetensors").string());
+    checkpoint::load_model_state(*model_, for_stage(saved.model, *model_), latest->string());
+    load_optimizer_state_by_name(*model_, *optimizer_, for_stage(saved.optimizer, *model_), latest->string());
+    // Same layout: each rank continues its own random stream. Another layout reseeds (dropout
+    // masks then differ from an uninterrupted run, as they would anyway).
+    const std::string rng_name = parallel_.distributed() ? "rank" + std::to_string(parallel_.world().rank) + "/cpu" : "cpu";
+    const bool same_layout = saved.layout == ordered_json{{"pipeline_parallel_size", parallel_.layout().pp},
+                                                          {"data_parallel_size", parallel_.layout().dp}};
     for (const auto& [name, state] : saved.rng) {
-      if (name != "cpu") continue;
+      if (name != rng_name || !same_layout) continue;
       at::Generator generator = at::detail::getDefaultCPUGenerator();  // a handle: shares the state
       generator.set_state(state);
     }
@@ -168,7 +242,7 @@ void Trainer::resume_or_initialise() {
     const fs::path dir = checkpoint::resolve_checkpoint_dir(config_.train.init_from);
     const checkpoint::Checkpoint saved = checkpoint::load_checkpoint(dir, checkpoint::LoadParts::kModelOnly);
     check_architecture(saved.config, config_, dir, /*fine_tune=*/true);
-    checkpoint::load_model_state(*model_, saved.model, (dir / "model.safetensors").string());
+    checkpoint::load_model_state(*model_, for_stage(saved.model, *model_), dir.string());
     info("fine-tuning from " + dir.string() + " (step " + std::to_string(saved.progress.step) +
          "): weights loaded; optimizer, schedule and data start fresh at seq_length " +
          std::to_string(config_.train.seq_length) + ", rope_base " + std::to_string(config_.model.rope_base));
@@ -181,39 +255,40 @@ Trainer::StepResult Trainer::train_step() {
   set_learning_rate(*optimizer_, result.lr);
   model_->zero_grad(/*set_to_none=*/true);
 
-  // Each micro-batch's loss is scaled by 1/M, so the accumulated gradient is that of the mean
-  // over the global batch (all micro-batches hold the same number of tokens).
-  const double scale = 1.0 / static_cast<double>(micro_batches_per_step_);
-  Tensor lm_sum = torch::zeros({}, torch::dtype(torch::kDouble).device(device_));
-  Tensor aux_sum = torch::zeros({}, torch::dtype(torch::kDouble).device(device_));
-  for (int64_t micro = 0; micro < micro_batches_per_step_; ++micro) {
-    const data::Batch batch = train_sampler_->next_batch();
-    model::ModelOutput out;
-    {
-      AutocastScope autocast(config_.train.precision, device_);
-      out = model_->forward(batch.tokens.to(device_), batch.position_ids.to(device_));
-    }
-    const Tensor lm_loss = language_model_loss(out.out, batch.labels.to(device_));
-    Tensor loss = lm_loss;
-    if (out.aux_loss.defined()) {
-      loss = loss + out.aux_loss.to(lm_loss.scalar_type());
-      aux_sum += out.aux_loss.detach().to(torch::kDouble);
-    }
-    (loss * scale).backward();
-    lm_sum += lm_loss.detach().to(torch::kDouble);
-    if (out.expert_load_LE.defined()) {
-      result.pairs_LE = result.pairs_LE.defined() ? result.pairs_LE + out.expert_load_LE : out.expert_load_LE;
-    }
-  }
-  if (result.pairs_LE.defined()) result.pairs_LE = result.pairs_LE.to(torch::kCPU);  // once per step
-  result.loss = lm_sum.item<double>() * scale;
-  result.aux_loss = aux_sum.item<double>() * scale;
+  // Each micro-batch's loss is scaled by 1/m (m: this rank's micro-batches) and the data-parallel
+  // ranks average their gradients: the gradient of the mean over the global batch (Megatron).
+  PipelineStepOptions options;
+  options.schedule = config_.parallel.pipeline_schedule;
+  options.micro_batches = micro_batches_per_step_;
+  options.loss_scale = 1.0 / static_cast<double>(micro_batches_per_step_);
+  options.precision = config_.train.precision;
+  const PipelineStepResult step =
+      run_pipeline_step(*model_, parallel_, options, [&] { return train_sampler_->next_batch(); });
+  synchronize_gradients();
+
+  // Losses live on the last stages, router terms on every stage: one sum over the world.
+  Tensor sums = torch::tensor({step.lm_loss_sum, step.aux_loss_sum}, torch::kDouble);
+  parallel_.world_group.all_reduce_sum(sums);
+  result.loss = sums[0].item<double>() / static_cast<double>(micro_batches_per_global_batch_);
+  result.aux_loss = sums[1].item<double>() / static_cast<double>(micro_batches_per_global_batch_);
   if (!std::isfinite(result.loss) || !std::isfinite(result.aux_loss)) {
     throw std::runtime_error("step " + std::to_string(step_ + 1) + ": loss is " + std::to_string(result.loss) +
                              " (aux " + std::to_string(result.aux_loss) +
                              "); training diverged: lower train.lr or raise train.warmup_steps");
   }
-  result.grad_norm = clip_gradients(parameters_, config_.train.grad_clip);
+  result.pairs_LE = global_expert_counts(step.pairs_LE);
+
+  // Global gradient norm: this stage's parameters (the tied copy counted once) over the pipeline;
+  // data-parallel ranks hold the same gradients after synchronize_gradients.
+  std::vector<Tensor> counted;
+  for (const auto& item : model_->named_parameters()) {
+    if (!stage_.has_embedding && item.key().rfind("embed_tokens.", 0) == 0) continue;
+    counted.push_back(item.value());
+  }
+  Tensor squared = torch::tensor({squared_gradient_norm(counted)}, torch::kDouble);
+  parallel_.pp.all_reduce_sum(squared);
+  result.grad_norm = std::sqrt(squared.item<double>());
+  scale_gradients_to_norm(parameters_, config_.train.grad_clip, result.grad_norm);
   optimizer_->step();
   const int64_t tokens = config_.train.global_batch_size * config_.train.seq_length;
   update_routers(result.pairs_LE, tokens);
@@ -222,23 +297,94 @@ Trainer::StepResult Trainer::train_step() {
   return result;
 }
 
+void Trainer::synchronize_gradients() {
+  torch::NoGradGuard no_grad;
+  // The first and last stage each hold the tied embedding; its gradient is the sum (Megatron).
+  if (parallel_.embedding.size() > 1) {
+    Tensor weight = model_->embed_tokens->weight;
+    if (!weight.grad().defined()) weight.mutable_grad() = torch::zeros_like(weight);
+    Tensor grad = weight.grad();
+    parallel_.embedding.all_reduce_sum(grad);
+  }
+  const int64_t dp = parallel_.dp.size();
+  if (dp == 1) return;
+  // Data-parallel mean in fp32 buckets of about 25 MB (Gloo has no AVG: sum, then divide).
+  constexpr int64_t kBucketBytes = 25 << 20;
+  std::vector<Tensor> bucket;
+  int64_t bucket_bytes = 0;
+  const auto flush = [&] {
+    if (bucket.empty()) return;
+    std::vector<Tensor> flat_parts;
+    for (const Tensor& g : bucket) flat_parts.push_back(g.reshape(-1).to(torch::kFloat));
+    Tensor flat = torch::cat(flat_parts);
+    parallel_.dp.all_reduce_sum(flat);
+    flat.div_(static_cast<double>(dp));
+    int64_t offset = 0;
+    for (Tensor& g : bucket) {
+      g.copy_(flat.narrow(0, offset, g.numel()).view_as(g));
+      offset += g.numel();
+    }
+    bucket.clear();
+    bucket_bytes = 0;
+  };
+  for (Tensor& p : parameters_) {
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);  // every rank reduces the same list
+    bucket.push_back(p.grad());
+    bucket_bytes += p.numel() * 4;
+    if (bucket_bytes >= kBucketBytes) flush();
+  }
+  flush();
+}
+
+Tensor Trainer::global_expert_counts(const Tensor& stage_pairs_LE) {
+  if (total_moe_layers_ == 0) return Tensor();
+  Tensor all = torch::zeros({total_moe_layers_, config_.moe.num_experts}, torch::kLong);
+  if (stage_pairs_LE.defined()) {
+    all.narrow(0, moe_layers_before_stage_, stage_pairs_LE.size(0)).copy_(stage_pairs_LE);
+  }
+  parallel_.world_group.all_reduce_sum(all);  // stages fill their rows; data-parallel ranks add
+  return all;
+}
+
 void Trainer::update_routers(const Tensor& pairs_LE, int64_t tokens) {
   const std::vector<model::Moe> layers = model_->moe_layers();
   if (layers.empty() || !pairs_LE.defined()) return;
   model::RouterStepStats stats;
   stats.tokens = tokens;
-  // ReMoE's L1 coefficient follows the sparsity of all layers together (routers.md §ReMoE).
+  // ReMoE's L1 coefficient follows the sparsity of all layers together (routers.md §ReMoE); the
+  // counts are global, so every rank keeps the same router state.
   stats.active_fraction_all_layers =
       pairs_LE.sum().item<double>() / static_cast<double>(tokens * config_.moe.num_experts * pairs_LE.size(0));
   for (size_t l = 0; l < layers.size(); ++l) {
-    stats.pairs_per_expert_E = pairs_LE[static_cast<int64_t>(l)].to(device_);
+    stats.pairs_per_expert_E = pairs_LE[moe_layers_before_stage_ + static_cast<int64_t>(l)].to(device_);
     layers[l]->gate->update_after_step(stats);
   }
 }
 
 EvalResult Trainer::run_evaluation() {
-  const EvalResult result = evaluate(*model_, valid_dataset_, valid_options_, config_.train.eval_steps,
-                                     config_.train.precision);
+  // Data-parallel ranks split the eval micro-batches (the sampler interleaves them by rank);
+  // the stages pass activations forward; sums are reduced over the world.
+  const parallel::ParallelLayout& layout = parallel_.layout();
+  data::SamplerOptions options = valid_options_;
+  options.rank = layout.dp_rank;
+  options.world_size = layout.dp;
+  const int64_t steps = (config_.train.eval_steps + layout.dp - 1) / layout.dp;
+  model_->eval();
+  EvalResult result = evaluate(
+      [&](const data::Batch& batch) { return pipeline_forward(*model_, parallel_, batch, config_.train.precision); },
+      valid_dataset_, options, steps);
+  model_->train();
+  Tensor sums = torch::tensor({layout.last_stage() ? result.loss_sum : 0.0,
+                               layout.last_stage() ? static_cast<double>(result.tokens) : 0.0},
+                              torch::kDouble);
+  parallel_.world_group.all_reduce_sum(sums);
+  result.loss_sum = sums[0].item<double>();
+  result.tokens = static_cast<int64_t>(sums[1].item<double>());
+  result.loss = result.loss_sum / static_cast<double>(result.tokens);
+  result.perplexity = std::exp(result.loss);
+  result.pairs_LE = global_expert_counts(result.pairs_LE);
+  if (result.pairs_LE.defined()) result.expert_load_LE = expert_load_fractions(result.pairs_LE);
+  if (!is_logging_rank()) return result;
   ordered_json line{{"step", step_},           {"split", "valid"},       {"loss", result.loss},
                     {"perplexity", result.perplexity}, {"tokens", result.tokens}};
   if (result.expert_load_LE.defined()) line["expert_load"] = load_json_array(result.expert_load_LE);
@@ -249,16 +395,41 @@ EvalResult Trainer::run_evaluation() {
 }
 
 fs::path Trainer::save() {
+  const parallel::ParallelLayout& layout = parallel_.layout();
+  const fs::path checkpoints_dir = options_.run_dir / config_.checkpoint.dir;
   checkpoint::Checkpoint ck;
   ck.progress = {step_, tokens_seen_, train_sampler_->state()};
   ck.config = ordered(config::to_json(config_));
-  ck.layout = {{"pipeline_parallel_size", 1}, {"data_parallel_size", 1}};
-  ck.model = checkpoint::model_state(*model_);
-  ck.optimizer = optimizer_state_by_name(*model_, *optimizer_);
-  ck.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
+  ck.layout = {{"pipeline_parallel_size", layout.pp}, {"data_parallel_size", layout.dp}};
   if (!config_.data.tokenizer.empty() && fs::exists(config_.data.tokenizer)) ck.tokenizer = config_.data.tokenizer;
-  const fs::path dir =
-      checkpoint::save_checkpoint(options_.run_dir / config_.checkpoint.dir, ck, config_.checkpoint.keep_last);
+  const at::Tensor rng_state = at::detail::getDefaultCPUGenerator().get_state();
+  if (!parallel_.distributed()) {
+    ck.model = checkpoint::model_state(*model_);
+    ck.optimizer = optimizer_state_by_name(*model_, *optimizer_);
+    ck.rng = {{"cpu", rng_state}};
+    const fs::path dir = checkpoint::save_checkpoint(checkpoints_dir, ck, config_.checkpoint.keep_last);
+    info("checkpoint " + dir.string());
+    return dir;
+  }
+  // Many writers (shared file system): rank 0 opens the temporary directory, each stage's first
+  // data-parallel rank writes that stage's shards, every rank its random state, rank 0 seals it.
+  const fs::path tmp_dir = checkpoints_dir / (".tmp-" + checkpoint::step_dir_name(step_));
+  if (is_logging_rank()) checkpoint::begin_checkpoint(checkpoints_dir, step_);
+  parallel_.world_group.barrier();
+  if (layout.dp_rank == 0) {
+    char suffix[32];
+    std::snprintf(suffix, sizeof(suffix), "-stage-%02lld.safetensors", static_cast<long long>(layout.stage));
+    checkpoint::write_checkpoint_file(tmp_dir, std::string("model") + suffix,
+                                      without_tied_copy(checkpoint::model_state(*model_), stage_));
+    checkpoint::write_checkpoint_file(tmp_dir, std::string("optimizer") + suffix,
+                                      without_tied_copy(optimizer_state_by_name(*model_, *optimizer_), stage_));
+  }
+  const std::string rank = std::to_string(parallel_.world().rank);
+  checkpoint::write_checkpoint_file(tmp_dir, "rng-rank-" + rank + ".safetensors", {{"rank" + rank + "/cpu", rng_state}});
+  parallel_.world_group.barrier();
+  fs::path dir = checkpoints_dir / checkpoint::step_dir_name(step_);
+  if (is_logging_rank()) dir = checkpoint::finish_checkpoint(checkpoints_dir, tmp_dir, ck, config_.checkpoint.keep_last);
+  parallel_.world_group.barrier();
   info("checkpoint " + dir.string());
   return dir;
 }
@@ -285,11 +456,19 @@ TrainSummary Trainer::run() {
   info(fmt::format("training {} parameters ({} active) on {} ({} threads) | {} tokens/step, {} micro-batches "
                    "| steps {}..{} of {} | peak {:.0f} GFLOP/s{}",
                    size.total_parameters, size.active_parameters, device_.str(), at::get_num_threads(),
-                   train.global_batch_size * train.seq_length, micro_batches_per_step_, step_ + 1, stop_step,
+                   train.global_batch_size * train.seq_length, micro_batches_per_global_batch_, step_ + 1, stop_step,
                    train.max_steps, peak_flops_ / 1e9, config_.log.peak_tflops > 0 ? " (config)" : " (measured)"));
+  if (parallel_.distributed()) {
+    const parallel::ParallelLayout& layout = parallel_.layout();
+    info(fmt::format("rank {} of {} ({}): data-parallel {} of {}, pipeline stage {} of {} (layers {}..{}), {} "
+                     "micro-batches per step on this rank, schedule {}",
+                     parallel_.world().rank, parallel_.world().world_size, parallel_.world().launcher, layout.dp_rank,
+                     layout.dp, layout.stage, layout.pp, stage_.first_layer, stage_.end_layer - 1,
+                     micro_batches_per_step_, config::to_string(config_.parallel.pipeline_schedule)));
+  }
 
   auto redraw_plots = [&] {
-    if (!plots_enabled_) return;
+    if (!plots_enabled_ || !is_logging_rank()) return;
     const std::string problem = render_plots(options_.run_dir);
     if (!problem.empty()) {
       console_->warn(problem);
@@ -302,7 +481,7 @@ TrainSummary Trainer::run() {
     summary.last_eval = summary.first_eval;
   }
 
-  ProgressBar bar(step_, train.max_steps, config_.log.progress);
+  ProgressBar bar(step_, train.max_steps, config_.log.progress && is_logging_rank());
   double interval_seconds = 0.0;
   int64_t interval_tokens = 0;
   Tensor interval_pairs_LE;
@@ -329,10 +508,13 @@ TrainSummary Trainer::run() {
                         {"grad_norm", result.grad_norm},
                         {"tokens_per_s", tokens_per_s},
                         {"tokens_seen", tokens_seen_}};
-      const double mfu = tokens_per_s * flops_per_token_ / peak_flops_;
+      // MFU of the whole run: every process is assumed to have the peak rank 0 measured.
+      const double mfu = peak_flops_ > 0 ? tokens_per_s * flops_per_token_ /
+                                               (peak_flops_ * static_cast<double>(parallel_.world().world_size))
+                                         : 0.0;
       line["mfu"] = mfu;
       if (interval_pairs_LE.defined()) line["expert_load"] = load_json_array(expert_load_fractions(interval_pairs_LE));
-      metrics_->write(line);
+      if (metrics_) metrics_->write(line);
       const std::string text = fmt::format(
           "step {}/{} | loss {:.4f} | aux {:.4f} | lr {:.3e} | grad_norm {:.3f} | {} tok/s | mfu {:.1f}% | ETA {}",
           step_, train.max_steps, result.loss, result.aux_loss, result.lr, result.grad_norm,

@@ -2,13 +2,16 @@
 //   checkpoints/step_NNNNNNNN/manifest.json       format, step, tokens, sampler, config, layout,
 //                                                 every file (bytes, crc32) and tensor (name,
 //                                                 shape, dtype, file, crc32), its own checksum
-//                            model.safetensors     parameters and buffers by name, global layer ids
-//                            optimizer.safetensors "{param}/exp_avg", "/exp_avg_sq", "/step"
-//                            rng.safetensors       generator states
+//                            model*.safetensors    parameters and buffers by name, global layer ids
+//                            optimizer*.safetensors "{param}/exp_avg", "/exp_avg_sq", "/step"
+//                            rng*.safetensors      generator states
 //                            tokenizer.model       a copy, so eval/generate need only this dir
 //   checkpoints/latest                            "step_NNNNNNNN", replaced last
-// A checkpoint is written under .tmp-step_NNNNNNNN, fsync'ed, and renamed: a directory named
-// step_* is always complete, whatever moment a run is killed at.
+// One process writes model.safetensors, optimizer.safetensors and rng.safetensors; a pipeline
+// writes one model/optimizer shard per stage (model-stage-SS.safetensors, ...) and one rng file
+// per rank, in parallel. Loading merges every shard by tensor name, so any layout reads any
+// other. A checkpoint is written under .tmp-step_NNNNNNNN, fsync'ed, and renamed: a directory
+// named step_* is always complete, whatever moment a run is killed at.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +49,16 @@ struct Checkpoint {
 /// Writes `checkpoint` as checkpoints_dir/step_NNNNNNNN (see above), points `latest` at it and
 /// keeps only the newest `keep_last` step directories. Returns the new directory.
 fs::path save_checkpoint(const fs::path& checkpoints_dir, const Checkpoint& checkpoint, int64_t keep_last);
+
+// The same in three phases, for many writers (the caller puts barriers between them):
+/// One process: drops leftovers of killed writes, creates and returns the temporary directory.
+fs::path begin_checkpoint(const fs::path& checkpoints_dir, int64_t step);
+/// Any process: one tensor file into the temporary directory (fsync'ed).
+void write_checkpoint_file(const fs::path& tmp_dir, const std::string& file, const NamedTensors& tensors);
+/// One process, after every file is written: tokenizer copy, manifest over all files, rename,
+/// `latest`, pruning. `checkpoint`'s tensor lists are not used. Returns the step directory.
+fs::path finish_checkpoint(const fs::path& checkpoints_dir, const fs::path& tmp_dir, const Checkpoint& checkpoint,
+                           int64_t keep_last);
 
 /// The newest complete step directory under checkpoints_dir, if any.
 std::optional<fs::path> find_latest_checkpoint(const fs::path& checkpoints_dir);

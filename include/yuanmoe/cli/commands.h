@@ -23,6 +23,9 @@ int run_eval(int argc, const char* const* argv);
 /// `yuanmoe generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]`
 int run_generate(int argc, const char* const* argv);
 
+/// `yuanmoe launch --nproc N [--master-port P] -- COMMAND [ARGS...]`
+int run_launch(int argc, const char* const* argv);
+
 /// `yuanmoe export-hf --checkpoint DIR --output DIR [--dtype fp32|bf16] [--max-shard-size SIZE]`
 int run_export_hf(int argc, const char* const* argv);
 

@@ -17,7 +17,21 @@ struct EvalResult {
   int64_t tokens = 0;
   int64_t batches = 0;
   Tensor expert_load_LE;    // fp64 [MoE layers, E]: each expert's share of the routed pairs
+  // The raw sums behind them, for reducing across ranks.
+  double loss_sum = 0.0;    // sum of per-token losses (0 where the stage has no head)
+  Tensor pairs_LE;          // int64 counts, CPU; undefined when the model (stage) has no MoE layer
 };
+
+/// One micro-batch through the model (or this rank's pipeline stage), in eval mode: logits in
+/// `out` where this rank computes them, undefined elsewhere.
+using EvalForward = std::function<model::ModelOutput(const data::Batch&)>;
+
+/// `forward` on up to `steps` micro-batches of the split (fewer when it is shorter).
+EvalResult evaluate(const EvalForward& forward,
+                    std::shared_ptr<const data::IndexedDataset> dataset,
+                    data::SamplerOptions options,
+                    int64_t steps,
+                    const std::function<void(const data::Batch&, const Tensor& logits_BSV)>& on_first_batch = {});
 
 /// Sampler options of `run` for the dataset at `prefix`: sequence length, micro-batch size, seed,
 /// position-id resetting, and the EOD id from data.eod_id, else from PREFIX.meta.json; -1 when

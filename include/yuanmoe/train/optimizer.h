@@ -41,4 +41,9 @@ void load_optimizer_state_by_name(const torch::nn::Module& model,
 /// max_norm > 0 and the norm exceeds it, every gradient scaled by max_norm / norm.
 double clip_gradients(const std::vector<Tensor>& parameters, double max_norm);
 
+/// The two halves of clip_gradients, for a norm summed across pipeline stages in between:
+/// the sum of squared gradient entries (fp64), and the scaling given the global norm.
+double squared_gradient_norm(const std::vector<Tensor>& parameters);
+void scale_gradients_to_norm(const std::vector<Tensor>& parameters, double max_norm, double norm);
+
 }  // namespace yuanmoe::train

@@ -2,7 +2,11 @@
 // resume from the newest complete checkpoint in the run dir (or start a fine-tune from
 // train.init_from), then per optimizer step: accumulate gradients over micro-batches, clip,
 // update, update the routers' balancing state, log, evaluate and checkpoint.
-// Single process today; data and pipeline parallelism (issue 6) plug in around the same loop.
+// Parallelism is applied around this loop, not inside the model: the model is this rank's
+// pipeline stage (StageSpec), the micro-batches run through train/pipeline.h, gradients are
+// summed across the tied embedding's copies and averaged across data-parallel ranks, and
+// metrics and expert loads are reduced over the world. One process is the case where every
+// group has one member and every collective is a no-op.
 #pragma once
 
 #include <filesystem>
@@ -13,6 +17,7 @@
 #include "yuanmoe/config/config.h"
 #include "yuanmoe/data/sampler.h"
 #include "yuanmoe/model/transformer.h"
+#include "yuanmoe/parallel/process_groups.h"
 #include "yuanmoe/train/evaluate.h"
 #include "yuanmoe/train/metrics.h"
 
@@ -26,7 +31,13 @@ struct TrainerOptions {
   /// Stop after this many optimizer steps in this invocation, saving a checkpoint (Megatron's
   /// --exit-interval); 0 = run to train.max_steps. A later `train` resumes from there.
   int64_t exit_after_steps = 0;
+  /// The process groups of a multi-process run; default: this process alone.
+  parallel::ParallelContext parallel;
 };
+
+/// Layers [first, end) of pipeline stage `stage` of `stages`: contiguous, sizes differing by at
+/// most one (earlier stages take the remainder), embedding on the first, head on the last.
+model::StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage);
 
 struct TrainSummary {
   int64_t first_step = 0;  // steps already done when this invocation started
@@ -58,13 +69,22 @@ class Trainer {
 
   void resume_or_initialise();
   StepResult train_step();
+  /// Tied-embedding copies summed, then the data-parallel mean, in fp32 buckets.
+  void synchronize_gradients();
+  /// This stage's [L_stage, E] counts -> the whole model's [L_moe, E], summed over the world.
+  Tensor global_expert_counts(const Tensor& stage_pairs_LE);
   void update_routers(const Tensor& pairs_LE, int64_t tokens);
   EvalResult run_evaluation();
   fs::path save();
   void info(const std::string& message);
+  bool is_logging_rank() const { return parallel_.world().rank == 0; }
 
   const config::RunConfig config_;
   const TrainerOptions options_;
+  parallel::ParallelContext parallel_;
+  model::StageSpec stage_;
+  int64_t moe_layers_before_stage_ = 0;  // global index of this stage's first MoE layer
+  int64_t total_moe_layers_ = 0;
   const torch::Device device_;
   std::shared_ptr<spdlog::logger> console_;  // terminal and train.log
   std::shared_ptr<spdlog::logger> file_;     // train.log only (step lines under a progress bar)
@@ -76,7 +96,8 @@ class Trainer {
   std::shared_ptr<const data::IndexedDataset> valid_dataset_;
   data::SamplerOptions valid_options_;
   std::unique_ptr<MetricsLog> metrics_;
-  int64_t micro_batches_per_step_ = 1;
+  int64_t micro_batches_per_step_ = 1;  // on this data-parallel rank
+  int64_t micro_batches_per_global_batch_ = 1;
   int64_t step_ = 0;
   int64_t tokens_seen_ = 0;
   double peak_flops_ = 0.0;

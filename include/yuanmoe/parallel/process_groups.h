@@ -1,0 +1,97 @@
+// The process groups of a data x pipeline parallel run over c10d (reference/distributed.md §1):
+// Gloo on CPU tensors, NCCL on CUDA tensors, rendezvous through a TCPStore. A group of one
+// process is a no-op object, so a single-process run takes exactly the same code path.
+//
+// Layout (Megatron's order, data parallel inner): global rank = stage * dp + dp_rank.
+//   dp group of stage s:        ranks {s*dp + d : d < dp}   (gradient all-reduce)
+//   pp group of dp rank d:      ranks {s*dp + d : s < pp}   (activations; group rank = stage)
+//   embedding group of d:       first and last stage of that pipeline (tied-embedding gradient)
+//   world:                      everything (metrics, expert load, failures)
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/core/types.h"
+#include "yuanmoe/parallel/world.h"
+
+namespace yuanmoe::parallel {
+
+/// A send in flight: wait() before the tensor may change (and before the step ends).
+class PendingSend {
+ public:
+  PendingSend() = default;
+  explicit PendingSend(std::function<void()> wait) : wait_(std::move(wait)) {}
+  void wait() {
+    if (wait_) wait_();
+    wait_ = nullptr;
+  }
+
+ private:
+  std::function<void()> wait_;
+};
+
+class Group {
+ public:
+  Group() = default;  // this process alone
+  int64_t rank() const { return rank_; }
+  int64_t size() const { return size_; }
+
+  /// Element-wise sum over the group, in place (one tensor, or a list of one dtype/device).
+  void all_reduce_sum(Tensor& tensor) const;
+  void broadcast(Tensor& tensor, int64_t root) const;
+  void barrier() const;
+  /// Point to point with group-local ranks. `tag` tells apart messages between one pair (Gloo;
+  /// NCCL matches by order, which the schedules keep identical on both ends).
+  PendingSend send(const Tensor& tensor, int64_t peer, int tag) const;
+  void recv(Tensor& tensor, int64_t peer, int tag) const;  // tensor: preallocated, contiguous
+
+  struct Impl;  // the c10d process group (process_groups.cpp)
+  Group(std::shared_ptr<Impl> impl, int64_t rank, int64_t size) : impl_(std::move(impl)), rank_(rank), size_(size) {}
+
+ private:
+  std::shared_ptr<Impl> impl_;
+  int64_t rank_ = 0;
+  int64_t size_ = 1;
+};
+
+struct ParallelLayout {
+  int64_t dp = 1, pp = 1;
+  int64_t dp_rank = 0, stage = 0;
+  bool first_stage() const { return stage == 0; }
+  bool last_stage() const { return stage == pp - 1; }
+};
+
+class ParallelContext {
+ public:
+  ParallelContext() = default;  // single process
+
+  /// Rendezvous and build every group this rank belongs to; world.world_size must be a
+  /// multiple of pipeline_stages. Throws naming the problem (store unreachable, timeout, ...).
+  static ParallelContext connect(const WorldInfo& world, int64_t pipeline_stages,
+                                 const config::ParallelConfig& options, torch::Device device);
+
+  const WorldInfo& world() const { return world_; }
+  const ParallelLayout& layout() const { return layout_; }
+  bool distributed() const { return world_.world_size > 1; }
+
+  Group world_group, dp, pp, embedding;
+
+  /// Best effort: tell the other ranks why this one is failing (read by first_failure()).
+  void report_failure(const std::string& message) const;
+  /// The first failure another rank reported, as "rank N: message", if any.
+  std::optional<std::string> first_failure() const;
+
+ private:
+  WorldInfo world_;
+  ParallelLayout layout_;
+  struct Rendezvous;
+  std::shared_ptr<Rendezvous> rendezvous_;
+};
+
+}  // namespace yuanmoe::parallel

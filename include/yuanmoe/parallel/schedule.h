@@ -1,0 +1,45 @@
+// Pipeline schedules as explicit action lists (reference/distributed.md §3; Narayanan et al.
+// 2021, Megatron-LM schedules.py). A stage runs its list in order; the communication each action
+// implies (receive the input activation before a forward unless first stage, send the output
+// after it unless last; receive the output gradient before a backward unless last stage, send
+// the input gradient after it unless first) is done by the executor (train/pipeline.h). Pure
+// functions: testable without tensors or processes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "yuanmoe/config/config.h"
+
+namespace yuanmoe::parallel {
+
+struct PipelineAction {
+  enum Kind { kForward, kBackward } kind;
+  int64_t micro_batch;
+  bool operator==(const PipelineAction& o) const { return kind == o.kind && micro_batch == o.micro_batch; }
+};
+
+/// The actions of `stage` (0-based) in a pipeline of `stages` over `micro_batches`:
+///   gpipe: all forwards, then all backwards (in micro-batch order);
+///   1f1b:  warm-up W = min(stages - stage - 1, m) forwards, then alternate one forward and one
+///          backward, then the W remaining backwards.
+/// With one stage both are forward/backward per micro-batch: plain gradient accumulation.
+std::vector<PipelineAction> pipeline_schedule(config::PipelineSchedule schedule, int64_t stages, int64_t stage,
+                                              int64_t micro_batches);
+
+/// "F0 F1 B0 F2 B1 B2" (for messages and tests).
+std::string to_string(const std::vector<PipelineAction>& actions);
+
+/// Event-driven run of all stages' lists with forward time `forward` and backward time
+/// `backward` per micro-batch and stage, instant messages. Throws std::logic_error if the lists
+/// deadlock or break a dependency. Returns the makespan and the idle fraction of the stages.
+struct PipelineTiming {
+  double step_time = 0.0;
+  double bubble_fraction = 0.0;      // 1 - busy / (stages * step_time)
+  int64_t max_in_flight = 0;         // most micro-batches whose activations a stage holds at once
+};
+PipelineTiming simulate_pipeline(config::PipelineSchedule schedule, int64_t stages, int64_t micro_batches,
+                                 double forward = 1.0, double backward = 2.0);
+
+}  // namespace yuanmoe::parallel

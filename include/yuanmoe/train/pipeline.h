@@ -1,0 +1,49 @@
+// One optimizer step's forward and backward passes on this rank's pipeline stage, in the order
+// of parallel::pipeline_schedule (reference/distributed.md §3). With one stage the schedule is
+// forward/backward per micro-batch: plain gradient accumulation, the same code.
+//
+// Per micro-batch i on stage s of p:
+//   forward:  x = tokens (s = 0) or recv(activation from s-1); out = stage(x)
+//             s = p-1: loss_i = CE(out) + aux_s;  else send(out -> s+1)
+//   backward: s = p-1: (scale * loss_i).backward()
+//             else   g = recv(grad from s+1); backward([out, aux_s], [g, scale])
+//             s > 0: send(x.grad -> s-1)
+// so every stage's router terms reach the loss with the same 1/M scale as the LM loss. Every
+// stage reads the same micro-batches (its dp rank's): positions are needed by every layer's
+// RoPE, tokens by the first stage, labels by the last. Activations travel as fp32 [B, S, D].
+#pragma once
+
+#include <functional>
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/data/sampler.h"
+#include "yuanmoe/model/transformer.h"
+#include "yuanmoe/parallel/process_groups.h"
+
+namespace yuanmoe::train {
+
+struct PipelineStepOptions {
+  config::PipelineSchedule schedule = config::PipelineSchedule::k1F1B;
+  int64_t micro_batches = 1;  // on this data-parallel rank
+  double loss_scale = 1.0;    // 1 / micro_batches
+  config::Precision precision = config::Precision::kFp32;
+};
+
+struct PipelineStepResult {
+  double lm_loss_sum = 0.0;   // sum of the micro-batches' mean LM losses (last stage, else 0)
+  double aux_loss_sum = 0.0;  // this stage's router terms summed over micro-batches
+  Tensor pairs_LE;            // this stage's MoE layers [L_stage, E], int64 CPU; undefined if none
+};
+
+/// Runs the schedule; parameter gradients accumulate in .grad. `next_batch` is called once per
+/// micro-batch, in micro-batch order.
+PipelineStepResult run_pipeline_step(model::TransformerImpl& stage_model, parallel::ParallelContext& parallel,
+                                     const PipelineStepOptions& options,
+                                     const std::function<data::Batch()>& next_batch);
+
+/// Forward only, one micro-batch through every stage: the logits on the last stage, an
+/// undefined tensor on the others (evaluation).
+model::ModelOutput pipeline_forward(model::TransformerImpl& stage_model, parallel::ParallelContext& parallel,
+                                    const data::Batch& batch, config::Precision precision);
+
+}  // namespace yuanmoe::train

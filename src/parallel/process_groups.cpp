@@ -1,0 +1,190 @@
+#include "yuanmoe/parallel/process_groups.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/version.h>
+#ifdef USE_C10D_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <stdexcept>
+
+namespace yuanmoe::parallel {
+
+#if TORCH_VERSION_MAJOR >= 2
+using PgBase = c10d::Backend;  // Gloo/NCCL derive from Backend since 2.0 (distributed.md §1.1)
+#else
+using PgBase = c10d::ProcessGroup;
+#endif
+
+struct Group::Impl {
+  c10::intrusive_ptr<PgBase> pg;
+};
+
+struct ParallelContext::Rendezvous {
+  c10::intrusive_ptr<c10d::Store> store;
+};
+
+void Group::all_reduce_sum(Tensor& tensor) const {
+  if (size_ == 1) return;
+  std::vector<Tensor> tensors{tensor};
+  c10d::AllreduceOptions options;
+  options.reduceOp = c10d::ReduceOp::SUM;
+  impl_->pg->allreduce(tensors, options)->wait();
+}
+
+void Group::broadcast(Tensor& tensor, int64_t root) const {
+  if (size_ == 1) return;
+  std::vector<Tensor> tensors{tensor};
+  c10d::BroadcastOptions options;
+  options.rootRank = root;
+  impl_->pg->broadcast(tensors, options)->wait();
+}
+
+void Group::barrier() const {
+  if (size_ == 1) return;
+  impl_->pg->barrier()->wait();
+}
+
+PendingSend Group::send(const Tensor& tensor, int64_t peer, int tag) const {
+  TORCH_CHECK(size_ > 1, "send in a group of one process");
+  auto tensors = std::make_shared<std::vector<Tensor>>(std::vector<Tensor>{tensor.contiguous()});
+  c10::intrusive_ptr<c10d::Work> work = impl_->pg->send(*tensors, static_cast<int>(peer), tag);
+  // The tensor must outlive the transfer: the closure owns it until wait().
+  return PendingSend([work, tensors] { work->wait(); });
+}
+
+void Group::recv(Tensor& tensor, int64_t peer, int tag) const {
+  TORCH_CHECK(size_ > 1, "recv in a group of one process");
+  TORCH_CHECK(tensor.is_contiguous(), "recv needs a contiguous buffer");
+  std::vector<Tensor> tensors{tensor};
+  impl_->pg->recv(tensors, static_cast<int>(peer), tag)->wait();
+}
+
+namespace {
+
+bool is_loopback(const std::string& host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+
+/// One group over `members` (global ranks, in group-rank order) if this rank is among them.
+Group make_group(const std::string& name, const std::vector<int64_t>& members, const WorldInfo& world,
+                 const c10::intrusive_ptr<c10d::Store>& store, const config::ParallelConfig& options,
+                 bool use_nccl) {
+  Group group;
+  const auto it = std::find(members.begin(), members.end(), world.rank);
+  TORCH_CHECK(it != members.end(), "rank ", world.rank, " is not in group ", name);
+  if (members.size() == 1) return group;
+  const int rank = static_cast<int>(it - members.begin()), size = static_cast<int>(members.size());
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name, store);
+  const auto timeout = std::chrono::milliseconds(options.timeout_s * 1000);
+  c10::intrusive_ptr<PgBase> pg;
+  if (use_nccl) {
+#ifdef USE_C10D_NCCL
+    auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
+    nccl_options->timeout = timeout;
+    pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, nccl_options);
+#else
+    TORCH_CHECK(false, "parallel.backend nccl: this build of LibTorch has no NCCL");
+#endif
+  } else {
+    auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout);
+    if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
+      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    } else if (is_loopback(world.master_addr)) {
+      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else {
+      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    gloo_options->threads = 2;
+    pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, gloo_options);
+  }
+  return Group(std::make_shared<Group::Impl>(Group::Impl{pg}), rank, size);
+}
+
+}  // namespace
+
+ParallelContext ParallelContext::connect(const WorldInfo& world, int64_t pipeline_stages,
+                                         const config::ParallelConfig& options, torch::Device device) {
+  ParallelContext context;
+  context.world_ = world;
+  if (pipeline_stages < 1 || world.world_size % pipeline_stages != 0) {
+    throw std::invalid_argument("parallel.pipeline_parallel_size " + std::to_string(pipeline_stages) +
+                                " does not divide the world size " + std::to_string(world.world_size));
+  }
+  ParallelLayout& layout = context.layout_;
+  layout.pp = pipeline_stages;
+  layout.dp = world.world_size / pipeline_stages;
+  layout.stage = world.rank / layout.dp;
+  layout.dp_rank = world.rank % layout.dp;
+  if (world.world_size == 1) return context;
+
+  const bool use_nccl = options.backend == config::Backend::kNccl ||
+                        (options.backend == config::Backend::kAuto && device.is_cuda());
+#ifdef USE_C10D_NCCL
+  if (device.is_cuda()) c10::cuda::set_device(static_cast<c10::DeviceIndex>(world.local_rank));
+#endif
+  c10d::TCPStoreOptions store_options;
+  store_options.port = static_cast<uint16_t>(world.master_port);
+  store_options.isServer = world.rank == 0 && !world.agent_store;
+  store_options.numWorkers = static_cast<size_t>(world.world_size);
+  store_options.waitWorkers = !world.agent_store;
+  store_options.timeout = std::chrono::milliseconds(options.timeout_s * 1000);
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    store = c10::make_intrusive<c10d::TCPStore>(world.master_addr, store_options);
+  } catch (const std::exception& e) {
+    throw std::runtime_error("rendezvous at " + world.master_addr + ":" + std::to_string(world.master_port) +
+                             " failed (" + world.launcher + ", rank " + std::to_string(world.rank) + " of " +
+                             std::to_string(world.world_size) + "): " + e.what());
+  }
+  if (world.agent_store) {
+    store = c10::make_intrusive<c10d::PrefixStore>("/worker/attempt_" + std::to_string(world.restart_count), store);
+  }
+  context.rendezvous_ = std::make_shared<Rendezvous>(Rendezvous{store});
+
+  // Every rank builds its groups in the same order (world, dp, pp, embedding), so the
+  // full-mesh connections in the constructors cannot wait on each other in a cycle.
+  std::vector<int64_t> everyone, dp_members, pp_members;
+  for (int64_t r = 0; r < world.world_size; ++r) everyone.push_back(r);
+  for (int64_t d = 0; d < layout.dp; ++d) dp_members.push_back(layout.stage * layout.dp + d);
+  for (int64_t s = 0; s < layout.pp; ++s) pp_members.push_back(s * layout.dp + layout.dp_rank);
+  // World traffic (metrics, loads) is small and host-side: always Gloo.
+  context.world_group = make_group("world/", everyone, world, store, options, /*use_nccl=*/false);
+  context.dp = make_group("dp/" + std::to_string(layout.stage) + "/", dp_members, world, store, options, use_nccl);
+  context.pp = make_group("pp/" + std::to_string(layout.dp_rank) + "/", pp_members, world, store, options, use_nccl);
+  if (layout.pp > 1 && (layout.first_stage() || layout.last_stage())) {
+    const std::vector<int64_t> ends{layout.dp_rank, (layout.pp - 1) * layout.dp + layout.dp_rank};
+    context.embedding =
+        make_group("embedding/" + std::to_string(layout.dp_rank) + "/", ends, world, store, options, use_nccl);
+  }
+  return context;
+}
+
+void ParallelContext::report_failure(const std::string& message) const {
+  if (!rendezvous_) return;
+  try {
+    const std::string text = "rank " + std::to_string(world_.rank) + ": " + message;
+    // compareSet keeps the first reporter's message.
+    rendezvous_->store->compareSet("failure", {}, std::vector<uint8_t>(text.begin(), text.end()));
+  } catch (...) {
+  }
+}
+
+std::optional<std::string> ParallelContext::first_failure() const {
+  if (!rendezvous_) return std::nullopt;
+  try {
+    if (!rendezvous_->store->check({"failure"})) return std::nullopt;
+    const std::vector<uint8_t> bytes = rendezvous_->store->get("failure");
+    return std::string(bytes.begin(), bytes.end());
+  } catch (...) {
+    return std::nullopt;
+  }
+}
+
+}  // namespace yuanmoe::parallel

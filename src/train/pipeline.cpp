@@ -1,0 +1,130 @@
+#include "yuanmoe/train/pipeline.h"
+
+#include <deque>
+
+#include "yuanmoe/parallel/schedule.h"
+#include "yuanmoe/train/loss.h"
+#include "yuanmoe/train/precision.h"
+
+namespace yuanmoe::train {
+
+namespace {
+
+// Gloo matches point-to-point messages by (peer, tag): one tag per micro-batch and direction.
+int forward_tag(int64_t micro_batch) { return static_cast<int>(2 * micro_batch); }
+int backward_tag(int64_t micro_batch) { return static_cast<int>(2 * micro_batch + 1); }
+
+/// What a forward leaves for its backward.
+struct InFlight {
+  Tensor input;  // received activation (requires grad); undefined on the first stage
+  Tensor output; // sent activation, or the loss on the last stage
+  Tensor aux;    // this stage's router terms; undefined when none
+};
+
+Tensor activation_buffer(const data::Batch& batch, int64_t hidden, torch::Device device) {
+  return torch::empty({batch.tokens.size(0), batch.tokens.size(1), hidden},
+                      torch::dtype(torch::kFloat).device(device));  // [B, S, D]
+}
+
+}  // namespace
+
+PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::ParallelContext& parallel,
+                                     const PipelineStepOptions& options,
+                                     const std::function<data::Batch()>& next_batch) {
+  const parallel::ParallelLayout& layout = parallel.layout();
+  parallel::Group& pp = parallel.pp;
+  const torch::Device device = model.parameters().front().device();
+  const int64_t hidden = model.config.hidden_size;
+  const bool first = layout.first_stage(), last = layout.last_stage();
+
+  PipelineStepResult result;
+  Tensor lm_sum = torch::zeros({}, torch::dtype(torch::kDouble).device(device));
+  Tensor aux_sum = torch::zeros({}, torch::dtype(torch::kDouble).device(device));
+  std::vector<data::Batch> batches;
+  std::deque<InFlight> in_flight;  // forwards whose backward is pending, oldest first
+  std::vector<parallel::PendingSend> sends;
+
+  for (const parallel::PipelineAction& action :
+       parallel::pipeline_schedule(options.schedule, layout.pp, layout.stage, options.micro_batches)) {
+    const int64_t i = action.micro_batch;
+    if (action.kind == parallel::PipelineAction::kForward) {
+      batches.push_back(next_batch());
+      const data::Batch& batch = batches.back();
+      InFlight state;
+      Tensor x;
+      if (first) {
+        x = batch.tokens.to(device);
+      } else {
+        state.input = activation_buffer(batch, hidden, device);
+        pp.recv(state.input, layout.stage - 1, forward_tag(i));
+        state.input.requires_grad_(true);
+        x = state.input;
+      }
+      model::ModelOutput out;
+      {
+        AutocastScope autocast(options.precision, device);
+        out = model.forward(x, batch.position_ids.to(device));
+      }
+      state.aux = out.aux_loss;
+      if (out.aux_loss.defined()) aux_sum += out.aux_loss.detach().to(torch::kDouble);
+      if (out.expert_load_LE.defined()) {
+        result.pairs_LE = result.pairs_LE.defined() ? result.pairs_LE + out.expert_load_LE : out.expert_load_LE;
+      }
+      if (last) {
+        const Tensor lm_loss = language_model_loss(out.out, batch.labels.to(device));
+        lm_sum += lm_loss.detach().to(torch::kDouble);
+        state.output = out.aux_loss.defined() ? lm_loss + out.aux_loss.to(lm_loss.scalar_type()) : lm_loss;
+      } else {
+        state.output = out.out;
+        sends.push_back(pp.send(out.out.detach().to(torch::kFloat), layout.stage + 1, forward_tag(i)));
+      }
+      in_flight.push_back(std::move(state));
+    } else {
+      InFlight state = std::move(in_flight.front());
+      in_flight.pop_front();
+      if (last) {
+        (state.output * options.loss_scale).backward();
+      } else {
+        Tensor grad = activation_buffer(batches[static_cast<size_t>(i)], hidden, device);
+        pp.recv(grad, layout.stage + 1, backward_tag(i));
+        std::vector<Tensor> outputs{state.output}, grads{grad.to(state.output.scalar_type())};
+        if (state.aux.defined()) {
+          outputs.push_back(state.aux);
+          grads.push_back(torch::full_like(state.aux, options.loss_scale));
+        }
+        torch::autograd::backward(outputs, grads);
+      }
+      if (!first) sends.push_back(pp.send(state.input.grad().to(torch::kFloat), layout.stage - 1, backward_tag(i)));
+    }
+  }
+  for (auto& send : sends) send.wait();
+  result.lm_loss_sum = lm_sum.item<double>();
+  result.aux_loss_sum = aux_sum.item<double>();
+  if (result.pairs_LE.defined()) result.pairs_LE = result.pairs_LE.to(torch::kCPU);  // once per step
+  return result;
+}
+
+model::ModelOutput pipeline_forward(model::TransformerImpl& model, parallel::ParallelContext& parallel,
+                                    const data::Batch& batch, config::Precision precision) {
+  const parallel::ParallelLayout& layout = parallel.layout();
+  const torch::Device device = model.parameters().front().device();
+  Tensor x;
+  if (layout.first_stage()) {
+    x = batch.tokens.to(device);
+  } else {
+    x = activation_buffer(batch, model.config.hidden_size, device);
+    parallel.pp.recv(x, layout.stage - 1, forward_tag(0));
+  }
+  model::ModelOutput out;
+  {
+    AutocastScope autocast(precision, device);
+    out = model.forward(x, batch.position_ids.to(device));
+  }
+  if (!layout.last_stage()) {
+    parallel.pp.send(out.out.to(torch::kFloat), layout.stage + 1, forward_tag(0)).wait();
+    out.out = Tensor();
+  }
+  return out;
+}
+
+}  // namespace yuanmoe::train

@@ -1,0 +1,185 @@
+#!/usr/bin/python3
+"""Data and pipeline parallelism through the real binary, over Gloo, against one process.
+
+Every layout trains the same 4-layer, 8-expert model (aux loss and bias balancing on, so router
+state must stay identical across ranks) on the same global batches for 10 steps; its logged
+losses must equal the single-process run's within 1e-5:
+  dp=2 (yuanmoe launch), pp=2 1f1b, pp=2 gpipe, dp=2 x pp=2, dp=2 under torchrun --no-python.
+Resume across layouts: 5 steps at pp=2 then 5 at pp=1, and 5 at dp=2 then 5 at pp=4 (the
+checkpoint's shards merge by name). Failure: kill -9 one rank of two; the other must exit
+non-zero, naming itself, within the timeout.
+
+usage: /usr/bin/python3 test_parallel.py BUILD_DIR/yuanmoe
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = os.path.abspath(sys.argv[1])
+WORK = tempfile.mkdtemp(prefix="yuanmoe-parallel-")
+FAILURES = []
+STEPS = 10
+
+
+def check(ok, message):
+    print(("ok   " if ok else "FAIL ") + message, flush=True)
+    if not ok:
+        FAILURES.append(message)
+
+
+def run(args, env=None, expect_ok=True, timeout=600):
+    full_env = dict(os.environ, OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    p = subprocess.run(args, cwd=WORK, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if expect_ok and p.returncode != 0:
+        raise SystemExit("FAIL: %s exited %d\n%s%s" % (" ".join(args), p.returncode, p.stdout[-3000:], p.stderr[-3000:]))
+    return p
+
+
+def prepare():
+    rng = random.Random(7)
+    words = "the a cat dog sat ran on under mat log and then it was red big".split()
+    with open(os.path.join(WORK, "corpus.txt"), "w") as f:
+        for _ in range(300):
+            for _ in range(rng.randint(3, 8)):
+                f.write(" ".join(rng.choice(words) for _ in range(rng.randint(4, 11))) + ".\n")
+            f.write("\n")
+    run([BIN, "prepare-data", "--input", "corpus.txt", "--output", "data", "--train-tokenizer", "300",
+         "--valid-fraction", "0.1"])
+    config = {
+        "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "head_dim": 32, "rotary_dim": 16,
+                  "vocab_size": 300, "max_seq_length": 32},
+        "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 64, "aux_loss_coeff": 0.01,
+                "bias_balancing_rate": 0.001},
+        "train": {"seq_length": 32, "micro_batch_size": 2, "global_batch_size": 8, "max_steps": STEPS, "lr": 3e-3,
+                  "warmup_steps": 2, "eval_interval": 5, "eval_steps": 4},
+        "data": {"train_prefix": "data_train", "valid_prefix": "data_valid", "tokenizer": "data.model"},
+        "parallel": {"timeout_s": 60},
+        "checkpoint": {"interval": 5, "keep_last": 3},
+        "log": {"interval": 1, "progress": False, "plots": False, "peak_tflops": 1},
+    }
+    with open(os.path.join(WORK, "run.json"), "w") as f:
+        json.dump(config, f)
+
+
+def losses(run_dir, split=None):
+    out = {}
+    with open(os.path.join(WORK, run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("split") == split:
+                out[record["step"]] = record["loss"]
+    return out
+
+
+def train(run_dir, nproc=1, pp=1, schedule="1f1b", extra=(), launcher="launch"):
+    args = ["train", "--config", "run.json", "--run-dir", run_dir,
+            "--set", "parallel.pipeline_parallel_size=%d" % pp, "--set", "parallel.pipeline_schedule=" + schedule,
+            *extra]
+    if nproc == 1:
+        return run([BIN, *args])
+    if launcher == "torchrun":
+        # torchrun 1.13 (Debian) spells its options with underscores; 2.x accepts both spellings.
+        return run(["torchrun", "--no_python", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+                    BIN, *args])
+    return run([BIN, "launch", "--nproc", str(nproc), "--", *args])
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compare(name, run_dir, reference, steps=None):
+    got, want = losses(run_dir), losses(reference)
+    steps = steps or sorted(want)
+    diff = max(abs(got[s] - want[s]) for s in steps) if all(s in got for s in steps) else float("inf")
+    valid_got, valid_want = losses(run_dir, "valid"), losses(reference, "valid")
+    valid_steps = [s for s in valid_want if s in valid_got and s >= steps[0] - 1]
+    valid_diff = max((abs(valid_got[s] - valid_want[s]) for s in valid_steps), default=0.0)
+    check(diff <= 1e-5 and valid_diff <= 1e-5 and len(valid_steps) > 0,
+          "%s: %d train losses max |diff| %.1e, %d valid losses max |diff| %.1e (<= 1e-5)"
+          % (name, len(steps), diff, len(valid_steps), valid_diff))
+
+
+def kill_one_rank():
+    port = str(free_port())
+    procs, logs = [], []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        log = open(os.path.join(WORK, "kill.%d.log" % rank), "w+")
+        procs.append(subprocess.Popen([BIN, "train", "--config", "run.json", "--run-dir", "run_kill",
+                                       "--set", "train.max_steps=100000", "--set", "parallel.timeout_s=20",
+                                       "--set", "train.eval_interval=0", "--set", "checkpoint.interval=0"],
+                                      cwd=WORK, env=env, stdout=log, stderr=subprocess.STDOUT))
+        logs.append(log)
+    # Wait until rank 1 is training (its log shows a step), then kill it.
+    rank1_log = os.path.join(WORK, "run_kill", "train.rank1.log")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(rank1_log) and "rank 1 of 2" in open(rank1_log).read():
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        code = procs[0].wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        code = None
+    seconds = time.time() - killed_at
+    logs[0].seek(0)
+    text = logs[0].read()
+    error_lines = [l for l in text.splitlines() if "error" in l]
+    check(code not in (0, None) and any("rank 0 of 2" in l for l in error_lines),
+          "kill -9 rank 1: rank 0 exits %s after %.1f s: %s" % (code, seconds, (error_lines or ["<none>"])[0][:200]))
+
+
+def main():
+    try:
+        prepare()
+        train("single")
+        train("dp2", nproc=2)
+        compare("dp=2 (launch) vs 1 process", "dp2", "single")
+        train("pp2", nproc=2, pp=2)
+        compare("pp=2 1f1b vs 1 process", "pp2", "single")
+        train("pp2_gpipe", nproc=2, pp=2, schedule="gpipe")
+        compare("pp=2 gpipe vs 1 process", "pp2_gpipe", "single")
+        train("dp2pp2", nproc=4, pp=2)
+        compare("dp=2 x pp=2 vs 1 process", "dp2pp2", "single")
+        if shutil.which("torchrun"):
+            train("torchrun", nproc=2, launcher="torchrun")
+            compare("dp=2 (torchrun --no-python) vs 1 process", "torchrun", "single")
+        # Layout changes between save and resume.
+        train("pp2_then_pp1", nproc=2, pp=2, extra=["--exit-after-steps", "5"])
+        train("pp2_then_pp1", nproc=1, pp=1)
+        compare("saved at pp=2, resumed at pp=1", "pp2_then_pp1", "single")
+        train("dp2_then_pp4", nproc=2, extra=["--exit-after-steps", "5"])
+        train("dp2_then_pp4", nproc=4, pp=4)
+        compare("saved at dp=2, resumed at pp=4", "dp2_then_pp4", "single")
+        kill_one_rank()
+    finally:
+        if FAILURES or os.environ.get("KEEP_WORK"):
+            print("work dir kept: " + WORK)
+        else:
+            shutil.rmtree(WORK, ignore_errors=True)
+    if FAILURES:
+        print("%d check(s) failed" % len(FAILURES))
+        return 1
+    print("all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
