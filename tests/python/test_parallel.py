@@ -86,9 +86,10 @@ def train(run_dir, nproc=1, pp=1, schedule="1f1b", extra=(), launcher="launch"):
     if nproc == 1:
         return run([BIN, *args])
     if launcher == "torchrun":
-        # torchrun 1.13 (Debian) spells its options with underscores; 2.x accepts both spellings.
+        # torchrun 1.13 (Debian) spells its options with underscores (2.x accepts both), and under
+        # Python 3.11 its default --redirects 0 crashes (IntFlag iteration skips 0): pass 2.
         return run(["torchrun", "--no_python", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-                    BIN, *args])
+                    "--redirects", "2", "--tee", "2", BIN, *args])
     return run([BIN, "launch", "--nproc", str(nproc), "--", *args])
 
 
