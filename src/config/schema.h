@@ -105,6 +105,10 @@ void visit(V& v, ParallelConfig& c) {
   v.field("pipeline_schedule", c.pipeline_schedule, kOptional, "Pipeline schedule.");
   v.field("num_microbatches", c.num_microbatches, kOptional,
           "Micro-batches per step; null = global / (micro * data-parallel size).");
+  v.field("first_stage_layers", c.first_stage_layers, kOptional,
+          "Layers on the first stage (which also holds the embedding); 0 = balanced.");
+  v.field("last_stage_layers", c.last_stage_layers, kOptional,
+          "Layers on the last stage (which also holds the head); 0 = balanced.");
   v.field("backend", c.backend, kOptional, "c10d backend: auto = NCCL on CUDA, Gloo on CPU.");
   v.field("timeout_s", c.timeout_s, kOptional, "Collective and rendezvous timeout in seconds.");
 }

@@ -130,6 +130,23 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
             "must be <= model.num_layers (" + Checker::str(config.model.num_layers) +
                 "): every stage needs a layer");
   if (p.num_microbatches) c.positive(*p.num_microbatches, "parallel.num_microbatches");
+  c.non_negative(p.first_stage_layers, "parallel.first_stage_layers");
+  c.non_negative(p.last_stage_layers, "parallel.last_stage_layers");
+  {
+    // What the other stages keep: at least one layer each, and exactly the rest when the first
+    // and last are the only ones.
+    const int64_t fixed = p.first_stage_layers + p.last_stage_layers;
+    const int64_t fixed_stages = (p.first_stage_layers > 0) + (p.last_stage_layers > 0);
+    const int64_t others = p.pipeline_parallel_size - fixed_stages;
+    const int64_t rest = config.model.num_layers - fixed;
+    c.require(fixed == 0 || p.pipeline_parallel_size > 1, "parallel.first_stage_layers",
+              "and parallel.last_stage_layers need parallel.pipeline_parallel_size > 1");
+    c.require(fixed == 0 || p.pipeline_parallel_size <= 1 || (others == 0 ? rest == 0 : rest >= others),
+              "parallel.last_stage_layers",
+              "with parallel.first_stage_layers leaves " + Checker::str(rest) + " of model.num_layers (" +
+                  Checker::str(config.model.num_layers) + ") for " + Checker::str(others) +
+                  " other stage(s): each needs at least one, and none may be left over");
+  }
   c.positive(p.timeout_s, "parallel.timeout_s");
 
   c.non_negative(config.checkpoint.interval, "checkpoint.interval");

@@ -112,11 +112,22 @@ ordered_json load_json_array(const Tensor& load_LE) {
 
 }  // namespace
 
-model::StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage) {
-  const int64_t base = num_layers / stages, extra = num_layers % stages;
-  const int64_t first = stage * base + std::min(stage, extra);
-  const int64_t end = first + base + (stage < extra ? 1 : 0);
-  return {first, end, stage == 0, stage == stages - 1};
+model::StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage, int64_t first_layers,
+                                int64_t last_layers) {
+  std::vector<int64_t> sizes(static_cast<size_t>(stages), 0);
+  if (stages > 1 && first_layers > 0) sizes.front() = first_layers;
+  if (stages > 1 && last_layers > 0) sizes.back() = last_layers;
+  std::vector<size_t> free_stages;
+  for (size_t s = 0; s < sizes.size(); ++s) {
+    if (sizes[s] == 0) free_stages.push_back(s);
+  }
+  int64_t rest = num_layers;
+  for (const int64_t size : sizes) rest -= size;
+  const int64_t n = static_cast<int64_t>(free_stages.size());
+  for (int64_t i = 0; i < n; ++i) sizes[free_stages[static_cast<size_t>(i)]] = rest / n + (i < rest % n ? 1 : 0);
+  int64_t first = 0;
+  for (int64_t s = 0; s < stage; ++s) first += sizes[static_cast<size_t>(s)];
+  return {first, first + sizes[static_cast<size_t>(stage)], stage == 0, stage == stages - 1};
 }
 
 Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
@@ -186,7 +197,8 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
   // Each parameter's initial value depends only on the seed and its name (init.h), so every
   // layout starts from the same model. Other randomness (dropout) differs per rank.
   torch::manual_seed(static_cast<uint64_t>(train.seed + parallel_.world().rank));
-  stage_ = balanced_stage(config_.model.num_layers, layout.pp, layout.stage);
+  stage_ = balanced_stage(config_.model.num_layers, layout.pp, layout.stage, config_.parallel.first_stage_layers,
+                         config_.parallel.last_stage_layers);
   for (int64_t l = 0; l < config_.model.num_layers; ++l) {
     if (!model::is_moe_layer(config_.moe, l)) continue;
     ++total_moe_layers_;

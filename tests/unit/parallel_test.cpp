@@ -141,6 +141,22 @@ TEST(Stages, BalancedPartitionCoversEveryLayerOnce) {
   }
 }
 
+TEST(Stages, FirstAndLastStageSizesCanBeSet) {
+  const auto sizes = [](int64_t layers, int64_t stages, int64_t first, int64_t last) {
+    std::string out;
+    for (int64_t s = 0; s < stages; ++s) {
+      const model::StageSpec spec = train::balanced_stage(layers, stages, s, first, last);
+      out += std::to_string(spec.end_layer - spec.first_layer) + (s + 1 < stages ? " " : "");
+    }
+    return out;
+  };
+  EXPECT_EQ(sizes(4, 2, 0, 1), "3 1");  // the head's stage lighter
+  EXPECT_EQ(sizes(24, 8, 2, 2), "2 4 4 3 3 3 3 2");
+  EXPECT_EQ(sizes(7, 3, 0, 0), "3 2 2");
+  EXPECT_EQ(sizes(7, 3, 1, 0), "1 3 3");
+  EXPECT_EQ(sizes(5, 1, 0, 0), "5");
+}
+
 TEST(Stages, InitialWeightsDependOnNamesNotOnTheLayout) {
   auto model_config = testing::small_model_config();
   model_config.num_layers = 3;

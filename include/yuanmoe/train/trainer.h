@@ -35,9 +35,12 @@ struct TrainerOptions {
   parallel::ParallelContext parallel;
 };
 
-/// Layers [first, end) of pipeline stage `stage` of `stages`: contiguous, sizes differing by at
-/// most one (earlier stages take the remainder), embedding on the first, head on the last.
-model::StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage);
+/// Layers [first, end) of pipeline stage `stage` of `stages`: contiguous; the first and last
+/// stage get `first_layers` / `last_layers` when those are > 0, and the other stages share the
+/// rest in sizes differing by at most one (earlier stages take the remainder). Embedding on the
+/// first stage, head on the last.
+model::StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage, int64_t first_layers = 0,
+                                int64_t last_layers = 0);
 
 struct TrainSummary {
   int64_t first_step = 0;  // steps already done when this invocation started

@@ -1,0 +1,73 @@
+#!/usr/bin/python3
+"""Pipeline bubble on this machine: tiny-m32 at pp=1 (one process) and pp=2 (`yuanmoe launch`),
+one intra-op thread per process, micro-batch 1 and m = 2, 4, 8 micro-batches per step, 1F1B.
+pp=2 runs twice: layers split 2 + 2 (balanced by layer count) and 3 + 1
+(parallel.last_stage_layers = 1: the head's stage gets one layer).
+
+measured bubble = 1 - (T1 / 2) / T2, with T1 the one-process step time (all the work on one
+core) and T2 the two-stage step time: the fraction of the two cores' time not spent on the
+one-process work. The 1F1B formula (reference/distributed.md §3) is (p - 1) / (m + p - 1) for
+equal stages; the last stage of tiny-m32 also holds the 8192-way head (about 1.6 layers of
+work), so the 2 + 2 split is unequal and its figure includes that imbalance.
+
+usage: /usr/bin/python3 bench/pipeline_bubble.py BUILD_DIR/yuanmoe [--steps 12]
+(needs data/brown_* from scripts/demo.sh or scripts/get-corpus.sh + prepare-data)
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def step_times(run_dir, tokens_per_step, skip):
+    times = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "split" not in record and record["step"] > skip:
+                times.append(tokens_per_step / record["tokens_per_s"])
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--config", default="configs/tiny-m32.json")
+    args = ap.parse_args()
+    binary = os.path.abspath(args.binary)
+    work = tempfile.mkdtemp(prefix="yuanmoe-bubble-")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rows = []
+    for m in (2, 4, 8):
+        times = {}
+        for pp, last_layers in ((1, 0), (2, 0), (2, 1)):
+            run_dir = os.path.join(work, "m%d_pp%d_last%d" % (m, pp, last_layers))
+            train = ["train", "--config", args.config, "--run-dir", run_dir,
+                     "--set", "train.max_steps=%d" % args.steps, "--set", "train.micro_batch_size=1",
+                     "--set", "train.global_batch_size=%d" % m, "--set", "train.eval_interval=0",
+                     "--set", "data.valid_prefix=", "--set", "checkpoint.interval=0", "--set", "log.interval=1",
+                     "--set", "log.progress=false", "--set", "log.plots=false", "--set", "log.peak_tflops=1",
+                     "--set", "parallel.pipeline_parallel_size=%d" % pp,
+                     "--set", "parallel.last_stage_layers=%d" % last_layers]
+            command = [binary, *train] if pp == 1 else [binary, "launch", "--nproc", "2", "--", *train]
+            subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[(pp, last_layers)] = step_times(run_dir, m * 256, skip=2)
+        t1, t22, t31 = times[(1, 0)], times[(2, 0)], times[(2, 1)]
+        rows.append((m, t1, t22, 1 - (t1 / 2) / t22, t31, 1 - (t1 / 2) / t31, 1 / (m + 1)))
+        print("m=%d: pp1 %.3f s | pp2 2+2 %.3f s, bubble %.3f | pp2 3+1 %.3f s, bubble %.3f | 1F1B formula %.3f"
+              % rows[-1], flush=True)
+    print("\n| m | step, 1 process (s) | step, pp=2 2+2 (s) | bubble 2+2 | step, pp=2 3+1 (s) | bubble 3+1 "
+          "| 1F1B (p-1)/(m+p-1) |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print("| %d | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f |" % row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
