@@ -1,17 +1,17 @@
 #!/usr/bin/python3
-"""Pipeline bubble on this machine: tiny-m32 at pp=1 (one process) and pp=2 (`yuanmoe launch`),
-one intra-op thread per process, micro-batch 1 and m = 2, 4, 8 micro-batches per step, 1F1B.
-pp=2 runs twice: layers split 2 + 2 (balanced by layer count) and 3 + 1
-(parallel.last_stage_layers = 1: the head's stage gets one layer).
+"""Pipeline bubble on this machine: tiny-m32 at pp=2 (`yuanmoe launch`, one intra-op thread per
+process), micro-batch 1, m = 2, 4, 8 micro-batches per step, 1F1B, against one process.
 
-measured bubble = 1 - (T1 / 2) / T2, with T1 the one-process step time (all the work on one
-core) and T2 the two-stage step time: the fraction of the two cores' time not spent on the
-one-process work. The 1F1B formula (reference/distributed.md §3) is (p - 1) / (m + p - 1) for
-equal stages; the last stage of tiny-m32 also holds the 8192-way head (about 1.6 layers of
-work), so the 2 + 2 split is unequal and its figure includes that imbalance.
+The bubble is measured inside the schedule: each stage's time blocked on the other stage
+(receives and outstanding sends) over its time in the schedule, averaged over the stages
+(`pipeline_bubble` in metrics.jsonl). The 1F1B formula (reference/distributed.md §3) is
+(p - 1) / (m + p - 1) for equal stages. tiny-m32's last stage also holds the 8192-way head
+(about 1.6 layers of work), so pp=2 runs twice: layers 2 + 2 and 3 + 1
+(parallel.last_stage_layers = 1). Step times include what the schedule does not: the optimizer
+step, the loss and expert-load reductions.
 
 usage: /usr/bin/python3 bench/pipeline_bubble.py BUILD_DIR/yuanmoe [--steps 12]
-(needs data/brown_* from scripts/demo.sh or scripts/get-corpus.sh + prepare-data)
+(needs data/brown_* from scripts/demo.sh, or scripts/get-corpus.sh + prepare-data)
 """
 
 import argparse
@@ -23,14 +23,15 @@ import sys
 import tempfile
 
 
-def step_times(run_dir, tokens_per_step, skip):
-    times = []
+def medians(run_dir, tokens_per_step, skip):
+    times, bubbles = [], []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
             if "split" not in record and record["step"] > skip:
                 times.append(tokens_per_step / record["tokens_per_s"])
-    return statistics.median(times)
+                bubbles.append(record.get("pipeline_bubble", 0.0))
+    return statistics.median(times), statistics.median(bubbles)
 
 
 def main():
@@ -44,7 +45,7 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rows = []
     for m in (2, 4, 8):
-        times = {}
+        result = {}
         for pp, last_layers in ((1, 0), (2, 0), (2, 1)):
             run_dir = os.path.join(work, "m%d_pp%d_last%d" % (m, pp, last_layers))
             train = ["train", "--config", args.config, "--run-dir", run_dir,
@@ -56,16 +57,16 @@ def main():
                      "--set", "parallel.last_stage_layers=%d" % last_layers]
             command = [binary, *train] if pp == 1 else [binary, "launch", "--nproc", "2", "--", *train]
             subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            times[(pp, last_layers)] = step_times(run_dir, m * 256, skip=2)
-        t1, t22, t31 = times[(1, 0)], times[(2, 0)], times[(2, 1)]
-        rows.append((m, t1, t22, 1 - (t1 / 2) / t22, t31, 1 - (t1 / 2) / t31, 1 / (m + 1)))
-        print("m=%d: pp1 %.3f s | pp2 2+2 %.3f s, bubble %.3f | pp2 3+1 %.3f s, bubble %.3f | 1F1B formula %.3f"
-              % rows[-1], flush=True)
-    print("\n| m | step, 1 process (s) | step, pp=2 2+2 (s) | bubble 2+2 | step, pp=2 3+1 (s) | bubble 3+1 "
-          "| 1F1B (p-1)/(m+p-1) |")
-    print("|---|---|---|---|---|---|---|")
+            result[(pp, last_layers)] = medians(run_dir, m * 256, skip=2)
+        (t1, _), (t22, b22), (t31, b31) = result[(1, 0)], result[(2, 0)], result[(2, 1)]
+        rows.append((m, t1, t22, t1 / t22, b22, t31, t1 / t31, b31, 1 / (m + 1)))
+        print("m=%d: 1 process %.3f s | pp=2 2+2 %.3f s (x%.2f), bubble %.3f | pp=2 3+1 %.3f s (x%.2f), bubble %.3f "
+              "| 1F1B formula %.3f" % rows[-1], flush=True)
+    print("\n| m | 1 process (s) | pp=2, 2+2 layers (s) | speed-up | bubble | pp=2, 3+1 layers (s) | speed-up "
+          "| bubble | 1F1B (p-1)/(m+p-1) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print("| %d | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f |" % row)
+        print("| %d | %.3f | %.3f | %.2f | %.3f | %.3f | %.2f | %.3f | %.3f |" % row)
     return 0
 
 

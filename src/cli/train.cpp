@@ -63,6 +63,8 @@ int run_train(int argc, const char* const* argv) {
     std::string text = "rank " + std::to_string(world.rank) + " of " + std::to_string(world.world_size) + ": " + message;
     if (auto first = context.first_failure(); first && first->rfind("rank " + std::to_string(world.rank) + ":", 0) != 0) {
       text += "\n(first failure: " + *first + ")";
+    } else if (!first) {
+      text += "\n(no rank reported a failure: one may have died; rank N > 0 logs to train.rankN.log in the run dir)";
     }
     throw std::runtime_error(text);
   }

@@ -1,5 +1,6 @@
 #include "yuanmoe/train/pipeline.h"
 
+#include <chrono>
 #include <deque>
 
 #include "yuanmoe/parallel/schedule.h"
@@ -38,6 +39,13 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
   const bool first = layout.first_stage(), last = layout.last_stage();
 
   PipelineStepResult result;
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  const auto timed_wait = [&](auto&& blocking_call) {
+    const Clock::time_point t0 = Clock::now();
+    blocking_call();
+    result.wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+  };
   Tensor lm_sum = torch::zeros({}, torch::dtype(torch::kDouble).device(device));
   Tensor aux_sum = torch::zeros({}, torch::dtype(torch::kDouble).device(device));
   std::vector<data::Batch> batches;
@@ -56,7 +64,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
         x = batch.tokens.to(device);
       } else {
         state.input = activation_buffer(batch, hidden, device);
-        pp.recv(state.input, layout.stage - 1, forward_tag(i));
+        timed_wait([&] { pp.recv(state.input, layout.stage - 1, forward_tag(i)); });
         state.input.requires_grad_(true);
         x = state.input;
       }
@@ -86,7 +94,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
         (state.output * options.loss_scale).backward();
       } else {
         Tensor grad = activation_buffer(batches[static_cast<size_t>(i)], hidden, device);
-        pp.recv(grad, layout.stage + 1, backward_tag(i));
+        timed_wait([&] { pp.recv(grad, layout.stage + 1, backward_tag(i)); });
         std::vector<Tensor> outputs{state.output}, grads{grad.to(state.output.scalar_type())};
         if (state.aux.defined()) {
           outputs.push_back(state.aux);
@@ -97,10 +105,13 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
       if (!first) sends.push_back(pp.send(state.input.grad().to(torch::kFloat), layout.stage - 1, backward_tag(i)));
     }
   }
-  for (auto& send : sends) send.wait();
+  timed_wait([&] {
+    for (auto& send : sends) send.wait();
+  });
   result.lm_loss_sum = lm_sum.item<double>();
   result.aux_loss_sum = aux_sum.item<double>();
   if (result.pairs_LE.defined()) result.pairs_LE = result.pairs_LE.to(torch::kCPU);  // once per step
+  result.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return result;
 }
 

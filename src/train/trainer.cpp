@@ -278,9 +278,11 @@ Trainer::StepResult Trainer::train_step() {
       run_pipeline_step(*model_, parallel_, options, [&] { return train_sampler_->next_batch(); });
   synchronize_gradients();
 
-  // Losses live on the last stages, router terms on every stage: one sum over the world.
-  Tensor sums = torch::tensor({step.lm_loss_sum, step.aux_loss_sum}, torch::kDouble);
+  // Losses live on the last stages, router terms on every stage: one sum over the world. The
+  // pipeline's waiting and total times give its measured bubble.
+  Tensor sums = torch::tensor({step.lm_loss_sum, step.aux_loss_sum, step.wait_seconds, step.wall_seconds}, torch::kDouble);
   parallel_.world_group.all_reduce_sum(sums);
+  result.pipeline_bubble = sums[3].item<double>() > 0 ? sums[2].item<double>() / sums[3].item<double>() : 0.0;
   result.loss = sums[0].item<double>() / static_cast<double>(micro_batches_per_global_batch_);
   result.aux_loss = sums[1].item<double>() / static_cast<double>(micro_batches_per_global_batch_);
   if (!std::isfinite(result.loss) || !std::isfinite(result.aux_loss)) {
@@ -525,6 +527,7 @@ TrainSummary Trainer::run() {
                                                (peak_flops_ * static_cast<double>(parallel_.world().world_size))
                                          : 0.0;
       line["mfu"] = mfu;
+      if (parallel_.layout().pp > 1) line["pipeline_bubble"] = result.pipeline_bubble;
       if (interval_pairs_LE.defined()) line["expert_load"] = load_json_array(expert_load_fractions(interval_pairs_LE));
       if (metrics_) metrics_->write(line);
       const std::string text = fmt::format(

@@ -33,6 +33,8 @@ struct PipelineStepResult {
   double lm_loss_sum = 0.0;   // sum of the micro-batches' mean LM losses (last stage, else 0)
   double aux_loss_sum = 0.0;  // this stage's router terms summed over micro-batches
   Tensor pairs_LE;            // this stage's MoE layers [L_stage, E], int64 CPU; undefined if none
+  double wall_seconds = 0.0;  // the whole schedule
+  double wait_seconds = 0.0;  // blocked on other stages (receives, outstanding sends): the bubble
 };
 
 /// Runs the schedule; parameter gradients accumulate in .grad. `next_batch` is called once per

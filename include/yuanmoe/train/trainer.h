@@ -67,6 +67,7 @@ class Trainer {
     double aux_loss = 0.0;  // router terms as added to the loss
     double grad_norm = 0.0;
     double lr = 0.0;
+    double pipeline_bubble = 0.0;  // stages' mean fraction of the schedule spent waiting (pp > 1)
     Tensor pairs_LE;        // routed pairs per MoE layer and expert (int64, CPU)
   };
 
