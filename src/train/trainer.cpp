@@ -17,6 +17,7 @@
 #include "yuanmoe/train/lr_schedule.h"
 #include "yuanmoe/train/mfu.h"
 #include "yuanmoe/model/block.h"
+#include "yuanmoe/train/gradient_sync.h"
 #include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/pipeline.h"
 #include "yuanmoe/train/plots.h"
@@ -276,7 +277,8 @@ Trainer::StepResult Trainer::train_step() {
   options.precision = config_.train.precision;
   const PipelineStepResult step =
       run_pipeline_step(*model_, parallel_, options, [&] { return train_sampler_->next_batch(); });
-  synchronize_gradients();
+  synchronize_gradients(parameters_,
+                        parallel_.embedding.size() > 1 ? model_->embed_tokens->weight : Tensor(), parallel_);
 
   // Losses live on the last stages, router terms on every stage: one sum over the world. The
   // pipeline's waiting and total times give its measured bubble.
@@ -299,9 +301,7 @@ Trainer::StepResult Trainer::train_step() {
     if (!stage_.has_embedding && item.key().rfind("embed_tokens.", 0) == 0) continue;
     counted.push_back(item.value());
   }
-  Tensor squared = torch::tensor({squared_gradient_norm(counted)}, torch::kDouble);
-  parallel_.pp.all_reduce_sum(squared);
-  result.grad_norm = std::sqrt(squared.item<double>());
+  result.grad_norm = global_gradient_norm(counted, parallel_);
   scale_gradients_to_norm(parameters_, config_.train.grad_clip, result.grad_norm);
   optimizer_->step();
   const int64_t tokens = config_.train.global_batch_size * config_.train.seq_length;
@@ -309,45 +309,6 @@ Trainer::StepResult Trainer::train_step() {
   ++step_;
   tokens_seen_ += tokens;
   return result;
-}
-
-void Trainer::synchronize_gradients() {
-  torch::NoGradGuard no_grad;
-  // The first and last stage each hold the tied embedding; its gradient is the sum (Megatron).
-  if (parallel_.embedding.size() > 1) {
-    Tensor weight = model_->embed_tokens->weight;
-    if (!weight.grad().defined()) weight.mutable_grad() = torch::zeros_like(weight);
-    Tensor grad = weight.grad();
-    parallel_.embedding.all_reduce_sum(grad);
-  }
-  const int64_t dp = parallel_.dp.size();
-  if (dp == 1) return;
-  // Data-parallel mean in fp32 buckets of about 25 MB (Gloo has no AVG: sum, then divide).
-  constexpr int64_t kBucketBytes = 25 << 20;
-  std::vector<Tensor> bucket;
-  int64_t bucket_bytes = 0;
-  const auto flush = [&] {
-    if (bucket.empty()) return;
-    std::vector<Tensor> flat_parts;
-    for (const Tensor& g : bucket) flat_parts.push_back(g.reshape(-1).to(torch::kFloat));
-    Tensor flat = torch::cat(flat_parts);
-    parallel_.dp.all_reduce_sum(flat);
-    flat.div_(static_cast<double>(dp));
-    int64_t offset = 0;
-    for (Tensor& g : bucket) {
-      g.copy_(flat.narrow(0, offset, g.numel()).view_as(g));
-      offset += g.numel();
-    }
-    bucket.clear();
-    bucket_bytes = 0;
-  };
-  for (Tensor& p : parameters_) {
-    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);  // every rank reduces the same list
-    bucket.push_back(p.grad());
-    bucket_bytes += p.numel() * 4;
-    if (bucket_bytes >= kBucketBytes) flush();
-  }
-  flush();
 }
 
 Tensor Trainer::global_expert_counts(const Tensor& stage_pairs_LE) {

@@ -4,7 +4,8 @@
 Every layout trains the same 4-layer, 8-expert model (aux loss and bias balancing on, so router
 state must stay identical across ranks) on the same global batches for 10 steps; its logged
 losses must equal the single-process run's within 1e-5:
-  dp=2 (yuanmoe launch), pp=2 1f1b, pp=2 gpipe, dp=2 x pp=2, dp=2 under torchrun --no-python.
+  dp=2 (yuanmoe launch), pp=2 1f1b, pp=2 gpipe, pp=2 with recompute, dp=2 x pp=2, dp=2 under
+  torchrun --no_python.
 Resume across layouts: 5 steps at pp=2 then 5 at pp=1, and 5 at dp=2 then 5 at pp=4 (the
 checkpoint's shards merge by name). Failure: kill -9 one rank of two; the other must exit
 non-zero, naming itself, within the timeout.
@@ -157,6 +158,8 @@ def main():
         compare("pp=2 1f1b vs 1 process", "pp2", "single")
         train("pp2_gpipe", nproc=2, pp=2, schedule="gpipe")
         compare("pp=2 gpipe vs 1 process", "pp2_gpipe", "single")
+        train("pp2_recompute", nproc=2, pp=2, extra=["--set", "train.recompute=true"])
+        compare("pp=2 1f1b with train.recompute vs 1 process", "pp2_recompute", "single")
         train("dp2pp2", nproc=4, pp=2)
         compare("dp=2 x pp=2 vs 1 process", "dp2pp2", "single")
         if shutil.which("torchrun"):

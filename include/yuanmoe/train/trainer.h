@@ -73,8 +73,6 @@ class Trainer {
 
   void resume_or_initialise();
   StepResult train_step();
-  /// Tied-embedding copies summed, then the data-parallel mean, in fp32 buckets.
-  void synchronize_gradients();
   /// This stage's [L_stage, E] counts -> the whole model's [L_moe, E], summed over the world.
   Tensor global_expert_counts(const Tensor& stage_pairs_LE);
   void update_routers(const Tensor& pairs_LE, int64_t tokens);

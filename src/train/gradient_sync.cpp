@@ -1,0 +1,54 @@
+#include "yuanmoe/train/gradient_sync.h"
+
+#include <cmath>
+
+#include "yuanmoe/train/optimizer.h"
+
+namespace yuanmoe::train {
+
+void synchronize_gradients(const std::vector<Tensor>& parameters, const Tensor& tied_embedding,
+                           const parallel::ParallelContext& parallel) {
+  torch::NoGradGuard no_grad;
+  if (tied_embedding.defined() && parallel.embedding.size() > 1) {
+    Tensor weight = tied_embedding;
+    if (!weight.grad().defined()) weight.mutable_grad() = torch::zeros_like(weight);
+    Tensor grad = weight.grad();
+    parallel.embedding.all_reduce_sum(grad);
+  }
+  const int64_t dp = parallel.dp.size();
+  if (dp == 1) return;
+  // Gloo has no AVG: sum, then divide.
+  constexpr int64_t kBucketBytes = 25 << 20;
+  std::vector<Tensor> bucket;
+  int64_t bucket_bytes = 0;
+  const auto flush = [&] {
+    if (bucket.empty()) return;
+    std::vector<Tensor> flat_parts;
+    for (const Tensor& g : bucket) flat_parts.push_back(g.reshape(-1).to(torch::kFloat));
+    Tensor flat = torch::cat(flat_parts);  // [bucket elements]
+    parallel.dp.all_reduce_sum(flat);
+    flat.div_(static_cast<double>(dp));
+    int64_t offset = 0;
+    for (Tensor& g : bucket) {
+      g.copy_(flat.narrow(0, offset, g.numel()).view_as(g));
+      offset += g.numel();
+    }
+    bucket.clear();
+    bucket_bytes = 0;
+  };
+  for (Tensor p : parameters) {
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+    bucket.push_back(p.grad());
+    bucket_bytes += p.numel() * 4;
+    if (bucket_bytes >= kBucketBytes) flush();
+  }
+  flush();
+}
+
+double global_gradient_norm(const std::vector<Tensor>& parameters, const parallel::ParallelContext& parallel) {
+  Tensor squared = torch::tensor({squared_gradient_norm(parameters)}, torch::kDouble);
+  parallel.pp.all_reduce_sum(squared);
+  return std::sqrt(squared.item<double>());
+}
+
+}  // namespace yuanmoe::train
