@@ -37,7 +37,15 @@ RANDOM=11
 for attempt in $(seq 1 30); do
   "$bin" train --config run.json --run-dir killed > "killed.$attempt.log" 2>&1 &
   pid=$!
-  # Start-up takes ~0.3-0.6 s; kill anywhere from before the first step to late in the run.
+  # Every other attempt first waits for a checkpoint to exist, so some kills always land after
+  # one (start-up is slower on a loaded machine, e.g. under ctest -j2); then kill anywhere from
+  # before the first step to late in the run.
+  if [ $((attempt % 2)) -eq 0 ]; then
+    for _ in $(seq 1 200); do
+      [ -e killed/checkpoints/latest ] || ! kill -0 "$pid" 2>/dev/null && break
+      sleep 0.1
+    done
+  fi
   sleep "0.$((RANDOM % 9 + 1))$((RANDOM % 10))"
   if ! kill -0 "$pid" 2>/dev/null; then wait "$pid"; break; fi
   kill -9 "$pid" 2>/dev/null || true
