@@ -13,22 +13,35 @@ namespace yuanmoe::train {
 
 MetricsLog::MetricsLog(std::filesystem::path path, int64_t resume_step) : path_(std::move(path)) {
   std::vector<std::string> kept;
+  bool dropped = false;
   {
     std::ifstream in(path_);
     std::string line;
     while (std::getline(in, line)) {
       try {
         const auto j = nlohmann::json::parse(line);
-        if (j.value("step", int64_t{0}) <= resume_step) kept.push_back(line);
+        if (j.value("step", int64_t{0}) <= resume_step) {
+          kept.push_back(line);
+          continue;
+        }
       } catch (const nlohmann::json::exception&) {
         // A torn last line from a killed run: drop it.
       }
+      dropped = true;
     }
   }
-  {
-    std::ofstream rewrite(path_, std::ios::trunc);
-    if (!rewrite) throw std::runtime_error(path_.string() + ": cannot write metrics file");
-    for (const auto& line : kept) rewrite << line << "\n";
+  if (dropped) {
+    // Written aside and renamed: a kill at any moment leaves either the old or the new file,
+    // never a truncated one (found by tests/cli/kill_resume.sh).
+    const std::filesystem::path tmp = path_.string() + ".tmp";
+    {
+      std::ofstream rewrite(tmp, std::ios::trunc);
+      if (!rewrite) throw std::runtime_error(tmp.string() + ": cannot write metrics file");
+      for (const auto& line : kept) rewrite << line << "\n";
+      rewrite.flush();
+      if (!rewrite) throw std::runtime_error(tmp.string() + ": write failed");
+    }
+    std::filesystem::rename(tmp, path_);
   }
   out_.open(path_, std::ios::app);
   if (!out_) throw std::runtime_error(path_.string() + ": cannot write metrics file");
