@@ -15,7 +15,6 @@ usage: /usr/bin/python3 test_parallel.py BUILD_DIR/yuanmoe
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -23,16 +22,13 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from harness import Checks, write_corpus  # noqa: E402
+
 BIN = os.path.abspath(sys.argv[1])
 WORK = tempfile.mkdtemp(prefix="yuanmoe-parallel-")
-FAILURES = []
+check = Checks()
 STEPS = 10
-
-
-def check(ok, message):
-    print(("ok   " if ok else "FAIL ") + message, flush=True)
-    if not ok:
-        FAILURES.append(message)
 
 
 def run(args, env=None, expect_ok=True, timeout=600):
@@ -45,13 +41,7 @@ def run(args, env=None, expect_ok=True, timeout=600):
 
 
 def prepare():
-    rng = random.Random(7)
-    words = "the a cat dog sat ran on under mat log and then it was red big".split()
-    with open(os.path.join(WORK, "corpus.txt"), "w") as f:
-        for _ in range(300):
-            for _ in range(rng.randint(3, 8)):
-                f.write(" ".join(rng.choice(words) for _ in range(rng.randint(4, 11))) + ".\n")
-            f.write("\n")
+    write_corpus(os.path.join(WORK, "corpus.txt"), documents=300)
     run([BIN, "prepare-data", "--input", "corpus.txt", "--output", "data", "--train-tokenizer", "300",
          "--valid-fraction", "0.1"])
     config = {
@@ -174,15 +164,8 @@ def main():
         compare("saved at dp=2, resumed at pp=4", "dp2_then_pp4", "single")
         kill_one_rank()
     finally:
-        if FAILURES or os.environ.get("KEEP_WORK"):
-            print("work dir kept: " + WORK)
-        else:
-            shutil.rmtree(WORK, ignore_errors=True)
-    if FAILURES:
-        print("%d check(s) failed" % len(FAILURES))
-        return 1
-    print("all checks passed")
-    return 0
+        code = check.finish(WORK)
+    return code
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ usage: /usr/bin/python3 test_hf_interop.py BUILD_DIR/yuanmoe
 
 import json
 import os
-import random
 import shutil
 import struct
 import subprocess
@@ -27,11 +26,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
 import yuan2_reference as ref  # noqa: E402
+from harness import Checks, write_corpus  # noqa: E402
 
 BIN = os.path.abspath(sys.argv[1])
 WORK = tempfile.mkdtemp(prefix="yuanmoe-hf-")
-FAILURES = []
+check = Checks()
 
 VOCAB, HIDDEN, HEADS, HEAD_DIM, LAYERS, EXPERTS, TOP_K, FFN, SEQ = 300, 64, 4, 32, 2, 32, 2, 32, 64
 
@@ -43,24 +44,12 @@ def run(*args, expect_ok=True):
     return p
 
 
-def check(ok, message):
-    print(("ok   " if ok else "FAIL ") + message)
-    if not ok:
-        FAILURES.append(message)
-
-
 def path(*parts):
     return os.path.join(WORK, *parts)
 
 
 def make_corpus():
-    rng = random.Random(7)
-    words = "the a cat dog sat ran on under mat log and then it was red big".split()
-    with open(path("corpus.txt"), "w") as f:
-        for _ in range(200):
-            for _ in range(rng.randint(3, 8)):
-                f.write(" ".join(rng.choice(words) for _ in range(rng.randint(4, 11))) + ".\n")
-            f.write("\n")
+    write_corpus(path("corpus.txt"), documents=200)
     run("prepare-data", "--input", "corpus.txt", "--output", "data", "--train-tokenizer", str(VOCAB),
         "--valid-fraction", "0.1")
 
@@ -451,15 +440,8 @@ def main():
 
         malformed_inputs()
     finally:
-        if FAILURES or os.environ.get("KEEP_WORK"):
-            print("work dir kept: " + WORK)
-        else:
-            shutil.rmtree(WORK, ignore_errors=True)
-    if FAILURES:
-        print("%d check(s) failed" % len(FAILURES))
-        return 1
-    print("all checks passed")
-    return 0
+        code = check.finish(WORK)
+    return code
 
 
 if __name__ == "__main__":
