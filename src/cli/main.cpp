@@ -33,6 +33,8 @@ const Command kCommands[] = {
     {"export-hf", yuanmoe::cli::run_export_hf, "write a checkpoint as a Hugging Face Yuan2-M32-hf model"},
     {"import-hf", yuanmoe::cli::run_import_hf,
      "turn a Hugging Face Yuan2-M32 model (safetensors or .bin) into a checkpoint"},
+    {"bench", yuanmoe::cli::run_bench,
+     "training-step tokens/s, MFU, per-component times and peak memory of a config"},
 };
 
 void print_usage(std::ostream& out) {

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "yuanmoe/model/blockwise_attention.h"
 #include "yuanmoe/model/decode.h"
 #include "yuanmoe/model/rope.h"
 
@@ -76,8 +77,11 @@ Tensor AttentionImpl::forward(const Tensor& a_BSD,
   }
 
   const double dropout_p = is_training() ? config.attention_dropout : 0.0;
+  // Blockwise unless dropout needs the probabilities themselves (docs/config.md).
   const Tensor out_BHSDh =
-      causal_attention(q_BSHDh.transpose(1, 2), k_BHTDh, v_BHTDh, dropout_p, offset);
+      dropout_p == 0 && config.attention_block_size > 0
+          ? blockwise_causal_attention(q_BSHDh.transpose(1, 2), k_BHTDh, v_BHTDh, config.attention_block_size, offset)
+          : causal_attention(q_BSHDh.transpose(1, 2), k_BHTDh, v_BHTDh, dropout_p, offset);
   return o_proj(out_BHSDh.transpose(1, 2).reshape({batch, seq, heads * head_dim}));
 }
 

@@ -11,15 +11,16 @@ MoeImpl::MoeImpl(const config::MoeConfig& config, int64_t hidden_size) : config(
 }
 
 MoeOutput MoeImpl::forward(const Tensor& x) {
-  const int64_t hidden = x.size(-1);
-  const Tensor x_TD = x.reshape({-1, hidden});
-  const int64_t tokens = x_TD.size(0), experts_count = config.num_experts;
-
+  const Tensor x_TD = x.reshape({-1, x.size(-1)});
   const Routing routing = gate->forward(x_TD);
-  const int64_t slots = routing.expert_ids_TK.size(1);
+  const DispatchPlan dispatch = plan(routing, x_TD.size(0));
+  const Tensor ys_ND = experts->forward(gather(x_TD, dispatch), dispatch.rows_per_expert);
+  return {combine(ys_ND, dispatch).view(x.sizes()), routing.aux_loss, dispatch.routed_pairs_E};
+}
 
-  // Routed pairs in token-major order; pair p is slot p % K of token p / K.
-  Tensor pair_ids_N = torch::arange(tokens * slots, x_TD.options().dtype(torch::kLong));
+DispatchPlan MoeImpl::plan(const Routing& routing, int64_t tokens) const {
+  const int64_t slots = routing.expert_ids_TK.size(1), experts_count = config.num_experts;
+  Tensor pair_ids_N = torch::arange(tokens * slots, routing.expert_ids_TK.options());
   Tensor expert_ids_N = routing.expert_ids_TK.reshape(-1);
   Tensor gates_N = routing.gates_TK.reshape(-1);
   if (routing.skip_zero_gates) {
@@ -31,7 +32,8 @@ MoeOutput MoeImpl::forward(const Tensor& x) {
   // Stable: inside an expert, pairs keep batch order (deterministic; capacity drops by position).
   Tensor order_N = std::get<1>(torch::sort(expert_ids_N, /*stable=*/c10::optional<bool>(true), /*dim=*/0));
   Tensor pairs_per_expert_E = torch::bincount(expert_ids_N, /*weights=*/{}, experts_count);
-  const Tensor routed_pairs_E = pairs_per_expert_E;  // before drops: what the router asked for
+  DispatchPlan result;
+  result.routed_pairs_E = pairs_per_expert_E;  // before drops: what the router asked for
   if (config.capacity_factor > 0) {
     // routers.md §9: C = ceil(cf * T * k / E); later pairs of an overfull expert are dropped and
     // the residual carries their token unchanged.
@@ -47,19 +49,23 @@ MoeOutput MoeImpl::forward(const Tensor& x) {
 
   // The only host sync of the layer: the per-expert row counts drive the GEMM loop.
   const Tensor counts_cpu = pairs_per_expert_E.to(torch::kCPU).contiguous();
-  const std::vector<int64_t> rows_per_expert(counts_cpu.data_ptr<int64_t>(),
-                                             counts_cpu.data_ptr<int64_t>() + experts_count);
+  result.rows_per_expert.assign(counts_cpu.data_ptr<int64_t>(), counts_cpu.data_ptr<int64_t>() + experts_count);
+  result.pair_ids_N = pair_ids_N.index_select(0, order_N);
+  result.gates_N = gates_N.index_select(0, order_N);
+  result.tokens = tokens;
+  result.slots = slots;
+  return result;
+}
 
-  const Tensor sorted_pairs_N = pair_ids_N.index_select(0, order_N);
-  const Tensor xs_ND = x_TD.index_select(0, torch::div(sorted_pairs_N, slots, "floor"));
-  const Tensor ys_ND = experts->forward(xs_ND, rows_per_expert) *
-                       gates_N.index_select(0, order_N).unsqueeze(1).to(x_TD.scalar_type());
+Tensor MoeImpl::gather(const Tensor& x_TD, const DispatchPlan& plan) {
+  return x_TD.index_select(0, torch::div(plan.pair_ids_N, plan.slots, "floor"));
+}
 
-  const Tensor slot_rows = torch::zeros({tokens * slots, hidden}, ys_ND.options());
-  const Tensor out_TD = torch::index_copy(slot_rows, 0, sorted_pairs_N, ys_ND)
-                            .view({tokens, slots, hidden})
-                            .sum(1);
-  return {out_TD.view(x.sizes()), routing.aux_loss, routed_pairs_E};
+Tensor MoeImpl::combine(const Tensor& ys_ND, const DispatchPlan& plan) {
+  const Tensor scaled_ND = ys_ND * plan.gates_N.unsqueeze(1).to(ys_ND.scalar_type());
+  const int64_t hidden = ys_ND.size(1);
+  const Tensor slot_rows = torch::zeros({plan.tokens * plan.slots, hidden}, ys_ND.options());
+  return torch::index_copy(slot_rows, 0, plan.pair_ids_N, scaled_ND).view({plan.tokens, plan.slots, hidden}).sum(1);
 }
 
 }  // namespace yuanmoe::model

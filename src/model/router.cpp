@@ -72,8 +72,10 @@ Tensor AttentionRouterImpl::score(const Tensor& x_TD) {
   const Tensor k_TE = linear_scores(x_TD, key->weight);
   const Tensor v_TE = linear_scores(x_TD, value->weight);
   // Per token an E x E attention over experts: A_ij = q_i k_j (no scaling), row softmax, times v.
+  // The weighted sum is a broadcast multiply and a reduction: a bmm over T tiny [E, E] x [E, 1]
+  // products is several times slower on CPU (docs/benchmarks.md).
   const Tensor probs_TEE = torch::softmax(q_TE.unsqueeze(2) * k_TE.unsqueeze(1), -1);
-  return torch::bmm(probs_TEE, v_TE.unsqueeze(2)).squeeze(2);
+  return (probs_TEE * v_TE.unsqueeze(1)).sum(-1);
 }
 
 LinearRouterImpl::LinearRouterImpl(const config::MoeConfig& config, int64_t hidden_size)

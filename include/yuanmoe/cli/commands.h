@@ -32,6 +32,9 @@ int run_export_hf(int argc, const char* const* argv);
 /// `yuanmoe import-hf --input DIR --output DIR [--rope-base B] [--rope-tables MODE]`
 int run_import_hf(int argc, const char* const* argv);
 
+/// `yuanmoe bench`: training-step throughput, MFU, breakdown and memory of a config.
+int run_bench(int argc, const char* const* argv);
+
 /// Adds -h/--help and parses argv; prints the help and returns nullopt when it was asked for.
 std::optional<cxxopts::ParseResult> parse_or_help(cxxopts::Options& options, int argc, const char* const* argv);
 

@@ -38,6 +38,7 @@ struct ModelConfig {
   bool lfa = true;                  ///< Localized Filtering-based Attention on Q/K input
   double init_std = 0.02;           ///< N(0, init_std); output projections scaled by 1/sqrt(2L)
   double attention_dropout = 0.0;   ///< dropout on attention probabilities while training
+  int64_t attention_block_size = 512;  ///< blockwise (online-softmax) attention tile; 0 = full S x S scores
 
   /// Attention width P = heads * head_dim.
   int64_t attention_width() const { return num_attention_heads * head_dim; }

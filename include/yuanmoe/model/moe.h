@@ -23,11 +23,29 @@ struct MoeOutput {
   Tensor pairs_per_expert_E;
 };
 
+/// Where each routed (token, slot) pair goes: the pairs that are computed, grouped by expert.
+/// Pair p is slot p % K of token p / K.
+struct DispatchPlan {
+  Tensor pair_ids_N;                   // int64 [N], sorted by expert, batch order inside an expert
+  Tensor gates_N;                      // [N], the gate of each pair in that order
+  std::vector<int64_t> rows_per_expert;  // [E] on the host: it sizes the expert GEMMs
+  Tensor routed_pairs_E;               // int64 [E] pairs the router asked for, before capacity drops
+  int64_t tokens = 0, slots = 0;
+};
+
 class MoeImpl : public torch::nn::Module {
  public:
   MoeImpl(const config::MoeConfig& config, int64_t hidden_size);
-  /// x [..., D] -> out [..., D].
+  /// x [..., D] -> out [..., D]: route, plan, gather, experts, combine.
   MoeOutput forward(const Tensor& x);
+
+  // The stages of forward(), public so that `yuanmoe bench` can time each one.
+  DispatchPlan plan(const Routing& routing, int64_t tokens) const;
+  /// x_TD -> the planned pairs' inputs [N, D].
+  static Tensor gather(const Tensor& x_TD, const DispatchPlan& plan);
+  /// Expert outputs [N, D] -> out [T, D]: scaled by the gates, each pair written to its own
+  /// (token, slot) row, the K slots summed in order.
+  static Tensor combine(const Tensor& ys_ND, const DispatchPlan& plan);
 
   const config::MoeConfig config;
   std::shared_ptr<RouterImpl> gate;  // HF name: mlp.gate

@@ -1,0 +1,68 @@
+// `yuanmoe bench`: what a config's training step costs on this machine, measured in one process
+// so that every figure is comparable with the others of the same run (docs/benchmarks.md).
+//
+//   step        the trainer's own step functions (run_pipeline_step, gradient clipping, AdamW)
+//               on random tokens: tokens/s and MFU against a matmul peak measured in the run
+//   components  each forward stage timed alone on the shapes of one micro-batch, with autograd
+//               recording as in training, scaled to one optimizer step (x layers x micro-batches);
+//               backward = (forward + backward) - forward; optimizer = clip + AdamW
+//   pairs       side by side, interleaved A B A B: the MoE block vs a dense SwiGLU FFN of the same
+//               active FLOPs (width top_k x F), and blockwise vs materialised attention, fwd + bwd
+//   memory      the process's peak resident set (getrusage)
+// Medians of repeated runs; no figure here is a test threshold.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/core/types.h"
+
+namespace yuanmoe::train {
+
+struct BenchOptions {
+  int64_t steps = 5;    ///< timed optimizer steps
+  int64_t warmup = 1;   ///< untimed steps first (allocator, BLAS buffers)
+  int64_t repeats = 7;  ///< runs per component / pair timing (median)
+  bool step_only = false;  ///< skip components and pairs (memory-vs-length runs)
+};
+
+struct ComponentTime {
+  std::string name;
+  double seconds = 0.0;  ///< per optimizer step
+};
+
+struct PairTime {
+  std::string name, a, b;
+  double a_seconds = 0.0, b_seconds = 0.0;  ///< forward + backward, median
+};
+
+struct BenchReport {
+  std::string device;
+  int threads = 0;
+  std::string torch_version;
+  double peak_flops = 0.0;           ///< fp32 (or bf16) 2048^3 matmul, best of 3
+  double flops_per_token = 0.0;      ///< training: 3 x forward (mfu.h)
+  int64_t tokens_per_step = 0;
+  std::vector<double> step_seconds;  ///< timed steps
+  double step_median_seconds = 0.0;
+  double tokens_per_s = 0.0;
+  double mfu = 0.0;
+  std::vector<double> losses;        ///< every step's loss, warm-up included
+  std::vector<ComponentTime> components;
+  double forward_seconds = 0.0;      ///< measured whole forward (+ loss) per step
+  std::vector<PairTime> pairs;
+  int64_t peak_rss_bytes = 0;
+};
+
+/// Builds the model of `config` (initialised from train.seed) and measures it. Throws naming
+/// the key when the config cannot run here (e.g. pipeline_parallel_size > 1: bench one stage).
+BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& options);
+
+nlohmann::ordered_json to_json(const BenchReport& report, const config::RunConfig& config);
+
+/// The report as an aligned text table (what `yuanmoe bench` prints).
+std::string format_report(const BenchReport& report);
+
+}  // namespace yuanmoe::train

@@ -1,0 +1,383 @@
+#include "yuanmoe/train/benchmark.h"
+
+#include <sys/resource.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <sstream>
+
+#include "yuanmoe/data/sampler.h"
+#include "yuanmoe/model/blockwise_attention.h"
+#include "yuanmoe/model/init.h"
+#include "yuanmoe/model/transformer.h"
+#include "yuanmoe/parallel/process_groups.h"
+#include "yuanmoe/train/loss.h"
+#include "yuanmoe/train/mfu.h"
+#include "yuanmoe/train/optimizer.h"
+#include "yuanmoe/train/pipeline.h"
+#include "yuanmoe/train/precision.h"
+
+namespace yuanmoe::train {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+/// Blocks until `device` has finished its queued work (CUDA runs asynchronously).
+void wait_for(const torch::Device& device) {
+  if (device.is_cuda()) torch::zeros({1}, torch::TensorOptions().device(device)).sum().item<float>();
+}
+
+double seconds_of(const std::function<void()>& fn, const torch::Device& device) {
+  const auto start = Clock::now();
+  fn();
+  wait_for(device);
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+/// Median of `repeats` runs after one warm-up run.
+double median_seconds(const std::function<void()>& fn, int64_t repeats, const torch::Device& device) {
+  fn();
+  std::vector<double> times;
+  for (int64_t i = 0; i < repeats; ++i) times.push_back(seconds_of(fn, device));
+  return median(times);
+}
+
+/// A and B alternately (A B A B ...), so that drift in the machine's speed hits both alike.
+std::pair<double, double> interleaved_medians(const std::function<void()>& a, const std::function<void()>& b,
+                                              int64_t repeats, const torch::Device& device) {
+  a();
+  b();
+  std::vector<double> times_a, times_b;
+  for (int64_t i = 0; i < repeats; ++i) {
+    times_a.push_back(seconds_of(a, device));
+    times_b.push_back(seconds_of(b, device));
+  }
+  return {median(times_a), median(times_b)};
+}
+
+/// Forward + backward of `fn` with a fixed random output gradient (the graph is freed after).
+std::function<void()> forward_backward(const std::function<Tensor()>& fn) {
+  return [fn] {
+    const Tensor out = fn();
+    out.backward(torch::ones_like(out));
+  };
+}
+
+int64_t peak_rss_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+data::Batch random_batch(int64_t batch, int64_t seq, int64_t vocab, const torch::Device& device) {
+  const Tensor stream = torch::randint(vocab, {batch, seq + 1}, torch::dtype(torch::kLong).device(device));
+  return {stream.narrow(1, 0, seq).contiguous(), stream.narrow(1, 1, seq).contiguous(),
+          model::default_position_ids(batch, seq, device)};
+}
+
+/// The trainer's step (trainer.cpp, Trainer::train_step) without data-parallel reductions and
+/// logging: zero grads, the pipeline schedule over the micro-batches, clip, AdamW.
+void measure_step(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
+                  const std::vector<data::Batch>& batches, const torch::Device& device, BenchReport& report) {
+  auto optimizer = make_optimizer(model, config.train);
+  const std::vector<Tensor> parameters = model.parameters();
+  parallel::ParallelContext single_process;
+  PipelineStepOptions step_options;
+  step_options.micro_batches = static_cast<int64_t>(batches.size());
+  step_options.loss_scale = 1.0 / static_cast<double>(batches.size());
+  step_options.precision = config.train.precision;
+  for (int64_t step = 0; step < options.warmup + options.steps; ++step) {
+    size_t next = 0;
+    double loss = 0.0;
+    const double seconds = seconds_of(
+        [&] {
+          model.zero_grad(/*set_to_none=*/true);
+          const PipelineStepResult result =
+              run_pipeline_step(model, single_process, step_options, [&] { return batches[next++]; });
+          const double norm = std::sqrt(squared_gradient_norm(parameters));
+          scale_gradients_to_norm(parameters, config.train.grad_clip, norm);
+          optimizer->step();
+          loss = result.lm_loss_sum / static_cast<double>(batches.size());
+        },
+        device);
+    report.losses.push_back(loss);
+    if (step >= options.warmup) report.step_seconds.push_back(seconds);
+  }
+  report.step_median_seconds = median(report.step_seconds);
+  report.tokens_per_s = static_cast<double>(report.tokens_per_step) / report.step_median_seconds;
+  report.mfu = report.tokens_per_s * report.flops_per_token / report.peak_flops;
+
+  // The optimizer alone (clip + AdamW) on the gradients the last step left.
+  const double optimizer_seconds = median_seconds(
+      [&] {
+        const double norm = std::sqrt(squared_gradient_norm(parameters));
+        scale_gradients_to_norm(parameters, config.train.grad_clip, norm);
+        optimizer->step();
+      },
+      options.repeats, device);
+  report.components.push_back({"optimizer (clip + AdamW)", optimizer_seconds});
+}
+
+/// Each forward stage of one micro-batch alone, on layer 0 (an MoE layer) and the head, scaled
+/// to one optimizer step. Inputs have the shapes and roughly the statistics training sees.
+void measure_components(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
+                        const std::vector<data::Batch>& batches, const torch::Device& device, BenchReport& report) {
+  const auto& m = config.model;
+  const int64_t micro = static_cast<int64_t>(batches.size());
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < m.num_layers; ++l) moe_layers += model::is_moe_layer(config.moe, l) ? 1 : 0;
+  const int64_t dense_layers = m.num_layers - moe_layers;
+  const data::Batch& batch = batches.front();
+  const int64_t mb = batch.tokens.size(0), seq = batch.tokens.size(1);
+  AutocastScope autocast(config.train.precision, device);
+
+  model::TransformerBlockImpl& block = *model.blocks.front();
+  model::AttentionImpl& attention = *block.self_attn;
+  const Tensor x_BSD = model.embed_tokens(batch.tokens).detach().requires_grad_(true);
+  const Tensor a_BSD = block.input_layernorm(x_BSD).detach().requires_grad_(true);
+  const Tensor m_TD = block.post_attention_layernorm(x_BSD).detach().reshape({-1, m.hidden_size}).requires_grad_(true);
+  const auto qkv = [&] {
+    return torch::randn({mb, m.num_attention_heads, seq, m.head_dim}, x_BSD.options()).requires_grad_(true);
+  };
+  const Tensor q = qkv(), k = qkv(), v = qkv();
+
+  const auto time = [&](const std::function<void()>& fn) { return median_seconds(fn, options.repeats, device); };
+  const auto per_step = [&](double seconds, int64_t per_micro_batch) {
+    return seconds * static_cast<double>(per_micro_batch * micro);
+  };
+  std::vector<ComponentTime>& out = report.components;
+  const size_t first = out.size();
+  out.push_back({"embedding", per_step(time([&] { model.embed_tokens(batch.tokens); }), 1)});
+  // The attention module minus its LFA and its core: the Q/K/V/O projections and RoPE.
+  const double lfa = time([&] { attention.lf_gate(a_BSD); });
+  const double core = time([&] { model::blockwise_causal_attention(q, k, v, std::max<int64_t>(m.attention_block_size, 1)); });
+  const double whole_attention = time([&] { attention.forward(a_BSD, batch.position_ids); });
+  out.push_back({"LFA (two 2-tap convs + norm)", per_step(lfa, m.num_layers)});
+  out.push_back({"Q/K/V/O projections + RoPE", per_step(std::max(0.0, whole_attention - lfa - core), m.num_layers)});
+  out.push_back({"attention core", per_step(core, m.num_layers)});
+  out.push_back({"RMSNorms (2 per layer + final)",
+                 per_step(time([&] { block.input_layernorm(x_BSD); }), 2 * m.num_layers + 1)});
+  if (moe_layers > 0) {
+    model::MoeImpl& moe = *block.moe;
+    const model::Routing routing = moe.gate->forward(m_TD);
+    const model::DispatchPlan plan = moe.plan(routing, m_TD.size(0));
+    const Tensor xs_ND = model::MoeImpl::gather(m_TD, plan);
+    const Tensor ys_ND = moe.experts->forward(xs_ND, plan.rows_per_expert).detach().requires_grad_(true);
+    out.push_back({"router", per_step(time([&] { moe.gate->forward(m_TD); }), moe_layers)});
+    out.push_back({"dispatch (sort, counts, gather)", per_step(time([&] {
+                                                       model::MoeImpl::gather(m_TD, moe.plan(routing, m_TD.size(0)));
+                                                     }),
+                                                     moe_layers)});
+    out.push_back({"experts (grouped SwiGLU GEMMs)",
+                   per_step(time([&] { moe.experts->forward(xs_ND, plan.rows_per_expert); }), moe_layers)});
+    out.push_back({"combine (gates, scatter, slot sum)",
+                   per_step(time([&] { model::MoeImpl::combine(ys_ND, plan); }), moe_layers)});
+  }
+  if (dense_layers > 0) {
+    model::DenseMlp dense(m.hidden_size, config.moe.dense_layer_ffn_size());
+    dense->to(device);
+    out.push_back({"dense FFN layers", per_step(time([&] { dense(m_TD); }), dense_layers)});
+  }
+  const Tensor& head_weight = m.tie_embeddings ? model.embed_tokens->weight : model.lm_head->weight;
+  out.push_back({"head + loss", per_step(time([&] {
+                                           language_model_loss(torch::matmul(model.norm(x_BSD), head_weight.t()),
+                                                               batch.labels);
+                                         }),
+                                         1)});
+  double attributed = 0.0;
+  for (size_t i = first; i < out.size(); ++i) attributed += out[i].seconds;
+
+  // The whole forward (+ loss) of one step, and the step's forward + backward, measured as the
+  // trainer runs them; backward is their difference.
+  report.forward_seconds = time([&] {
+    for (const auto& b : batches) {
+      language_model_loss(model.forward(b.tokens, b.position_ids).out, b.labels);
+    }
+  });
+  parallel::ParallelContext single_process;
+  PipelineStepOptions step_options;
+  step_options.micro_batches = micro;
+  step_options.loss_scale = 1.0 / static_cast<double>(micro);
+  step_options.precision = config.train.precision;
+  const double forward_backward_seconds = time([&] {
+    size_t next = 0;
+    model.zero_grad(true);
+    run_pipeline_step(model, single_process, step_options, [&] { return batches[next++]; });
+  });
+  out.push_back({"other forward (residuals, reshapes; forward - parts)",
+                 std::max(0.0, report.forward_seconds - attributed)});
+  out.push_back({"backward (step fwd+bwd - forward)", std::max(0.0, forward_backward_seconds - report.forward_seconds)});
+}
+
+/// Side-by-side pairs, forward + backward: MoE block vs the dense FFN of the same active FLOPs,
+/// blockwise vs materialised attention.
+void measure_pairs(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
+                   const std::vector<data::Batch>& batches, const torch::Device& device, BenchReport& report) {
+  const auto& m = config.model;
+  const data::Batch& batch = batches.front();
+  const int64_t mb = batch.tokens.size(0), seq = batch.tokens.size(1);
+  model::TransformerBlockImpl& block = *model.blocks.front();
+  const Tensor m_TD =
+      torch::randn({mb * seq, m.hidden_size}, torch::TensorOptions().device(device)).requires_grad_(true);
+
+  if (block.moe) {
+    model::DenseMlp dense(m.hidden_size, config.moe.top_k * config.moe.ffn_hidden_size);
+    dense->to(device);
+    model::init_weights(*dense, m, config.train.seed);
+    const auto [moe_s, dense_s] =
+        interleaved_medians(forward_backward([&] { return block.moe->forward(m_TD).out; }),
+                            forward_backward([&] { return dense(m_TD); }), options.repeats, device);
+    report.pairs.push_back({"MoE block vs dense SwiGLU of equal active FLOPs (fwd+bwd, " +
+                                std::to_string(mb * seq) + " tokens)",
+                            "MoE (" + std::to_string(config.moe.num_experts) + " experts, top-" +
+                                std::to_string(config.moe.top_k) + ", router included)",
+                            "dense FFN width " + std::to_string(config.moe.top_k * config.moe.ffn_hidden_size),
+                            moe_s, dense_s});
+    // The MoE block's two big parts alone against the same dense FFN: the grouped expert GEMMs
+    // (same FLOPs as the dense FFN) and the router.
+    const model::DispatchPlan plan = block.moe->plan(block.moe->gate->forward(m_TD), m_TD.size(0));
+    const Tensor xs_ND = model::MoeImpl::gather(m_TD, plan).detach().requires_grad_(true);
+    const auto [experts_s, dense2_s] = interleaved_medians(
+        forward_backward([&] { return block.moe->experts->forward(xs_ND, plan.rows_per_expert); }),
+        forward_backward([&] { return dense(m_TD); }), options.repeats, device);
+    report.pairs.push_back({"expert GEMMs alone vs the dense FFN (fwd+bwd, same FLOPs)",
+                            "grouped SwiGLU, " + std::to_string(xs_ND.size(0)) + " rows", "dense FFN", experts_s,
+                            dense2_s});
+    const auto [router_s, dense3_s] =
+        interleaved_medians(forward_backward([&] { return block.moe->gate->forward(m_TD).gates_TK; }),
+                            forward_backward([&] { return dense(m_TD); }), options.repeats, device);
+    report.pairs.push_back({"router alone vs the dense FFN (fwd+bwd)", config::to_string(config.moe.router) + " router",
+                            "dense FFN", router_s, dense3_s});
+  }
+  const auto qkv = [&] {
+    return torch::randn({mb, m.num_attention_heads, seq, m.head_dim}, torch::TensorOptions().device(device))
+        .requires_grad_(true);
+  };
+  const Tensor q = qkv(), k = qkv(), v = qkv();
+  const int64_t block_size = m.attention_block_size > 0 ? m.attention_block_size : 512;
+  const auto [blockwise_s, full_s] = interleaved_medians(
+      forward_backward([&] { return model::blockwise_causal_attention(q, k, v, block_size); }),
+      forward_backward([&] { return model::causal_attention(q, k, v, 0.0); }), options.repeats, device);
+  report.pairs.push_back({"causal attention core (fwd+bwd, S " + std::to_string(seq) + ")",
+                          "blockwise, block " + std::to_string(block_size), "materialised S x S", blockwise_s,
+                          full_s});
+}
+
+std::string fixed(double value, int digits) {
+  std::ostringstream out;
+  out.setf(std::ios::fixed);
+  out.precision(digits);
+  out << value;
+  return out.str();
+}
+
+}  // namespace
+
+BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& options) {
+  if (config.parallel.pipeline_parallel_size != 1) {
+    throw std::invalid_argument(
+        "parallel.pipeline_parallel_size: bench measures one process; set it to 1 (--set "
+        "parallel.pipeline_parallel_size=1)");
+  }
+  if (options.steps < 1 || options.warmup < 0 || options.repeats < 1) {
+    throw std::invalid_argument("--steps and --repeats must be >= 1, --warmup >= 0");
+  }
+  const torch::Device device = training_device();
+  BenchReport report;
+  report.device = device.is_cuda() ? "cuda" : "cpu";
+  report.threads = at::get_num_threads();
+  report.torch_version = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                         std::to_string(TORCH_VERSION_PATCH);
+  report.peak_flops =
+      measure_peak_flops(device, config.train.precision == config::Precision::kBf16 ? torch::kBFloat16 : torch::kFloat);
+  report.flops_per_token = training_flops_per_token(config);
+  report.tokens_per_step = config.train.global_batch_size * config.train.seq_length;
+
+  torch::manual_seed(config.train.seed);
+  model::Transformer model(config.model, config.moe);
+  model->to(device);
+  model::init_weights(*model, config.model, static_cast<uint64_t>(config.train.seed));
+  model->recompute = config.train.recompute;
+  model->train();
+  std::vector<data::Batch> batches;
+  for (int64_t i = 0; i < config.train.global_batch_size / config.train.micro_batch_size; ++i) {
+    batches.push_back(random_batch(config.train.micro_batch_size, config.train.seq_length, config.model.vocab_size, device));
+  }
+
+  measure_step(config, options, *model, batches, device, report);
+  if (!options.step_only) {
+    measure_components(config, options, *model, batches, device, report);
+    measure_pairs(config, options, *model, batches, device, report);
+  }
+  report.peak_rss_bytes = peak_rss_bytes();
+  return report;
+}
+
+nlohmann::ordered_json to_json(const BenchReport& r, const config::RunConfig& config) {
+  nlohmann::ordered_json j;
+  j["device"] = r.device;
+  j["threads"] = r.threads;
+  j["torch_version"] = r.torch_version;
+  j["peak_flops"] = r.peak_flops;
+  j["seq_length"] = config.train.seq_length;
+  j["micro_batch_size"] = config.train.micro_batch_size;
+  j["global_batch_size"] = config.train.global_batch_size;
+  j["recompute"] = config.train.recompute;
+  j["attention_block_size"] = config.model.attention_block_size;
+  j["router"] = config::to_string(config.moe.router);
+  j["tokens_per_step"] = r.tokens_per_step;
+  j["flops_per_token"] = r.flops_per_token;
+  j["step_seconds"] = r.step_seconds;
+  j["median_step_seconds"] = r.step_median_seconds;
+  j["tokens_per_s"] = r.tokens_per_s;
+  j["mfu"] = r.mfu;
+  j["losses"] = r.losses;
+  j["forward_seconds"] = r.forward_seconds;
+  j["components"] = nlohmann::ordered_json::array();
+  for (const auto& c : r.components) j["components"].push_back({{"name", c.name}, {"seconds", c.seconds}});
+  j["pairs"] = nlohmann::ordered_json::array();
+  for (const auto& p : r.pairs) {
+    j["pairs"].push_back({{"name", p.name}, {"a", p.a}, {"b", p.b}, {"a_seconds", p.a_seconds},
+                          {"b_seconds", p.b_seconds}, {"ratio_a_over_b", p.a_seconds / p.b_seconds}});
+  }
+  j["peak_rss_bytes"] = r.peak_rss_bytes;
+  return j;
+}
+
+std::string format_report(const BenchReport& r) {
+  std::ostringstream out;
+  out << "device " << r.device << ", " << r.threads << " threads, libtorch " << r.torch_version
+      << ", matmul peak " << fixed(r.peak_flops / 1e9, 1) << " GFLOP/s\n";
+  out << "step: " << r.tokens_per_step << " tokens in " << fixed(r.step_median_seconds * 1e3, 1) << " ms (median of "
+      << r.step_seconds.size() << "): " << fixed(r.tokens_per_s, 0) << " tokens/s, MFU "
+      << fixed(100.0 * r.mfu, 1) << "%\n";
+  if (!r.components.empty()) {
+    double total = 0.0;
+    for (const auto& c : r.components) total += c.seconds;
+    out << "\nper optimizer step                                        ms      share\n";
+    for (const auto& c : r.components) {
+      std::string name = c.name;
+      name.resize(std::max<size_t>(name.size(), 54), ' ');
+      out << "  " << name << fixed(c.seconds * 1e3, 1) << "\t" << fixed(100.0 * c.seconds / total, 1) << "%\n";
+    }
+    out << "  (sum " << fixed(total * 1e3, 1) << " ms vs step " << fixed(r.step_median_seconds * 1e3, 1) << " ms)\n";
+  }
+  for (const auto& p : r.pairs) {
+    out << "\n" << p.name << ":\n  " << p.a << ": " << fixed(p.a_seconds * 1e3, 2) << " ms\n  " << p.b << ": "
+        << fixed(p.b_seconds * 1e3, 2) << " ms\n  ratio " << fixed(p.a_seconds / p.b_seconds, 2) << "\n";
+  }
+  out << "\npeak resident memory " << fixed(static_cast<double>(r.peak_rss_bytes) / (1 << 20), 0) << " MiB\n";
+  return out.str();
+}
+
+}  // namespace yuanmoe::train
