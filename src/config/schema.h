@@ -37,8 +37,9 @@ void visit(V& v, ModelConfig& c) {
   v.field("attention_dropout", c.attention_dropout, kOptional,
           "Dropout on attention probabilities while training (Yuan: 0.1).");
   v.field("attention_block_size", c.attention_block_size, kOptional,
-          "Query/key tile of the blockwise causal attention (online softmax, recomputed in backward): "
-          "attention memory grows linearly with the sequence. 0 = materialise the S x S scores. "
+          "Query/key tile of the blockwise causal attention (online softmax, recomputed in backward), "
+          "used when the keys outnumber one tile: attention memory grows linearly with the sequence. "
+          "0 = always materialise the S x S scores. "
           "Attention with dropout while training always materialises.");
 }
 

@@ -39,7 +39,7 @@ ModelSize model_size(const config::ModelConfig& model, const config::MoeConfig& 
   size.total_parameters += embedding + final_norm + head;
   size.active_parameters += embedding + final_norm + head;
   active_matmul += V * D;  // the output head (tied or not); the embedding lookup is free
-  size.forward_flops_per_token += 2 * active_matmul + 4 * model.num_layers * seq_length * P;
+  size.forward_flops_per_token += 2 * active_matmul + 2 * model.num_layers * seq_length * P;
   return size;
 }
 

@@ -88,8 +88,8 @@ data::Batch random_batch(int64_t batch, int64_t seq, int64_t vocab, const torch:
 /// The trainer's step (trainer.cpp, Trainer::train_step) without data-parallel reductions and
 /// logging: zero grads, the pipeline schedule over the micro-batches, clip, AdamW.
 void measure_step(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
-                  const std::vector<data::Batch>& batches, const torch::Device& device, BenchReport& report) {
-  auto optimizer = make_optimizer(model, config.train);
+                  torch::optim::AdamW& optimizer, const std::vector<data::Batch>& batches, const torch::Device& device,
+                  BenchReport& report) {
   const std::vector<Tensor> parameters = model.parameters();
   parallel::ParallelContext single_process;
   PipelineStepOptions step_options;
@@ -106,7 +106,7 @@ void measure_step(const config::RunConfig& config, const BenchOptions& options, 
               run_pipeline_step(model, single_process, step_options, [&] { return batches[next++]; });
           const double norm = std::sqrt(squared_gradient_norm(parameters));
           scale_gradients_to_norm(parameters, config.train.grad_clip, norm);
-          optimizer->step();
+          optimizer.step();
           loss = result.lm_loss_sum / static_cast<double>(batches.size());
         },
         device);
@@ -116,22 +116,13 @@ void measure_step(const config::RunConfig& config, const BenchOptions& options, 
   report.step_median_seconds = median(report.step_seconds);
   report.tokens_per_s = static_cast<double>(report.tokens_per_step) / report.step_median_seconds;
   report.mfu = report.tokens_per_s * report.flops_per_token / report.peak_flops;
-
-  // The optimizer alone (clip + AdamW) on the gradients the last step left.
-  const double optimizer_seconds = median_seconds(
-      [&] {
-        const double norm = std::sqrt(squared_gradient_norm(parameters));
-        scale_gradients_to_norm(parameters, config.train.grad_clip, norm);
-        optimizer->step();
-      },
-      options.repeats, device);
-  report.components.push_back({"optimizer (clip + AdamW)", optimizer_seconds});
 }
 
 /// Each forward stage of one micro-batch alone, on layer 0 (an MoE layer) and the head, scaled
 /// to one optimizer step. Inputs have the shapes and roughly the statistics training sees.
 void measure_components(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
-                        const std::vector<data::Batch>& batches, const torch::Device& device, BenchReport& report) {
+                        torch::optim::AdamW& optimizer, const std::vector<data::Batch>& batches,
+                        const torch::Device& device, BenchReport& report) {
   const auto& m = config.model;
   const int64_t micro = static_cast<int64_t>(batches.size());
   int64_t moe_layers = 0;
@@ -217,6 +208,14 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
   out.push_back({"other forward (residuals, reshapes; forward - parts)",
                  std::max(0.0, report.forward_seconds - attributed)});
   out.push_back({"backward (step fwd+bwd - forward)", std::max(0.0, forward_backward_seconds - report.forward_seconds)});
+
+  // The optimizer alone (clip + AdamW) on the gradients the last pass left.
+  const std::vector<Tensor> parameters = model.parameters();
+  out.push_back({"optimizer (clip + AdamW)", time([&] {
+                   const double norm = std::sqrt(squared_gradient_norm(parameters));
+                   scale_gradients_to_norm(parameters, config.train.grad_clip, norm);
+                   optimizer.step();
+                 })});
 }
 
 /// Side-by-side pairs, forward + backward: MoE block vs the dense FFN of the same active FLOPs,
@@ -314,9 +313,10 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
     batches.push_back(random_batch(config.train.micro_batch_size, config.train.seq_length, config.model.vocab_size, device));
   }
 
-  measure_step(config, options, *model, batches, device, report);
+  const auto optimizer = make_optimizer(*model, config.train);
+  measure_step(config, options, *model, *optimizer, batches, device, report);
   if (!options.step_only) {
-    measure_components(config, options, *model, batches, device, report);
+    measure_components(config, options, *model, *optimizer, batches, device, report);
     measure_pairs(config, options, *model, batches, device, report);
   }
   report.peak_rss_bytes = peak_rss_bytes();

@@ -15,8 +15,10 @@ struct ModelSize {
   /// (all experts for the dense router; the ReLU router's target average, top_k).
   int64_t active_parameters = 0;
   /// Forward FLOPs per token at the given sequence length: 2 per multiply-add of every active
-  /// weight matrix (the tied head counted once), plus attention scores and weighted sum
-  /// 4 * S * P per layer (PaLM / nanoGPT convention), plus the attention router's E x E products.
+  /// weight matrix (the tied head counted once), plus causal attention scores and weighted sum
+  /// 2 * S * P per layer (the causal half, as llm.c counts: blockwise attention skips the future,
+  /// and PaLM's full 4 * S * P would credit work never done), plus the attention router's E x E
+  /// products.
   int64_t forward_flops_per_token = 0;
 };
 

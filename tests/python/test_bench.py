@@ -1,0 +1,101 @@
+#!/usr/bin/python3
+"""`yuanmoe bench` and the eager PyTorch step bench on a small model: the JSON holds every figure
+docs/benchmarks.md tables (bench/run_benchmarks.py reads it), the figures agree with each other
+(tokens/s = tokens per step / median step, MFU = tokens/s x FLOPs per token / peak), the
+breakdown names every part of the step and accounts for it, and bad input fails in one line.
+Timings are never compared with thresholds here: only their consistency.
+
+usage: /usr/bin/python3 test_bench.py BUILD_DIR/yuanmoe
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from harness import Checks  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.abspath(sys.argv[1])
+WORK = tempfile.mkdtemp(prefix="yuanmoe-bench-")
+check = Checks()
+SMALL = ["--set", "model.num_layers=2", "--set", "model.max_seq_length=64", "--set", "train.seq_length=64",
+         "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=4",
+         "--set", "model.attention_block_size=16"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run(args):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+# --- yuanmoe bench -----------------------------------------------------------------------------
+out = os.path.join(WORK, "bench.json")
+p = run([BIN, "bench", "--config", "configs/tiny-m32.json"] + SMALL +
+        ["--steps", "2", "--warmup", "1", "--repeats", "3", "--json", out])
+check(p.returncode == 0, "bench exits 0 (%s)" % p.stderr.strip()[-300:])
+r = json.load(open(out))
+for key in ("device", "threads", "peak_flops", "tokens_per_step", "step_seconds", "median_step_seconds",
+            "tokens_per_s", "mfu", "flops_per_token", "losses", "components", "pairs", "peak_rss_bytes"):
+    check(key in r, "JSON has %s" % key)
+check(r["tokens_per_step"] == 4 * 64, "tokens per step = global batch x seq (%d)" % r["tokens_per_step"])
+check(len(r["step_seconds"]) == 2 and len(r["losses"]) == 3, "2 timed steps, 3 losses with the warm-up")
+check(math.isclose(r["tokens_per_s"], r["tokens_per_step"] / r["median_step_seconds"], rel_tol=1e-9),
+      "tokens/s = tokens per step / median step")
+check(math.isclose(r["mfu"], r["tokens_per_s"] * r["flops_per_token"] / r["peak_flops"], rel_tol=1e-9),
+      "MFU = tokens/s x FLOPs per token / peak")
+check(abs(r["losses"][0] - math.log(8192)) < 0.5, "first loss %.3f near ln(8192)" % r["losses"][0])
+check(all(math.isfinite(x) for x in r["losses"]), "losses finite")
+names = [c["name"] for c in r["components"]]
+for part in ("embedding", "LFA", "projections", "attention core", "router", "dispatch", "experts", "combine",
+             "head + loss", "backward", "optimizer"):
+    check(any(part in n for n in names), "breakdown has a %s row" % part)
+check(all(c["seconds"] >= 0 for c in r["components"]), "no negative component time")
+total = sum(c["seconds"] for c in r["components"])
+check(0.4 < total / r["median_step_seconds"] < 2.5,
+      "breakdown sum %.1f ms accounts for the step %.1f ms" % (total * 1e3, r["median_step_seconds"] * 1e3))
+pairs = {pp["name"].split(" (")[0]: pp for pp in r["pairs"]}
+check(any(n.startswith("MoE block vs dense") for n in pairs), "MoE vs dense pair present")
+check(any(n.startswith("causal attention core") for n in pairs), "attention pair present")
+check(all(pp["a_seconds"] > 0 and pp["b_seconds"] > 0 and
+          math.isclose(pp["ratio_a_over_b"], pp["a_seconds"] / pp["b_seconds"], rel_tol=1e-9) for pp in r["pairs"]),
+      "pair ratios are A / B")
+check(r["peak_rss_bytes"] > 50 * 2**20, "peak RSS reported (%d MiB)" % (r["peak_rss_bytes"] >> 20))
+
+p = run([BIN, "bench", "--config", "configs/tiny-m32.json"] + SMALL + ["--step-only", "--steps", "1", "--warmup", "0",
+                                                                       "--json", out])
+r = json.load(open(out))
+check(p.returncode == 0 and r["components"] == [] and r["pairs"] == [], "--step-only skips the breakdown")
+
+# --- bad input: one line, non-zero exit ---------------------------------------------------------
+p = run([BIN, "bench", "--config", "configs/tiny-m32-pp2.json"])
+check(p.returncode != 0 and "parallel.pipeline_parallel_size" in p.stderr and p.stderr.count("\n") == 1,
+      "pipeline config refused in one line: %s" % p.stderr.strip())
+p = run([BIN, "bench", "--config", "configs/tiny-m32.json", "--json", os.path.join(WORK, "no", "such", "x.json")])
+check(p.returncode != 0 and "cannot open for writing" in p.stderr, "unwritable --json refused before measuring")
+p = run([BIN, "bench", "--config", "configs/tiny-m32.json", "--steps", "0"])
+check(p.returncode != 0 and "--steps" in p.stderr, "--steps 0 refused")
+
+# --- the eager PyTorch step bench ----------------------------------------------------------------
+cfg = json.load(open(os.path.join(ROOT, "configs", "tiny-m32.json")))
+cfg["model"].update(num_layers=1, max_seq_length=32)
+cfg["moe"]["num_experts"] = 4
+small_cfg = os.path.join(WORK, "small.json")
+json.dump(cfg, open(small_cfg, "w"))
+eager_out = os.path.join(WORK, "eager.json")
+p = run(["/usr/bin/python3", "bench/pytorch_eager_step.py", "--config", small_cfg, "--seq-length", "32",
+         "--steps", "1", "--warmup", "1", "--threads", "1", "--json", eager_out])
+check(p.returncode == 0, "eager step bench exits 0 (%s)" % p.stderr.strip()[-300:])
+e = json.load(open(eager_out))
+check(e["tokens_per_step"] == 32 * cfg["train"]["global_batch_size"] and e["tokens_per_s"] > 0,
+      "eager JSON: tokens per step and tokens/s")
+check(abs(e["losses"][0] - math.log(8192)) < 0.5, "eager first loss %.3f near ln(8192)" % e["losses"][0])
+cfg["moe"]["router"] = "relu"
+json.dump(cfg, open(small_cfg, "w"))
+p = run(["/usr/bin/python3", "bench/pytorch_eager_step.py", "--config", small_cfg])
+check(p.returncode == 2 and "moe.router" in p.stderr, "eager bench refuses a router the reference lacks")
+
+sys.exit(check.finish(WORK))
