@@ -42,7 +42,8 @@ struct BenchReport {
   std::string device;
   int threads = 0;
   std::string torch_version;
-  double peak_flops = 0.0;           ///< fp32 (or bf16) 2048^3 matmul, best of 3
+  double peak_flops = 0.0;           ///< sustained 2048^3 matmul rate (mfu.h), the higher of before / after the steps
+  double best_matmul_flops = 0.0;    ///< the fastest single matmul seen (for reference; MFU does not use it)
   double flops_per_token = 0.0;      ///< training: 3 x forward (mfu.h)
   int64_t tokens_per_step = 0;
   std::vector<double> step_seconds;  ///< timed steps

@@ -11,8 +11,17 @@ namespace yuanmoe::train {
 /// Training FLOPs per token: 3 x forward FLOPs per token at train.seq_length.
 double training_flops_per_token(const config::RunConfig& config);
 
-/// Best of a few large square matmuls (n = 2048) in `dtype` on `device`, FLOP/s. Takes well
-/// under a second on a laptop CPU.
+/// FLOP/s of back-to-back large square matmuls (n = 2048) in `dtype` on `device`.
+struct MatmulRate {
+  double median = 0.0;  ///< what the device sustains: the peak MFU is quoted against
+  double best = 0.0;    ///< the fastest single run; on shared VMs an occasional outlier
+};
+/// `runs` timed matmuls after one warm-up; about a second on a 2-core CPU.
+MatmulRate measure_matmul_rate(torch::Device device, torch::Dtype dtype, int runs = 9);
+
+/// The sustained peak: measure_matmul_rate(...).median. On the project's 2-core VM single runs
+/// read ~127 GFLOP/s with sporadic ~190-210 outliers (docs/benchmarks.md), so a best-of-3
+/// "peak" would swing MFU by 1.6x between identical runs.
 double measure_peak_flops(torch::Device device, torch::Dtype dtype);
 
 }  // namespace yuanmoe::train
