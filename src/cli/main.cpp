@@ -2,6 +2,7 @@
 // Library code throws; here every error becomes one line per problem on stderr.
 #include <c10/util/Exception.h>
 #include <malloc.h>
+#include <csignal>
 #include <cxxopts.hpp>
 #include <cstdlib>
 #include <limits>
@@ -81,6 +82,9 @@ int main(int argc, char** argv) {
     if (std::getenv("OMP_NUM_THREADS") == nullptr) {
       at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
     }
+    // A full disk or a file-size limit (ulimit -f) must surface as a failed write that names the
+    // file, not as death by SIGXFSZ halfway through a checkpoint (docs/reliability.md).
+    std::signal(SIGXFSZ, SIG_IGN);
     try {
       return command.run(argc - 1, argv + 1);
     } catch (const yuanmoe::config::ConfigError& e) {

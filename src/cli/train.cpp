@@ -1,7 +1,9 @@
 // `yuanmoe train --config FILE [--set KEY=VALUE]... [--run-dir DIR] [--exit-after-steps N]`
 #include <cxxopts.hpp>
 #include <filesystem>
+#include <cstdlib>
 #include <iostream>
+#include <sstream>
 
 #include "yuanmoe/cli/commands.h"
 #include "yuanmoe/config/config_io.h"
@@ -40,6 +42,24 @@ int run_train(int argc, const char* const* argv) {
   trainer_options.exit_after_steps = args["exit-after-steps"].as<int64_t>();
   if (trainer_options.exit_after_steps < 0) {
     throw std::invalid_argument("--exit-after-steps must be >= 0, got " + std::to_string(trainer_options.exit_after_steps));
+  }
+
+  // Fault injection for the reliability suite (docs/reliability.md): steps whose gradients are
+  // poisoned with NaN, e.g. YUANMOE_INJECT_NONFINITE_STEPS=5,6.
+  if (const char* steps = std::getenv("YUANMOE_INJECT_NONFINITE_STEPS"); steps != nullptr && *steps != '\0') {
+    std::stringstream list(steps);
+    std::string item;
+    while (std::getline(list, item, ',')) {
+      try {
+        size_t used = 0;
+        const int64_t step = std::stoll(item, &used);
+        if (used != item.size() || step < 1) throw std::invalid_argument(item);
+        trainer_options.inject_nonfinite_steps.insert(step);
+      } catch (const std::exception&) {
+        throw std::invalid_argument("YUANMOE_INJECT_NONFINITE_STEPS: expected step numbers >= 1 separated by commas, got '" +
+                                    std::string(steps) + "'");
+      }
+    }
   }
 
   // torchrun / Slurm / Open MPI variables, or a single process (SPEC §6).

@@ -56,6 +56,13 @@ const std::vector<std::pair<Backend, const char*>>& enum_names<Backend>() {
   return names;
 }
 
+template <>
+const std::vector<std::pair<NonfinitePolicy, const char*>>& enum_names<NonfinitePolicy>() {
+  static const std::vector<std::pair<NonfinitePolicy, const char*>> names{{NonfinitePolicy::kStop, "stop"},
+                                                                         {NonfinitePolicy::kSkip, "skip"}};
+  return names;
+}
+
 template <class Enum>
 std::string to_string(Enum value) {
   for (const auto& [v, name] : enum_names<Enum>()) {
@@ -71,5 +78,6 @@ template std::string to_string(LrSchedule);
 template std::string to_string(Precision);
 template std::string to_string(PipelineSchedule);
 template std::string to_string(Backend);
+template std::string to_string(NonfinitePolicy);
 
 }  // namespace yuanmoe::config

@@ -90,6 +90,11 @@ void visit(V& v, TrainConfig& c) {
   v.field("recompute", c.recompute, kOptional, "Activation checkpointing of whole blocks.");
   v.field("init_from", c.init_from, kOptional,
           "Checkpoint dir whose weights start a fine-tune (fresh optimizer); empty = none.");
+  v.field("on_nonfinite", c.on_nonfinite, kOptional,
+          "A step with a non-finite loss or gradient norm: stop (nothing of it applied) or skip it "
+          "(batch consumed, no update), at most max_consecutive_skips in a row.");
+  v.field("max_consecutive_skips", c.max_consecutive_skips, kOptional,
+          "With on_nonfinite = skip: this many non-finite steps in a row stop the run.");
   v.field("eval_interval", c.eval_interval, kOptional, "Steps between evaluations; 0 = at end.");
   v.field("eval_steps", c.eval_steps, kOptional, "Validation batches per evaluation.");
 }

@@ -106,6 +106,7 @@ void validate_train(const TrainConfig& t, const ModelConfig& model, Checker& c) 
   c.require(t.adam_beta2 >= 0 && t.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)");
   c.positive(t.adam_eps, "train.adam_eps");
   c.non_negative(t.grad_clip, "train.grad_clip");
+  c.positive(t.max_consecutive_skips, "train.max_consecutive_skips");
   c.non_negative(t.seed, "train.seed");
   c.non_negative(t.eval_interval, "train.eval_interval");
   c.positive(t.eval_steps, "train.eval_steps");

@@ -47,7 +47,8 @@ std::string render_plots(const fs::path& run_dir) {
     } catch (const nlohmann::json::exception&) {
       continue;
     }
-    if (!j.contains("step") || !j.contains("loss")) continue;
+    // Skipped non-finite steps log a null loss (train.on_nonfinite = skip): no point to draw.
+    if (!j.contains("step") || !j.contains("loss") || !j["loss"].is_number()) continue;
     const bool is_valid = j.value("split", "train") == "valid";
     (is_valid ? valid : train) << j["step"].get<int64_t>() << " " << j["loss"].get<double>() << "\n";
     ++(is_valid ? valid_points : train_points);

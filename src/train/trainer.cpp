@@ -287,12 +287,13 @@ Trainer::StepResult Trainer::train_step() {
   result.pipeline_bubble = sums[3].item<double>() > 0 ? sums[2].item<double>() / sums[3].item<double>() : 0.0;
   result.loss = sums[0].item<double>() / static_cast<double>(micro_batches_per_global_batch_);
   result.aux_loss = sums[1].item<double>() / static_cast<double>(micro_batches_per_global_batch_);
-  if (!std::isfinite(result.loss) || !std::isfinite(result.aux_loss)) {
-    throw std::runtime_error("step " + std::to_string(step_ + 1) + ": loss is " + std::to_string(result.loss) +
-                             " (aux " + std::to_string(result.aux_loss) +
-                             "); training diverged: lower train.lr or raise train.warmup_steps");
-  }
   result.pairs_LE = global_expert_counts(step.pairs_LE);
+  if (options_.inject_nonfinite_steps.count(step_ + 1) > 0) {
+    torch::NoGradGuard no_grad;
+    for (auto& parameter : parameters_) {
+      if (parameter.grad().defined()) parameter.mutable_grad().fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+  }
 
   // Global gradient norm: this stage's parameters (the tied copy counted once) over the pipeline;
   // data-parallel ranks hold the same gradients after synchronize_gradients.
@@ -302,9 +303,32 @@ Trainer::StepResult Trainer::train_step() {
     counted.push_back(item.value());
   }
   result.grad_norm = global_gradient_norm(counted, parallel_);
+  const int64_t tokens = config_.train.global_batch_size * config_.train.seq_length;
+
+  // Loss and norm are reduced over the world, so every rank takes the same decision here, before
+  // anything of the step is applied.
+  if (!std::isfinite(result.loss) || !std::isfinite(result.aux_loss) || !std::isfinite(result.grad_norm)) {
+    const std::string what = fmt::format("step {}: loss {} (aux {}), gradient norm {}", step_ + 1, result.loss,
+                                         result.aux_loss, result.grad_norm);
+    if (config_.train.on_nonfinite == config::NonfinitePolicy::kStop) {
+      throw std::runtime_error(what + ": not finite; nothing of this step was applied (train.on_nonfinite = stop; "
+                               "lower train.lr, raise train.warmup_steps, or set it to skip)");
+    }
+    if (++consecutive_skips_ > config_.train.max_consecutive_skips) {
+      throw std::runtime_error(what + ": " + std::to_string(consecutive_skips_) +
+                               " non-finite steps in a row (train.max_consecutive_skips = " +
+                               std::to_string(config_.train.max_consecutive_skips) + "); training diverged");
+    }
+    console_->warn(what + ": not finite, step skipped (train.on_nonfinite = skip)");
+    model_->zero_grad(/*set_to_none=*/true);
+    result.skipped = true;
+    ++step_;
+    tokens_seen_ += tokens;
+    return result;
+  }
+  consecutive_skips_ = 0;
   scale_gradients_to_norm(parameters_, config_.train.grad_clip, result.grad_norm);
   optimizer_->step();
-  const int64_t tokens = config_.train.global_batch_size * config_.train.seq_length;
   update_routers(result.pairs_LE, tokens);
   ++step_;
   tokens_seen_ += tokens;
@@ -483,6 +507,7 @@ TrainSummary Trainer::run() {
                         {"grad_norm", result.grad_norm},
                         {"tokens_per_s", tokens_per_s},
                         {"tokens_seen", tokens_seen_}};
+      if (result.skipped) line["skipped"] = true;
       // MFU of the whole run: every process is assumed to have the peak rank 0 measured.
       const double mfu = peak_flops_ > 0 ? tokens_per_s * flops_per_token_ /
                                                (peak_flops_ * static_cast<double>(parallel_.world().world_size))

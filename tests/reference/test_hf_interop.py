@@ -196,8 +196,11 @@ def fixture_state(router, seed):
         sd[lf + "conv2.bias"] = w(H, std=0.1)
         sd[lf + "output_layernorm.weight"] = norm()
         if router == "attention":
-            for part in ("query", "key", "value"):
-                sd[p + "mlp.gate.%s.weight" % part] = w(E, H, std=0.3)
+            # Soft attention over experts (small q, k) with widely spread values: each r_i is
+            # mean(v) plus a term in q_i, distinct per expert. A saturated softmax would give every
+            # expert with q_i > 0 the same v_j, exact ties (see tie_free).
+            for part, std in (("query", 0.1), ("key", 0.1), ("value", 1.0)):
+                sd[p + "mlp.gate.%s.weight" % part] = w(E, H, std=std)
         else:
             sd[p + "mlp.gate.weight"] = w(E, H, std=0.3)
         for e in range(E):
@@ -255,12 +258,24 @@ def import_and_eval(name, router):
     # (reference §12.7); a flipped expert there changes every later position, so the judge must
     # be more exact than the two fp32 implementations it judges.
     logits = reference_logits(name, dump, torch.float64)
-    ref_loss = F.cross_entropy(logits.double().flatten(0, 1), dump["labels"].long().flatten()).item()
+    # Where the fp64 reference finds a router near-tie (tie_free), fp32 may route either way; such
+    # tokens and the rest of their row are left out of the comparison (bf16 fixtures make ties
+    # likelier: the weights take few distinct values).
+    mask = tie_free(name, dump)
+    labels = dump["labels"].long()
+
+    def masked_loss(l):
+        return F.cross_entropy(l.double()[mask], labels[mask]).item()
+
     ours = eval_loss(out)
-    diff = (logits - dump["logits"]).abs().max().item()
-    check(abs(ours - ref_loss) <= 1e-4 and diff <= 1e-4,
-          "%s (%s router): eval loss %.4f vs fp64 reference %.6f, logits max |diff| %.2e"
-          % (name, router, ours, ref_loss, diff))
+    ours_all = F.cross_entropy(dump["logits"].double().flatten(0, 1), labels.flatten()).item()
+    diff = max_diff(logits, dump["logits"].double(), mask)
+    check(abs(ours - ours_all) <= 1e-4 and mask.float().mean().item() >= 0.5 and
+          abs(masked_loss(dump["logits"]) - masked_loss(logits)) <= 1e-4 and diff <= 1e-4,
+          "%s (%s router): eval loss %.4f = its dumped logits' %.4f; at %d of %d tie-free positions loss %.6f vs "
+          "fp64 reference %.6f, logits max |diff| %.2e"
+          % (name, router, ours, ours_all, mask.sum().item(), mask.numel(), masked_loss(dump["logits"]),
+             masked_loss(logits), diff))
 
 
 def same_bytes(a, b):

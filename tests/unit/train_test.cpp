@@ -87,7 +87,10 @@ std::map<int64_t, double> train_losses(const fs::path& run_dir) {
   std::string line;
   while (std::getline(in, line)) {
     const auto j = nlohmann::json::parse(line);
-    if (!j.contains("split")) losses[j["step"].get<int64_t>()] = j["loss"].get<double>();
+    if (!j.contains("split")) {
+      losses[j["step"].get<int64_t>()] =
+          j["loss"].is_number() ? j["loss"].get<double>() : std::numeric_limits<double>::quiet_NaN();
+    }
   }
   return losses;
 }
@@ -286,6 +289,89 @@ TEST_F(TrainerTest, MissingDatasetIsNamed) {
     FAIL() << "expected an error";
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("nope"), std::string::npos) << e.what();
+  }
+}
+
+/// Every tensor of two checkpoints' model, optimizer and buffers, by name.
+void expect_same_state(const fs::path& a_dir, const fs::path& b_dir) {
+  const auto a = checkpoint::load_checkpoint(a_dir), b = checkpoint::load_checkpoint(b_dir);
+  for (const auto& [xs, ys] : {std::make_pair(&a.model, &b.model), std::make_pair(&a.optimizer, &b.optimizer)}) {
+    ASSERT_EQ(xs->size(), ys->size());
+    for (size_t i = 0; i < xs->size(); ++i) {
+      EXPECT_EQ((*xs)[i].first, (*ys)[i].first);
+      EXPECT_TRUE(torch::equal((*xs)[i].second, (*ys)[i].second)) << (*xs)[i].first;
+    }
+  }
+}
+
+// train.on_nonfinite = stop: the run ends naming the step, the newest checkpoint is the one before
+// it, and rerunning (the fault gone) resumes and ends exactly where an unharmed run ends.
+TEST_F(TrainerTest, NonfiniteStepStopsAndTheRunResumesExactly) {
+  config::RunConfig run = config();
+  run.train.max_steps = 8;
+  run.checkpoint.interval = 4;
+  TempDir straight, poisoned;
+  Trainer(run, {straight.path()}).run();
+  TrainerOptions faulty{poisoned.path()};
+  faulty.inject_nonfinite_steps = {6};
+  try {
+    Trainer(run, faulty).run();
+    FAIL() << "expected the run to stop";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("step 6: loss"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("nothing of this step was applied"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(checkpoint::find_latest_checkpoint(poisoned.path() / "checkpoints"),
+            poisoned.path() / "checkpoints" / "step_00000004");
+  EXPECT_EQ(train_losses(poisoned.path()).size(), 5u);
+  Trainer resumed(run, {poisoned.path()});
+  EXPECT_EQ(resumed.step(), 4);
+  resumed.run();
+  const auto expected = train_losses(straight.path()), actual = train_losses(poisoned.path());
+  ASSERT_EQ(actual.size(), 8u);
+  for (const auto& [step, loss] : expected) EXPECT_EQ(actual.at(step), loss) << "step " << step;
+  expect_same_state(straight.path() / "checkpoints" / "step_00000008", poisoned.path() / "checkpoints" / "step_00000008");
+}
+
+// train.on_nonfinite = skip: poisoned steps consume their batch and change nothing: weights,
+// AdamW moments and the routers' balancing bias after steps 3-4 equal those after step 2.
+TEST_F(TrainerTest, SkippedNonfiniteStepsApplyNothing) {
+  config::RunConfig run = config();
+  run.moe.aux_loss_coeff = 0.01;
+  run.moe.bias_balancing_rate = 1e-3;
+  run.train.on_nonfinite = config::NonfinitePolicy::kSkip;
+  run.train.max_steps = 6;
+  TempDir before, skipping;
+  Trainer(run, {before.path(), /*exit_after_steps=*/2}).run();
+  TrainerOptions faulty{skipping.path(), /*exit_after_steps=*/4};
+  faulty.inject_nonfinite_steps = {3, 4};
+  Trainer(run, faulty).run();
+  expect_same_state(before.path() / "checkpoints" / "step_00000002", skipping.path() / "checkpoints" / "step_00000004");
+  const auto losses = train_losses(skipping.path());
+  ASSERT_EQ(losses.size(), 4u);
+  EXPECT_TRUE(std::isfinite(losses.at(3)));  // the loss was finite, the gradients were not
+  std::ifstream in(skipping.path() / "metrics.jsonl");
+  std::string line;
+  int skipped = 0;
+  while (std::getline(in, line)) skipped += nlohmann::json::parse(line).value("skipped", false) ? 1 : 0;
+  EXPECT_EQ(skipped, 2);
+  Trainer(run, {skipping.path()}).run();  // and the run carries on to the end
+  EXPECT_EQ(train_losses(skipping.path()).size(), 6u);
+}
+
+TEST_F(TrainerTest, TooManyConsecutiveSkipsStop) {
+  config::RunConfig run = config();
+  run.train.on_nonfinite = config::NonfinitePolicy::kSkip;
+  run.train.max_consecutive_skips = 2;
+  TempDir run_dir;
+  TrainerOptions faulty{run_dir.path()};
+  faulty.inject_nonfinite_steps = {2, 4, 5, 6};  // 2 alone is tolerated; 4, 5, 6 are three in a row
+  try {
+    Trainer(run, faulty).run();
+    FAIL() << "expected the run to stop";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("step 6:"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("train.max_consecutive_skips = 2"), std::string::npos) << e.what();
   }
 }
 

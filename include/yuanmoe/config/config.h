@@ -21,6 +21,7 @@ enum class LrSchedule { kCosine, kConstant, kLinear };
 enum class Precision { kFp32, kBf16 };
 enum class PipelineSchedule { k1F1B, kGPipe };
 enum class Backend { kAuto, kGloo, kNccl };
+enum class NonfinitePolicy { kStop, kSkip };
 
 /// Decoder architecture (reference/yuan2-m32.md §1-§4).
 struct ModelConfig {
@@ -84,6 +85,11 @@ struct TrainConfig {
   Precision precision = Precision::kFp32;
   bool recompute = false;
   std::string init_from;   ///< checkpoint dir whose weights start a fine-tune; empty = none
+  /// A step whose loss or gradient norm is not finite: stop the run (nothing of it applied), or
+  /// skip it (batch consumed, no update) up to max_consecutive_skips in a row (Megatron skips
+  /// such iterations under loss scaling).
+  NonfinitePolicy on_nonfinite = NonfinitePolicy::kStop;
+  int64_t max_consecutive_skips = 5;
   int64_t eval_interval = 0;  ///< 0 = evaluate only at the end
   int64_t eval_steps = 10;
 };

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <set>
 #include <spdlog/logger.h>
 
 #include "yuanmoe/config/config.h"
@@ -33,6 +34,9 @@ struct TrainerOptions {
   int64_t exit_after_steps = 0;
   /// The process groups of a multi-process run; default: this process alone.
   parallel::ParallelContext parallel;
+  /// Fault injection (tests, docs/reliability.md): at these 1-based steps every rank's gradients
+  /// are poisoned with NaN after the backward pass, as a diverging step would leave them.
+  std::set<int64_t> inject_nonfinite_steps;
 };
 
 /// Layers [first, end) of pipeline stage `stage` of `stages`: contiguous; the first and last
@@ -68,6 +72,7 @@ class Trainer {
     double grad_norm = 0.0;
     double lr = 0.0;
     double pipeline_bubble = 0.0;  // stages' mean fraction of the schedule spent waiting (pp > 1)
+    bool skipped = false;          // non-finite and train.on_nonfinite = skip: nothing applied
     Tensor pairs_LE;        // routed pairs per MoE layer and expert (int64, CPU)
   };
 
@@ -102,6 +107,7 @@ class Trainer {
   int64_t micro_batches_per_global_batch_ = 1;
   int64_t step_ = 0;
   int64_t tokens_seen_ = 0;
+  int64_t consecutive_skips_ = 0;  // non-finite steps in a row (train.on_nonfinite = skip)
   double peak_flops_ = 0.0;
   double flops_per_token_ = 0.0;
   bool plots_enabled_ = true;
