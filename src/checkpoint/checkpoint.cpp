@@ -246,21 +246,36 @@ ordered_json read_manifest(const fs::path& step_dir) {
   } catch (const nlohmann::json::exception&) {
     fail(path, "invalid JSON (corrupt or truncated manifest)");
   }
-  if (!manifest.is_object() || manifest.value("format", "") != "yuanmoe-checkpoint") {
+  if (!manifest.is_object() || !manifest.contains("format") || manifest["format"] != "yuanmoe-checkpoint") {
     fail(path, "not a yuanmoe checkpoint manifest");
   }
   if (!manifest.contains("checksum") || manifest["checksum"] != manifest_checksum(manifest)) {
     fail(path, "checksum mismatch (the manifest was modified or corrupted)");
   }
-  if (manifest.value("format_version", 0) != kFormatVersion) {
-    fail(path, "format_version " + manifest["format_version"].dump() + " is not supported (expected " +
-                   std::to_string(kFormatVersion) + ")");
+  if (!manifest.contains("format_version") || manifest["format_version"] != kFormatVersion) {
+    fail(path, "format_version " + manifest.value("format_version", ordered_json()).dump() +
+                   " is not supported (expected " + std::to_string(kFormatVersion) + ")");
   }
   return manifest;
 }
 
+namespace {
+Checkpoint load_verified(const fs::path& step_dir, const ordered_json& manifest, LoadParts parts);
+}  // namespace
+
 Checkpoint load_checkpoint(const fs::path& step_dir, LoadParts parts) {
   const ordered_json manifest = read_manifest(step_dir);
+  // A manifest whose checksum holds can still be crafted: a missing key or a value of the wrong
+  // type is one error naming it, never an exception from the JSON library.
+  try {
+    return load_verified(step_dir, manifest, parts);
+  } catch (const nlohmann::json::exception& e) {
+    fail(step_dir / kManifest, std::string("malformed manifest: ") + e.what());
+  }
+}
+
+namespace {
+Checkpoint load_verified(const fs::path& step_dir, const ordered_json& manifest, LoadParts parts) {
   Checkpoint checkpoint;
   try {
     checkpoint.progress.step = manifest.at("step").get<int64_t>();
@@ -283,6 +298,11 @@ Checkpoint load_checkpoint(const fs::path& step_dir, LoadParts parts) {
   };
   bool has_model = false;
   for (const auto& [file, info] : manifest.at("files").items()) {
+    // A manifest names files beside itself, never elsewhere (a crafted one must not read /etc).
+    if (file.empty() || file == "." || file == ".." || file.find('/') != std::string::npos ||
+        file.find('\\') != std::string::npos) {
+      fail(step_dir / kManifest, "file name '" + file + "' is not a plain name in this directory");
+    }
     const fs::path path = step_dir / file;
     if (!fs::exists(path)) fail(path, "missing file listed in the manifest");
     if (file == "tokenizer.model") checkpoint.tokenizer = path;
@@ -323,5 +343,6 @@ Checkpoint load_checkpoint(const fs::path& step_dir, LoadParts parts) {
   }
   return checkpoint;
 }
+}  // namespace
 
 }  // namespace yuanmoe::checkpoint

@@ -153,6 +153,15 @@ Batch GptSampler::next_batch() {
   for (int64_t b = 0; b < B; ++b) {
     const int64_t global = state_.cursor + options_.rank * B + b;
     sample_tokens(state_.epoch + global / N, global % N, sample.data());
+    if (options_.vocab_size > 0) {
+      for (const int64_t token : sample) {
+        if (token < 0 || token >= options_.vocab_size) {
+          throw std::runtime_error(dataset_->prefix() + ": token id " + std::to_string(token) +
+                                   " is outside the model's vocabulary [0, " + std::to_string(options_.vocab_size) +
+                                   ") (model.vocab_size): data tokenized for another model?");
+        }
+      }
+    }
     std::copy(sample.begin(), sample.end() - 1, tokens.data_ptr<int64_t>() + b * S);
     std::copy(sample.begin() + 1, sample.end(), labels.data_ptr<int64_t>() + b * S);
   }

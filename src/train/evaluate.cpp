@@ -16,6 +16,7 @@ data::SamplerOptions sampler_options(const config::RunConfig& run, const std::st
   options.seed = static_cast<uint64_t>(run.train.seed);
   options.reset_position_ids = run.data.reset_position_ids;
   options.eod_id = run.data.eod_id;
+  options.vocab_size = run.model.vocab_size;
   if (options.eod_id < 0) {
     if (auto meta = data::load_dataset_meta(prefix)) options.eod_id = meta->eod_id;
   }

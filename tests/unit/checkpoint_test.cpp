@@ -183,6 +183,23 @@ TEST_F(CorruptCheckpointTest, EditedManifestIsDetected) {
   EXPECT_NE(load_error().find("manifest.json: invalid JSON"), std::string::npos);
 }
 
+// A crafted manifest (its checksum recomputed, as anyone can) must not make the loader read
+// outside the step directory.
+TEST_F(CorruptCheckpointTest, ManifestFileNamesCannotLeaveTheDirectory) {
+  const auto pristine = nlohmann::ordered_json::parse(read_bytes(step_dir_ / "manifest.json"));
+  for (const std::string name : {"../rng.safetensors", "/etc/passwd", "model/../../x.safetensors", ".."}) {
+    auto manifest = pristine;
+    manifest["files"][name] = manifest["files"]["rng.safetensors"];
+    manifest["files"].erase("rng.safetensors");
+    manifest.erase("checksum");
+    const std::string text = manifest.dump();
+    manifest["checksum"] = crc32(text.data(), text.size());
+    write_bytes(step_dir_ / "manifest.json", manifest.dump(2));
+    const std::string error = load_error();
+    EXPECT_NE(error.find("file name '" + name + "' is not a plain name"), std::string::npos) << error;
+  }
+}
+
 TEST_F(CheckpointTest, ModelStateLoadsByNameAndRejectsMismatches) {
   const auto model_config = testing::small_model_config();
   const auto moe_config = testing::small_moe_config();

@@ -280,6 +280,21 @@ TEST_F(TrainerTest, Bf16AutocastTrains) {
   }
 }
 
+TEST_F(TrainerTest, TokensBeyondTheVocabularyAreNamed) {
+  TempDir run_dir;
+  config::RunConfig run = config();
+  run.model.vocab_size = 40;  // the corpus counts up to 96
+  try {
+    Trainer(run, {run_dir.path()}).run();
+    FAIL() << "expected an error";
+  } catch (const std::runtime_error& e) {
+    const std::string message = e.what();
+    // The baseline evaluation reads the validation set first.
+    EXPECT_NE(message.find(run.data.valid_prefix + ": token id 4"), std::string::npos) << message;
+    EXPECT_NE(message.find("outside the model's vocabulary [0, 40)"), std::string::npos) << message;
+  }
+}
+
 TEST_F(TrainerTest, MissingDatasetIsNamed) {
   TempDir run_dir;
   config::RunConfig run = config();

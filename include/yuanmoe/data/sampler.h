@@ -43,6 +43,10 @@ struct SamplerOptions {
   /// each other's positions); needs eod_id.
   bool reset_position_ids = false;
   int64_t eod_id = -1;
+  /// > 0: every token must be in [0, vocab_size); next_batch() throws naming the dataset, the
+  /// value and the document otherwise (data tokenized for another model would index past the
+  /// embedding).
+  int64_t vocab_size = 0;
 };
 
 /// One micro-batch, every tensor [B, S] int64 on the CPU.
