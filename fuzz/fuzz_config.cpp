@@ -1,21 +1,17 @@
-// libFuzzer target: arbitrary text as a run config. Every input must end as a parsed config, a
-// list of ConfigIssues, or a JSON parse error; any other exception or a crash is a finding.
-#include <nlohmann/json.hpp>
-
+// libFuzzer target: arbitrary bytes as a run config file, through load_config() as `train` and
+// `inspect` read it. Every input must end as a config (which must serialise back) or as one
+// ConfigError naming the file; any other exception or a crash is a finding.
+#include "fuzz_input.h"
 #include "yuanmoe/config/config_io.h"
-#include "yuanmoe/config/validate.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  nlohmann::json root;
+  const auto path = yuanmoe::fuzz::scratch_dir() / "config.json";
+  yuanmoe::fuzz::write_file(path, data, size);
   try {
-    root = nlohmann::json::parse(data, data + size);
-  } catch (const nlohmann::json::parse_error&) {
-    return 0;
-  }
-  const yuanmoe::config::ParseResult parsed = yuanmoe::config::parse_config(root);
-  if (parsed.issues.empty()) {
-    const auto issues = yuanmoe::config::validate(parsed.config);
-    if (issues.empty()) (void)yuanmoe::config::to_json(parsed.config).dump();  // round trip must not throw
+    const yuanmoe::config::RunConfig config = yuanmoe::config::load_config(path.string());
+    (void)yuanmoe::config::to_json(config).dump();
+  } catch (const yuanmoe::config::ConfigError& e) {
+    yuanmoe::fuzz::expect_names_file(e, path.string());
   }
   return 0;
 }

@@ -218,7 +218,8 @@ json read_json_file(const std::string& path) {
   if (!in) throw ConfigError(path, {{"", "cannot open file"}});
   try {
     return json::parse(in, /*cb=*/nullptr, /*allow_exceptions=*/true, /*ignore_comments=*/false);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // parse_error, and out_of_range for numbers beyond double (found by fuzz/fuzz_config.cpp).
     // e.what() names the byte offset; keep it to one line.
     std::string what = e.what();
     std::replace(what.begin(), what.end(), '\n', ' ');
