@@ -65,7 +65,7 @@ std::pair<double, double> interleaved_medians(const std::function<void()>& a, co
   return {median(times_a), median(times_b)};
 }
 
-/// Forward + backward of `fn` with a fixed random output gradient (the graph is freed after).
+/// Forward + backward of `fn` with an all-ones output gradient (the graph is freed after).
 std::function<void()> forward_backward(const std::function<Tensor()>& fn) {
   return [fn] {
     const Tensor out = fn();

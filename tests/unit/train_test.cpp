@@ -178,6 +178,18 @@ TEST_F(TrainerTest, MetricsLinesCarryTheSpecFields) {
   EXPECT_EQ(valid_lines, 2);  // the baseline at step 0 and the final one
 }
 
+/// Every tensor of two checkpoints' model, optimizer and buffers, by name.
+void expect_same_state(const fs::path& a_dir, const fs::path& b_dir) {
+  const auto a = checkpoint::load_checkpoint(a_dir), b = checkpoint::load_checkpoint(b_dir);
+  for (const auto& [xs, ys] : {std::make_pair(&a.model, &b.model), std::make_pair(&a.optimizer, &b.optimizer)}) {
+    ASSERT_EQ(xs->size(), ys->size());
+    for (size_t i = 0; i < xs->size(); ++i) {
+      EXPECT_EQ((*xs)[i].first, (*ys)[i].first);
+      EXPECT_TRUE(torch::equal((*xs)[i].second, (*ys)[i].second)) << (*xs)[i].first;
+    }
+  }
+}
+
 class ResumeTest : public TrainerTest, public ::testing::WithParamInterface<RouterKind> {};
 
 TEST_P(ResumeTest, StoppedAndResumedRunIsBitIdentical) {
@@ -202,15 +214,7 @@ TEST_P(ResumeTest, StoppedAndResumedRunIsBitIdentical) {
   ASSERT_EQ(actual.size(), 8u);
   for (const auto& [step, loss] : expected) EXPECT_EQ(actual.at(step), loss) << "step " << step;  // bit-exact
 
-  const auto a = checkpoint::load_checkpoint(straight.path() / "checkpoints" / "step_00000008");
-  const auto b = checkpoint::load_checkpoint(resumed.path() / "checkpoints" / "step_00000008");
-  for (const auto& [xs, ys] : {std::make_pair(&a.model, &b.model), std::make_pair(&a.optimizer, &b.optimizer)}) {
-    ASSERT_EQ(xs->size(), ys->size());
-    for (size_t i = 0; i < xs->size(); ++i) {
-      EXPECT_EQ((*xs)[i].first, (*ys)[i].first);
-      EXPECT_TRUE(torch::equal((*xs)[i].second, (*ys)[i].second)) << (*xs)[i].first;
-    }
-  }
+  expect_same_state(straight.path() / "checkpoints" / "step_00000008", resumed.path() / "checkpoints" / "step_00000008");
 }
 
 INSTANTIATE_TEST_SUITE_P(AllRouters, ResumeTest, ::testing::ValuesIn(testing::all_router_kinds()));
@@ -304,18 +308,6 @@ TEST_F(TrainerTest, MissingDatasetIsNamed) {
     FAIL() << "expected an error";
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("nope"), std::string::npos) << e.what();
-  }
-}
-
-/// Every tensor of two checkpoints' model, optimizer and buffers, by name.
-void expect_same_state(const fs::path& a_dir, const fs::path& b_dir) {
-  const auto a = checkpoint::load_checkpoint(a_dir), b = checkpoint::load_checkpoint(b_dir);
-  for (const auto& [xs, ys] : {std::make_pair(&a.model, &b.model), std::make_pair(&a.optimizer, &b.optimizer)}) {
-    ASSERT_EQ(xs->size(), ys->size());
-    for (size_t i = 0; i < xs->size(); ++i) {
-      EXPECT_EQ((*xs)[i].first, (*ys)[i].first);
-      EXPECT_TRUE(torch::equal((*xs)[i].second, (*ys)[i].second)) << (*xs)[i].first;
-    }
   }
 }
 
