@@ -42,6 +42,22 @@ std::vector<std::string> module_candidates() {
   return paths;
 }
 
+/// dlopen, except under AddressSanitizer: its interceptor refuses RTLD_DEEPBIND outright
+/// (google/sanitizers#611: a deep-bound library would find libc's malloc before ASan's). Our module
+/// is linked against libasan ahead of everything else, so its deep-bound scope still reaches ASan's
+/// malloc first; the refusal does not apply to it, and libc's own dlopen loads it unchanged.
+void* open_module(const char* path, int flags) {
+#if defined(__SANITIZE_ADDRESS__)
+  using DlopenFn = void* (*)(const char*, int);
+  static const auto libc_dlopen = [] {
+    void* libc = ::dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
+    return libc ? reinterpret_cast<DlopenFn>(::dlsym(libc, "dlopen")) : nullptr;
+  }();
+  if (libc_dlopen) return libc_dlopen(path, flags);
+#endif
+  return ::dlopen(path, flags);
+}
+
 const Module& module() {
   static Module loaded;
   static std::string error;
@@ -51,7 +67,7 @@ const Module& module() {
       if (!std::ifstream(path).good()) continue;
       // RTLD_DEEPBIND: SentencePiece binds to its own protobuf, not libtorch's (see
       // sentencepiece_backend.h); RTLD_LOCAL keeps its symbols away from everyone else.
-      void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+      void* handle = open_module(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
       if (!handle) {
         error = path + ": cannot load the SentencePiece module (" + ::dlerror() + ")";
         return;
