@@ -1,5 +1,7 @@
 #include "yuanmoe/model/router.h"
 
+#include <limits>
+
 #include "yuanmoe/model/gating.h"
 
 namespace yuanmoe::model {
@@ -22,8 +24,27 @@ Tensor every_expert_TK(const Tensor& logits_TE) {
 Routing RouterImpl::forward(const Tensor& x_TD) {
   // Routers run in fp32 at least: "compute gate in float32 to help stability of expert load
   // balancing" (torchtitan); Yuan uses --use-fp32-router.
-  return gate(score(x_TD.to(at_least_fp32(x_TD))));
+  const Tensor logits_TE = score(x_TD.to(at_least_fp32(x_TD)));
+  if (!is_training()) {
+    torch::NoGradGuard no_grad;
+    const Tensor p_TE = routing_distribution(logits_TE.detach()).to(torch::kDouble);
+    const Tensor entropy = -torch::xlogy(p_TE, p_TE).sum();  // xlogy: 0 log 0 = 0
+    eval_entropy_sum_ = eval_entropy_sum_.defined() ? eval_entropy_sum_ + entropy : entropy;
+    eval_tokens_ += logits_TE.size(0);
+  }
+  return gate(logits_TE);
 }
+
+RouterEvalStats RouterImpl::take_eval_stats() {
+  RouterEvalStats stats;
+  if (eval_entropy_sum_.defined()) stats.entropy_sum = eval_entropy_sum_.item<double>();
+  stats.tokens = eval_tokens_;
+  eval_entropy_sum_ = Tensor();
+  eval_tokens_ = 0;
+  return stats;
+}
+
+Tensor RouterImpl::routing_distribution(const Tensor& logits_TE) const { return torch::softmax(logits_TE, -1); }
 
 Tensor RouterImpl::linear_scores(const Tensor& x_TD, const Tensor& weight_ED) {
   return torch::matmul(x_TD, weight_ED.to(x_TD.scalar_type()).t());
@@ -104,6 +125,11 @@ Routing ReluRouterImpl::gate(const Tensor& logits_TE) {
                        relu_load_balanced_l1(gates_TE, config.top_k);
   }
   return routing;
+}
+
+Tensor ReluRouterImpl::routing_distribution(const Tensor& logits_TE) const {
+  const Tensor gates_TE = relu_gates(logits_TE);
+  return gates_TE / gates_TE.sum(-1, /*keepdim=*/true).clamp_min(std::numeric_limits<float>::min());
 }
 
 void ReluRouterImpl::update_after_step(const RouterStepStats& stats) {

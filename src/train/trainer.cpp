@@ -111,6 +111,12 @@ ordered_json load_json_array(const Tensor& load_LE) {
   return rows;
 }
 
+/// A 1-D fp64 tensor as a JSON array, rounded like the loads.
+ordered_json json_vector(const Tensor& values_L) {
+  const Tensor rounded = ((values_L.to(torch::kDouble) * 1e4).round() / 1e4).contiguous();
+  return std::vector<double>(rounded.data_ptr<double>(), rounded.data_ptr<double>() + rounded.numel());
+}
+
 }  // namespace
 
 model::StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage, int64_t first_layers,
@@ -335,14 +341,32 @@ Trainer::StepResult Trainer::train_step() {
   return result;
 }
 
-Tensor Trainer::global_expert_counts(const Tensor& stage_pairs_LE) {
+Tensor Trainer::global_moe_rows(const Tensor& stage_rows_LX, int64_t width, torch::Dtype dtype) {
   if (total_moe_layers_ == 0) return Tensor();
-  Tensor all = torch::zeros({total_moe_layers_, config_.moe.num_experts}, torch::kLong);
-  if (stage_pairs_LE.defined()) {
-    all.narrow(0, moe_layers_before_stage_, stage_pairs_LE.size(0)).copy_(stage_pairs_LE);
+  Tensor all = torch::zeros({total_moe_layers_, width}, dtype);
+  if (stage_rows_LX.defined()) {
+    all.narrow(0, moe_layers_before_stage_, stage_rows_LX.size(0)).copy_(stage_rows_LX);
   }
   parallel_.world_group.all_reduce_sum(all);  // stages fill their rows; data-parallel ranks add
   return all;
+}
+
+Tensor Trainer::global_expert_counts(const Tensor& stage_pairs_LE) {
+  return global_moe_rows(stage_pairs_LE, config_.moe.num_experts, torch::kLong);
+}
+
+Tensor Trainer::take_router_eval_stats() {
+  const std::vector<model::Moe> layers = model_->moe_layers();
+  Tensor stage_L2;
+  if (!layers.empty()) {
+    stage_L2 = torch::zeros({static_cast<int64_t>(layers.size()), 2}, torch::kDouble);  // [L_stage, (entropy, tokens)]
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const model::RouterEvalStats stats = layers[l]->gate->take_eval_stats();
+      stage_L2[static_cast<int64_t>(l)][0] = stats.entropy_sum;
+      stage_L2[static_cast<int64_t>(l)][1] = static_cast<double>(stats.tokens);
+    }
+  }
+  return global_moe_rows(stage_L2, 2, torch::kDouble);
 }
 
 void Trainer::update_routers(const Tensor& pairs_LE, int64_t tokens) {
@@ -369,6 +393,7 @@ EvalResult Trainer::run_evaluation() {
   options.world_size = layout.dp;
   const int64_t steps = (config_.train.eval_steps + layout.dp - 1) / layout.dp;
   model_->eval();
+  take_router_eval_stats();  // start the routers' entropy sums from zero
   EvalResult result = evaluate(
       [&](const data::Batch& batch) { return pipeline_forward(*model_, parallel_, batch, config_.train.precision); },
       valid_dataset_, options, steps);
@@ -383,10 +408,17 @@ EvalResult Trainer::run_evaluation() {
   result.perplexity = std::exp(result.loss);
   result.pairs_LE = global_expert_counts(result.pairs_LE);
   if (result.pairs_LE.defined()) result.expert_load_LE = expert_load_fractions(result.pairs_LE);
+  const Tensor router_L2 = take_router_eval_stats();  // collective: every rank calls it
   if (!is_logging_rank()) return result;
   ordered_json line{{"step", step_},           {"split", "valid"},       {"loss", result.loss},
                     {"perplexity", result.perplexity}, {"tokens", result.tokens}};
-  if (result.expert_load_LE.defined()) line["expert_load"] = load_json_array(result.expert_load_LE);
+  if (result.expert_load_LE.defined()) {
+    line["expert_load"] = load_json_array(result.expert_load_LE);
+    // Per MoE layer: mean routing entropy (nats) and routed (token, expert) pairs per token.
+    const Tensor routed_tokens_L = router_L2.select(1, 1).clamp_min(1.0);
+    line["router_entropy"] = json_vector(router_L2.select(1, 0) / routed_tokens_L);
+    line["active_experts"] = json_vector(result.pairs_LE.to(torch::kDouble).sum(1) / routed_tokens_L);
+  }
   metrics_->write(line);
   info(fmt::format("eval step {} | valid loss {:.4f} | perplexity {:.2f} | {} tokens", step_, result.loss,
                    result.perplexity, result.tokens));

@@ -34,14 +34,11 @@ void expect_hf_top_k(const Routing& routing, const torch::Tensor& logits_TE, int
   }
 }
 
-TEST_F(RouterTest, AttentionRouterMatchesPerTokenLoop) {
-  const auto moe = testing::small_moe_config(RouterKind::kAttention);
-  auto router = make_initialised_router(moe, 16);
-  auto& attention = dynamic_cast<AttentionRouterImpl&>(*router);
-  const auto x = torch::randn({5, 16});
-  const int64_t E = moe.num_experts;
-  auto logits = torch::zeros({5, E}, torch::kDouble);
-  for (int64_t t = 0; t < 5; ++t) {
+/// Yuan's attention router by per-token loops (yuan2-m32.md §5), in double: logits [T, E].
+torch::Tensor attention_router_logits_loop(AttentionRouterImpl& attention, const torch::Tensor& x) {
+  const int64_t T = x.size(0), E = attention.config.num_experts;
+  auto logits = torch::zeros({T, E}, torch::kDouble);
+  for (int64_t t = 0; t < T; ++t) {
     const auto xt = x[t].to(torch::kDouble);
     const auto q = torch::mv(attention.query->weight.to(torch::kDouble), xt);
     const auto k = torch::mv(attention.key->weight.to(torch::kDouble), xt);
@@ -62,6 +59,14 @@ TEST_F(RouterTest, AttentionRouterMatchesPerTokenLoop) {
     EXPECT_GE(logits[t].min().item<double>(), v.min().item<double>() - 1e-9);
     EXPECT_LE(logits[t].max().item<double>(), v.max().item<double>() + 1e-9);
   }
+  return logits;
+}
+
+TEST_F(RouterTest, AttentionRouterMatchesPerTokenLoop) {
+  const auto moe = testing::small_moe_config(RouterKind::kAttention);
+  auto router = make_initialised_router(moe, 16);
+  const auto x = torch::randn({5, 16});
+  const auto logits = attention_router_logits_loop(dynamic_cast<AttentionRouterImpl&>(*router), x);
   const Routing routing = router->forward(x);
   EXPECT_EQ(routing.gates_TK.scalar_type(), torch::kFloat);
   expect_hf_top_k(routing, logits, moe.top_k);
@@ -137,6 +142,59 @@ TEST_P(RouterPropertyTest, AuxLossOnlyWhileTraining) {
   router->train();
   const bool has_term = GetParam() != RouterKind::kDense;
   EXPECT_EQ(router->forward(x).aux_loss.defined(), has_term);
+}
+
+/// Sum over tokens of the entropy (nats) of each token's routing distribution, by loops over
+/// the logits: softmax, or for ReMoE the ReLU gates over their sum (no active expert: 0).
+double routing_entropy_sum_loop(const torch::Tensor& logits_TE, bool relu) {
+  double sum = 0;
+  for (int64_t t = 0; t < logits_TE.size(0); ++t) {
+    std::vector<double> weights;
+    for (int64_t e = 0; e < logits_TE.size(1); ++e) {
+      const double l = logits_TE[t][e].item<double>();
+      weights.push_back(relu ? std::max(l, 0.0) : l);
+    }
+    if (!relu) {
+      const double max_l = *std::max_element(weights.begin(), weights.end());
+      for (double& w : weights) w = std::exp(w - max_l);
+    }
+    double total = 0;
+    for (double w : weights) total += w;
+    for (double w : weights) {
+      if (w > 0) sum -= (w / total) * std::log(w / total);
+    }
+  }
+  return sum;
+}
+
+TEST_P(RouterPropertyTest, EvalModeSumsTheRoutingEntropy) {
+  const RouterKind kind = GetParam();
+  const auto moe = testing::small_moe_config(kind);
+  auto router = make_initialised_router(moe, 16);
+  const auto logits_loop = [&](const torch::Tensor& x) {
+    if (kind == RouterKind::kAttention) {
+      return attention_router_logits_loop(dynamic_cast<AttentionRouterImpl&>(*router), x);
+    }
+    const auto named = router->named_parameters();
+    return torch::mm(x.to(torch::kDouble), named["weight"].to(torch::kDouble).t());  // W x
+  };
+  const auto x1 = torch::randn({6, 16}), x2 = torch::randn({4, 16});
+  router->train();
+  router->forward(x1);
+  EXPECT_EQ(router->take_eval_stats().tokens, 0) << "training passes are not counted";
+  router->eval();
+  router->forward(x1);
+  router->forward(x2);
+  const RouterEvalStats stats = router->take_eval_stats();
+  const bool relu = kind == RouterKind::kRelu;
+  const double want = routing_entropy_sum_loop(logits_loop(x1), relu) + routing_entropy_sum_loop(logits_loop(x2), relu);
+  EXPECT_EQ(stats.tokens, 10);
+  EXPECT_NEAR(stats.entropy_sum, want, 1e-5 * std::max(1.0, want));
+  EXPECT_GT(stats.entropy_sum, 0.0);
+  EXPECT_LE(stats.entropy_sum / 10, std::log(static_cast<double>(moe.num_experts)) + 1e-9);
+  const RouterEvalStats after = router->take_eval_stats();
+  EXPECT_EQ(after.tokens, 0);
+  EXPECT_EQ(after.entropy_sum, 0.0);
 }
 
 INSTANTIATE_TEST_SUITE_P(AllRouters, RouterPropertyTest, ::testing::ValuesIn(testing::all_router_kinds()),

@@ -33,12 +33,26 @@ struct RouterStepStats {
   double active_fraction_all_layers = 0.0;
 };
 
+/// Sums over the tokens routed in eval mode since the last take_eval_stats(): the entropy (nats)
+/// of each token's routing distribution (routing_distribution()), and the token count.
+struct RouterEvalStats {
+  double entropy_sum = 0.0;
+  int64_t tokens = 0;
+};
+
 class RouterImpl : public torch::nn::Module {
  public:
   /// x_TD -> Routing. Computed in fp32 (or double when x is double, for gradient checks).
+  /// In eval mode it also adds to the entropy statistics (no grad, no host sync).
   Routing forward(const Tensor& x_TD);
   /// Once per optimizer step, by whoever trains; updates the router's buffers (if any).
   virtual void update_after_step(const RouterStepStats& stats) {}
+  /// The eval-mode statistics so far; resets them.
+  RouterEvalStats take_eval_stats();
+  /// logits_TE -> each token's distribution over experts [T, E], rows summing to 1 (or all 0):
+  /// softmax for the softmax-gated routers (before any selection bias); ReLU gates normalised
+  /// by their sum for ReMoE (a token with no active expert has an all-zero row, entropy 0).
+  virtual Tensor routing_distribution(const Tensor& logits_TE) const;
 
   const config::MoeConfig config;
 
@@ -49,6 +63,10 @@ class RouterImpl : public torch::nn::Module {
   virtual Routing gate(const Tensor& logits_TE) = 0;
   /// W x for the routers that score with one [E, D] matrix.
   static Tensor linear_scores(const Tensor& x_TD, const Tensor& weight_ED);
+
+ private:
+  Tensor eval_entropy_sum_;  // fp64 scalar on the router's device, undefined until first used
+  int64_t eval_tokens_ = 0;
 };
 
 /// Shared by the attention and linear routers: top-k gates, Switch aux loss, z-loss and the
@@ -94,6 +112,7 @@ class ReluRouterImpl final : public RouterImpl {
  public:
   ReluRouterImpl(const config::MoeConfig& config, int64_t hidden_size);
   void update_after_step(const RouterStepStats& stats) override;
+  Tensor routing_distribution(const Tensor& logits_TE) const override;
 
   Tensor weight;    // [E, D]
   Tensor l1_coeff;  // [] fp32 buffer (lambda), checkpointed

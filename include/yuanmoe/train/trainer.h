@@ -79,7 +79,12 @@ class Trainer {
   void resume_or_initialise();
   StepResult train_step();
   /// This stage's [L_stage, E] counts -> the whole model's [L_moe, E], summed over the world.
+  /// This stage's rows [L_stage, width] placed at its global MoE layers and summed over the world
+  /// (stages fill their rows, data-parallel ranks add): [total MoE layers, width].
+  Tensor global_moe_rows(const Tensor& stage_rows_LX, int64_t width, torch::Dtype dtype);
   Tensor global_expert_counts(const Tensor& stage_pairs_LE);
+  /// Takes every local router's eval statistics: [total MoE layers, (entropy sum, tokens)] fp64.
+  Tensor take_router_eval_stats();
   void update_routers(const Tensor& pairs_LE, int64_t tokens);
   EvalResult run_evaluation();
   fs::path save();
