@@ -19,7 +19,7 @@ Writes OUT/results.csv (one row per study, variant and seed), OUT/results.md (me
 over seeds), OUT/<study>_valid_loss.png (valid loss vs step, mean over seeds, error bars = std)
 and OUT/<study>_load_<variant>.png (final expert load, layers x experts, mean over seeds).
 
-usage: scripts/ablate.py [--out ablation] [--jobs 2] [--bin build/yuanmoe] STUDY.json [STUDY.json ...]
+usage: scripts/ablate.py [--out ablation] [--jobs 2] [--bin build/yuanmoe] [--dry-run] STUDY.json [STUDY.json ...]
        scripts/ablate.py --name NAME --base CONFIG --seeds S [--set K=V ...] --variant SPEC [...]
 """
 
@@ -318,6 +318,7 @@ def main():
                         help="runs side by side, each with cores/jobs threads (default: one per core)")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each finished run's checkpoints (default: delete them, ~0.7 GB a run)")
+    parser.add_argument("--dry-run", action="store_true", help="check the studies and list the runs; train nothing")
     parser.add_argument("--name", help="an ad hoc study's name (instead of study files)")
     parser.add_argument("--base", help="ad hoc: the config every variant starts from")
     parser.add_argument("--seeds", type=int, default=3, help="ad hoc: seeds 1..S (default 3)")
@@ -329,6 +330,8 @@ def main():
         fail("--jobs must be >= 1")
     if not os.access(args.bin, os.X_OK):
         fail("%s: not an executable (build first, or pass --bin)" % args.bin)
+    if not shutil.which("gnuplot"):
+        fail("gnuplot not found, needed for the plots (Debian: apt-get install gnuplot-nox; scripts/setup.sh does)")
     studies = [load_study(p) for p in args.studies]
     if args.name:
         studies.append(study_from_args(args))
@@ -343,6 +346,11 @@ def main():
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print("ablate: %d runs, %d finished, %d to train (%d at a time, %d thread(s) each)"
           % (len(runs), len(runs) - len(todo), len(todo), args.jobs, threads), flush=True)
+    if args.dry_run:
+        for r in todo:
+            print("ablate: would train %s seed %d (%s): --config %s %s" % (r["label"], r["seed"], r["key"], r["config"],
+                                                                          " ".join("--set " + kv for kv in r["overrides"])))
+        return
     started, failures = time.time(), []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(train, r, args.bin, threads, args.keep_checkpoints) for r in todo]
