@@ -5,8 +5,8 @@ same data with seeds 1..S, evaluated on the same valid batches, summarised with 
 A study is a JSON file (configs/ablation/study-*.json):
   {"name": "routers", "seeds": 3,
    "set": ["train.max_steps=100", ...],                 # applied to every variant
-   "variants": [{"name": "attention", "config": "configs/ablation/attention.json"},
-                {"name": "linear+aux", "config": "configs/ablation/linear.json",
+   "variants": [{"name": "attention", "config": "attention.json"},      # beside the study file
+                {"name": "linear+aux", "config": "linear.json",
                  "set": ["moe.aux_loss_coeff=0.01"]}, ...]}
 or the same given on the command line (--name, --base, --variant NAME[:CONFIG][:KEY=VALUE,...]).
 
@@ -85,6 +85,8 @@ def load_study(path):
         if v["name"] in names:
             fail(where + ": duplicate name \"%s\"" % v["name"])
         names.add(v["name"])
+        # A study file names configs relative to its own directory.
+        v["config"] = os.path.normpath(os.path.join(os.path.dirname(path), v["config"]))
         if not os.path.isfile(v["config"]):
             fail(where + ": config file not found: " + v["config"])
         if not isinstance(v.get("set", []), list):
@@ -240,9 +242,39 @@ def write_results(studies, members, runs, out):
                 cells.append("%.*f ± %.*f" % (decimals, m, decimals, s))
             lines.append("| %s | %s |" % (v["name"], " | ".join(cells)))
         lines.append("")
+        lines += paired_differences(study, rows)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
     return rows
+
+
+# Two-sided 95% critical values of Student's t for 1..10 degrees of freedom.
+T_95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23]
+
+
+def paired_differences(study, rows):
+    """Final valid loss of each variant minus the first variant's, paired by seed (same batches),
+    with the paired t statistic: is the difference larger than the seed noise?"""
+    final = {}
+    for st, name, seed, _, s in rows:
+        if st == study["name"]:
+            final.setdefault(name, {})[seed] = s["final_valid_loss"]
+    first = study["variants"][0]["name"]
+    seeds = sorted(final[first])
+    if len(seeds) < 2 or len(study["variants"]) < 2:
+        return []
+    critical = T_95[min(len(seeds) - 1, len(T_95)) - 1]
+    lines = ["Final valid loss minus `%s`'s, paired by seed (mean ± std of the %d differences); |t| > %.2f is a "
+             "difference beyond the seed noise at 95%% (two-sided, %d degrees of freedom):" %
+             (first, len(seeds), critical, len(seeds) - 1), "",
+             "| variant | per seed | mean ± std | t | beyond noise |", "|---|---|---|---|---|"]
+    for v in study["variants"][1:]:
+        diffs = [final[v["name"]][seed] - final[first][seed] for seed in seeds]
+        m, s = mean_std(diffs)
+        t = m / (s / math.sqrt(len(diffs))) if s > 0 else float("inf") * (1 if m >= 0 else -1)
+        lines.append("| %s | %s | %+.4f ± %.4f | %+.2f | %s |" % (
+            v["name"], ", ".join("%+.3f" % d for d in diffs), m, s, t, "yes" if abs(t) > critical else "no"))
+    return lines + [""]
 
 
 def gnuplot(script, workdir):
@@ -279,8 +311,8 @@ def plot(studies, rows, out):
                 "set terminal pngcairo size 900,%d" % (160 + 40 * layers) if has_cairo() else
                 "set terminal png size 900,%d" % (160 + 40 * layers),
                 "set output '%s'" % png,
-                "set title \"%s: share of routed pairs per expert at the final evaluation (uniform = %.3f)\"" %
-                (v["name"], 1.0 / max(experts, 1)),
+                "set title \"%s: share of routed pairs per expert, final evaluation, mean over %d seeds (uniform = %.3f)\"" %
+                (v["name"], len(summaries), 1.0 / max(experts, 1)),
                 "set xlabel 'expert'", "set ylabel 'MoE layer'", "set cblabel 'share'", "set ytics 1",
                 "set yrange [-0.5:%f]" % (layers - 0.5), "set xrange [-0.5:%f]" % (experts - 0.5),
                 "set palette defined (0 'white', 1 '#fdae61', 2 '#d7191c')",

@@ -79,8 +79,8 @@ def main():
                   (r["variant"], r["seed"], r["final_valid_loss"], r["best_valid_loss"]))
             if r["variant"] == "top2":
                 check(float(r["active_experts"]) == 2.0, "top-2: active experts per token = 2 (%s)" % r["active_experts"])
-            entropy = float(r["router_entropy"])
-            check(0 < entropy <= 1.3863, "%s: router entropy %.4f in (0, ln 4]" % (r["variant"], entropy))
+            entropy = float(r["router_entropy"])  # ReLU with a strong L1 may leave one expert a token: 0
+            check(0 <= entropy <= 1.3863, "%s: router entropy %.4f in [0, ln 4]" % (r["variant"], entropy))
         seeds_differ = rows[0]["final_valid_loss"] != rows[1]["final_valid_loss"]
         check(seeds_differ, "seeds 1 and 2 give different runs")
         md = open(os.path.join(WORK, "out", "results.md")).read()

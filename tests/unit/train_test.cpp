@@ -161,6 +161,14 @@ TEST_F(TrainerTest, MetricsLinesCarryTheSpecFields) {
     if (j.value("split", "") == "valid") {
       ++valid_lines;
       EXPECT_TRUE(j.contains("perplexity"));
+      // Per MoE layer: top-2 routes exactly 2 pairs per token; the entropy is within [0, ln E].
+      ASSERT_EQ(j["active_experts"].size(), 2u);
+      ASSERT_EQ(j["router_entropy"].size(), 2u);
+      for (int l = 0; l < 2; ++l) {
+        EXPECT_EQ(j["active_experts"][l].get<double>(), static_cast<double>(run.moe.top_k));
+        EXPECT_GT(j["router_entropy"][l].get<double>(), 0.0);
+        EXPECT_LE(j["router_entropy"][l].get<double>(), std::log(static_cast<double>(run.moe.num_experts)) + 1e-4);
+      }
       continue;
     }
     ++train_lines;
