@@ -65,7 +65,7 @@ int run_train(int argc, const char* const* argv) {
   // torchrun / Slurm / Open MPI variables, or a single process (SPEC §6).
   const parallel::WorldInfo world = parallel::detect_world();
   trainer_options.parallel = parallel::ParallelContext::connect(world, run.parallel.pipeline_parallel_size,
-                                                                run.parallel, train::training_device());
+                                                                run.parallel, train::training_device(world.local_rank));
   const parallel::ParallelContext& context = trainer_options.parallel;
   train::TrainSummary summary;
   try {

@@ -2,6 +2,9 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <stdexcept>
+#include <string>
+
 namespace yuanmoe::train {
 
 AutocastScope::AutocastScope(config::Precision precision, torch::Device device)
@@ -34,8 +37,15 @@ AutocastScope::~AutocastScope() {
   }
 }
 
-torch::Device training_device() {
-  return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+torch::Device training_device(int64_t local_rank) {
+  if (!torch::cuda::is_available()) return torch::Device(torch::kCPU);
+  const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
+  if (local_rank < 0 || local_rank >= gpus) {
+    throw std::runtime_error("LOCAL_RANK " + std::to_string(local_rank) + " but this machine has " +
+                             std::to_string(gpus) + " CUDA device(s): start one process per GPU, or hide the "
+                             "GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU");
+  }
+  return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
 }
 
 }  // namespace yuanmoe::train

@@ -138,7 +138,7 @@ model::StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stag
 }
 
 Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
-    : config_(config), options_(std::move(options)), parallel_(options_.parallel), device_(training_device()) {
+    : config_(config), options_(std::move(options)), parallel_(options_.parallel), device_(training_device(parallel_.world().local_rank)) {
   const config::TrainConfig& train = config_.train;
   const parallel::ParallelLayout& layout = parallel_.layout();
   fs::create_directories(options_.run_dir);

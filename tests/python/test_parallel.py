@@ -33,7 +33,8 @@ STEPS = 10
 
 
 def run(args, env=None, expect_ok=True, timeout=600):
-    full_env = dict(os.environ, OMP_NUM_THREADS="1")
+    # Gloo on the CPU everywhere, also on a GPU machine (one GPU cannot host two ranks).
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     full_env.update(env or {})
     p = subprocess.run(args, cwd=WORK, capture_output=True, text=True, env=full_env, timeout=timeout)
     if expect_ok and p.returncode != 0:
@@ -117,7 +118,7 @@ def kill_one_rank():
     procs, logs = [], []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+                   MASTER_PORT=port, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         log = open(os.path.join(WORK, "kill.%d.log" % rank), "w+")
         procs.append(subprocess.Popen([BIN, *args], cwd=WORK, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)

@@ -22,7 +22,8 @@ class AutocastScope {
   c10::ScalarType previous_dtype_ = torch::kBFloat16;
 };
 
-/// The training device: the first CUDA device when libtorch has one, else the CPU.
-torch::Device training_device();
+/// The training device of the process with this LOCAL_RANK: CUDA device `local_rank` when
+/// libtorch has CUDA (throws naming the problem when the machine has fewer GPUs), else the CPU.
+torch::Device training_device(int64_t local_rank = 0);
 
 }  // namespace yuanmoe::train
