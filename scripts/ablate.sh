@@ -7,16 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-./scripts/setup.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
-cmake --build build --target yuanmoe -j "$(nproc)"
+./scripts/prepare-brown.sh   # setup, build, Brown corpus, tokenizer and datasets
 
-[ -f data/brown.txt ] || ./scripts/get-corpus.sh
-if [ ! -f data/brown_train.idx ] || [ ! -f data/brown.model ]; then
-  build/yuanmoe prepare-data --input data/brown.txt --output data/brown --train-tokenizer 8192
-fi
-
-if [ $# -eq 0 ]; then
-  set -- configs/ablation/study-routers.json configs/ablation/study-experts.json
-fi
+# Without a study of their own (a .json file, or --name), the arguments apply to both shipped ones.
+studies=(configs/ablation/study-routers.json configs/ablation/study-experts.json)
+for arg in "$@"; do
+  case "$arg" in *.json | --name) studies=() ;; esac
+done
+set -- "$@" "${studies[@]}"
 exec /usr/bin/python3 scripts/ablate.py "$@"

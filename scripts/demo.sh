@@ -6,14 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-./scripts/setup.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
-cmake --build build --target yuanmoe -j "$(nproc)"
-
-[ -f data/brown.txt ] || ./scripts/get-corpus.sh
-if [ ! -f data/brown_train.idx ] || [ ! -f data/brown.model ]; then
-  build/yuanmoe prepare-data --input data/brown.txt --output data/brown --train-tokenizer 8192
-fi
+./scripts/prepare-brown.sh   # setup, build, Brown corpus, tokenizer and datasets
 
 run=runs/tiny-m32
 build/yuanmoe train --config configs/tiny-m32.json --run-dir "$run" "$@"

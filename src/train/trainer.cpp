@@ -101,20 +101,16 @@ checkpoint::NamedTensors without_tied_copy(const checkpoint::NamedTensors& state
   return out;
 }
 
-ordered_json load_json_array(const Tensor& load_LE) {
-  ordered_json rows = ordered_json::array();
-  const Tensor rounded = (load_LE * 1e4).round() / 1e4;
-  for (int64_t l = 0; l < rounded.size(0); ++l) {
-    const Tensor row = rounded[l].contiguous();
-    rows.push_back(std::vector<double>(row.data_ptr<double>(), row.data_ptr<double>() + row.numel()));
-  }
-  return rows;
-}
-
-/// A 1-D fp64 tensor as a JSON array, rounded like the loads.
+/// A 1-D tensor as a JSON array of doubles rounded to 1e-4 (shares, entropies, counts per token).
 ordered_json json_vector(const Tensor& values_L) {
   const Tensor rounded = ((values_L.to(torch::kDouble) * 1e4).round() / 1e4).contiguous();
   return std::vector<double>(rounded.data_ptr<double>(), rounded.data_ptr<double>() + rounded.numel());
+}
+
+ordered_json load_json_array(const Tensor& load_LE) {
+  ordered_json rows = ordered_json::array();
+  for (int64_t l = 0; l < load_LE.size(0); ++l) rows.push_back(json_vector(load_LE[l]));
+  return rows;
 }
 
 }  // namespace
@@ -393,7 +389,7 @@ EvalResult Trainer::run_evaluation() {
   options.world_size = layout.dp;
   const int64_t steps = (config_.train.eval_steps + layout.dp - 1) / layout.dp;
   model_->eval();
-  take_router_eval_stats();  // start the routers' entropy sums from zero
+  for (const model::Moe& layer : model_->moe_layers()) layer->gate->take_eval_stats();  // sums start at zero
   EvalResult result = evaluate(
       [&](const data::Batch& batch) { return pipeline_forward(*model_, parallel_, batch, config_.train.precision); },
       valid_dataset_, options, steps);

@@ -6,12 +6,8 @@
 # usage: disk_full.sh BINARY
 set -euo pipefail
 bin=$(realpath "$1")
-here=$(dirname "$(realpath "$0")")
-work=$(mktemp -d /tmp/yuanmoe-diskfull-XXXXXX)
-trap 'rm -rf "$work"' EXIT
-cd "$work"
-source "$here/small_run.sh"
-make_small_run "$bin"
+source "$(dirname "$(realpath "$0")")/small_run.sh"
+make_small_run "$bin" yuanmoe-diskfull   # a fresh temp dir with corpus, dataset and run.json; we are in it
 fail() { echo "FAIL: $*"; exit 1; }
 
 "$bin" train --config run.json --run-dir straight --set train.max_steps=20 > straight.log 2>&1

@@ -5,13 +5,8 @@
 # usage: kill_resume.sh BINARY
 set -euo pipefail
 bin=$(realpath "$1")
-here=$(dirname "$(realpath "$0")")
-work=$(mktemp -d /tmp/yuanmoe-kill-XXXXXX)
-trap 'rm -rf "$work"' EXIT
-cd "$work"
-
-source "$here/small_run.sh"   # corpus, dataset and run.json in the current dir
-make_small_run "$bin"
+source "$(dirname "$(realpath "$0")")/small_run.sh"
+make_small_run "$bin" yuanmoe-kill   # a fresh temp dir with corpus, dataset and run.json; we are in it
 
 "$bin" train --config run.json --run-dir straight > straight.log 2>&1
 

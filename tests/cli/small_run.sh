@@ -1,9 +1,12 @@
 # Shared by the fault-injection scripts: a small corpus of synthetic sentences tokenized by the
 # real prepare-data, and run.json, a 2-layer 8-expert model that checkpoints every 5 steps over
-# 60 steps (dropout on, so the RNG state must survive too). Call make_small_run BINARY in an
-# empty directory.
+# 60 steps (dropout on, so the RNG state must survive too). make_small_run BINARY NAME makes a
+# fresh /tmp/NAME-XXXXXX (removed when the script exits), enters it and prepares all of it there.
 make_small_run() {
   local bin=$1
+  work=$(mktemp -d "/tmp/$2-XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  cd "$work"
   # A small corpus of synthetic sentences, tokenized by the real prepare-data.
   awk 'BEGIN { srand(7); split("the a cat dog sat ran on under mat log and then it was red big", w, " ");
     for (d = 0; d < 300; d++) { n = 3 + int(rand() * 6);

@@ -292,19 +292,25 @@ TEST_F(TrainerTest, Bf16AutocastTrains) {
   }
 }
 
+/// The message of the runtime_error that stops `run`; a test failure (and "") if it finishes.
+std::string stop_message(const config::RunConfig& run, const TrainerOptions& options) {
+  try {
+    Trainer(run, options).run();
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected the run to stop";
+  return "";
+}
+
 TEST_F(TrainerTest, TokensBeyondTheVocabularyAreNamed) {
   TempDir run_dir;
   config::RunConfig run = config();
   run.model.vocab_size = 40;  // the corpus counts up to 96
-  try {
-    Trainer(run, {run_dir.path()}).run();
-    FAIL() << "expected an error";
-  } catch (const std::runtime_error& e) {
-    const std::string message = e.what();
-    // The baseline evaluation reads the validation set first.
-    EXPECT_NE(message.find(run.data.valid_prefix + ": token id 4"), std::string::npos) << message;
-    EXPECT_NE(message.find("outside the model's vocabulary [0, 40)"), std::string::npos) << message;
-  }
+  const std::string message = stop_message(run, {run_dir.path()});
+  // The baseline evaluation reads the validation set first.
+  EXPECT_NE(message.find(run.data.valid_prefix + ": token id 4"), std::string::npos) << message;
+  EXPECT_NE(message.find("outside the model's vocabulary [0, 40)"), std::string::npos) << message;
 }
 
 TEST_F(TrainerTest, MissingDatasetIsNamed) {
@@ -329,13 +335,9 @@ TEST_F(TrainerTest, NonfiniteStepStopsAndTheRunResumesExactly) {
   Trainer(run, {straight.path()}).run();
   TrainerOptions faulty{poisoned.path()};
   faulty.inject_nonfinite_steps = {6};
-  try {
-    Trainer(run, faulty).run();
-    FAIL() << "expected the run to stop";
-  } catch (const std::runtime_error& e) {
-    EXPECT_NE(std::string(e.what()).find("step 6: loss"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("nothing of this step was applied"), std::string::npos) << e.what();
-  }
+  const std::string stopped = stop_message(run, faulty);
+  EXPECT_NE(stopped.find("step 6: loss"), std::string::npos) << stopped;
+  EXPECT_NE(stopped.find("nothing of this step was applied"), std::string::npos) << stopped;
   EXPECT_EQ(checkpoint::find_latest_checkpoint(poisoned.path() / "checkpoints"),
             poisoned.path() / "checkpoints" / "step_00000004");
   EXPECT_EQ(train_losses(poisoned.path()).size(), 5u);
@@ -381,13 +383,9 @@ TEST_F(TrainerTest, TooManyConsecutiveSkipsStop) {
   TempDir run_dir;
   TrainerOptions faulty{run_dir.path()};
   faulty.inject_nonfinite_steps = {2, 4, 5, 6};  // 2 alone is tolerated; 4, 5, 6 are three in a row
-  try {
-    Trainer(run, faulty).run();
-    FAIL() << "expected the run to stop";
-  } catch (const std::runtime_error& e) {
-    EXPECT_NE(std::string(e.what()).find("step 6:"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("train.max_consecutive_skips = 2"), std::string::npos) << e.what();
-  }
+  const std::string stopped = stop_message(run, faulty);
+  EXPECT_NE(stopped.find("step 6:"), std::string::npos) << stopped;
+  EXPECT_NE(stopped.find("train.max_consecutive_skips = 2"), std::string::npos) << stopped;
 }
 
 }  // namespace
