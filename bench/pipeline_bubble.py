@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Pipeline bubble on this machine: tiny-m32 at pp=2 (`yuanmoe launch`, one intra-op thread per
 process), micro-batch 1, m = 2, 4, 8 micro-batches per step, 1F1B, against one process.
 
@@ -10,7 +10,7 @@ The bubble is measured inside the schedule: each stage's time blocked on the oth
 (parallel.last_stage_layers = 1). Step times include what the schedule does not: the optimizer
 step, the loss and expert-load reductions.
 
-usage: /usr/bin/python3 bench/pipeline_bubble.py BUILD_DIR/yuanmoe [--steps 12]
+usage: python3 bench/pipeline_bubble.py BUILD_DIR/yuanmoe [--steps 12]
 (needs data/brown_* from scripts/demo.sh, or scripts/get-corpus.sh + prepare-data)
 """
 

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Training-step time of the eager PyTorch reference model (tests/reference/yuan2_reference.py),
 to set beside our C++ trainer on the same model, batch and thread count.
 
@@ -13,7 +13,7 @@ The reference is eval-only code written for clarity (a Python loop over top-k sl
 the attention router's [T, E, E] softmax, full S x S attention), so this measures what a plain
 eager implementation costs, not an optimised PyTorch one.
 
-usage: /usr/bin/python3 bench/pytorch_eager_step.py --config configs/tiny-m32.json
+usage: python3 bench/pytorch_eager_step.py --config configs/tiny-m32.json
        [--seq-length N] [--micro-batch-size N] [--global-batch-size N] [--steps 5] [--warmup 1]
        [--threads N] [--seed 1234] [--json OUT.json]
 """

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Regenerates the tables of docs/benchmarks.md (between its markers) from one run on this machine.
 
   1. `yuanmoe bench` on configs/tiny-m32.json: step tokens/s, MFU against the matmul peak measured
@@ -10,7 +10,7 @@
   3. Peak resident memory of one training step vs sequence length (micro-batch 1, recompute),
      blockwise attention against materialised S x S scores, one process per point.
 
-usage: /usr/bin/python3 bench/run_benchmarks.py [--yuanmoe build/yuanmoe] [--rounds 3]
+usage: python3 bench/run_benchmarks.py [--yuanmoe build/yuanmoe] [--rounds 3]
                                                  [--out docs/benchmarks.md] [--quick]
 """
 
@@ -93,7 +93,7 @@ def main():
         ours.append(run_json([yuanmoe, "bench", "--config", CONFIG, "--step-only", "--steps", "3",
                               "--warmup", "1", "--json", path], path))
         path = os.path.join(work, "eager_%d.json" % r)
-        eager.append(run_json(["/usr/bin/python3", "bench/pytorch_eager_step.py", "--config", CONFIG,
+        eager.append(run_json([sys.executable, "bench/pytorch_eager_step.py", "--config", CONFIG,
                                "--steps", "3", "--warmup", "1", "--threads", str(threads), "--json", path],
                               path, env=eager_env))
     ours_tps = statistics.median(o["tokens_per_s"] for o in ours)

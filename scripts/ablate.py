@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Router and expert-count ablations: every variant of a study, trained for the same steps on the
 same data with seeds 1..S, evaluated on the same valid batches, summarised with error bars.
 

@@ -29,6 +29,12 @@ Tensor causal_attention(const Tensor& q_BHSDh,
   return torch::matmul(probs_BHSS.to(v_BHSDh.scalar_type()), v_BHSDh);
 }
 
+Tensor sdpa_causal_attention(const Tensor& q_BHSDh, const Tensor& k_BHSDh, const Tensor& v_BHSDh) {
+  TORCH_CHECK(q_BHSDh.size(2) == k_BHSDh.size(2), "sdpa_causal_attention: whole sequences only");
+  return at::scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, /*attn_mask=*/{}, /*dropout_p=*/0.0,
+                                          /*is_causal=*/true);
+}
+
 AttentionImpl::AttentionImpl(const config::ModelConfig& config) : config(config) {
   const int64_t width = config.attention_width();
   const auto linear = [](int64_t in, int64_t out) {

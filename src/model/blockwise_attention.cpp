@@ -19,13 +19,13 @@ constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
 /// lose too much in bf16, and the caller's dtypes are restored on the way out.
 class AutocastSuspended {
  public:
-  AutocastSuspended() : cpu_(at::autocast::is_cpu_enabled()), cuda_(at::autocast::is_enabled()) {
-    at::autocast::set_cpu_enabled(false);
-    at::autocast::set_enabled(false);
+  AutocastSuspended() : cpu_(at::autocast::is_autocast_enabled(at::kCPU)), cuda_(at::autocast::is_autocast_enabled(at::kCUDA)) {
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+    at::autocast::set_autocast_enabled(at::kCUDA, false);
   }
   ~AutocastSuspended() {
-    at::autocast::set_cpu_enabled(cpu_);
-    at::autocast::set_enabled(cuda_);
+    at::autocast::set_autocast_enabled(at::kCPU, cpu_);
+    at::autocast::set_autocast_enabled(at::kCUDA, cuda_);
   }
   AutocastSuspended(const AutocastSuspended&) = delete;
   AutocastSuspended& operator=(const AutocastSuspended&) = delete;

@@ -152,9 +152,8 @@ Tensor GroupedExpertsImpl::forward(const Tensor& xs_ND, const std::vector<int64_
   // Under autocast the GEMMs take the autocast dtype, as torch::matmul would; the casts are
   // differentiable outside the function.
   torch::Dtype dtype = xs_ND.scalar_type();
-  if (xs_ND.is_cpu() ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled()) {
-    dtype = xs_ND.is_cpu() ? at::autocast::get_autocast_cpu_dtype() : at::autocast::get_autocast_gpu_dtype();
-  }
+  const c10::DeviceType device_type = xs_ND.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
   return GroupedSwiGLU::apply(xs_ND.to(dtype), w1.to(dtype), w2.to(dtype), rows_per_expert)[0];
 }
 

@@ -19,8 +19,8 @@ struct ForwardState {
   static ForwardState capture() {
     ForwardState s;
     s.cpu_rng = at::detail::getDefaultCPUGenerator().get_state();
-    s.cpu_autocast = at::autocast::is_cpu_enabled();
-    s.cpu_autocast_dtype = at::autocast::get_autocast_cpu_dtype();
+    s.cpu_autocast = at::autocast::is_autocast_enabled(at::kCPU);
+    s.cpu_autocast_dtype = at::autocast::get_autocast_dtype(at::kCPU);
     return s;
   }
   void save_to(AutogradContext* ctx) const {
@@ -38,8 +38,8 @@ struct ForwardState {
   void apply() const {
     at::Generator generator = at::detail::getDefaultCPUGenerator();  // a handle: shares the state
     generator.set_state(cpu_rng);
-    at::autocast::set_cpu_enabled(cpu_autocast);
-    at::autocast::set_autocast_cpu_dtype(cpu_autocast_dtype);
+    at::autocast::set_autocast_enabled(at::kCPU, cpu_autocast);
+    at::autocast::set_autocast_dtype(at::kCPU, cpu_autocast_dtype);
   }
 };
 

@@ -1,9 +1,13 @@
 #include "yuanmoe/parallel/process_groups.h"
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#include <torch/version.h>
+// The PyPI wheel compiles Gloo into libtorch_cpu but ships none of the gloo/ headers that
+// ProcessGroupGloo.hpp includes; scripts/setup.sh installs Debian's (docs/cuda.md).
+#if __has_include(<gloo/algorithm.h>)
+#define YUANMOE_HAVE_GLOO 1
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 #ifdef USE_C10D_NCCL
 #include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
@@ -16,14 +20,8 @@
 
 namespace yuanmoe::parallel {
 
-#if TORCH_VERSION_MAJOR >= 2
-using PgBase = c10d::Backend;  // Gloo/NCCL derive from Backend since 2.0 (distributed.md §1.1)
-#else
-using PgBase = c10d::ProcessGroup;
-#endif
-
 struct Group::Impl {
-  c10::intrusive_ptr<PgBase> pg;
+  c10::intrusive_ptr<c10d::Backend> pg;
 };
 
 struct ParallelContext::Rendezvous {
@@ -83,7 +81,7 @@ Group make_group(const std::string& name, const std::vector<int64_t>& members, c
   const int rank = static_cast<int>(it - members.begin()), size = static_cast<int>(members.size());
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name, store);
   const auto timeout = std::chrono::milliseconds(options.timeout_s * 1000);
-  c10::intrusive_ptr<PgBase> pg;
+  c10::intrusive_ptr<c10d::Backend> pg;
   if (use_nccl) {
 #ifdef USE_C10D_NCCL
     auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
@@ -93,6 +91,7 @@ Group make_group(const std::string& name, const std::vector<int64_t>& members, c
     TORCH_CHECK(false, "parallel.backend nccl: this build of LibTorch has no NCCL");
 #endif
   } else {
+#ifdef YUANMOE_HAVE_GLOO
     auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout);
     if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
       gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
@@ -103,6 +102,9 @@ Group make_group(const std::string& name, const std::vector<int64_t>& members, c
     }
     gloo_options->threads = 2;
     pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, gloo_options);
+#else
+    TORCH_CHECK(false, "Gloo: this build found no gloo/ headers (Debian: libgloo-dev), so it has no CPU process groups");
+#endif
   }
   return Group(std::make_shared<Group::Impl>(Group::Impl{pg}), rank, size);
 }

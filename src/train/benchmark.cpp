@@ -1,15 +1,18 @@
 #include "yuanmoe/train/benchmark.h"
 
 #include <sys/resource.h>
+#include <unistd.h>
 #include <torch/version.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <sstream>
 
 #include "yuanmoe/data/sampler.h"
+#include "yuanmoe/model/attention.h"
 #include "yuanmoe/model/blockwise_attention.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/transformer.h"
@@ -19,6 +22,7 @@
 #include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/pipeline.h"
 #include "yuanmoe/train/precision.h"
+#include "yuanmoe/train/trainer.h"
 
 namespace yuanmoe::train {
 
@@ -77,6 +81,44 @@ int64_t peak_rss_bytes() {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+int64_t current_rss_bytes() {
+  long pages = 0, resident = 0;
+  if (FILE* statm = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(statm, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    std::fclose(statm);
+  }
+  return static_cast<int64_t>(resident) * sysconf(_SC_PAGESIZE);
+}
+
+AttentionKernelTime measure_attention_kernel(const config::RunConfig& config, const BenchOptions& options,
+                                             const torch::Device& device) {
+  const auto& m = config.model;
+  AttentionKernelTime out{options.attention_kernel, config.train.micro_batch_size, m.num_attention_heads,
+                          config.train.seq_length, m.head_dim};
+  std::function<Tensor(const Tensor&, const Tensor&, const Tensor&)> kernel;
+  if (out.kernel == "sdpa") {
+    kernel = [](const Tensor& q, const Tensor& k, const Tensor& v) { return model::sdpa_causal_attention(q, k, v); };
+  } else if (out.kernel == "blockwise") {
+    const int64_t block = m.attention_block_size > 0 ? m.attention_block_size : 512;
+    kernel = [block](const Tensor& q, const Tensor& k, const Tensor& v) {
+      return model::blockwise_causal_attention(q, k, v, block);
+    };
+  } else if (out.kernel == "materialised") {
+    kernel = [](const Tensor& q, const Tensor& k, const Tensor& v) { return model::causal_attention(q, k, v, 0.0); };
+  } else {
+    throw std::invalid_argument("--attention-kernel: expected sdpa, blockwise or materialised, got '" + out.kernel + "'");
+  }
+  const auto qkv = [&] {
+    return torch::randn({out.batch, out.heads, out.seq, out.head_dim}, torch::TensorOptions().device(device))
+        .requires_grad_(true);
+  };
+  const Tensor q = qkv(), k = qkv(), v = qkv();
+  const int64_t resident_before = current_rss_bytes();
+  out.seconds = median_seconds(forward_backward([&] { return kernel(q, k, v); }), options.repeats, device);
+  out.peak_extra_bytes = std::max<int64_t>(0, peak_rss_bytes() - resident_before);
+  return out;
 }
 
 data::Batch random_batch(int64_t batch, int64_t seq, int64_t vocab, const torch::Device& device) {
@@ -297,6 +339,11 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   report.threads = at::get_num_threads();
   report.torch_version = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                          std::to_string(TORCH_VERSION_PATCH);
+  if (!options.attention_kernel.empty()) {
+    report.attention_kernel = measure_attention_kernel(config, options, device);
+    report.peak_rss_bytes = peak_rss_bytes();
+    return report;
+  }
   const torch::Dtype peak_dtype = config.train.precision == config::Precision::kBf16 ? torch::kBFloat16 : torch::kFloat;
   const MatmulRate rate_before = measure_matmul_rate(device, peak_dtype);
   report.peak_flops = rate_before.median;
@@ -308,6 +355,9 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   model::Transformer model(config.model, config.moe);
   model->to(device);
   model::init_weights(*model, config.model, static_cast<uint64_t>(config.train.seed));
+  // A fine-tune's step from trained weights can cost more than from random ones (a trained
+  // router's uneven loads, docs/benchmarks.md): bench measures the weights train would start from.
+  if (!config.train.init_from.empty()) report.init_from = load_init_from(*model, config).first.string();
   model->recompute = config.train.recompute;
   model->train();
   std::vector<data::Batch> batches;
@@ -336,6 +386,14 @@ nlohmann::ordered_json to_json(const BenchReport& r, const config::RunConfig& co
   j["device"] = r.device;
   j["threads"] = r.threads;
   j["torch_version"] = r.torch_version;
+  j["init_from"] = r.init_from;
+  if (r.attention_kernel) {
+    const AttentionKernelTime& a = *r.attention_kernel;
+    j["attention_kernel"] = {{"kernel", a.kernel}, {"batch", a.batch}, {"heads", a.heads}, {"seq", a.seq},
+                             {"head_dim", a.head_dim}, {"seconds", a.seconds}, {"peak_extra_bytes", a.peak_extra_bytes}};
+    j["peak_rss_bytes"] = r.peak_rss_bytes;
+    return j;
+  }
   j["peak_flops"] = r.peak_flops;
   j["best_matmul_flops"] = r.best_matmul_flops;
   j["seq_length"] = config.train.seq_length;
@@ -365,9 +423,18 @@ nlohmann::ordered_json to_json(const BenchReport& r, const config::RunConfig& co
 
 std::string format_report(const BenchReport& r) {
   std::ostringstream out;
+  if (r.attention_kernel) {
+    const AttentionKernelTime& a = *r.attention_kernel;
+    out << "device " << r.device << ", " << r.threads << " threads, libtorch " << r.torch_version << "\n"
+        << a.kernel << " causal attention, [" << a.batch << ", " << a.heads << ", " << a.seq << ", " << a.head_dim
+        << "] fp32, forward + backward: " << fixed(a.seconds * 1e3, 2) << " ms (median), peak memory +"
+        << fixed(static_cast<double>(a.peak_extra_bytes) / (1 << 20), 1) << " MiB\n";
+    return out.str();
+  }
   out << "device " << r.device << ", " << r.threads << " threads, libtorch " << r.torch_version
       << ", matmul peak " << fixed(r.peak_flops / 1e9, 1) << " GFLOP/s sustained (median; best single run "
       << fixed(r.best_matmul_flops / 1e9, 1) << ")\n";
+  out << "weights: " << (r.init_from.empty() ? "random (train.seed)" : r.init_from) << "\n";
   out << "step: " << r.tokens_per_step << " tokens in " << fixed(r.step_median_seconds * 1e3, 1) << " ms (median of "
       << r.step_seconds.size() << "): " << fixed(r.tokens_per_s, 0) << " tokens/s, MFU "
       << fixed(100.0 * r.mfu, 1) << "%\n";

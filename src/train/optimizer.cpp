@@ -1,33 +1,14 @@
 #include "yuanmoe/train/optimizer.h"
 
 #include <map>
-#include <sstream>
 #include <stdexcept>
-#include <type_traits>
 
 namespace yuanmoe::train {
 
 namespace {
 
-// The optimizer's state map is keyed by the parameter's TensorImpl address: a string in
-// libtorch 1.13, a void* in recent 2.x. The key type is read off the map itself.
-using StateMap = std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())>;
-using StateKey = typename StateMap::key_type;
-
-template <class Key>
-Key state_key_of(c10::TensorImpl* impl) {
-  if constexpr (std::is_same_v<Key, std::string>) {
-    std::ostringstream s;  // what c10::guts::to_string writes
-    s << impl;
-    return s.str();
-  } else {
-    return static_cast<Key>(impl);
-  }
-}
-
-StateKey state_key(const Tensor& parameter) {
-  return state_key_of<StateKey>(parameter.unsafeGetTensorImpl());
-}
+// The optimizer's state map is keyed by the parameter's TensorImpl address (a void*).
+void* state_key(const Tensor& parameter) { return parameter.unsafeGetTensorImpl(); }
 
 }  // namespace
 

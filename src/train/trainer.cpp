@@ -254,14 +254,19 @@ void Trainer::resume_or_initialise() {
     return;
   }
   if (!config_.train.init_from.empty()) {
-    const fs::path dir = checkpoint::resolve_checkpoint_dir(config_.train.init_from);
-    const checkpoint::Checkpoint saved = checkpoint::load_checkpoint(dir, checkpoint::LoadParts::kModelOnly);
-    check_architecture(saved.config, config_, dir, /*fine_tune=*/true);
-    checkpoint::load_model_state(*model_, for_stage(saved.model, *model_), dir.string());
-    info("fine-tuning from " + dir.string() + " (step " + std::to_string(saved.progress.step) +
+    const auto [dir, step] = load_init_from(*model_, config_);
+    info("fine-tuning from " + dir.string() + " (step " + std::to_string(step) +
          "): weights loaded; optimizer, schedule and data start fresh at seq_length " +
          std::to_string(config_.train.seq_length) + ", rope_base " + std::to_string(config_.model.rope_base));
   }
+}
+
+std::pair<fs::path, int64_t> load_init_from(torch::nn::Module& model, const config::RunConfig& config) {
+  const fs::path dir = checkpoint::resolve_checkpoint_dir(config.train.init_from);
+  const checkpoint::Checkpoint saved = checkpoint::load_checkpoint(dir, checkpoint::LoadParts::kModelOnly);
+  check_architecture(saved.config, config, dir, /*fine_tune=*/true);
+  checkpoint::load_model_state(model, for_stage(saved.model, model), dir.string());
+  return {dir, saved.progress.step};
 }
 
 Trainer::StepResult Trainer::train_step() {

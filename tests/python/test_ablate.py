@@ -1,11 +1,11 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """scripts/ablate.py end to end, on a tiny model and the synthetic corpus: an ad hoc study of two
 variants x two seeds trains four runs and writes results.csv / results.md / the plots; the figures
 match the runs' own metrics.jsonl; a rerun trains nothing and a run whose summary is lost is
 summarised again to the same figures; the shipped study files plan 24 distinct runs (the
 32-expert attention run shared by both studies); bad study files give one line naming the file.
 
-usage: /usr/bin/python3 test_ablate.py BUILD_DIR/yuanmoe
+usage: python3 test_ablate.py BUILD_DIR/yuanmoe
 """
 
 import csv

@@ -1,11 +1,11 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """`yuanmoe bench` and the eager PyTorch step bench on a small model: the JSON holds every figure
 docs/benchmarks.md tables (bench/run_benchmarks.py reads it), the figures agree with each other
 (tokens/s = tokens per step / median step, MFU = tokens/s x FLOPs per token / peak), the
 breakdown names every part of the step and accounts for it, and bad input fails in one line.
 Timings are never compared with thresholds here: only their consistency.
 
-usage: /usr/bin/python3 test_bench.py BUILD_DIR/yuanmoe
+usage: python3 test_bench.py BUILD_DIR/yuanmoe
 """
 
 import json
@@ -86,7 +86,7 @@ cfg["moe"]["num_experts"] = 4
 small_cfg = os.path.join(WORK, "small.json")
 json.dump(cfg, open(small_cfg, "w"))
 eager_out = os.path.join(WORK, "eager.json")
-p = run(["/usr/bin/python3", "bench/pytorch_eager_step.py", "--config", small_cfg, "--seq-length", "32",
+p = run([sys.executable, "bench/pytorch_eager_step.py", "--config", small_cfg, "--seq-length", "32",
          "--steps", "1", "--warmup", "1", "--threads", "1", "--json", eager_out])
 check(p.returncode == 0, "eager step bench exits 0 (%s)" % p.stderr.strip()[-300:])
 e = json.load(open(eager_out))
@@ -95,7 +95,7 @@ check(e["tokens_per_step"] == 32 * cfg["train"]["global_batch_size"] and e["toke
 check(abs(e["losses"][0] - math.log(8192)) < 0.5, "eager first loss %.3f near ln(8192)" % e["losses"][0])
 cfg["moe"]["router"] = "relu"
 json.dump(cfg, open(small_cfg, "w"))
-p = run(["/usr/bin/python3", "bench/pytorch_eager_step.py", "--config", small_cfg])
+p = run([sys.executable, "bench/pytorch_eager_step.py", "--config", small_cfg])
 check(p.returncode == 2 and "moe.router" in p.stderr, "eager bench refuses a router the reference lacks")
 
 sys.exit(check.finish(WORK))

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Data and pipeline parallelism through the real binary, over Gloo, against one process.
 
 Every layout trains the same 4-layer, 8-expert model (aux loss and bias balancing on, so router
@@ -11,7 +11,7 @@ checkpoint's shards merge by name). Failure: kill -9 one rank of two; the other 
 non-zero, naming itself, within the timeout, and the same command re-run must resume and match
 an uninterrupted run.
 
-usage: /usr/bin/python3 test_parallel.py BUILD_DIR/yuanmoe
+usage: python3 test_parallel.py BUILD_DIR/yuanmoe
 """
 
 import json

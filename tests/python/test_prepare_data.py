@@ -5,7 +5,7 @@ docs/data.md), with numpy, not from yuanmoe's C++ code. The test writes its own 
 (plain text and JSONL), runs the real binary, reads both splits back and decodes every document
 through the tokenizer's .vocab file (no SentencePiece needed) to compare it with the input text.
 
-usage: /usr/bin/python3 test_prepare_data.py BUILD_DIR/yuanmoe
+usage: python3 test_prepare_data.py BUILD_DIR/yuanmoe
 """
 
 import json

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Hugging Face interop of the real `yuanmoe` binary, judged by the independent reference.
 
 1. Parity: train a tiny 32-expert model for a few steps (attention router, then linear), export
@@ -11,7 +11,7 @@
 3. Round trip: import -> export gives back every tensor byte for byte (bf16 and fp32).
 4. Malformed inputs: each gives exit code 1 or 2 and one clear line, never a crash.
 
-usage: /usr/bin/python3 test_hf_interop.py BUILD_DIR/yuanmoe
+usage: python3 test_hf_interop.py BUILD_DIR/yuanmoe
 """
 
 import json

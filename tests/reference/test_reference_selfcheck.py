@@ -1,5 +1,5 @@
-#!/usr/bin/python3
-"""Self-test of tests/reference/yuan2_reference.py (run: /usr/bin/python3 <this file>).
+#!/usr/bin/env python3
+"""Self-test of tests/reference/yuan2_reference.py (run: python3 <this file>).
 
 Builds a random tiny Yuan2-M32 as an HF directory (yuan2-m32.md §12 parity config: 2 layers,
 hidden 64, 4 heads, head_dim 32 (P = 128), rotary_dim 16, 8 experts top-2, ffn 96, vocab 97)

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Independent numerical reference for the Yuan 2.0-M32 forward pass (eval mode).
 
 Written from /work/shared/reference/yuan2-m32.md (and routers.md §1/§2), NOT from the

@@ -180,6 +180,27 @@ INSTANTIATE_TEST_SUITE_P(Tiles, BlockwiseAttentionTest,
                                            BlockwiseCase{16, 16, 4}, BlockwiseCase{13, 13, 64},
                                            BlockwiseCase{5, 17, 3}, BlockwiseCase{1, 9, 4}));
 
+// libtorch's fused SDPA (its CPU flash kernel here) against the materialised softmax, fp64 values
+// and q/k/v gradients, at head dims of 8 and Yuan 2.0-M32's 256 and lengths that are not a
+// multiple of the kernel's tiles.
+TEST_F(AttentionTest, SdpaEqualsMaterialisedSoftmaxInDouble) {
+  for (const auto& [seq, head_dim] : std::vector<std::pair<int64_t, int64_t>>{{13, 8}, {70, 256}, {1, 8}}) {
+    const auto options = torch::dtype(torch::kDouble).requires_grad(true);
+    const auto q = torch::randn({2, 3, seq, head_dim}, options), k = torch::randn({2, 3, seq, head_dim}, options);
+    const auto v = torch::randn({2, 3, seq, head_dim}, options);
+    const auto d_out = torch::randn({2, 3, seq, head_dim}, torch::kDouble);
+    const auto expected = causal_attention(q, k, v, /*dropout_p=*/0.0);
+    const auto expected_grads = torch::autograd::grad({expected}, {q, k, v}, {d_out});
+    const auto actual = sdpa_causal_attention(q, k, v);
+    const auto actual_grads = torch::autograd::grad({actual}, {q, k, v}, {d_out});
+    EXPECT_EQ(actual.scalar_type(), torch::kDouble);
+    EXPECT_LT(max_abs_diff(actual, expected), 1e-12) << "S " << seq << " Dh " << head_dim;
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_LT(max_abs_diff(actual_grads[i], expected_grads[i]), 1e-11) << "input " << i << ", S " << seq;
+    }
+  }
+}
+
 TEST_F(AttentionTest, BlockwiseGradientsMatchFiniteDifferences) {
   const auto options = torch::dtype(torch::kDouble).requires_grad(true);
   const auto q = torch::randn({1, 2, 7, 4}, options), k = torch::randn({1, 2, 7, 4}, options);

@@ -22,6 +22,12 @@ Tensor causal_attention(const Tensor& q_BHSDh,
                         double dropout_p,
                         int64_t offset = 0);
 
+/// The same without dropout through at::scaled_dot_product_attention with is_causal (libtorch's
+/// fused kernels: flash attention on CPU; flash, memory-efficient or cuDNN on CUDA), for whole
+/// sequences (Sq == Sk, offset 0). The kernels accumulate the softmax in fp32 whatever the inputs'
+/// dtype. Returns [B, H, S, Dh] in q's dtype.
+Tensor sdpa_causal_attention(const Tensor& q_BHSDh, const Tensor& k_BHSDh, const Tensor& v_BHSDh);
+
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const config::ModelConfig& config);

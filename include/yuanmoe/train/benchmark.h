@@ -13,6 +13,7 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,18 @@ struct BenchOptions {
   int64_t warmup = 1;   ///< untimed steps first (allocator, BLAS buffers)
   int64_t repeats = 7;  ///< runs per component / pair timing (median)
   bool step_only = false;  ///< skip components and pairs (memory-vs-length runs)
+  /// Non-empty: measure only this causal attention kernel ("sdpa", "blockwise", "materialised"),
+  /// forward + backward on one micro-batch's [B, H, S, Dh], and the memory it adds.
+  std::string attention_kernel;
+};
+
+/// One attention kernel alone (BenchOptions::attention_kernel). One kernel per process, so that
+/// the peak resident set belongs to it.
+struct AttentionKernelTime {
+  std::string kernel;
+  int64_t batch = 0, heads = 0, seq = 0, head_dim = 0;
+  double seconds = 0.0;          ///< forward + backward, median of `repeats`
+  int64_t peak_extra_bytes = 0;  ///< peak resident set above the resident set before the first call
 };
 
 struct ComponentTime {
@@ -42,6 +55,7 @@ struct BenchReport {
   std::string device;
   int threads = 0;
   std::string torch_version;
+  std::string init_from;             ///< checkpoint whose weights were measured (train.init_from); empty = random init
   double peak_flops = 0.0;           ///< sustained 2048^3 matmul rate (mfu.h), the higher of before / after the steps
   double best_matmul_flops = 0.0;    ///< the fastest single matmul seen (for reference; MFU does not use it)
   double flops_per_token = 0.0;      ///< training: 3 x forward (mfu.h)
@@ -54,6 +68,7 @@ struct BenchReport {
   std::vector<ComponentTime> components;
   double forward_seconds = 0.0;      ///< measured whole forward (+ loss) per step
   std::vector<PairTime> pairs;
+  std::optional<AttentionKernelTime> attention_kernel;  ///< only that was measured when set
   int64_t peak_rss_bytes = 0;
 };
 

@@ -46,6 +46,12 @@ struct TrainerOptions {
 model::StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage, int64_t first_layers = 0,
                                 int64_t last_layers = 0);
 
+/// Loads the weights of the checkpoint train.init_from names into `model` (its pipeline stage's
+/// part), after checking that the checkpoint's architecture matches the config (a fine-tune may
+/// change the context keys). Returns the checkpoint's directory and step. Throws naming the
+/// directory and keys otherwise.
+std::pair<fs::path, int64_t> load_init_from(torch::nn::Module& model, const config::RunConfig& config);
+
 struct TrainSummary {
   int64_t first_step = 0;  // steps already done when this invocation started
   int64_t last_step = 0;

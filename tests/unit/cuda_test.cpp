@@ -1,0 +1,69 @@
+// The CUDA path against the CPU. Built on every machine (the binary is one for CPU and GPU);
+// each test skips, saying why, where torch::cuda::is_available() is false.
+#include <gtest/gtest.h>
+
+#include "support/fixtures.h"
+#include "yuanmoe/model/attention.h"
+#include "yuanmoe/model/init.h"
+#include "yuanmoe/model/transformer.h"
+#include "yuanmoe/train/precision.h"
+
+namespace yuanmoe::model {
+namespace {
+
+using testing::max_abs_diff;
+
+class CudaTest : public testing::SeededTest {
+ protected:
+  void SetUp() override {
+    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+    testing::SeededTest::SetUp();
+  }
+};
+
+// The same weights and tokens in fp64 on both devices: logits and every parameter's gradient
+// agree to rounding (the MoE's dispatch, the router's top-k and the GEMMs run CUDA kernels).
+TEST_F(CudaTest, ForwardAndBackwardOnCudaEqualCpuInDouble) {
+  const auto model_config = testing::small_model_config();
+  Transformer cpu(model_config, testing::small_moe_config());
+  init_weights(*cpu, model_config, 3);
+  cpu->to(torch::kDouble);
+  Transformer gpu(model_config, testing::small_moe_config());
+  gpu->to(torch::kDouble);
+  torch::NoGradGuard no_grad;
+  for (const auto& item : cpu->named_parameters()) gpu->named_parameters()[item.key()].copy_(item.value());
+  gpu->to(torch::Device(torch::kCUDA, 0));
+
+  const auto ids = torch::randint(0, model_config.vocab_size, {2, 16}, torch::kLong);
+  const auto positions = default_position_ids(2, 16);
+  torch::AutoGradMode grad(true);
+  const auto cpu_logits = cpu(ids, positions).out;
+  const auto gpu_logits = gpu(ids.cuda(), positions.cuda()).out;
+  EXPECT_LT(max_abs_diff(gpu_logits.cpu(), cpu_logits), 1e-10);
+  cpu_logits.square().sum().backward();
+  gpu_logits.square().sum().backward();
+  for (const auto& item : cpu->named_parameters()) {
+    EXPECT_LT(max_abs_diff(gpu->named_parameters()[item.key()].grad().cpu(), item.value().grad()), 1e-9)
+        << item.key();
+  }
+}
+
+// Yuan 2.0-M32's head_dim 256 in bf16 through SDPA's fused CUDA kernels against fp32
+// materialised attention: within bf16 rounding.
+TEST_F(CudaTest, SdpaAtHeadDim256InBf16MatchesMaterialisedFp32) {
+  const auto options = torch::TensorOptions().device(torch::kCUDA, 0);
+  const auto q = torch::randn({1, 4, 300, 256}, options), k = torch::randn({1, 4, 300, 256}, options);
+  const auto v = torch::randn({1, 4, 300, 256}, options);
+  const auto out = sdpa_causal_attention(q.to(torch::kBFloat16), k.to(torch::kBFloat16), v.to(torch::kBFloat16));
+  EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
+  EXPECT_LT(max_abs_diff(out.to(torch::kFloat), causal_attention(q, k, v, 0.0)), 3e-2);
+}
+
+TEST_F(CudaTest, TrainingDeviceIsTheLocalRanksGpu) {
+  EXPECT_EQ(train::training_device(0), torch::Device(torch::kCUDA, 0));
+  const auto gpus = static_cast<int64_t>(torch::cuda::device_count());
+  EXPECT_THROW(train::training_device(gpus), std::runtime_error);
+}
+
+}  // namespace
+}  // namespace yuanmoe::model
