@@ -8,10 +8,17 @@
      tests/reference/yuan2_reference.py with an AdamW step), same config, threads and batch,
      alternating processes A B A B ... so that machine drift hits both; ratio of median tokens/s.
   3. Peak resident memory of one training step vs sequence length (micro-batch 1, recompute),
-     blockwise attention against materialised S x S scores, one process per point.
+     per attention kernel, one process per point.
+  4. The causal attention kernels alone (libtorch's SDPA, our blockwise, materialised S x S) at
+     256 to 16K tokens: forward + backward and the memory each adds, one process per kernel and
+     length, kernels alternating.
+  5. With --finetune-from CHECKPOINT: the 16K fine-tune step of configs/tiny-m32-1k-finetune.json
+     from those trained weights against the same step from random weights, alternating.
+  6. With --compare-binary PATH: `yuanmoe bench` of another build (e.g. the tree before the move to
+     libtorch 2.11, built against Debian's 1.13) against this one, alternating processes.
 
-usage: python3 bench/run_benchmarks.py [--yuanmoe build/yuanmoe] [--rounds 3]
-                                                 [--out docs/benchmarks.md] [--quick]
+usage: python3 bench/run_benchmarks.py [--yuanmoe build/yuanmoe] [--rounds 3] [--out docs/benchmarks.md]
+           [--quick] [--finetune-from runs/tiny-m32] [--compare-binary OLD/yuanmoe --compare-label "libtorch 1.13"]
 """
 
 import argparse
@@ -25,6 +32,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/tiny-m32.json"
+FINETUNE_CONFIG = "configs/tiny-m32-1k-finetune.json"
 
 
 def run_json(cmd, json_path, env=None):
@@ -43,14 +51,14 @@ def machine():
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    # libtorch's own BLAS (the PyPI wheel links MKL statically): what this interpreter's torch reports.
     blas = "unknown"
     try:
-        out = subprocess.run(["update-alternatives", "--query", "libblas.so.3-x86_64-linux-gnu"],
-                             capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Value:"):
-                blas = line.split(":", 1)[1].strip()
-    except OSError:
+        import torch
+        for line in torch.__config__.show().splitlines():
+            if "Math Kernel Library" in line or "OpenBLAS" in line:
+                blas = line.strip(" -")
+    except ImportError:
         pass
     with open("/proc/meminfo") as f:
         mem_gib = int(f.readline().split()[1]) / 2**20
@@ -73,6 +81,9 @@ def main():
     ap.add_argument("--out", default="docs/benchmarks.md")
     ap.add_argument("--work", default="runs/bench", help="where the JSON of every run goes")
     ap.add_argument("--quick", action="store_true", help="smaller sequence sweep (to try the script)")
+    ap.add_argument("--finetune-from", help="checkpoint of configs/tiny-m32.json (the demo's run) for section 5")
+    ap.add_argument("--compare-binary", help="another yuanmoe binary to time against this one (section 6)")
+    ap.add_argument("--compare-label", default="other build")
     args = ap.parse_args()
     work = os.path.join(ROOT, args.work)
     os.makedirs(work, exist_ok=True)
@@ -104,32 +115,70 @@ def main():
     linear = run_json([yuanmoe, "bench", "--config", CONFIG, "--set", "moe.router=linear", "--steps", "2",
                        "--warmup", "1", "--json", path], path)
 
-    # 3. Memory vs sequence length.
+    # 3. Memory vs sequence length, per attention kernel.
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384]
     memory = []
     for seq in lengths:
-        for block in (512, 0):
-            if block == 0 and seq > 4096:
+        for kernel in ("sdpa", "blockwise", "materialised"):
+            if kernel == "materialised" and seq > 4096:
                 continue  # 16K x 16K fp32 scores are 4 GiB per head-batch: not run on this machine
-            path = os.path.join(work, "memory_%d_%d.json" % (seq, block))
+            path = os.path.join(work, "memory_%d_%s.json" % (seq, kernel))
             res = run_json([yuanmoe, "bench", "--config", CONFIG, "--step-only", "--steps", "1", "--warmup", "0",
                             "--set", "model.max_seq_length=%d" % seq, "--set", "train.seq_length=%d" % seq,
                             "--set", "train.micro_batch_size=1", "--set", "train.global_batch_size=1",
-                            "--set", "train.recompute=true", "--set", "model.attention_block_size=%d" % block,
+                            "--set", "train.recompute=true", "--set", "model.attention=" + kernel,
                             "--json", path], path)
-            memory.append((seq, block, res))
+            memory.append((seq, kernel, res))
 
-    write_doc(args.out, machine(), full, linear, ours, eager, ours_tps, eager_tps, memory, threads)
+    # 4. The attention kernels alone, alternating processes.
+    kernels = {}
+    for seq in ([256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]):
+        for r in range(2):
+            for kernel in ("sdpa", "blockwise", "materialised"):
+                if kernel == "materialised" and seq > 4096:
+                    continue
+                path = os.path.join(work, "attention_%d_%s_%d.json" % (seq, kernel, r))
+                res = run_json([yuanmoe, "bench", "--config", CONFIG, "--attention-kernel", kernel,
+                                "--repeats", "3" if seq > 4096 else "7",
+                                "--set", "model.max_seq_length=%d" % seq, "--set", "train.seq_length=%d" % seq,
+                                "--set", "train.micro_batch_size=1", "--json", path], path)
+                kernels.setdefault((seq, kernel), []).append(res["attention_kernel"])
+
+    # 5. The 16K fine-tune step from trained weights vs random ones.
+    finetune = []
+    if args.finetune_from:
+        seq = 4096 if args.quick else 16384
+        for r in range(1 if not args.quick else 1):
+            for init in (args.finetune_from, ""):
+                path = os.path.join(work, "finetune_%s_%d.json" % ("trained" if init else "random", r))
+                res = run_json([yuanmoe, "bench", "--config", FINETUNE_CONFIG, "--step-only", "--steps", "1",
+                                "--warmup", "0", "--set", "train.seq_length=%d" % seq,
+                                "--set", "model.max_seq_length=%d" % seq, "--set", "train.init_from=" + init,
+                                "--json", path], path)
+                finetune.append(res)
+
+    # 6. Another build of the step, alternating with this one.
+    compare = []
+    if args.compare_binary:
+        for r in range(args.rounds):
+            for label, binary in ((args.compare_label, args.compare_binary), ("this build", yuanmoe)):
+                path = os.path.join(work, "compare_%d_%s.json" % (r, "other" if binary != yuanmoe else "this"))
+                res = run_json([binary, "bench", "--config", CONFIG, "--step-only", "--steps", "3", "--warmup", "1",
+                                "--json", path], path)
+                compare.append((label, res))
+
+    write_doc(args.out, machine(), full, linear, ours, eager, ours_tps, eager_tps, memory, threads, kernels,
+              finetune, compare)
     print("wrote " + args.out, file=sys.stderr)
     return 0
 
 
-def write_doc(out, m, full, linear, ours, eager, ours_tps, eager_tps, memory, threads):
+def write_doc(out, m, full, linear, ours, eager, ours_tps, eager_tps, memory, threads, kernels, finetune, compare):
     lines = []
     add = lines.append
     add("# Benchmarks")
     add("")
-    add("Generated by `/usr/bin/python3 bench/run_benchmarks.py` on %s; do not edit by hand. Every figure"
+    add("Generated by `python3 bench/run_benchmarks.py` on %s; do not edit by hand. Every figure"
         % datetime.date.today().isoformat())
     add("comes from that one run: ratios are of measurements taken side by side, never across runs.")
     add("")
@@ -138,7 +187,7 @@ def write_doc(out, m, full, linear, ours, eager, ours_tps, eager_tps, memory, th
     add("| | |")
     add("|---|---|")
     add("| CPU | %s, %d cores, %.0f GiB |" % (m["cpu"], m["cores"], m["memory_gib"]))
-    add("| BLAS | `%s` |" % m["blas"])
+    add("| BLAS | %s |" % m["blas"])
     add("| libtorch | %s, %d intra-op threads |" % (full["torch_version"], full["threads"]))
     add("| matmul peak | %.1f GFLOP/s sustained: fp32 2048^3, median of 9 runs, the higher of before and after the steps, "
         "in the bench process (fastest single run: %.1f GFLOP/s) |" % (full["peak_flops"] / 1e9, full["best_matmul_flops"] / 1e9))
@@ -192,7 +241,7 @@ def write_doc(out, m, full, linear, ours, eager, ours_tps, eager_tps, memory, th
     add("Same config, batch (%d tokens per step) and %d threads; the eager side is" % (full["tokens_per_step"], threads))
     add("`bench/pytorch_eager_step.py`: `tests/reference/yuan2_reference.py` (the HF modeling code's")
     add("math, per-expert loops) with cross-entropy, gradient clipping and `torch.optim.AdamW`, on")
-    add("Debian's python3-torch %s (the same libtorch), with the malloc settings `yuanmoe` applies to"
+    add("PyTorch %s from the project's environment (the same libtorch), with the malloc settings `yuanmoe` applies to"
         % (eager[0]["torch_version"] if eager else "?"))
     add("itself. The processes alternate, %d rounds; 3 timed steps each after 1 warm-up." % len(ours))
     add("")
@@ -209,15 +258,78 @@ def write_doc(out, m, full, linear, ours, eager, ours_tps, eager_tps, memory, th
     add("One training step of tiny-m32 at micro-batch 1 with `train.recompute`, one process per row;")
     add("peak resident set of the whole process (model, AdamW state, allocator caches included).")
     add("")
-    add("| tokens | attention | peak RSS MiB | first step s | tokens/s |")
+    add("| tokens | attention | peak RSS MiB | step s | tokens/s |")
     add("|---|---|---|---|---|")
-    for seq, block, r in memory:
-        add("| %d | %s | %s | %.1f | %.0f |" % (seq, "blockwise (512)" if block else "materialised S x S",
-                                               mib(r["peak_rss_bytes"]), r["median_step_seconds"], r["tokens_per_s"]))
+    for seq, kernel, r in memory:
+        add("| %d | %s | %s | %.1f | %.0f |" % (seq, kernel, mib(r["peak_rss_bytes"]), r["median_step_seconds"],
+                                               r["tokens_per_s"]))
     add("")
     add("Materialised attention at 16K is not run: its fp32 scores alone are 4 heads x 16K x 16K x 4 B = 4 GiB,")
     add("twice that with the softmax output kept for backward.")
     add("")
+    add("## Attention kernels alone")
+    add("")
+    add("`yuanmoe bench --attention-kernel K`: causal attention of one micro-batch of tiny-m32's shape")
+    add("(1 x 4 heads x S x 128, fp32), forward + backward, median of repeats; memory is the peak resident")
+    add("set the kernel adds above its inputs. One process per kernel and length, the kernels")
+    add("alternating, 2 rounds; the table gives the median over rounds and the ratio to SDPA.")
+    add("")
+    add("| tokens | kernel | fwd+bwd ms | / SDPA | peak memory added MiB |")
+    add("|---|---|---|---|---|")
+    for (seq, kernel), runs in sorted(kernels.items(), key=lambda kv: (kv[0][0], kv[0][1] != "sdpa", kv[0][1])):
+        t = statistics.median(a["seconds"] for a in runs)
+        sdpa = statistics.median(a["seconds"] for a in kernels[(seq, "sdpa")])
+        add("| %d | %s | %.1f | %.2f | %s |" % (seq, kernel, t * 1e3, t / sdpa,
+                                                mib(max(a["peak_extra_bytes"] for a in runs))))
+    add("")
+    if finetune:
+        add("## 16K fine-tune step: trained weights vs random")
+        add("")
+        add("`yuanmoe bench --config %s --step-only --steps 1 --warmup 0 --set train.seq_length=%d`" % (
+            FINETUNE_CONFIG, finetune[0]["seq_length"]))
+        add("with `train.init_from` set to the demo's checkpoint and empty, alternating: %d micro-batches of %d"
+            % (finetune[0]["global_batch_size"] // finetune[0]["micro_batch_size"], finetune[0]["seq_length"]))
+        add("tokens, recompute on.")
+        add("")
+        add("| weights | step s | tokens/s | peak RSS MiB |")
+        add("|---|---|---|---|")
+        for r in finetune:
+            add("| %s | %.1f | %.0f | %s |" % (r["init_from"] or "random (train.seed)", r["median_step_seconds"],
+                                             r["tokens_per_s"], mib(r["peak_rss_bytes"])))
+        trained = [r for r in finetune if r["init_from"]]
+        random = [r for r in finetune if not r["init_from"]]
+        if trained and random:
+            t = statistics.median(r["median_step_seconds"] for r in trained)
+            u = statistics.median(r["median_step_seconds"] for r in random)
+            mt = max(r["peak_rss_bytes"] for r in trained)
+            mu = max(r["peak_rss_bytes"] for r in random)
+            add("")
+            add("trained / random: step time **%.2fx**, peak memory **%.2fx**." % (t / u, mt / mu))
+        add("")
+    if compare:
+        add("## Builds side by side")
+        add("")
+        add("`yuanmoe bench --config %s --step-only --steps 3 --warmup 1`, the two binaries alternating, %d rounds;"
+            % (CONFIG, len(compare) // 2))
+        add("MFU of each against the matmul peak its own libtorch reaches in the same process.")
+        add("")
+        add("| build | libtorch | tokens/s | MFU | matmul peak GFLOP/s |")
+        add("|---|---|---|---|---|")
+        labels = []
+        for label, _ in compare:
+            if label not in labels:
+                labels.append(label)
+        medians = {}
+        for label in labels:
+            runs = [r for l, r in compare if l == label]
+            medians[label] = statistics.median(r["tokens_per_s"] for r in runs)
+            add("| %s | %s | %.0f | %.1f %% | %.1f |" % (
+                label, runs[0]["torch_version"], medians[label],
+                100 * statistics.median(r["mfu"] for r in runs),
+                statistics.median(r["peak_flops"] for r in runs) / 1e9))
+        add("")
+        add("%s / %s = **%.2fx** tokens/s." % (labels[-1], labels[0], medians[labels[-1]] / medians[labels[0]]))
+        add("")
     # The tables go between the markers; the hand-written analysis around them stays.
     begin, end = "<!-- generated by bench/run_benchmarks.py: begin -->", "<!-- generated: end -->"
     path = os.path.join(ROOT, out)

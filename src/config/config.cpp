@@ -21,6 +21,16 @@ const std::vector<std::pair<RopeTables, const char*>>& enum_names<RopeTables>() 
 }
 
 template <>
+const std::vector<std::pair<AttentionKernel, const char*>>& enum_names<AttentionKernel>() {
+  static const std::vector<std::pair<AttentionKernel, const char*>> names{
+      {AttentionKernel::kAuto, "auto"},
+      {AttentionKernel::kSdpa, "sdpa"},
+      {AttentionKernel::kBlockwise, "blockwise"},
+      {AttentionKernel::kMaterialised, "materialised"}};
+  return names;
+}
+
+template <>
 const std::vector<std::pair<RouterDtype, const char*>>& enum_names<RouterDtype>() {
   static const std::vector<std::pair<RouterDtype, const char*>> names{{RouterDtype::kFp32, "fp32"}};
   return names;
@@ -74,6 +84,7 @@ std::string to_string(Enum value) {
 template std::string to_string(RouterKind);
 template std::string to_string(RouterDtype);
 template std::string to_string(RopeTables);
+template std::string to_string(AttentionKernel);
 template std::string to_string(LrSchedule);
 template std::string to_string(Precision);
 template std::string to_string(PipelineSchedule);

@@ -5,7 +5,7 @@ Every layout trains the same 4-layer, 8-expert model (aux loss and bias balancin
 state must stay identical across ranks) on the same global batches for 10 steps; its logged
 losses must equal the single-process run's within 1e-5:
   dp=2 (yuanmoe launch), pp=2 1f1b, pp=2 gpipe, pp=2 with recompute, dp=2 x pp=2, dp=2 under
-  torchrun --no_python.
+  torchrun --no-python.
 Resume across layouts: 5 steps at pp=2 then 5 at pp=1, and 5 at dp=2 then 5 at pp=4 (the
 checkpoint's shards merge by name). Failure: kill -9 one rank of two; the other must exit
 non-zero, naming itself, within the timeout, and the same command re-run must resume and match
@@ -79,10 +79,9 @@ def train(run_dir, nproc=1, pp=1, schedule="1f1b", extra=(), launcher="launch"):
     if nproc == 1:
         return run([BIN, *args])
     if launcher == "torchrun":
-        # torchrun 1.13 (Debian) spells its options with underscores (2.x accepts both), and under
-        # Python 3.11 its default --redirects 0 crashes (IntFlag iteration skips 0): pass 2.
-        return run(["torchrun", "--no_python", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-                    "--redirects", "2", "--tee", "2", BIN, *args])
+        # PyTorch's own launcher, from the environment running this test (torchrun's module).
+        return run([sys.executable, "-m", "torch.distributed.run", "--no-python", "--nproc-per-node", str(nproc),
+                    "--master-port", str(free_port()), BIN, *args])
     return run([BIN, "launch", "--nproc", str(nproc), "--", *args])
 
 
@@ -165,9 +164,8 @@ def main():
         compare("pp=2 1f1b with train.recompute vs 1 process", "pp2_recompute", "single")
         train("dp2pp2", nproc=4, pp=2)
         compare("dp=2 x pp=2 vs 1 process", "dp2pp2", "single")
-        if shutil.which("torchrun"):
-            train("torchrun", nproc=2, launcher="torchrun")
-            compare("dp=2 (torchrun --no-python) vs 1 process", "torchrun", "single")
+        train("torchrun", nproc=2, launcher="torchrun")
+        compare("dp=2 (torchrun --no-python) vs 1 process", "torchrun", "single")
         # Layout changes between save and resume.
         train("pp2_then_pp1", nproc=2, pp=2, extra=["--exit-after-steps", "5"])
         train("pp2_then_pp1", nproc=1, pp=1)
