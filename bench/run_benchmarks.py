@@ -2,14 +2,14 @@
 """Regenerates the tables of docs/benchmarks.md (between its markers) from one run on this machine.
 
   1. `yuanmoe bench` on configs/tiny-m32.json: step tokens/s, MFU against the matmul peak measured
-     in the same process, the per-component breakdown, MoE block vs dense FFN and blockwise vs
+     in the same process, the per-component breakdown, MoE block vs dense FFN and SDPA vs
      materialised attention (each pair interleaved A B A B inside the process).
   2. Our training step vs the eager PyTorch reference (bench/pytorch_eager_step.py: the model of
      tests/reference/yuan2_reference.py with an AdamW step), same config, threads and batch,
      alternating processes A B A B ... so that machine drift hits both; ratio of median tokens/s.
   3. Peak resident memory of one training step vs sequence length (micro-batch 1, recompute),
      per attention kernel, one process per point.
-  4. The causal attention kernels alone (libtorch's SDPA, our blockwise, materialised S x S) at
+  4. The causal attention kernels alone (libtorch's SDPA, materialised S x S) at
      256 to 16K tokens: forward + backward and the memory each adds, one process per kernel and
      length, kernels alternating.
   5. With --finetune-from CHECKPOINT: the 16K fine-tune step of configs/tiny-m32-1k-finetune.json
@@ -119,7 +119,7 @@ def main():
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384]
     memory = []
     for seq in lengths:
-        for kernel in ("sdpa", "blockwise", "materialised"):
+        for kernel in ("sdpa", "materialised"):
             if kernel == "materialised" and seq > 4096:
                 continue  # 16K x 16K fp32 scores are 4 GiB per head-batch: not run on this machine
             path = os.path.join(work, "memory_%d_%s.json" % (seq, kernel))
@@ -134,7 +134,7 @@ def main():
     kernels = {}
     for seq in ([256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]):
         for r in range(2):
-            for kernel in ("sdpa", "blockwise", "materialised"):
+            for kernel in ("sdpa", "materialised"):
                 if kernel == "materialised" and seq > 4096:
                     continue
                 path = os.path.join(work, "attention_%d_%s_%d.json" % (seq, kernel, r))

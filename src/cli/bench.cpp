@@ -1,5 +1,5 @@
 // `yuanmoe bench --config FILE [--set KEY=VALUE]... [--steps N] [--warmup N] [--repeats N]
-//                [--step-only] [--attention-kernel K] [--json FILE]`: train/benchmark.h measures, this prints and saves.
+//                [--step-only] [--data] [--attention-kernel K] [--json FILE]`: train/benchmark.h measures, this prints and saves.
 #include <cxxopts.hpp>
 #include <fstream>
 #include <iostream>
@@ -13,7 +13,7 @@ namespace yuanmoe::cli {
 int run_bench(int argc, const char* const* argv) {
   cxxopts::Options options("yuanmoe bench",
                            "Training-step tokens/s and MFU of a config on random tokens, a per-component "
-                           "breakdown, MoE vs dense and blockwise vs materialised attention side by side, "
+                           "breakdown, MoE vs dense and SDPA vs materialised attention side by side, "
                            "and peak resident memory (docs/benchmarks.md).");
   options.add_options()
       ("config", "JSON config file", cxxopts::value<std::string>())
@@ -23,8 +23,9 @@ int run_bench(int argc, const char* const* argv) {
       ("warmup", "untimed steps first", cxxopts::value<int64_t>()->default_value("1"))
       ("repeats", "runs per component timing (median)", cxxopts::value<int64_t>()->default_value("7"))
       ("step-only", "only the training step and peak memory (no breakdown)")
+      ("data", "the step's micro-batches from data.train_prefix instead of random tokens")
       ("attention-kernel", "only this causal attention kernel, fwd+bwd on one micro-batch, and its memory: "
-       "sdpa, blockwise or materialised", cxxopts::value<std::string>())
+       "sdpa or materialised", cxxopts::value<std::string>())
       ("json", "also write the figures as JSON to FILE", cxxopts::value<std::string>());
   const auto parsed = parse_or_help(options, argc, argv);
   if (!parsed) return 0;
@@ -39,6 +40,7 @@ int run_bench(int argc, const char* const* argv) {
   bench.warmup = args["warmup"].as<int64_t>();
   bench.repeats = args["repeats"].as<int64_t>();
   bench.step_only = args.count("step-only") > 0;
+  bench.real_data = args.count("data") > 0;
   if (args.count("attention-kernel")) bench.attention_kernel = args["attention-kernel"].as<std::string>();
   std::ofstream json_file;
   if (args.count("json")) {  // opened first: a bad path fails before minutes of measuring

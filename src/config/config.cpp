@@ -23,10 +23,7 @@ const std::vector<std::pair<RopeTables, const char*>>& enum_names<RopeTables>() 
 template <>
 const std::vector<std::pair<AttentionKernel, const char*>>& enum_names<AttentionKernel>() {
   static const std::vector<std::pair<AttentionKernel, const char*>> names{
-      {AttentionKernel::kAuto, "auto"},
-      {AttentionKernel::kSdpa, "sdpa"},
-      {AttentionKernel::kBlockwise, "blockwise"},
-      {AttentionKernel::kMaterialised, "materialised"}};
+      {AttentionKernel::kSdpa, "sdpa"}, {AttentionKernel::kMaterialised, "materialised"}};
   return names;
 }
 

@@ -72,7 +72,7 @@ class Reader {
   void report_unknown_keys() const {
     if (object_ == nullptr) return;
     for (const auto& item : object_->items()) {
-      if (seen_.count(item.key()) == 0) {
+      if (seen_.count(item.key()) == 0 && !schema::is_retired_key(prefix_ + item.key())) {
         issues_->push_back({prefix_ + item.key(), "unknown key"});
       }
     }

@@ -3,11 +3,19 @@
 // key here is the whole change. Private to src/config.
 #pragma once
 
+#include <string>
+
 #include "yuanmoe/config/config.h"
 
 namespace yuanmoe::config::schema {
 
 enum Presence { kOptional, kRequired };
+
+/// Keys that configs and checkpoints of earlier versions may still carry and that no longer mean
+/// anything: read and ignored, so those files keep loading (docs/config.md, "Retired keys").
+inline bool is_retired_key(const std::string& path) {
+  return path == "model.attention_block_size";  // the blockwise attention kernel, replaced by SDPA
+}
 
 template <class V>
 void visit(V& v, ModelConfig& c) {
@@ -36,11 +44,11 @@ void visit(V& v, ModelConfig& c) {
           "Std of the normal init; output projections use init_std / sqrt(2 L).");
   v.field("attention_dropout", c.attention_dropout, kOptional,
           "Dropout on attention probabilities while training (Yuan: 0.1).");
-  v.field("attention_block_size", c.attention_block_size, kOptional,
-          "Query/key tile of the blockwise causal attention (online softmax, recomputed in backward), "
-          "used when the keys outnumber one tile: attention memory grows linearly with the sequence. "
-          "0 = always materialise the S x S scores. "
-          "Attention with dropout while training always materialises.");
+  v.field("attention", c.attention, kOptional,
+          "Causal attention kernel: sdpa (libtorch's fused scaled_dot_product_attention: flash "
+          "attention on CPU, flash / memory-efficient / cuDNN on CUDA; memory linear in the "
+          "sequence) or materialised (the S x S scores, for checks). Training with "
+          "attention_dropout > 0 and decoding after cached tokens always materialise.");
 }
 
 template <class V>

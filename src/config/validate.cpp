@@ -55,8 +55,6 @@ void validate_model(const ModelConfig& m, Checker& c) {
   c.positive(m.init_std, "model.init_std");
   c.require(m.attention_dropout >= 0 && m.attention_dropout < 1, "model.attention_dropout",
             "must be in [0, 1), got " + Checker::str(m.attention_dropout));
-  c.require(m.attention_block_size >= 0, "model.attention_block_size",
-            "must be >= 0 (0 = full scores), got " + Checker::str(m.attention_block_size));
   c.require(!m.lfa || m.hidden_size % 2 == 0, "model.hidden_size",
             "must be even with model.lfa (the first LFA conv has hidden_size/2 channels), got " +
                 Checker::str(m.hidden_size));

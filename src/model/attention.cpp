@@ -2,7 +2,6 @@
 
 #include <cmath>
 
-#include "yuanmoe/model/blockwise_attention.h"
 #include "yuanmoe/model/decode.h"
 #include "yuanmoe/model/rope.h"
 
@@ -83,14 +82,13 @@ Tensor AttentionImpl::forward(const Tensor& a_BSD,
   }
 
   const double dropout_p = is_training() ? config.attention_dropout : 0.0;
-  // Blockwise when the keys outgrow one tile; up to one tile the S x S scores are no bigger than
-  // a tile and keeping them beats recomputing them (1.2x faster at S 256, docs/benchmarks.md).
-  // Dropout needs the probabilities themselves, so it always materialises (docs/config.md).
-  const int64_t block = config.attention_block_size;
-  const Tensor out_BHSDh =
-      dropout_p == 0 && block > 0 && k_BHTDh.size(2) > block
-          ? blockwise_causal_attention(q_BSHDh.transpose(1, 2), k_BHTDh, v_BHTDh, block, offset)
-          : causal_attention(q_BSHDh.transpose(1, 2), k_BHTDh, v_BHTDh, dropout_p, offset);
+  // libtorch's fused SDPA for whole sequences: faster than materialised scores at every length
+  // measured, and memory linear in S (docs/benchmarks.md). Dropout needs the probabilities and a
+  // chunk after cached keys needs the offset mask: those materialise (docs/config.md).
+  const Tensor q_BHSDh = q_BSHDh.transpose(1, 2);
+  const bool fused = config.attention == config::AttentionKernel::kSdpa && dropout_p == 0 && offset == 0;
+  const Tensor out_BHSDh = fused ? sdpa_causal_attention(q_BHSDh, k_BHTDh, v_BHTDh)
+                                 : causal_attention(q_BHSDh, k_BHTDh, v_BHTDh, dropout_p, offset);
   return o_proj(out_BHSDh.transpose(1, 2).reshape({batch, seq, heads * head_dim}));
 }
 

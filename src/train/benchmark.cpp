@@ -11,9 +11,10 @@
 #include <functional>
 #include <sstream>
 
+#include "yuanmoe/data/indexed_dataset.h"
 #include "yuanmoe/data/sampler.h"
+#include "yuanmoe/train/evaluate.h"
 #include "yuanmoe/model/attention.h"
-#include "yuanmoe/model/blockwise_attention.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/process_groups.h"
@@ -100,15 +101,10 @@ AttentionKernelTime measure_attention_kernel(const config::RunConfig& config, co
   std::function<Tensor(const Tensor&, const Tensor&, const Tensor&)> kernel;
   if (out.kernel == "sdpa") {
     kernel = [](const Tensor& q, const Tensor& k, const Tensor& v) { return model::sdpa_causal_attention(q, k, v); };
-  } else if (out.kernel == "blockwise") {
-    const int64_t block = m.attention_block_size > 0 ? m.attention_block_size : 512;
-    kernel = [block](const Tensor& q, const Tensor& k, const Tensor& v) {
-      return model::blockwise_causal_attention(q, k, v, block);
-    };
   } else if (out.kernel == "materialised") {
     kernel = [](const Tensor& q, const Tensor& k, const Tensor& v) { return model::causal_attention(q, k, v, 0.0); };
   } else {
-    throw std::invalid_argument("--attention-kernel: expected sdpa, blockwise or materialised, got '" + out.kernel + "'");
+    throw std::invalid_argument("--attention-kernel: expected sdpa or materialised, got '" + out.kernel + "'");
   }
   const auto qkv = [&] {
     return torch::randn({out.batch, out.heads, out.seq, out.head_dim}, torch::TensorOptions().device(device))
@@ -193,7 +189,10 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
   out.push_back({"embedding", per_step(time([&] { model.embed_tokens(batch.tokens); }), 1)});
   // The attention module minus its LFA and its core: the Q/K/V/O projections and RoPE.
   const double lfa = time([&] { attention.lf_gate(a_BSD); });
-  const double core = time([&] { model::blockwise_causal_attention(q, k, v, std::max<int64_t>(m.attention_block_size, 1)); });
+  const double core = time([&] {
+    m.attention == config::AttentionKernel::kSdpa ? model::sdpa_causal_attention(q, k, v)
+                                                  : model::causal_attention(q, k, v, 0.0);
+  });
   const double whole_attention = time([&] { attention.forward(a_BSD, batch.position_ids); });
   out.push_back({"LFA (two 2-tap convs + norm)", per_step(lfa, m.num_layers)});
   out.push_back({"Q/K/V/O projections + RoPE", per_step(std::max(0.0, whole_attention - lfa - core), m.num_layers)});
@@ -261,7 +260,7 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
 }
 
 /// Side-by-side pairs, forward + backward: MoE block vs the dense FFN of the same active FLOPs,
-/// blockwise vs materialised attention.
+/// libtorch's fused SDPA vs materialised attention.
 void measure_pairs(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
                    const std::vector<data::Batch>& batches, const torch::Device& device, BenchReport& report) {
   const auto& m = config.model;
@@ -305,13 +304,11 @@ void measure_pairs(const config::RunConfig& config, const BenchOptions& options,
         .requires_grad_(true);
   };
   const Tensor q = qkv(), k = qkv(), v = qkv();
-  const int64_t block_size = m.attention_block_size > 0 ? m.attention_block_size : 512;
-  const auto [blockwise_s, full_s] = interleaved_medians(
-      forward_backward([&] { return model::blockwise_causal_attention(q, k, v, block_size); }),
+  const auto [sdpa_s, full_s] = interleaved_medians(
+      forward_backward([&] { return model::sdpa_causal_attention(q, k, v); }),
       forward_backward([&] { return model::causal_attention(q, k, v, 0.0); }), options.repeats, device);
-  report.pairs.push_back({"causal attention core (fwd+bwd, S " + std::to_string(seq) + ")",
-                          "blockwise, block " + std::to_string(block_size), "materialised S x S", blockwise_s,
-                          full_s});
+  report.pairs.push_back({"causal attention core (fwd+bwd, S " + std::to_string(seq) + ")", "SDPA (fused)",
+                          "materialised S x S", sdpa_s, full_s});
 }
 
 std::string fixed(double value, int digits) {
@@ -361,8 +358,19 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   model->recompute = config.train.recompute;
   model->train();
   std::vector<data::Batch> batches;
+  std::unique_ptr<data::GptSampler> sampler;
+  if (options.real_data) {
+    sampler = std::make_unique<data::GptSampler>(std::make_shared<const data::IndexedDataset>(config.data.train_prefix),
+                                                 sampler_options(config, config.data.train_prefix));
+    report.data = config.data.train_prefix;
+  }
   for (int64_t i = 0; i < config.train.global_batch_size / config.train.micro_batch_size; ++i) {
-    batches.push_back(random_batch(config.train.micro_batch_size, config.train.seq_length, config.model.vocab_size, device));
+    if (sampler) {
+      data::Batch batch = sampler->next_batch();
+      batches.push_back({batch.tokens.to(device), batch.labels.to(device), batch.position_ids.to(device)});
+    } else {
+      batches.push_back(random_batch(config.train.micro_batch_size, config.train.seq_length, config.model.vocab_size, device));
+    }
   }
 
   const auto optimizer = make_optimizer(*model, config.train);
@@ -387,6 +395,7 @@ nlohmann::ordered_json to_json(const BenchReport& r, const config::RunConfig& co
   j["threads"] = r.threads;
   j["torch_version"] = r.torch_version;
   j["init_from"] = r.init_from;
+  j["data"] = r.data;
   if (r.attention_kernel) {
     const AttentionKernelTime& a = *r.attention_kernel;
     j["attention_kernel"] = {{"kernel", a.kernel}, {"batch", a.batch}, {"heads", a.heads}, {"seq", a.seq},
@@ -400,7 +409,7 @@ nlohmann::ordered_json to_json(const BenchReport& r, const config::RunConfig& co
   j["micro_batch_size"] = config.train.micro_batch_size;
   j["global_batch_size"] = config.train.global_batch_size;
   j["recompute"] = config.train.recompute;
-  j["attention_block_size"] = config.model.attention_block_size;
+  j["attention"] = config::to_string(config.model.attention);
   j["router"] = config::to_string(config.moe.router);
   j["tokens_per_step"] = r.tokens_per_step;
   j["flops_per_token"] = r.flops_per_token;
@@ -434,7 +443,8 @@ std::string format_report(const BenchReport& r) {
   out << "device " << r.device << ", " << r.threads << " threads, libtorch " << r.torch_version
       << ", matmul peak " << fixed(r.peak_flops / 1e9, 1) << " GFLOP/s sustained (median; best single run "
       << fixed(r.best_matmul_flops / 1e9, 1) << ")\n";
-  out << "weights: " << (r.init_from.empty() ? "random (train.seed)" : r.init_from) << "\n";
+  out << "weights: " << (r.init_from.empty() ? "random (train.seed)" : r.init_from)
+      << ", tokens: " << (r.data.empty() ? "random" : r.data) << "\n";
   out << "step: " << r.tokens_per_step << " tokens in " << fixed(r.step_median_seconds * 1e3, 1) << " ms (median of "
       << r.step_seconds.size() << "): " << fixed(r.tokens_per_s, 0) << " tokens/s, MFU "
       << fixed(100.0 * r.mfu, 1) << "%\n";

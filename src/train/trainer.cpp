@@ -35,7 +35,7 @@ ordered_json ordered(const nlohmann::json& j) { return ordered_json::parse(j.dum
 /// the function the weights compute. A fine-tune may also move to a longer context (§5 of SPEC).
 bool may_differ(const std::string& key, bool fine_tune) {
   static const std::set<std::string> training_knobs{
-      "model.init_std",          "model.attention_dropout", "model.attention_block_size", "moe.aux_loss_coeff",
+      "model.init_std",          "model.attention_dropout", "model.attention", "moe.aux_loss_coeff",
       "moe.z_loss_coeff",        "moe.bias_balancing_rate", "moe.relu_l1_init",
       "moe.relu_l1_alpha",       "moe.capacity_factor"};
   static const std::set<std::string> context_keys{"model.rope_base", "model.rope_tables", "model.max_seq_length"};

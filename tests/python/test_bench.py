@@ -23,8 +23,7 @@ BIN = os.path.abspath(sys.argv[1])
 WORK = tempfile.mkdtemp(prefix="yuanmoe-bench-")
 check = Checks()
 SMALL = ["--set", "model.num_layers=2", "--set", "model.max_seq_length=64", "--set", "train.seq_length=64",
-         "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=4",
-         "--set", "model.attention_block_size=16"]
+         "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=4"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -70,6 +69,16 @@ p = run([BIN, "bench", "--config", "configs/tiny-m32.json"] + SMALL + ["--step-o
 r = json.load(open(out))
 check(p.returncode == 0 and r["components"] == [] and r["pairs"] == [], "--step-only skips the breakdown")
 
+# --- one attention kernel alone ---
+for kernel in ("sdpa", "materialised"):
+    p = run([BIN, "bench", "--config", "configs/tiny-m32.json"] + SMALL + ["--attention-kernel", kernel, "--repeats", "2",
+                                                                           "--json", out])
+    r = json.load(open(out)) if p.returncode == 0 else {}
+    a = r.get("attention_kernel", {})
+    check(a.get("kernel") == kernel and a.get("seq") == 64 and a.get("batch") == 2 and a.get("seconds", 0) > 0
+          and a.get("peak_extra_bytes", -1) >= 0 and "components" not in r,
+          "--attention-kernel %s: shape, time and memory only (%s)" % (kernel, a))
+
 # --- bad input: one line, non-zero exit ---------------------------------------------------------
 p = run([BIN, "bench", "--config", "configs/tiny-m32-pp2.json"])
 check(p.returncode != 0 and "parallel.pipeline_parallel_size" in p.stderr and p.stderr.count("\n") == 1,
@@ -78,6 +87,9 @@ p = run([BIN, "bench", "--config", "configs/tiny-m32.json", "--json", os.path.jo
 check(p.returncode != 0 and "cannot open for writing" in p.stderr, "unwritable --json refused before measuring")
 p = run([BIN, "bench", "--config", "configs/tiny-m32.json", "--steps", "0"])
 check(p.returncode != 0 and "--steps" in p.stderr, "--steps 0 refused")
+p = run([BIN, "bench", "--config", "configs/tiny-m32.json", "--attention-kernel", "blockwise"])
+check(p.returncode != 0 and "--attention-kernel: expected sdpa or materialised, got 'blockwise'" in p.stderr,
+      "unknown attention kernel refused: %s" % p.stderr.strip())
 
 # --- the eager PyTorch step bench ----------------------------------------------------------------
 cfg = json.load(open(os.path.join(ROOT, "configs", "tiny-m32.json")))

@@ -63,6 +63,16 @@ TEST(ConfigTest, UnknownKeysAreErrorsWithTheirPath) {
   EXPECT_TRUE(has_issue(issues, "optimizer", "unknown key"));
 }
 
+// Configs and checkpoints written before the blockwise kernel was deleted still load.
+TEST(ConfigTest, RetiredKeysAreReadAndIgnored) {
+  auto root = minimal_config();
+  root["model"]["attention_block_size"] = 512;
+  const ParseResult parsed = parse_config(root);
+  EXPECT_TRUE(parsed.issues.empty());
+  EXPECT_EQ(parsed.config.model.attention, AttentionKernel::kSdpa);
+  EXPECT_FALSE(to_json(parsed.config)["model"].contains("attention_block_size"));
+}
+
 TEST(ConfigTest, WrongTypesNameExpectedAndFound) {
   auto root = minimal_config();
   root["model"]["hidden_size"] = "64";

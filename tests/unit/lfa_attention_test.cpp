@@ -7,7 +7,6 @@
 #include "support/fixtures.h"
 #include "support/gradcheck.h"
 #include "yuanmoe/model/attention.h"
-#include "yuanmoe/model/blockwise_attention.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/lfa.h"
 
@@ -139,9 +138,10 @@ TEST_P(AttentionLoopTest, MatchesExplicitLoops) {
 
 INSTANTIATE_TEST_SUITE_P(WithAndWithoutLfa, AttentionLoopTest, ::testing::Values(true, false));
 
-TEST_F(AttentionTest, MatchesExplicitLoopsWithSmallAttentionBlocks) {
+// The same module with model.attention = materialised (the S x S scores) against the loops.
+TEST_F(AttentionTest, MatchesExplicitLoopsWithMaterialisedScores) {
   auto model = testing::small_model_config();
-  model.attention_block_size = 2;  // 5 positions: partial, full and skipped tiles
+  model.attention = config::AttentionKernel::kMaterialised;
   Attention attn(model);
   init_weights(*attn, model);
   const auto a = torch::randn({2, 5, model.hidden_size});
@@ -149,72 +149,47 @@ TEST_F(AttentionTest, MatchesExplicitLoopsWithSmallAttentionBlocks) {
   EXPECT_LT(max_abs_diff(attn(a, positions), attention_reference(*attn, a, positions)), 1e-5);
 }
 
-struct BlockwiseCase {
-  int64_t seq_q, seq_k, block;
-};
+class SdpaLengthTest : public testing::SeededTestWithParam<int64_t> {};
 
-class BlockwiseAttentionTest : public testing::SeededTestWithParam<BlockwiseCase> {};
-
-// Values and q/k/v gradients against the materialised softmax, fp64; the tiles cover
-// sequences that are not a multiple of the block, a block of 1, a block past the sequence, and
-// queries that follow cached keys (offset = Sk - Sq).
-TEST_P(BlockwiseAttentionTest, EqualsMaterialisedSoftmaxInDouble) {
-  const auto [seq_q, seq_k, block] = GetParam();
+// libtorch's fused SDPA (its CPU flash kernel here) against the materialised softmax, fp64
+// values and q/k/v gradients, at lengths around and beyond the kernel's tiles, a value width
+// other than the key width, and one token.
+TEST_P(SdpaLengthTest, EqualsMaterialisedSoftmaxInDouble) {
+  const int64_t seq = GetParam();
   const auto options = torch::dtype(torch::kDouble).requires_grad(true);
-  const auto q = torch::randn({2, 3, seq_q, 8}, options), k = torch::randn({2, 3, seq_k, 8}, options);
-  const auto v = torch::randn({2, 3, seq_k, 6}, options);
-  const auto d_out = torch::randn({2, 3, seq_q, 6}, torch::kDouble);
-  const int64_t offset = seq_k - seq_q;
-
-  const auto expected = causal_attention(q, k, v, /*dropout_p=*/0.0, offset);
+  const auto q = torch::randn({2, 3, seq, 8}, options), k = torch::randn({2, 3, seq, 8}, options);
+  const auto v = torch::randn({2, 3, seq, 6}, options);
+  const auto d_out = torch::randn({2, 3, seq, 6}, torch::kDouble);
+  const auto expected = causal_attention(q, k, v, /*dropout_p=*/0.0);
   const auto expected_grads = torch::autograd::grad({expected}, {q, k, v}, {d_out});
-  const auto actual = blockwise_causal_attention(q, k, v, block, offset);
+  const auto actual = sdpa_causal_attention(q, k, v);
   const auto actual_grads = torch::autograd::grad({actual}, {q, k, v}, {d_out});
   EXPECT_EQ(actual.scalar_type(), torch::kDouble);
   EXPECT_LT(max_abs_diff(actual, expected), 1e-12);
-  for (size_t i = 0; i < 3; ++i) EXPECT_LT(max_abs_diff(actual_grads[i], expected_grads[i]), 1e-12) << "input " << i;
+  for (size_t i = 0; i < 3; ++i) EXPECT_LT(max_abs_diff(actual_grads[i], expected_grads[i]), 1e-11) << "input " << i;
 }
 
-INSTANTIATE_TEST_SUITE_P(Tiles, BlockwiseAttentionTest,
-                         ::testing::Values(BlockwiseCase{13, 13, 1}, BlockwiseCase{13, 13, 4},
-                                           BlockwiseCase{16, 16, 4}, BlockwiseCase{13, 13, 64},
-                                           BlockwiseCase{5, 17, 3}, BlockwiseCase{1, 9, 4}));
+INSTANTIATE_TEST_SUITE_P(Lengths, SdpaLengthTest, ::testing::Values(1, 13, 16, 64, 129, 300));
 
-// libtorch's fused SDPA (its CPU flash kernel here) against the materialised softmax, fp64 values
-// and q/k/v gradients, at head dims of 8 and Yuan 2.0-M32's 256 and lengths that are not a
-// multiple of the kernel's tiles.
-TEST_F(AttentionTest, SdpaEqualsMaterialisedSoftmaxInDouble) {
-  for (const auto& [seq, head_dim] : std::vector<std::pair<int64_t, int64_t>>{{13, 8}, {70, 256}, {1, 8}}) {
-    const auto options = torch::dtype(torch::kDouble).requires_grad(true);
-    const auto q = torch::randn({2, 3, seq, head_dim}, options), k = torch::randn({2, 3, seq, head_dim}, options);
-    const auto v = torch::randn({2, 3, seq, head_dim}, options);
-    const auto d_out = torch::randn({2, 3, seq, head_dim}, torch::kDouble);
-    const auto expected = causal_attention(q, k, v, /*dropout_p=*/0.0);
-    const auto expected_grads = torch::autograd::grad({expected}, {q, k, v}, {d_out});
-    const auto actual = sdpa_causal_attention(q, k, v);
-    const auto actual_grads = torch::autograd::grad({actual}, {q, k, v}, {d_out});
-    EXPECT_EQ(actual.scalar_type(), torch::kDouble);
-    EXPECT_LT(max_abs_diff(actual, expected), 1e-12) << "S " << seq << " Dh " << head_dim;
-    for (size_t i = 0; i < 3; ++i) {
-      EXPECT_LT(max_abs_diff(actual_grads[i], expected_grads[i]), 1e-11) << "input " << i << ", S " << seq;
-    }
-  }
-}
-
-TEST_F(AttentionTest, BlockwiseGradientsMatchFiniteDifferences) {
+// Yuan 2.0-M32's head_dim 256, fp64, values and gradients.
+TEST_F(AttentionTest, SdpaEqualsMaterialisedSoftmaxAtHeadDim256) {
   const auto options = torch::dtype(torch::kDouble).requires_grad(true);
-  const auto q = torch::randn({1, 2, 7, 4}, options), k = torch::randn({1, 2, 7, 4}, options);
-  const auto v = torch::randn({1, 2, 7, 4}, options);
-  const auto weights = torch::randn({1, 2, 7, 4}, torch::kDouble);
-  testing::expect_gradients_match([&] { return (blockwise_causal_attention(q, k, v, 3) * weights).sum(); },
-                                  {{"q", q}, {"k", k}, {"v", v}});
+  const auto q = torch::randn({1, 2, 70, 256}, options), k = torch::randn({1, 2, 70, 256}, options);
+  const auto v = torch::randn({1, 2, 70, 256}, options);
+  const auto d_out = torch::randn({1, 2, 70, 256}, torch::kDouble);
+  const auto expected = causal_attention(q, k, v, 0.0);
+  const auto expected_grads = torch::autograd::grad({expected}, {q, k, v}, {d_out});
+  const auto actual = sdpa_causal_attention(q, k, v);
+  const auto actual_grads = torch::autograd::grad({actual}, {q, k, v}, {d_out});
+  EXPECT_LT(max_abs_diff(actual, expected), 1e-12);
+  for (size_t i = 0; i < 3; ++i) EXPECT_LT(max_abs_diff(actual_grads[i], expected_grads[i]), 1e-11) << "input " << i;
 }
 
-// bf16 in, bf16 out (and bf16 grads), computed in fp32 inside: within bf16 rounding of fp32.
-TEST_F(AttentionTest, BlockwiseKeepsInputDtypeAndComputesInFp32) {
+// bf16 in, bf16 out (and bf16 grads), accumulated in fp32 inside: within bf16 rounding of fp32.
+TEST_F(AttentionTest, SdpaKeepsBf16InputsWithinRoundingOfFp32) {
   const auto q = torch::randn({1, 2, 20, 8}), k = torch::randn({1, 2, 20, 8}), v = torch::randn({1, 2, 20, 8});
   const auto q16 = q.to(torch::kBFloat16).requires_grad_(true), k16 = k.to(torch::kBFloat16);
-  const auto out16 = blockwise_causal_attention(q16, k16, v.to(torch::kBFloat16), 6);
+  const auto out16 = sdpa_causal_attention(q16, k16, v.to(torch::kBFloat16));
   EXPECT_EQ(out16.scalar_type(), torch::kBFloat16);
   const auto exact = causal_attention(q16.detach().to(torch::kFloat), k16.to(torch::kFloat),
                                       v.to(torch::kBFloat16).to(torch::kFloat), 0.0);

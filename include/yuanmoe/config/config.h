@@ -16,7 +16,7 @@ enum class RouterKind { kAttention, kLinear, kRelu, kDense };
 /// How RoPE cos/sin tables are computed (yuan2-m32.md §12.2): exact fp32 from integer positions,
 /// or reproducing a reference's bf16 rounding for parity checks.
 enum class RopeTables { kExact, kHfBf16, kMegatronBf16 };
-enum class AttentionKernel { kAuto, kSdpa, kBlockwise, kMaterialised };
+enum class AttentionKernel { kSdpa, kMaterialised };
 enum class RouterDtype { kFp32 };
 enum class LrSchedule { kCosine, kConstant, kLinear };
 enum class Precision { kFp32, kBf16 };
@@ -40,8 +40,7 @@ struct ModelConfig {
   bool lfa = true;                  ///< Localized Filtering-based Attention on Q/K input
   double init_std = 0.02;           ///< N(0, init_std); output projections scaled by 1/sqrt(2L)
   double attention_dropout = 0.0;   ///< dropout on attention probabilities while training
-  AttentionKernel attention = AttentionKernel::kAuto;  ///< causal attention kernel (attention.cpp)
-  int64_t attention_block_size = 512;  ///< blockwise (online-softmax) attention tile; 0 = full S x S scores
+  AttentionKernel attention = AttentionKernel::kSdpa;  ///< causal attention kernel (attention.cpp)
 
   /// Attention width P = heads * head_dim.
   int64_t attention_width() const { return num_attention_heads * head_dim; }

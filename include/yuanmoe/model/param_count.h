@@ -16,7 +16,7 @@ struct ModelSize {
   int64_t active_parameters = 0;
   /// Forward FLOPs per token at the given sequence length: 2 per multiply-add of every active
   /// weight matrix (the tied head counted once), plus causal attention scores and weighted sum
-  /// 2 * S * P per layer (the causal half, as llm.c counts: blockwise attention skips the future,
+  /// 2 * S * P per layer (the causal half, as llm.c counts: the fused kernels skip the future,
   /// and PaLM's full 4 * S * P would credit work never done), plus the attention router's E x E
   /// products.
   int64_t forward_flops_per_token = 0;

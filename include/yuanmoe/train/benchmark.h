@@ -7,7 +7,7 @@
 //               recording as in training, scaled to one optimizer step (x layers x micro-batches);
 //               backward = (forward + backward) - forward; optimizer = clip + AdamW
 //   pairs       side by side, interleaved A B A B: the MoE block vs a dense SwiGLU FFN of the same
-//               active FLOPs (width top_k x F), and blockwise vs materialised attention, fwd + bwd
+//               active FLOPs (width top_k x F), and SDPA vs materialised attention, fwd + bwd
 //   memory      the process's peak resident set (getrusage)
 // Medians of repeated runs; no figure here is a test threshold.
 #pragma once
@@ -27,7 +27,10 @@ struct BenchOptions {
   int64_t warmup = 1;   ///< untimed steps first (allocator, BLAS buffers)
   int64_t repeats = 7;  ///< runs per component / pair timing (median)
   bool step_only = false;  ///< skip components and pairs (memory-vs-length runs)
-  /// Non-empty: measure only this causal attention kernel ("sdpa", "blockwise", "materialised"),
+  /// Micro-batches from data.train_prefix (the trainer's sampler) instead of random tokens:
+  /// trained weights route real text unlike random tokens (docs/benchmarks.md).
+  bool real_data = false;
+  /// Non-empty: measure only this causal attention kernel ("sdpa", "materialised"),
   /// forward + backward on one micro-batch's [B, H, S, Dh], and the memory it adds.
   std::string attention_kernel;
 };
@@ -56,6 +59,7 @@ struct BenchReport {
   int threads = 0;
   std::string torch_version;
   std::string init_from;             ///< checkpoint whose weights were measured (train.init_from); empty = random init
+  std::string data;                  ///< the dataset the batches came from; empty = random tokens
   double peak_flops = 0.0;           ///< sustained 2048^3 matmul rate (mfu.h), the higher of before / after the steps
   double best_matmul_flops = 0.0;    ///< the fastest single matmul seen (for reference; MFU does not use it)
   double flops_per_token = 0.0;      ///< training: 3 x forward (mfu.h)
