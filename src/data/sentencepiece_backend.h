@@ -1,7 +1,8 @@
 // Private interface between the Tokenizer and the SentencePiece module (libyuanmoe_sentencepiece.so).
 //
 // Why a separate module: Debian's libsentencepiece bundles protobuf-lite 3.14 and exports its
-// symbols, while Debian's libtorch links the system libprotobuf 3.21. Linked into one process the
+// symbols, and libtorch exports a protobuf of its own (PyTorch 2.11's libtorch_cpu.so: 232 protobuf
+// symbols; Debian's 1.13 linked libprotobuf 3.21). Linked into one process the
 // two bind to each other's functions and the process dies in static initialisation. The module
 // is therefore loaded with dlopen(RTLD_LOCAL | RTLD_DEEPBIND): SentencePiece resolves protobuf to
 // its own copy and nothing of it leaks into the global symbol scope. Only this header's types
