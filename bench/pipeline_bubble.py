@@ -4,7 +4,7 @@ process), micro-batch 1, m = 2, 4, 8 micro-batches per step, 1F1B, against one p
 
 The bubble is measured inside the schedule: each stage's time blocked on the other stage
 (receives and outstanding sends) over its time in the schedule, averaged over the stages
-(`pipeline_bubble` in metrics.jsonl). The 1F1B formula (reference/distributed.md §3) is
+(`pipeline_bubble` in metrics.jsonl). The 1F1B formula (docs/parallelism.md) is
 (p - 1) / (m + p - 1) for equal stages. tiny-m32's last stage also holds the 8192-way head
 (about 1.6 layers of work), so pp=2 runs twice: layers 2 + 2 and 3 + 1
 (parallel.last_stage_layers = 1). Step times include what the schedule does not: the optimizer

@@ -23,7 +23,7 @@ inline const std::filesystem::path& scratch_dir() {
   return dir;
 }
 
-/// The error contract of every reader (SPEC §2): one message that names the file. Anything else
+/// The error contract of every reader (docs/reliability.md): one message that names the file. Anything else
 /// (a message without the path, or an exception of a foreign type escaping) is a finding.
 inline void expect_names_file(const std::exception& e, const std::string& path) {
   if (std::string(e.what()).find(path) == std::string::npos) {

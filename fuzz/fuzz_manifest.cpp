@@ -15,11 +15,10 @@ const std::filesystem::path& step_dir() {
   static const std::filesystem::path dir = [] {
     yuanmoe::checkpoint::Checkpoint ck;
     ck.progress = {3, 300, {1, 0, 12}};
-    ck.config = {{"model", {{"hidden_size", 8}}}};
-    ck.layout = {{"pipeline_parallel_size", 1}};
+    ck.config.model.hidden_size = 8;
     ck.model = {{"layers.0.w", torch::arange(32, torch::kFloat).view({4, 8})}, {"norm.weight", torch::ones({8})}};
     ck.optimizer = {{"layers.0.w/exp_avg", torch::zeros({4, 8})}};
-    ck.rng = {{"cpu", torch::zeros({16}, torch::kUInt8)}};
+    ck.rng = {{"rank0/cpu", torch::zeros({16}, torch::kUInt8)}};
     return yuanmoe::checkpoint::save_checkpoint(yuanmoe::fuzz::scratch_dir() / "checkpoints", ck, 1);
   }();
   return dir;

@@ -168,7 +168,7 @@ def train(run, binary, threads, keep_checkpoints):
 
 
 def summarise(metrics_path):
-    """The figures of one run from its metrics.jsonl (the trainer's log; SPEC §4)."""
+    """The figures of one run from its metrics.jsonl (the trainer's log; docs/training.md)."""
     train_lines, evals = [], {}
     with open(metrics_path) as f:
         for line in f:

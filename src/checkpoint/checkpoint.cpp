@@ -11,6 +11,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "yuanmoe/config/config_io.h"
+
 namespace yuanmoe::checkpoint {
 
 namespace {
@@ -138,13 +140,31 @@ std::string step_dir_name(int64_t step) {
   return name;
 }
 
+std::string model_file(int64_t stage) {
+  char name[48];
+  std::snprintf(name, sizeof(name), "model-stage-%02lld.safetensors", static_cast<long long>(stage));
+  return name;
+}
+
+std::string optimizer_file(int64_t stage) {
+  char name[48];
+  std::snprintf(name, sizeof(name), "optimizer-stage-%02lld.safetensors", static_cast<long long>(stage));
+  return name;
+}
+
+std::string rng_file(int64_t rank) { return "rng-rank-" + std::to_string(rank) + ".safetensors"; }
+
+fs::path temporary_checkpoint_dir(const fs::path& checkpoints_dir, int64_t step) {
+  return checkpoints_dir / (kTmpPrefix + step_dir_name(step));
+}
+
 fs::path begin_checkpoint(const fs::path& checkpoints_dir, int64_t step) {
   fs::create_directories(checkpoints_dir);
   // Leftovers of runs killed mid-write are never complete: drop them.
   for (const auto& entry : fs::directory_iterator(checkpoints_dir)) {
     if (entry.path().filename().string().rfind(kTmpPrefix, 0) == 0) fs::remove_all(entry.path());
   }
-  const fs::path tmp_dir = checkpoints_dir / (kTmpPrefix + step_dir_name(step));
+  const fs::path tmp_dir = temporary_checkpoint_dir(checkpoints_dir, step);
   fs::create_directories(tmp_dir);
   return tmp_dir;
 }
@@ -155,9 +175,9 @@ void write_checkpoint_file(const fs::path& tmp_dir, const std::string& file, con
 
 fs::path save_checkpoint(const fs::path& checkpoints_dir, const Checkpoint& checkpoint, int64_t keep_last) {
   const fs::path tmp_dir = begin_checkpoint(checkpoints_dir, checkpoint.progress.step);
-  write_checkpoint_file(tmp_dir, "model.safetensors", checkpoint.model);
-  write_checkpoint_file(tmp_dir, "optimizer.safetensors", checkpoint.optimizer);
-  write_checkpoint_file(tmp_dir, "rng.safetensors", checkpoint.rng);
+  write_checkpoint_file(tmp_dir, model_file(0), checkpoint.model);
+  write_checkpoint_file(tmp_dir, optimizer_file(0), checkpoint.optimizer);
+  write_checkpoint_file(tmp_dir, rng_file(0), checkpoint.rng);
   return finish_checkpoint(checkpoints_dir, tmp_dir, checkpoint, keep_last);
 }
 
@@ -197,8 +217,9 @@ fs::path finish_checkpoint(const fs::path& checkpoints_dir, const fs::path& tmp_
   nlohmann::json sampler;
   data::to_json(sampler, checkpoint.progress.sampler);
   manifest["sampler"] = ordered_json::parse(sampler.dump());
-  manifest["layout"] = checkpoint.layout;
-  manifest["config"] = checkpoint.config;
+  manifest["layout"] = {{"pipeline_parallel_size", checkpoint.layout.pipeline_parallel_size},
+                        {"data_parallel_size", checkpoint.layout.data_parallel_size}};
+  manifest["config"] = ordered_json::parse(config::to_json(checkpoint.config).dump());
   manifest["files"] = files;
   manifest["tensors"] = tensors;
   manifest["checksum"] = manifest_checksum(manifest);
@@ -281,11 +302,19 @@ Checkpoint load_verified(const fs::path& step_dir, const ordered_json& manifest,
     checkpoint.progress.step = manifest.at("step").get<int64_t>();
     checkpoint.progress.tokens_seen = manifest.at("tokens_seen").get<int64_t>();
     data::from_json(nlohmann::json::parse(manifest.at("sampler").dump()), checkpoint.progress.sampler);
-    checkpoint.config = manifest.at("config");
-    checkpoint.layout = manifest.at("layout");
+    const ordered_json& layout = manifest.at("layout");
+    checkpoint.layout.pipeline_parallel_size = layout.value("pipeline_parallel_size", int64_t{1});
+    checkpoint.layout.data_parallel_size = layout.value("data_parallel_size", int64_t{1});
   } catch (const std::exception& e) {
     fail(step_dir / kManifest, std::string("malformed manifest: ") + e.what());
   }
+  config::ParseResult parsed = config::parse_config(nlohmann::json::parse(manifest.at("config").dump()));
+  if (!parsed.issues.empty()) {
+    fail(step_dir / kManifest, "config: " + parsed.issues.front().to_string() +
+                                   (parsed.issues.size() > 1 ? " (and " + std::to_string(parsed.issues.size() - 1) +
+                                                                   " more)" : ""));
+  }
+  checkpoint.config = std::move(parsed.config);
 
   // model*.safetensors, optimizer*.safetensors, rng*.safetensors: every shard, merged by name.
   const auto destination = [&](const std::string& file) -> NamedTensors* {

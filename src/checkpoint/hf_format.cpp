@@ -6,7 +6,7 @@
 #include <stdexcept>
 
 #include "yuanmoe/config/config_io.h"
-#include "yuanmoe/model/block.h"
+#include "yuanmoe/model/transformer.h"
 
 namespace yuanmoe::checkpoint {
 
@@ -129,7 +129,7 @@ nlohmann::ordered_json make_hf_config(const config::RunConfig& run, int64_t eod_
                      {"gated_linear_unit", true},
                      {"norm_topk_prob", is_top_k(moe.router)}};
   c["output_router_logits"] = true;
-  c["use_flash_attention"] = false;  // the eager path runs anywhere (reference §8.3)
+  c["use_flash_attention"] = false;  // the eager path runs anywhere (docs/model.md §8.3)
   c["causal_mask"] = true;
   c["reset_attention_mask"] = false;
   c["reset_position_ids"] = run.data.reset_position_ids;
@@ -218,12 +218,12 @@ HfArchitecture parse_hf_config(const nlohmann::json& j, const std::string& sourc
     issues.push_back({"head_dim", "must equal attention_projection_size / num_attention_heads (" +
                                       std::to_string(width / heads) + "), got " + std::to_string(m.head_dim)});
   }
-  m.rotary_dim = integer("rotary_dim", m.hidden_size / heads);  // the HF code's choice (§4.2)
+  m.rotary_dim = integer("rotary_dim", m.hidden_size / heads);  // the HF code's choice (docs/model.md §4.2)
   m.max_seq_length = integer("max_position_embeddings", 4096);
   m.rms_norm_eps = number("rms_norm_eps", 1e-6);
   m.init_std = number("initializer_range", 0.02);
-  m.tie_embeddings = flag("tie_word_embeddings", true);  // YuanConfig's default (§8.3)
-  m.rope_base = 10000.0;  // hard-wired in the HF modelling code (§12.1)
+  m.tie_embeddings = flag("tie_word_embeddings", true);  // YuanConfig's default (docs/model.md §8.3)
+  m.rope_base = 10000.0;  // hard-wired in the HF modelling code (docs/model.md §12.1)
   for (const char* key : {"rotary_base", "rope_theta"}) {
     if (j.contains(key)) {
       m.rope_base = number(key, 10000.0);
@@ -281,7 +281,7 @@ NamedTensors to_hf_state(const NamedTensors& state,
       for (size_t e = 0; e < slot.hf.size(); ++e) hf.emplace_back(slot.hf[e], t[static_cast<int64_t>(e)].contiguous());
     }
   }
-  if (model.tie_embeddings) hf.emplace_back("lm_head.weight", hf.front().second);  // tied copy (§8.1)
+  if (model.tie_embeddings) hf.emplace_back("lm_head.weight", hf.front().second);  // tied copy (docs/model.md §8.1)
   return hf;
 }
 

@@ -45,10 +45,10 @@ int run_eval(int argc, const char* const* argv) {
               static_cast<long long>(loaded.progress.step), prefix.c_str());
   std::printf("valid loss: %.4f\nperplexity: %.2f\ntokens:     %lld in %lld batches\n", result.loss,
               result.perplexity, static_cast<long long>(result.tokens), static_cast<long long>(result.batches));
-  if (result.expert_load_LE.defined()) {
+  if (result.expert_share_LE.defined()) {
     std::printf("expert load (share of routed tokens; uniform = %.4f):\n", 1.0 / run.moe.num_experts);
-    for (int64_t l = 0; l < result.expert_load_LE.size(0); ++l) {
-      const torch::Tensor row = result.expert_load_LE[l];
+    for (int64_t l = 0; l < result.expert_share_LE.size(0); ++l) {
+      const torch::Tensor row = result.expert_share_LE[l];
       std::printf("  MoE layer %lld: min %.4f  max %.4f  max/uniform %.2f\n", static_cast<long long>(l),
                   row.min().item<double>(), row.max().item<double>(),
                   row.max().item<double>() * run.moe.num_experts);

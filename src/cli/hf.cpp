@@ -143,8 +143,7 @@ int run_import_hf(int argc, const char* const* argv) {
   checkpoint::load_model_state(*model, state, input.string());
 
   checkpoint::Checkpoint ck;
-  ck.config = nlohmann::ordered_json::parse(config::to_json(run).dump());
-  ck.layout = {{"pipeline_parallel_size", 1}, {"data_parallel_size", 1}};
+  ck.config = run;
   ck.model = checkpoint::model_state(*model);
   if (fs::exists(input / "tokenizer.model")) ck.tokenizer = input / "tokenizer.model";
   const fs::path dir = checkpoint::save_checkpoint(output, ck, /*keep_last=*/1);

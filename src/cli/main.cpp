@@ -70,14 +70,14 @@ int main(int argc, char** argv) {
     if (name != command.name) continue;
     const std::string prefix = "yuanmoe " + name + ": error: ";
     // glibc hands large freed blocks back to the kernel, so every large temporary of every step
-    // page-faults again (reference/distributed.md §6). Measured on tiny-m32, 2 cores: 280 -> 2.3k
+    // page-faults again (docs/benchmarks.md, "What made it fast"). Measured on tiny-m32, 2 cores: 280 -> 2.3k
     // tokens/s, kernel time 55 s -> 3 s over 8 steps. Keep blocks below 1 GiB in the heap unless the
     // user tuned malloc through the environment.
     if (std::getenv("MALLOC_MMAP_THRESHOLD_") == nullptr && std::getenv("MALLOC_TRIM_THRESHOLD_") == nullptr) {
       mallopt(M_MMAP_THRESHOLD, 1 << 30);
       mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
     }
-    // One intra-op thread per core unless the user chose (reference/distributed.md §6); libtorch's
+    // One intra-op thread per core unless the user chose (docs/benchmarks.md, "What made it fast"); libtorch's
     // own default can be lower than the cores a CPU run has.
     if (std::getenv("OMP_NUM_THREADS") == nullptr) {
       at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));

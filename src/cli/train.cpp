@@ -1,8 +1,9 @@
-// `yuanmoe train --config FILE [--set KEY=VALUE]... [--run-dir DIR] [--exit-after-steps N]`
+// `yuanmoe train --config FILE [--set KEY=VALUE]... [--run-dir DIR] [--exit-after-steps N]
+//                [--debug-nonfinite-steps N,M,...]`
 #include <cxxopts.hpp>
 #include <filesystem>
-#include <cstdlib>
 #include <iostream>
+#include <set>
 #include <sstream>
 
 #include "yuanmoe/cli/commands.h"
@@ -14,6 +15,43 @@
 
 namespace yuanmoe::cli {
 
+namespace {
+
+/// "5,6" -> {5, 6}: step numbers >= 1; anything else names `option`.
+std::set<int64_t> parse_steps(const std::string& option, const std::string& text) {
+  std::set<int64_t> steps;
+  std::stringstream list(text);
+  std::string item;
+  while (std::getline(list, item, ',')) {
+    try {
+      size_t used = 0;
+      const int64_t step = std::stoll(item, &used);
+      if (used != item.size() || step < 1) throw std::invalid_argument(item);
+      steps.insert(step);
+    } catch (const std::exception&) {
+      throw std::invalid_argument(option + ": expected step numbers >= 1 separated by commas, got '" + text + "'");
+    }
+  }
+  return steps;
+}
+
+/// This rank's failure, told to the others, and the line it exits with: its own message, and
+/// the rank that failed first if that was another one (a dead peer shows up here as a closed
+/// connection or a timeout).
+std::string rank_failure(const parallel::ParallelContext& context, const std::string& message) {
+  context.report_failure(message.substr(0, message.find('\n')));
+  const parallel::WorldInfo& world = context.world();
+  std::string text = "rank " + std::to_string(world.rank) + " of " + std::to_string(world.world_size) + ": " + message;
+  if (auto first = context.first_failure(); first && first->rfind("rank " + std::to_string(world.rank) + ":", 0) != 0) {
+    text += "\n(first failure: " + *first + ")";
+  } else if (!first) {
+    text += "\n(no rank reported a failure: one may have died; rank N > 0 logs to train.rankN.log in the run dir)";
+  }
+  return text;
+}
+
+}  // namespace
+
 int run_train(int argc, const char* const* argv) {
   cxxopts::Options options("yuanmoe train",
                            "Pretrain, or fine-tune with train.init_from. Resumes from the newest complete "
@@ -24,7 +62,9 @@ int run_train(int argc, const char* const* argv) {
        cxxopts::value<std::vector<std::string>>())
       ("run-dir", "run directory (default: runs/<config name>)", cxxopts::value<std::string>())
       ("exit-after-steps", "stop after N steps in this invocation, with a checkpoint",
-       cxxopts::value<int64_t>()->default_value("0"));
+       cxxopts::value<int64_t>()->default_value("0"))
+      ("debug-nonfinite-steps", "debugging: poison the gradients of these 1-based steps with NaN, e.g. 5,6 "
+       "(exercises train.on_nonfinite; docs/reliability.md)", cxxopts::value<std::string>());
   const auto parsed = parse_or_help(options, argc, argv);
   if (!parsed) return 0;
   const cxxopts::ParseResult& args = *parsed;
@@ -36,7 +76,6 @@ int run_train(int argc, const char* const* argv) {
   for (const auto& warning : config::config_warnings(run)) spdlog::warn("{}: {}", path, warning.to_string());
 
   train::TrainerOptions trainer_options;
-  if (run.parallel.pipeline_parallel_size < 1) throw std::invalid_argument("parallel.pipeline_parallel_size must be >= 1");
   trainer_options.run_dir = args.count("run-dir") ? std::filesystem::path(args["run-dir"].as<std::string>())
                                                   : std::filesystem::path("runs") / std::filesystem::path(path).stem();
   trainer_options.exit_after_steps = args["exit-after-steps"].as<int64_t>();
@@ -44,25 +83,11 @@ int run_train(int argc, const char* const* argv) {
     throw std::invalid_argument("--exit-after-steps must be >= 0, got " + std::to_string(trainer_options.exit_after_steps));
   }
 
-  // Fault injection for the reliability suite (docs/reliability.md): steps whose gradients are
-  // poisoned with NaN, e.g. YUANMOE_INJECT_NONFINITE_STEPS=5,6.
-  if (const char* steps = std::getenv("YUANMOE_INJECT_NONFINITE_STEPS"); steps != nullptr && *steps != '\0') {
-    std::stringstream list(steps);
-    std::string item;
-    while (std::getline(list, item, ',')) {
-      try {
-        size_t used = 0;
-        const int64_t step = std::stoll(item, &used);
-        if (used != item.size() || step < 1) throw std::invalid_argument(item);
-        trainer_options.inject_nonfinite_steps.insert(step);
-      } catch (const std::exception&) {
-        throw std::invalid_argument("YUANMOE_INJECT_NONFINITE_STEPS: expected step numbers >= 1 separated by commas, got '" +
-                                    std::string(steps) + "'");
-      }
-    }
+  if (args.count("debug-nonfinite-steps")) {
+    trainer_options.nonfinite_steps = parse_steps("--debug-nonfinite-steps", args["debug-nonfinite-steps"].as<std::string>());
   }
 
-  // torchrun / Slurm / Open MPI variables, or a single process (SPEC §6).
+  // torchrun / Slurm / Open MPI variables, or a single process (docs/parallelism.md).
   const parallel::WorldInfo world = parallel::detect_world();
   trainer_options.parallel = parallel::ParallelContext::connect(world, run.parallel.pipeline_parallel_size,
                                                                 run.parallel, train::training_device(world.local_rank));
@@ -76,17 +101,7 @@ int run_train(int argc, const char* const* argv) {
     throw;  // every rank reads the same config and reports the same problem
   } catch (const std::exception& e) {
     if (!context.distributed()) throw;
-    // Name this rank, and the rank that failed first if it was another one (a dead peer shows up
-    // here as a closed connection or a timeout).
-    const std::string message = e.what();
-    context.report_failure(message.substr(0, message.find('\n')));
-    std::string text = "rank " + std::to_string(world.rank) + " of " + std::to_string(world.world_size) + ": " + message;
-    if (auto first = context.first_failure(); first && first->rfind("rank " + std::to_string(world.rank) + ":", 0) != 0) {
-      text += "\n(first failure: " + *first + ")";
-    } else if (!first) {
-      text += "\n(no rank reported a failure: one may have died; rank N > 0 logs to train.rankN.log in the run dir)";
-    }
-    throw std::runtime_error(text);
+    throw std::runtime_error(rank_failure(context, e.what()));
   }
   if (world.rank != 0) return 0;
   const auto& dir = trainer_options.run_dir;

@@ -28,12 +28,6 @@ const std::vector<std::pair<AttentionKernel, const char*>>& enum_names<Attention
 }
 
 template <>
-const std::vector<std::pair<RouterDtype, const char*>>& enum_names<RouterDtype>() {
-  static const std::vector<std::pair<RouterDtype, const char*>> names{{RouterDtype::kFp32, "fp32"}};
-  return names;
-}
-
-template <>
 const std::vector<std::pair<LrSchedule, const char*>>& enum_names<LrSchedule>() {
   static const std::vector<std::pair<LrSchedule, const char*>> names{
       {LrSchedule::kCosine, "cosine"},
@@ -79,7 +73,6 @@ std::string to_string(Enum value) {
 }
 
 template std::string to_string(RouterKind);
-template std::string to_string(RouterDtype);
 template std::string to_string(RopeTables);
 template std::string to_string(AttentionKernel);
 template std::string to_string(LrSchedule);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <type_traits>
@@ -39,7 +40,7 @@ class Reader {
       : object_(object), prefix_(std::move(prefix)), issues_(issues) {}
 
   template <class T>
-  void field(const char* key, T& value, Presence presence, const char* /*doc*/) {
+  void field(const char* key, T& value, Presence presence, const char* /*doc*/, std::optional<KeyRole> = {}) {
     seen_.insert(key);
     const std::string path = prefix_ + key;
     if (object_ == nullptr || !object_->contains(key)) {
@@ -50,7 +51,7 @@ class Reader {
   }
 
   template <class Section>
-  void section(const char* key, Section& value, Presence presence) {
+  void section(const char* key, Section& value, Presence presence, KeyRole) {
     seen_.insert(key);
     const std::string path = prefix_ + key;
     const json* child = nullptr;
@@ -142,7 +143,7 @@ class Writer {
   explicit Writer(json* out) : out_(out) {}
 
   template <class T>
-  void field(const char* key, T& value, Presence, const char*) {
+  void field(const char* key, T& value, Presence, const char*, std::optional<KeyRole> = {}) {
     if constexpr (std::is_enum_v<T>) {
       (*out_)[key] = to_string(value);
     } else if constexpr (std::is_same_v<T, std::optional<int64_t>>) {
@@ -153,7 +154,7 @@ class Writer {
   }
 
   template <class Section>
-  void section(const char* key, Section& value, Presence) {
+  void section(const char* key, Section& value, Presence, KeyRole) {
     json child = json::object();
     Writer inner(&child);
     schema::visit(inner, value);
@@ -167,20 +168,21 @@ class Writer {
 /// Lists the keys with type, default and description (for docs/config.md and its test).
 class Describer {
  public:
-  Describer(std::string prefix, std::vector<KeyDoc>* docs) : prefix_(std::move(prefix)), docs_(docs) {}
+  Describer(std::string prefix, KeyRole section_role, std::vector<KeyDoc>* docs)
+      : prefix_(std::move(prefix)), section_role_(section_role), docs_(docs) {}
 
   template <class T>
-  void field(const char* key, T& value, Presence presence, const char* doc) {
+  void field(const char* key, T& value, Presence presence, const char* doc, std::optional<KeyRole> role = {}) {
     json default_json = json::object();
     Writer(&default_json).field(key, value, presence, doc);
     std::string default_value =
         presence == schema::kRequired ? "required" : default_json[key].dump();
-    docs_->push_back({prefix_ + key, type_name(value), default_value, doc});
+    docs_->push_back({prefix_ + key, type_name(value), default_value, doc, role.value_or(section_role_)});
   }
 
   template <class Section>
-  void section(const char* key, Section& value, Presence) {
-    Describer inner(prefix_ + key + ".", docs_);
+  void section(const char* key, Section& value, Presence, KeyRole role) {
+    Describer inner(prefix_ + key + ".", role, docs_);
     schema::visit(inner, value);
   }
 
@@ -196,6 +198,7 @@ class Describer {
   }
 
   std::string prefix_;
+  KeyRole section_role_;
   std::vector<KeyDoc>* docs_;
 };
 
@@ -292,9 +295,20 @@ json to_json(const RunConfig& config) {
 std::vector<KeyDoc> describe_config_keys() {
   std::vector<KeyDoc> docs;
   RunConfig defaults;
-  Describer describer("", &docs);
+  Describer describer("", KeyRole::kKnob, &docs);
   schema::visit(describer, defaults);
   return docs;
+}
+
+std::vector<ConfigDifference> config_differences(const RunConfig& before, const RunConfig& after) {
+  const json a = to_json(before), b = to_json(after);
+  std::vector<ConfigDifference> out;
+  for (const KeyDoc& key : describe_config_keys()) {
+    const json::json_pointer pointer("/" + key.path.substr(0, key.path.find('.')) + "/" +
+                                     key.path.substr(key.path.find('.') + 1));
+    if (a.at(pointer) != b.at(pointer)) out.push_back({key.path, key.role, a.at(pointer).dump(), b.at(pointer).dump()});
+  }
+  return out;
 }
 
 }  // namespace yuanmoe::config

@@ -1,4 +1,5 @@
-// The config schema: every JSON key, its struct field, whether it is required, and its meaning.
+// The config schema: every JSON key, its struct field, whether it is required, its meaning, and
+// its role when a checkpoint is loaded (KeyRole).
 // A visitor walks it to parse (config_io.cpp), to serialise, and to document keys, so adding a
 // key here is the whole change. Private to src/config.
 #pragma once
@@ -6,15 +7,23 @@
 #include <string>
 
 #include "yuanmoe/config/config.h"
+#include "yuanmoe/config/config_io.h"
 
 namespace yuanmoe::config::schema {
 
 enum Presence { kOptional, kRequired };
 
+// A key's role when a checkpoint's config meets the config that loads it (KeyRole, config_io.h):
+// model and moe keys are architecture unless marked; every other section's keys are knobs.
+constexpr KeyRole kArchitecture = KeyRole::kArchitecture;
+constexpr KeyRole kContext = KeyRole::kContext;
+constexpr KeyRole kKnob = KeyRole::kKnob;
+
 /// Keys that configs and checkpoints of earlier versions may still carry and that no longer mean
 /// anything: read and ignored, so those files keep loading (docs/config.md, "Retired keys").
 inline bool is_retired_key(const std::string& path) {
-  return path == "model.attention_block_size";  // the blockwise attention kernel, replaced by SDPA
+  return path == "model.attention_block_size"  // the blockwise attention kernel, replaced by SDPA
+         || path == "moe.router_dtype";        // had one value (fp32) and no reader: routers are fp32
 }
 
 template <class V>
@@ -28,27 +37,27 @@ void visit(V& v, ModelConfig& c) {
   v.field("rotary_dim", c.rotary_dim, kRequired,
           "Leading dims of each head rotated by RoPE (even, <= head_dim; Yuan: head_dim / 2).");
   v.field("rope_base", c.rope_base, kOptional,
-          "RoPE base theta; 40890 for the 16K fine-tune (NTK-aware rule from 10000).");
+          "RoPE base theta; 40890 for the 16K fine-tune (NTK-aware rule from 10000).", kContext);
   v.field("rope_tables", c.rope_tables, kOptional,
           "exact (fp32 from integer positions), hf_bf16 (HF code: bf16 inv_freq, positions, angles, "
-          "cos/sin) or megatron_bf16 (bf16-rounded inv_freq); the last two only for parity checks.");
+          "cos/sin) or megatron_bf16 (bf16-rounded inv_freq); the last two only for parity checks.", kContext);
   v.field("vocab_size", c.vocab_size, kRequired, "Vocabulary size V (embedding rows).");
   v.field("max_seq_length", c.max_seq_length, kRequired,
-          "Longest sequence the model serves (train.seq_length must not exceed it).");
+          "Longest sequence the model serves (train.seq_length must not exceed it).", kContext);
   v.field("rms_norm_eps", c.rms_norm_eps, kOptional, "Epsilon of every RMSNorm.");
   v.field("tie_embeddings", c.tie_embeddings, kOptional,
           "Output head reuses embed_tokens.weight (Yuan: true).");
   v.field("lfa", c.lfa, kOptional,
           "true: Localized Filtering-based Attention feeds Q/K; false: plain attention.");
   v.field("init_std", c.init_std, kOptional,
-          "Std of the normal init; output projections use init_std / sqrt(2 L).");
+          "Std of the normal init; output projections use init_std / sqrt(2 L).", kKnob);
   v.field("attention_dropout", c.attention_dropout, kOptional,
-          "Dropout on attention probabilities while training (Yuan: 0.1).");
+          "Dropout on attention probabilities while training (Yuan: 0.1).", kKnob);
   v.field("attention", c.attention, kOptional,
           "Causal attention kernel: sdpa (libtorch's fused scaled_dot_product_attention: flash "
           "attention on CPU, flash / memory-efficient / cuDNN on CUDA; memory linear in the "
           "sequence) or materialised (the S x S scores, for checks). Training with "
-          "attention_dropout > 0 and decoding after cached tokens always materialise.");
+          "attention_dropout > 0 and decoding after cached tokens always materialise.", kKnob);
 }
 
 template <class V>
@@ -59,18 +68,17 @@ void visit(V& v, MoeConfig& c) {
   v.field("ffn_hidden_size", c.ffn_hidden_size, kRequired, "SwiGLU width F of one expert.");
   v.field("router", c.router, kOptional,
           "attention (Yuan), linear (top-k softmax), relu (ReMoE), dense (Jacobs 1991 softmax).");
-  v.field("router_dtype", c.router_dtype, kOptional, "Precision of router logits and gates.");
   v.field("aux_loss_coeff", c.aux_loss_coeff, kOptional,
-          "Switch load-balancing loss coefficient (top-k routers; 1e-2 is usual).");
+          "Switch load-balancing loss coefficient (top-k routers; 1e-2 is usual).", kKnob);
   v.field("z_loss_coeff", c.z_loss_coeff, kOptional,
-          "ST-MoE router z-loss coefficient (top-k routers; 1e-3 is usual).");
+          "ST-MoE router z-loss coefficient (top-k routers; 1e-3 is usual).", kKnob);
   v.field("bias_balancing_rate", c.bias_balancing_rate, kOptional,
-          "DeepSeek-V3 aux-loss-free expert-bias update rate per step (top-k routers); 0 = off.");
-  v.field("relu_l1_init", c.relu_l1_init, kOptional, "ReMoE initial L1 coefficient lambda_0.");
+          "DeepSeek-V3 aux-loss-free expert-bias update rate per step (top-k routers); 0 = off.", kKnob);
+  v.field("relu_l1_init", c.relu_l1_init, kOptional, "ReMoE initial L1 coefficient lambda_0.", kKnob);
   v.field("relu_l1_alpha", c.relu_l1_alpha, kOptional,
-          "ReMoE lambda multiplier per optimizer step (> 1).");
+          "ReMoE lambda multiplier per optimizer step (> 1).", kKnob);
   v.field("capacity_factor", c.capacity_factor, kOptional,
-          "Expert capacity ceil(cf * T * k / E) with token dropping; 0 = dropless.");
+          "Expert capacity ceil(cf * T * k / E) with token dropping; 0 = dropless.", kKnob);
   v.field("moe_layer_freq", c.moe_layer_freq, kOptional,
           "Layer l is MoE when l % moe_layer_freq == 0, dense SwiGLU otherwise.");
   v.field("dense_ffn_hidden_size", c.dense_ffn_hidden_size, kOptional,
@@ -147,16 +155,17 @@ void visit(V& v, LogConfig& c) {
           "Device peak for MFU, TFLOP/s; 0 = measure with a large matmul at start-up.");
 }
 
-/// Sections in file order; every section is optional except model, moe and train.
+/// Sections in file order; every section is optional except model, moe and train. The role is
+/// that of the section's keys unless a key names its own.
 template <class V>
 void visit(V& v, RunConfig& c) {
-  v.section("model", c.model, kRequired);
-  v.section("moe", c.moe, kRequired);
-  v.section("train", c.train, kRequired);
-  v.section("data", c.data, kOptional);
-  v.section("parallel", c.parallel, kOptional);
-  v.section("checkpoint", c.checkpoint, kOptional);
-  v.section("log", c.log, kOptional);
+  v.section("model", c.model, kRequired, kArchitecture);
+  v.section("moe", c.moe, kRequired, kArchitecture);
+  v.section("train", c.train, kRequired, kKnob);
+  v.section("data", c.data, kOptional, kKnob);
+  v.section("parallel", c.parallel, kOptional, kKnob);
+  v.section("checkpoint", c.checkpoint, kOptional, kKnob);
+  v.section("log", c.log, kOptional, kKnob);
 }
 
 }  // namespace yuanmoe::config::schema

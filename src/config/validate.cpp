@@ -158,6 +158,24 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
   return issues;
 }
 
+std::vector<ConfigIssue> validate_training(const RunConfig& config, int64_t data_parallel_size) {
+  std::vector<ConfigIssue> issues;
+  Checker c(&issues);
+  const TrainConfig& t = config.train;
+  c.require(!config.data.train_prefix.empty(), "data.train_prefix", "required for training");
+  const bool divisible = t.global_batch_size % (t.micro_batch_size * data_parallel_size) == 0;
+  c.require(divisible, "train.global_batch_size",
+            "must be divisible by train.micro_batch_size x data-parallel size (" + Checker::str(t.micro_batch_size) +
+                " x " + Checker::str(data_parallel_size) + "), got " + Checker::str(t.global_batch_size));
+  const int64_t per_rank = t.global_batch_size / (t.micro_batch_size * data_parallel_size);
+  if (divisible && config.parallel.num_microbatches) {
+    c.require(*config.parallel.num_microbatches == per_rank, "parallel.num_microbatches",
+              "is " + Checker::str(*config.parallel.num_microbatches) +
+                  ", but global_batch_size / (micro_batch_size x data-parallel size) = " + Checker::str(per_rank));
+  }
+  return issues;
+}
+
 std::vector<ConfigIssue> config_warnings(const RunConfig& config) {
   std::vector<ConfigIssue> warnings;
   const auto& m = config.moe;

@@ -236,79 +236,69 @@ void validate(const PrepareOptions& o) {
   for (const auto& input : o.inputs) check_input_file(input);
 }
 
-}  // namespace
-
-PrepareSummary prepare_data(const PrepareOptions& options) {
-  validate(options);
-  PrepareSummary summary;
-
-  // 1. Tokenizer: trained on the input itself when asked (its own streaming pass).
-  summary.tokenizer = options.tokenizer;
-  if (options.train_vocab_size > 0) {
-    summary.tokenizer = options.output_prefix + ".model";
-    const auto start = std::chrono::steady_clock::now();
-    spdlog::info("prepare-data: training a {} tokenizer with {} pieces on {} input file(s)",
-                 options.tokenizer_type, options.train_vocab_size, options.inputs.size());
-    DocumentReader reader(options.inputs, options.format);
-    Document document;
-    std::string pending;  // the current document's text, consumed line by line
-    size_t position = 0;
-    TokenizerTrainOptions train;
-    const auto max_sentence = static_cast<size_t>(train.max_sentence_bytes);
-    int64_t sentences = 0;
-    int64_t too_long = 0;
-    bool input_failed = false;  // the input's own error, not SentencePiece's, stopped training
-    const SentenceSource source = [&](std::string& sentence) {
-      for (;;) {
-        while (position < pending.size()) {
-          size_t end = pending.find('\n', position);
-          if (end == std::string::npos) end = pending.size();
-          const size_t begin = position;
-          position = end + 1;
-          if (end == begin) continue;
-          if (end - begin > max_sentence) {
-            ++too_long;
-            continue;
-          }
-          sentence.assign(pending, begin, end - begin);
-          ++sentences;
-          return true;
+/// Phase 1: a tokenizer trained on the input itself (its own streaming pass over the documents,
+/// one sentence per line), written to PREFIX.model.
+void train_tokenizer_on_input(const PrepareOptions& options, PrepareSummary& summary) {
+  summary.tokenizer = options.output_prefix + ".model";
+  const auto start = std::chrono::steady_clock::now();
+  spdlog::info("prepare-data: training a {} tokenizer with {} pieces on {} input file(s)",
+               options.tokenizer_type, options.train_vocab_size, options.inputs.size());
+  DocumentReader reader(options.inputs, options.format);
+  Document document;
+  std::string pending;  // the current document's text, consumed line by line
+  size_t position = 0;
+  TokenizerTrainOptions train;
+  const auto max_sentence = static_cast<size_t>(train.max_sentence_bytes);
+  int64_t sentences = 0;
+  int64_t too_long = 0;
+  bool input_failed = false;  // the input's own error, not SentencePiece's, stopped training
+  const SentenceSource source = [&](std::string& sentence) {
+    for (;;) {
+      while (position < pending.size()) {
+        size_t end = pending.find('\n', position);
+        if (end == std::string::npos) end = pending.size();
+        const size_t begin = position;
+        position = end + 1;
+        if (end == begin) continue;
+        if (end - begin > max_sentence) {
+          ++too_long;
+          continue;
         }
-        try {
-          if (!reader.next(document)) return false;
-          parse_document(document);
-        } catch (...) {
-          input_failed = true;
-          throw;
-        }
-        pending = std::move(document.text);
-        position = 0;
+        sentence.assign(pending, begin, end - begin);
+        ++sentences;
+        return true;
       }
-    };
-    train.vocab_size = options.train_vocab_size;
-    train.model_type = options.tokenizer_type;
-    train.max_sentences = options.tokenizer_max_sentences;
-    train.num_threads = options.workers;
-    try {
-      train_tokenizer(source, options.output_prefix, train);
-    } catch (const std::runtime_error&) {
-      if (sentences == 0 && !input_failed) throw std::runtime_error(join(options.inputs) + ": no text to train a tokenizer on");
-      throw;
+      try {
+        if (!reader.next(document)) return false;
+        parse_document(document);
+      } catch (...) {
+        input_failed = true;
+        throw;
+      }
+      pending = std::move(document.text);
+      position = 0;
     }
-    summary.tokenizer_train_seconds = seconds_since(start);
-    spdlog::info("prepare-data: tokenizer {} trained on {} lines in {:.1f} s{}", summary.tokenizer,
-                 sentences, summary.tokenizer_train_seconds,
-                 too_long ? fmt::format(" ({} lines over {} bytes left out)", too_long, max_sentence)
-                          : std::string());
+  };
+  train.vocab_size = options.train_vocab_size;
+  train.model_type = options.tokenizer_type;
+  train.max_sentences = options.tokenizer_max_sentences;
+  train.num_threads = options.workers;
+  try {
+    train_tokenizer(source, options.output_prefix, train);
+  } catch (const std::runtime_error&) {
+    if (sentences == 0 && !input_failed) throw std::runtime_error(join(options.inputs) + ": no text to train a tokenizer on");
+    throw;
   }
-  const Tokenizer tokenizer(summary.tokenizer);
-  summary.vocab_size = tokenizer.vocab_size();
-  summary.eod_id = tokenizer.eod_id();
-  summary.dtype = best_fitting_dtype(summary.vocab_size);
-  spdlog::info("prepare-data: tokenizer {}: {} pieces, EOD id {} (\"{}\"), token dtype {}", summary.tokenizer,
-               summary.vocab_size, summary.eod_id, tokenizer.piece(summary.eod_id), dtype_name(summary.dtype));
+  summary.tokenizer_train_seconds = seconds_since(start);
+  spdlog::info("prepare-data: tokenizer {} trained on {} lines in {:.1f} s{}", summary.tokenizer,
+               sentences, summary.tokenizer_train_seconds,
+               too_long ? fmt::format(" ({} lines over {} bytes left out)", too_long, max_sentence)
+                        : std::string());
+}
 
-  // 2. Tokenize and write, in input order.
+/// Phase 2: every document tokenized (workers encode chunks in parallel) and written in input
+/// order to the train or valid split.
+void tokenize_and_write(const PrepareOptions& options, const Tokenizer& tokenizer, PrepareSummary& summary) {
   summary.train.prefix = options.output_prefix + "_train";
   IndexedDatasetWriter train(summary.train.prefix, summary.dtype);
   std::unique_ptr<IndexedDatasetWriter> valid;
@@ -376,11 +366,25 @@ PrepareSummary prepare_data(const PrepareOptions& options) {
   }
   summary.tokenize_seconds = seconds_since(start);
   progress("done: ");
-  return summary;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Metadata
+}  // namespace
+
+PrepareSummary prepare_data(const PrepareOptions& options) {
+  validate(options);
+  PrepareSummary summary;
+  summary.tokenizer = options.tokenizer;
+  if (options.train_vocab_size > 0) train_tokenizer_on_input(options, summary);
+  const Tokenizer tokenizer(summary.tokenizer);
+  summary.vocab_size = tokenizer.vocab_size();
+  summary.eod_id = tokenizer.eod_id();
+  summary.dtype = best_fitting_dtype(summary.vocab_size);
+  spdlog::info("prepare-data: tokenizer {}: {} pieces, EOD id {} (\"{}\"), token dtype {}", summary.tokenizer,
+               summary.vocab_size, summary.eod_id, tokenizer.piece(summary.eod_id), dtype_name(summary.dtype));
+
+  tokenize_and_write(options, tokenizer, summary);
+  return summary;
+}
 
 std::optional<DatasetMeta> load_dataset_meta(const std::string& prefix) {
   const std::string path = meta_file_path(prefix);

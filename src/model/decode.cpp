@@ -66,7 +66,7 @@ std::vector<int64_t> generate(TransformerImpl& model,
   Tensor input_BS = torch::tensor(prompt, torch::kLong).view({1, -1}).to(ids_options.device());
   std::vector<int64_t> generated;
   while (static_cast<int64_t>(generated.size()) < options.max_new_tokens) {
-    // Absolute positions: the chunk continues the cached sequence (plain arange, §4.2).
+    // Absolute positions: the chunk continues the cached sequence (plain arange, docs/model.md §4.2).
     const int64_t seq = input_BS.size(1);
     const Tensor position_ids_BS =
         torch::arange(cache.num_tokens, cache.num_tokens + seq, ids_options).unsqueeze(0);

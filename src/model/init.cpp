@@ -35,7 +35,7 @@ void init_weights(torch::nn::Module& model, const config::ModelConfig& config, u
       value.fill_(1.0);
     } else if (name.find("lf_gate.conv") != std::string::npos) {
       // PyTorch's Conv2d default for weight and bias: U(+-1/sqrt(fan_in)), fan_in = in_channels * 2
-      // (kernel 2 x 1); conv1 reads D channels, conv2 D/2 (yuan2-m32.md §7).
+      // (kernel 2 x 1); conv1 reads D channels, conv2 D/2 (Yuan 2.0, arXiv 2311.15786).
       const bool conv1 = name.find("lf_gate.conv1") != std::string::npos;
       const double fan_in = static_cast<double>((conv1 ? config.hidden_size : config.hidden_size / 2) * 2);
       const double bound = 1.0 / std::sqrt(fan_in);

@@ -1,8 +1,393 @@
 #include "yuanmoe/model/moe.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <cmath>
+#include <functional>
+#include <limits>
+#include <torch/csrc/autograd/custom_function.h>
 
 namespace yuanmoe::model {
+
+// ================================================================================================
+// gating
+
+TopKGates top_k_gates(const Tensor& logits_TE, int64_t k, const Tensor& selection_bias_E) {
+  const Tensor selection_scores = selection_bias_E.defined() ? logits_TE + selection_bias_E : logits_TE;
+  const Tensor expert_ids_TK = std::get<1>(selection_scores.topk(k, /*dim=*/-1));
+  const Tensor selected_logits_TK = logits_TE.gather(-1, expert_ids_TK);
+  Tensor gates_TK;
+  if (k == 1) {
+    // Switch: raw probability of the chosen expert (renormalising would pin it to 1).
+    gates_TK = torch::softmax(logits_TE, -1).gather(-1, expert_ids_TK);
+  } else {
+    gates_TK = torch::softmax(selected_logits_TK, -1);
+  }
+  return {gates_TK, expert_ids_TK};
+}
+
+Tensor relu_gates(const Tensor& logits_TE) { return torch::relu(logits_TE); }
+
+Tensor dense_gates(const Tensor& logits_TE) { return torch::softmax(logits_TE, -1); }
+
+Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK) {
+  const int64_t tokens = logits_TE.size(0), experts = logits_TE.size(1);
+  const int64_t k = expert_ids_TK.size(1);
+  Tensor fraction_routed_E;
+  {
+    torch::NoGradGuard no_grad;
+    fraction_routed_E =
+        torch::zeros({experts}, logits_TE.options())
+            .scatter_add_(0, expert_ids_TK.reshape(-1),
+                          torch::ones({tokens * k}, logits_TE.options())) /
+        static_cast<double>(tokens * k);
+  }
+  const Tensor mean_probability_E = torch::softmax(logits_TE, -1).mean(0);
+  return static_cast<double>(experts) * (fraction_routed_E * mean_probability_E).sum();
+}
+
+Tensor router_z_loss(const Tensor& logits_TE) {
+  return torch::logsumexp(logits_TE, -1).pow(2).mean();
+}
+
+Tensor relu_load_balanced_l1(const Tensor& gates_TE, int64_t k) {
+  const int64_t tokens = gates_TE.size(0), experts = gates_TE.size(1);
+  Tensor activation_ratio_E;
+  {
+    torch::NoGradGuard no_grad;
+    activation_ratio_E = (gates_TE > 0).to(gates_TE.scalar_type()).sum(0) *
+                         (static_cast<double>(experts) / static_cast<double>(k * tokens));
+  }
+  return (gates_TE * activation_ratio_E).sum() / static_cast<double>(tokens);
+}
+
+// ================================================================================================
+// router
+
+using config::RouterKind;
+
+namespace {
+
+/// Slot e of every token is expert e: the layout of the routers that may use every expert.
+Tensor every_expert_TK(const Tensor& logits_TE) {
+  const int64_t tokens = logits_TE.size(0), experts = logits_TE.size(1);
+  return torch::arange(experts, torch::dtype(torch::kLong).device(logits_TE.device()))
+      .expand({tokens, experts});
+}
+}  // namespace
+
+Routing RouterImpl::forward(const Tensor& x_TD) {
+  // Routers run in fp32 at least: "compute gate in float32 to help stability of expert load
+  // balancing" (torchtitan); Yuan uses --use-fp32-router.
+  const Tensor logits_TE = score(x_TD.to(at_least_fp32(x_TD)));
+  if (!is_training()) {
+    torch::NoGradGuard no_grad;
+    const Tensor p_TE = routing_distribution(logits_TE.detach()).to(torch::kDouble);
+    const Tensor entropy = -torch::xlogy(p_TE, p_TE).sum();  // xlogy: 0 log 0 = 0
+    eval_entropy_sum_ = eval_entropy_sum_.defined() ? eval_entropy_sum_ + entropy : entropy;
+    eval_tokens_ += logits_TE.size(0);
+  }
+  return gate(logits_TE);
+}
+
+RouterEvalStats RouterImpl::take_eval_stats() {
+  RouterEvalStats stats;
+  if (eval_entropy_sum_.defined()) stats.entropy_sum = eval_entropy_sum_.item<double>();
+  stats.tokens = eval_tokens_;
+  eval_entropy_sum_ = Tensor();
+  eval_tokens_ = 0;
+  return stats;
+}
+
+Tensor RouterImpl::routing_distribution(const Tensor& logits_TE) const { return torch::softmax(logits_TE, -1); }
+
+Tensor RouterImpl::linear_scores(const Tensor& x_TD, const Tensor& weight_ED) {
+  return torch::matmul(x_TD, weight_ED.to(x_TD.scalar_type()).t());
+}
+
+TopKRouterImpl::TopKRouterImpl(const config::MoeConfig& config) : RouterImpl(config) {
+  expert_bias = register_buffer("expert_bias", torch::zeros({config.num_experts}));
+}
+
+Routing TopKRouterImpl::gate(const Tensor& logits_TE) {
+  const bool use_bias = config.bias_balancing_rate > 0;
+  TopKGates top = top_k_gates(logits_TE, config.top_k, use_bias ? expert_bias : Tensor());
+  Routing routing;
+  routing.expert_ids_TK = top.expert_ids_TK;
+  routing.gates_TK = top.gates_TK;
+  if (is_training()) {
+    Tensor aux;
+    if (config.aux_loss_coeff > 0) {
+      aux = config.aux_loss_coeff * switch_load_balancing_loss(logits_TE, top.expert_ids_TK);
+    }
+    if (config.z_loss_coeff > 0) {
+      Tensor z = config.z_loss_coeff * router_z_loss(logits_TE);
+      aux = aux.defined() ? aux + z : z;
+    }
+    routing.aux_loss = aux;
+  }
+  return routing;
+}
+
+void TopKRouterImpl::update_after_step(const RouterStepStats& stats) {
+  if (config.bias_balancing_rate <= 0) return;
+  torch::NoGradGuard no_grad;
+  expert_bias.add_(expert_bias_delta(stats.routed_pairs_E, config.bias_balancing_rate)
+                       .to(expert_bias.options()));
+}
+
+AttentionRouterImpl::AttentionRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
+    : TopKRouterImpl(config) {
+  query = register_module("query", linear_without_bias(hidden_size, config.num_experts));
+  key = register_module("key", linear_without_bias(hidden_size, config.num_experts));
+  value = register_module("value", linear_without_bias(hidden_size, config.num_experts));
+}
+
+Tensor AttentionRouterImpl::score(const Tensor& x_TD) {
+  const Tensor q_TE = linear_scores(x_TD, query->weight);
+  const Tensor k_TE = linear_scores(x_TD, key->weight);
+  const Tensor v_TE = linear_scores(x_TD, value->weight);
+  // Per token an E x E attention over experts: A_ij = q_i k_j (no scaling), row softmax, times v.
+  // The weighted sum is a broadcast multiply and a reduction: a bmm over T tiny [E, E] x [E, 1]
+  // products is several times slower on CPU (docs/benchmarks.md).
+  const Tensor probs_TEE = torch::softmax(q_TE.unsqueeze(2) * k_TE.unsqueeze(1), -1);
+  return (probs_TEE * v_TE.unsqueeze(1)).sum(-1);
+}
+
+LinearRouterImpl::LinearRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
+    : TopKRouterImpl(config) {
+  weight = register_parameter("weight", torch::zeros({config.num_experts, hidden_size}));
+}
+
+Tensor LinearRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
+
+ReluRouterImpl::ReluRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
+    : RouterImpl(config) {
+  weight = register_parameter("weight", torch::zeros({config.num_experts, hidden_size}));
+  l1_coeff = register_buffer("l1_coeff", torch::full({}, config.relu_l1_init, torch::kFloat));
+}
+
+Tensor ReluRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
+
+Routing ReluRouterImpl::gate(const Tensor& logits_TE) {
+  const Tensor gates_TE = relu_gates(logits_TE);
+  Routing routing;
+  routing.gates_TK = gates_TE;
+  routing.expert_ids_TK = every_expert_TK(logits_TE);
+  routing.skip_zero_gates = true;
+  if (is_training()) {
+    routing.aux_loss = l1_coeff.to(gates_TE.scalar_type()) *
+                       relu_load_balanced_l1(gates_TE, config.top_k);
+  }
+  return routing;
+}
+
+Tensor ReluRouterImpl::routing_distribution(const Tensor& logits_TE) const {
+  const Tensor gates_TE = relu_gates(logits_TE);
+  return gates_TE / gates_TE.sum(-1, /*keepdim=*/true).clamp_min(std::numeric_limits<float>::min());
+}
+
+void ReluRouterImpl::update_after_step(const RouterStepStats& stats) {
+  const double target_active =
+      static_cast<double>(config.top_k) / static_cast<double>(config.num_experts);
+  const double next = next_relu_l1_coeff(l1_coeff.item<double>(), stats.active_fraction_all_layers,
+                                         target_active, config.relu_l1_alpha);
+  torch::NoGradGuard no_grad;
+  l1_coeff.fill_(next);
+}
+
+DenseRouterImpl::DenseRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
+    : RouterImpl(config) {
+  weight = register_parameter("weight", torch::zeros({config.num_experts, hidden_size}));
+}
+
+Tensor DenseRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
+
+Routing DenseRouterImpl::gate(const Tensor& logits_TE) {
+  Routing routing;
+  routing.gates_TK = dense_gates(logits_TE);
+  routing.expert_ids_TK = every_expert_TK(logits_TE);
+  return routing;
+}
+
+std::shared_ptr<RouterImpl> make_router(const config::MoeConfig& config, int64_t hidden_size) {
+  switch (config.router) {
+    case RouterKind::kAttention:
+      return std::make_shared<AttentionRouterImpl>(config, hidden_size);
+    case RouterKind::kLinear:
+      return std::make_shared<LinearRouterImpl>(config, hidden_size);
+    case RouterKind::kRelu:
+      return std::make_shared<ReluRouterImpl>(config, hidden_size);
+    case RouterKind::kDense:
+      return std::make_shared<DenseRouterImpl>(config, hidden_size);
+  }
+  TORCH_INTERNAL_ASSERT(false, "unhandled router kind");
+}
+
+double next_relu_l1_coeff(double coeff, double active_fraction, double target_active, double alpha) {
+  return active_fraction > target_active ? coeff * alpha : coeff / alpha;
+}
+
+Tensor expert_bias_delta(const Tensor& routed_pairs_E, double rate) {
+  const Tensor counts = routed_pairs_E.to(torch::kFloat);
+  const Tensor delta = rate * torch::sign(counts.mean() - counts);
+  return delta - delta.mean();
+}
+
+// ================================================================================================
+// mlp
+
+Tensor swiglu(const Tensor& x_TD, const Tensor& w1_2FD, const Tensor& w2_DF) {
+  const Tensor u_T2F = torch::matmul(x_TD, w1_2FD.t());
+  const int64_t ffn = w1_2FD.size(0) / 2;
+  const Tensor h_TF = torch::silu(u_T2F.narrow(-1, 0, ffn)) * u_T2F.narrow(-1, ffn, ffn);
+  return torch::matmul(h_TF, w2_DF.t());
+}
+
+DenseMlpImpl::DenseMlpImpl(int64_t hidden_size, int64_t ffn_hidden_size) {
+  w1 = register_module(
+      "w1", linear_without_bias(hidden_size, 2 * ffn_hidden_size));
+  w2 = register_module(
+      "w2", linear_without_bias(ffn_hidden_size, hidden_size));
+}
+
+Tensor DenseMlpImpl::forward(const Tensor& x) { return swiglu(x, w1->weight, w2->weight); }
+
+GroupedExpertsImpl::GroupedExpertsImpl(int64_t num_experts,
+                                       int64_t hidden_size,
+                                       int64_t ffn_hidden_size) {
+  // Values are written by init_weights(); empty() would leave garbage, so start from zeros.
+  w1 = register_parameter("w1", torch::zeros({num_experts, 2 * ffn_hidden_size, hidden_size}));
+  w2 = register_parameter("w2", torch::zeros({num_experts, hidden_size, ffn_hidden_size}));
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+/// out = a b, written into `out` (a slice of a larger tensor, hence by value).
+void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
+
+/// The first row of each expert's block: the prefix sums of rows_per_expert.
+std::vector<int64_t> row_starts(const std::vector<int64_t>& rows_per_expert) {
+  std::vector<int64_t> starts(rows_per_expert.size() + 1, 0);
+  for (size_t e = 0; e < rows_per_expert.size(); ++e) starts[e + 1] = starts[e] + rows_per_expert[e];
+  return starts;
+}
+
+/// Calls fn(e, first_row, rows) for every expert with rows. On CPU the experts are spread over the
+/// intra-op threads in contiguous groups of about equal rows, and each GEMM runs on one thread
+/// (OpenBLAS does inside an OpenMP region): for GEMMs of ~64 rows this beats splitting each GEMM
+/// over the threads (docs/benchmarks.md). Callers write disjoint rows and disjoint experts.
+void for_each_expert(const std::vector<int64_t>& rows_per_expert, bool on_cpu,
+                     const std::function<void(int64_t, int64_t, int64_t)>& fn) {
+  const std::vector<int64_t> starts = row_starts(rows_per_expert);
+  const auto experts = static_cast<int64_t>(rows_per_expert.size());
+  const int64_t total = starts.back();
+  const int64_t groups = on_cpu ? std::min<int64_t>(at::get_num_threads(), experts) : 1;
+  if (groups <= 1 || total == 0) {
+    for (int64_t e = 0; e < experts; ++e) {
+      if (rows_per_expert[e] > 0) fn(e, starts[e], rows_per_expert[e]);
+    }
+    return;
+  }
+  // Expert e joins the group its middle row falls in: monotone in e, so groups are contiguous.
+  std::vector<int64_t> group_begin(groups + 1, experts);
+  for (int64_t e = experts - 1; e >= 0; --e) {
+    const int64_t group = std::min(groups - 1, (2 * starts[e] + rows_per_expert[e]) * groups / (2 * total));
+    for (int64_t g = 0; g <= group; ++g) group_begin[g] = std::min(group_begin[g], e);
+  }
+  group_begin[0] = 0;
+  at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t end_group) {
+    torch::NoGradGuard no_grad;  // worker threads start with grad mode on
+    for (int64_t g = first_group; g < end_group; ++g) {
+      for (int64_t e = group_begin[g]; e < group_begin[g + 1]; ++e) {
+        if (rows_per_expert[e] > 0) fn(e, starts[e], rows_per_expert[e]);
+      }
+    }
+  });
+}
+
+/// The experts' SwiGLU over rows grouped by expert, with a hand-written backward: GEMMs write
+/// straight into slices of one output (no per-expert tensors, no cat, no per-expert gradient
+/// stacks), the activation and its derivative run once over all rows, and only x and the
+/// pre-activation u are kept for backward. Megatron's GroupedMLP does the same with grouped GEMM
+/// kernels.
+struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& xs_ND, const Tensor& w1_E2FD, const Tensor& w2_EDF,
+                               const std::vector<int64_t>& rows_per_expert) {
+    const Tensor xs = xs_ND.detach().contiguous(), w1 = w1_E2FD.detach(), w2 = w2_EDF.detach();
+    const int64_t rows = xs.size(0), ffn = w2.size(2);
+    const bool on_cpu = xs.device().is_cpu();
+    Tensor u_N2F = torch::empty({rows, 2 * ffn}, xs.options());
+    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+      mm_into(u_N2F.narrow(0, first, n), xs.narrow(0, first, n), w1[e].t());
+    });
+    const Tensor h_NF = torch::silu(u_N2F.narrow(1, 0, ffn)).mul_(u_N2F.narrow(1, ffn, ffn));
+    Tensor ys_ND = torch::empty({rows, w2.size(1)}, xs.options());
+    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+      mm_into(ys_ND.narrow(0, first, n), h_NF.narrow(0, first, n), w2[e].t());
+    });
+    ctx->save_for_backward({xs, w1, w2, u_N2F});
+    ctx->saved_data["rows"] = rows_per_expert;
+    return {ys_ND};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &xs = saved[0], &w1 = saved[1], &w2 = saved[2], &u_N2F = saved[3];
+    const std::vector<int64_t> rows_per_expert = ctx->saved_data["rows"].toIntVector();
+    const Tensor d_ys = grad_outputs[0].contiguous();
+    const int64_t ffn = w2.size(2);
+    const bool on_cpu = xs.device().is_cpu();
+
+    // h = silu(a) * b with a, b the halves of u; silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
+    const Tensor a = u_N2F.narrow(1, 0, ffn), b = u_N2F.narrow(1, ffn, ffn);
+    const Tensor sigmoid_a = torch::sigmoid(a), silu_a = a * sigmoid_a;
+    const Tensor h_NF = silu_a * b;
+    // Weight gradients start empty: every expert with rows writes its whole slice, the rest are
+    // zeroed (a full zero-fill would be one more pass over all experts' weights).
+    Tensor d_h = torch::empty_like(h_NF), d_w1 = torch::empty_like(w1), d_w2 = torch::empty_like(w2);
+    for (size_t e = 0; e < rows_per_expert.size(); ++e) {
+      if (rows_per_expert[e] == 0) {
+        d_w1[static_cast<int64_t>(e)].zero_();
+        d_w2[static_cast<int64_t>(e)].zero_();
+      }
+    }
+    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+      const Tensor d_ys_e = d_ys.narrow(0, first, n);
+      mm_into(d_h.narrow(0, first, n), d_ys_e, w2[e]);
+      mm_into(d_w2[e], d_ys_e.t(), h_NF.narrow(0, first, n));
+    });
+    Tensor d_u = torch::empty_like(u_N2F);
+    d_u.narrow(1, 0, ffn).copy_(d_h * b * sigmoid_a * (1 + a * (1 - sigmoid_a)));
+    d_u.narrow(1, ffn, ffn).copy_(d_h * silu_a);
+    Tensor d_xs = torch::empty_like(xs);
+    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+      const Tensor d_u_e = d_u.narrow(0, first, n);
+      mm_into(d_xs.narrow(0, first, n), d_u_e, w1[e]);
+      mm_into(d_w1[e], d_u_e.t(), xs.narrow(0, first, n));
+    });
+    return {d_xs, d_w1, d_w2, Tensor()};
+  }
+};
+
+}  // namespace
+
+Tensor GroupedExpertsImpl::forward(const Tensor& xs_ND, const std::vector<int64_t>& rows_per_expert) {
+  TORCH_CHECK(static_cast<int64_t>(rows_per_expert.size()) == w1.size(0), "GroupedExperts: ", rows_per_expert.size(),
+              " row counts for ", w1.size(0), " experts");
+  // Under autocast the GEMMs take the autocast dtype, as torch::matmul would; the casts are
+  // differentiable outside the function.
+  torch::Dtype dtype = xs_ND.scalar_type();
+  const c10::DeviceType device_type = xs_ND.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
+  return GroupedSwiGLU::apply(xs_ND.to(dtype), w1.to(dtype), w2.to(dtype), rows_per_expert)[0];
+}
+
+// ================================================================================================
+// moe
 
 MoeImpl::MoeImpl(const config::MoeConfig& config, int64_t hidden_size) : config(config) {
   gate = register_module("gate", make_router(config, hidden_size));
@@ -31,24 +416,24 @@ DispatchPlan MoeImpl::plan(const Routing& routing, int64_t tokens) const {
 
   // Stable: inside an expert, pairs keep batch order (deterministic; capacity drops by position).
   Tensor order_N = std::get<1>(torch::sort(expert_ids_N, /*stable=*/c10::optional<bool>(true), /*dim=*/0));
-  Tensor pairs_per_expert_E = torch::bincount(expert_ids_N, /*weights=*/{}, experts_count);
+  Tensor expert_rows_E = torch::bincount(expert_ids_N, /*weights=*/{}, experts_count);
   DispatchPlan result;
-  result.routed_pairs_E = pairs_per_expert_E;  // before drops: what the router asked for
+  result.routed_pairs_E = expert_rows_E;  // before drops: what the router asked for
   if (config.capacity_factor > 0) {
-    // routers.md §9: C = ceil(cf * T * k / E); later pairs of an overfull expert are dropped and
+    // docs/routers.md: C = ceil(cf * T * k / E); later pairs of an overfull expert are dropped and
     // the residual carries their token unchanged.
     const auto capacity = static_cast<int64_t>(std::ceil(
         config.capacity_factor * static_cast<double>(tokens * slots) / experts_count));
     const Tensor sorted_experts_N = expert_ids_N.index_select(0, order_N);
-    const Tensor expert_start_E = pairs_per_expert_E.cumsum(0) - pairs_per_expert_E;
+    const Tensor expert_start_E = expert_rows_E.cumsum(0) - expert_rows_E;
     const Tensor rank_in_expert_N = torch::arange(order_N.size(0), order_N.options()) -
                                     expert_start_E.index_select(0, sorted_experts_N);
     order_N = order_N.masked_select(rank_in_expert_N < capacity);
-    pairs_per_expert_E = pairs_per_expert_E.clamp_max(capacity);
+    expert_rows_E = expert_rows_E.clamp_max(capacity);
   }
 
   // The only host sync of the layer: the per-expert row counts drive the GEMM loop.
-  const Tensor counts_cpu = pairs_per_expert_E.to(torch::kCPU).contiguous();
+  const Tensor counts_cpu = expert_rows_E.to(torch::kCPU).contiguous();
   result.rows_per_expert.assign(counts_cpu.data_ptr<int64_t>(), counts_cpu.data_ptr<int64_t>() + experts_count);
   result.pair_ids_N = pair_ids_N.index_select(0, order_N);
   result.gates_N = gates_N.index_select(0, order_N);

@@ -1,6 +1,6 @@
 #include "yuanmoe/model/param_count.h"
 
-#include "yuanmoe/model/block.h"
+#include "yuanmoe/model/transformer.h"
 
 namespace yuanmoe::model {
 

@@ -1,7 +1,10 @@
 #include "yuanmoe/model/recompute.h"
 
+#include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
+
+#include <optional>
 
 namespace yuanmoe::model {
 
@@ -10,52 +13,60 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-/// The state a rerun must reproduce: RNG (dropout) and autocast (bf16 casts).
+/// The state a rerun must reproduce: RNG (dropout) and autocast (bf16 casts), of the CPU and of
+/// the block's CUDA device when it has one.
 struct ForwardState {
   Tensor cpu_rng;
-  bool cpu_autocast = false;
-  c10::ScalarType cpu_autocast_dtype = torch::kBFloat16;
+  std::optional<Tensor> cuda_rng;
+  std::optional<torch::Device> cuda_device;
+  bool cpu_autocast = false, cuda_autocast = false;
+  c10::ScalarType cpu_autocast_dtype = torch::kBFloat16, cuda_autocast_dtype = torch::kBFloat16;
 
-  static ForwardState capture() {
+  static ForwardState capture(const torch::Device& device) {
     ForwardState s;
     s.cpu_rng = at::detail::getDefaultCPUGenerator().get_state();
     s.cpu_autocast = at::autocast::is_autocast_enabled(at::kCPU);
     s.cpu_autocast_dtype = at::autocast::get_autocast_dtype(at::kCPU);
-    return s;
-  }
-  void save_to(AutogradContext* ctx) const {
-    ctx->saved_data["rng"] = cpu_rng;
-    ctx->saved_data["autocast"] = cpu_autocast;
-    ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(cpu_autocast_dtype);
-  }
-  static ForwardState saved_in(AutogradContext* ctx) {
-    ForwardState s;
-    s.cpu_rng = ctx->saved_data["rng"].toTensor();
-    s.cpu_autocast = ctx->saved_data["autocast"].toBool();
-    s.cpu_autocast_dtype = static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt());
+    if (device.is_cuda()) {
+      s.cuda_device = device;
+      s.cuda_rng = at::globalContext().defaultGenerator(device).get_state();
+      s.cuda_autocast = at::autocast::is_autocast_enabled(at::kCUDA);
+      s.cuda_autocast_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+    }
     return s;
   }
   void apply() const {
-    at::Generator generator = at::detail::getDefaultCPUGenerator();  // a handle: shares the state
-    generator.set_state(cpu_rng);
+    at::Generator cpu = at::detail::getDefaultCPUGenerator();  // a handle: shares the state
+    cpu.set_state(cpu_rng);
     at::autocast::set_autocast_enabled(at::kCPU, cpu_autocast);
     at::autocast::set_autocast_dtype(at::kCPU, cpu_autocast_dtype);
+    if (cuda_device) {
+      at::Generator cuda = at::globalContext().defaultGenerator(*cuda_device);
+      cuda.set_state(*cuda_rng);
+      at::autocast::set_autocast_enabled(at::kCUDA, cuda_autocast);
+      at::autocast::set_autocast_dtype(at::kCUDA, cuda_autocast_dtype);
+    }
   }
 };
 
+/// The block and the state of its first run, carried through the autograd context (whose
+/// saved_data holds IValues: a capsule holds them by reference count, the block belongs to the
+/// model and outlives the graph).
+struct RecomputeContext : torch::CustomClassHolder {
+  TransformerBlockImpl* block = nullptr;
+  ForwardState state;
+};
+
 struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
-  // The block travels as its address: saved_data holds IValues only, and the block outlives the
-  // graph (it belongs to the model).
   static variable_list forward(AutogradContext* ctx, const Tensor& x_BSD, const Tensor& position_ids_BS,
-                               int64_t block_address) {
-    ctx->saved_data["block"] = block_address;
-    ForwardState::capture().save_to(ctx);
+                               c10::IValue context) {
+    ctx->saved_data["context"] = context;
     ctx->save_for_backward({x_BSD, position_ids_BS});
-    auto* block = reinterpret_cast<TransformerBlockImpl*>(block_address);
-    const BlockOutput out = block->forward(x_BSD, position_ids_BS);  // grad mode is off here
+    auto& block = *static_cast<RecomputeContext*>(context.toCapsule().get())->block;
+    const BlockOutput out = block.forward(x_BSD, position_ids_BS);  // grad mode is off here
     const Tensor aux = out.aux_loss.defined() ? out.aux_loss : torch::zeros({}, x_BSD.options());
-    const Tensor pairs_E = out.pairs_per_expert_E.defined()
-                               ? out.pairs_per_expert_E
+    const Tensor pairs_E = out.routed_pairs_E.defined()
+                               ? out.routed_pairs_E
                                : torch::zeros({0}, x_BSD.options().dtype(torch::kLong));
     ctx->mark_non_differentiable({pairs_E});
     return {out.x, aux, pairs_E};
@@ -64,14 +75,14 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor x_BSD = saved[0].detach().requires_grad_(true);
-    auto* block = reinterpret_cast<TransformerBlockImpl*>(ctx->saved_data["block"].toInt());
+    const auto* context = static_cast<RecomputeContext*>(ctx->saved_data["context"].toCapsule().get());
 
-    const ForwardState now = ForwardState::capture();
-    ForwardState::saved_in(ctx).apply();
+    const ForwardState now = ForwardState::capture(x_BSD.device());
+    context->state.apply();
     BlockOutput out;
     {
       torch::AutoGradMode grad_mode(true);
-      out = block->forward(x_BSD, saved[1]);
+      out = context->block->forward(x_BSD, saved[1]);
     }
     now.apply();
 
@@ -88,11 +99,18 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
 }  // namespace
 
 BlockOutput recompute_block(TransformerBlockImpl& block, const Tensor& x_BSD, const Tensor& position_ids_BS) {
+  auto context = c10::make_intrusive<RecomputeContext>();
+  context->block = &block;
+  context->state = ForwardState::capture(x_BSD.device());  // before the first run draws anything
   const variable_list out =
-      BlockRecompute::apply(x_BSD, position_ids_BS, reinterpret_cast<int64_t>(&block));
+      BlockRecompute::apply(x_BSD, position_ids_BS, c10::IValue::make_capsule(std::move(context)));
   BlockOutput result{out[0], out[1], out[2]};
-  if (result.pairs_per_expert_E.numel() == 0) result.pairs_per_expert_E = Tensor();
+  if (result.routed_pairs_E.numel() == 0) result.routed_pairs_E = Tensor();
   return result;
+}
+
+void apply_recompute(TransformerImpl& model, bool enabled) {
+  model.block_wrapper = enabled ? TransformerImpl::BlockWrapper(recompute_block) : TransformerImpl::BlockWrapper();
 }
 
 }  // namespace yuanmoe::model

@@ -1,9 +1,254 @@
 #include "yuanmoe/model/transformer.h"
 
+#include <cmath>
+
 #include "yuanmoe/model/decode.h"
-#include "yuanmoe/model/recompute.h"
 
 namespace yuanmoe::model {
+
+// ================================================================================================
+// norm
+
+RmsNormImpl::RmsNormImpl(int64_t dim, double eps) : eps(eps) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+Tensor RmsNormImpl::forward(const Tensor& x) {
+  const Tensor x32 = x.to(at_least_fp32(x));
+  const Tensor inv_rms = torch::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return (x32 * inv_rms * weight.to(x32.scalar_type())).to(x.scalar_type());
+}
+
+// ================================================================================================
+// rope
+
+namespace {
+
+/// x rounded to the nearest bf16 value, kept in fp32.
+Tensor round_to_bf16(const Tensor& x) { return x.to(torch::kBFloat16).to(torch::kFloat); }
+
+}  // namespace
+
+Tensor rope_inverse_frequencies(int64_t rotary_dim, double base, config::RopeTables tables) {
+  // In double, then one rounding to fp32. Both references hold inv_freq in bf16: HF casts the
+  // buffer, Megatron's Float16Module rounds it (max relative error 0.37%, docs/model.md §12.2).
+  auto i = torch::arange(0, rotary_dim / 2, torch::kDouble);
+  const Tensor inverse = torch::pow(base, -2.0 * i / static_cast<double>(rotary_dim)).to(torch::kFloat);
+  return tables == config::RopeTables::kExact ? inverse : round_to_bf16(inverse);
+}
+
+RopeAngles rope_angles(const Tensor& inverse_frequencies, const Tensor& position_ids_BS, config::RopeTables tables) {
+  // Integer positions are exact in fp32 up to 2^24.
+  Tensor positions = position_ids_BS.to(torch::kFloat).unsqueeze(-1);  // [B, S, 1]
+  const bool hf = tables == config::RopeTables::kHfBf16;
+  if (hf) positions = round_to_bf16(positions);  // HF: arange(..., dtype=inv_freq.dtype)
+  Tensor angles = (positions * inverse_frequencies.to(positions.device())).unsqueeze(2);  // [B, S, 1, r/2]
+  if (!hf) return {torch::cos(angles), torch::sin(angles)};
+  angles = round_to_bf16(angles);  // HF: the outer product and cos/sin are bf16 ops
+  return {round_to_bf16(torch::cos(angles)), round_to_bf16(torch::sin(angles))};
+}
+
+Tensor apply_rope(const Tensor& x_BSHDh, const RopeAngles& angles, int64_t rotary_dim) {
+  if (rotary_dim == 0) return x_BSHDh;
+  const int64_t half = rotary_dim / 2;
+  const Tensor x = x_BSHDh.to(at_least_fp32(x_BSHDh));
+  const Tensor x1 = x.narrow(-1, 0, half);
+  const Tensor x2 = x.narrow(-1, half, half);
+  const Tensor cos = angles.cos.to(x.scalar_type()), sin = angles.sin.to(x.scalar_type());
+  std::vector<Tensor> parts{x1 * cos - x2 * sin, x2 * cos + x1 * sin};
+  const int64_t head_dim = x.size(-1);
+  if (rotary_dim < head_dim) parts.push_back(x.narrow(-1, rotary_dim, head_dim - rotary_dim));
+  return torch::cat(parts, -1).to(x_BSHDh.scalar_type());
+}
+
+double ntk_scaled_rope_base(double base, double scale, int64_t rotary_dim) {
+  const double d = static_cast<double>(rotary_dim);
+  return base * std::pow(scale, d / (d - 2.0));
+}
+
+// ================================================================================================
+// lfa
+
+namespace F = torch::nn::functional;
+
+Tensor causal_two_tap(const Tensor& x_BSC,
+                      const Tensor& weight_OC21,
+                      const Tensor& bias_O,
+                      const Tensor& previous_B1C) {
+  const int64_t batch = x_BSC.size(0), seq = x_BSC.size(1), channels = x_BSC.size(2);
+  const int64_t out_channels = weight_OC21.size(0);
+  // x[t-1]: one frame in front of the sequence axis (zero at sequence start), drop the last.
+  const Tensor previous_BSC =
+      previous_B1C.defined()
+          ? torch::cat({previous_B1C, x_BSC.narrow(1, 0, seq - 1)}, 1)
+          : F::pad(x_BSC, F::PadFuncOptions({0, 0, 1, 0})).narrow(1, 0, seq);
+  const Tensor taps_TC2 = torch::stack({previous_BSC, x_BSC}, -1).reshape({batch * seq, 2 * channels});
+  const Tensor y_TO =
+      torch::addmm(bias_O, taps_TC2, weight_OC21.reshape({out_channels, 2 * channels}).t());
+  return y_TO.view({batch, seq, out_channels});
+}
+
+LocalizedFilteringImpl::LocalizedFilteringImpl(int64_t hidden_size, double rms_norm_eps) {
+  const auto conv = [](int64_t in, int64_t out) {
+    return torch::nn::Conv2dOptions(in, out, {2, 1}).stride(1).padding({1, 0}).bias(true);
+  };
+  conv1 = register_module("conv1", torch::nn::Conv2d(conv(hidden_size, hidden_size / 2)));
+  conv2 = register_module("conv2", torch::nn::Conv2d(conv(hidden_size / 2, hidden_size)));
+  output_layernorm = register_module("output_layernorm", RmsNorm(hidden_size, rms_norm_eps));
+}
+
+Tensor LocalizedFilteringImpl::forward(const Tensor& a_BSD, LfaState* state) {
+  const Tensor a_prev = state ? state->a_prev : Tensor();    // [B, 1, D] or undefined
+  const Tensor y1_prev = state ? state->y1_prev : Tensor();  // [B, 1, D/2] or undefined
+  const Tensor y1 = causal_two_tap(a_BSD, conv1->weight, conv1->bias, a_prev);  // [B, S, D/2]
+  const Tensor y2 = causal_two_tap(y1, conv2->weight, conv2->bias, y1_prev);    // [B, S, D]
+  if (state) {
+    // The next chunk's t-1 frames (docs/architecture.md, "Incremental decoding"): exact for chunks of any length.
+    // Cloned so that the state holds one frame, not the whole chunk.
+    const int64_t seq = a_BSD.size(1);
+    state->a_prev = a_BSD.narrow(1, seq - 1, 1).clone();
+    state->y1_prev = y1.narrow(1, seq - 1, 1).clone();
+  }
+  return output_layernorm(y2 + a_BSD);
+}
+
+// ================================================================================================
+// attention
+
+namespace F = torch::nn::functional;
+
+Tensor causal_attention(const Tensor& q_BHSDh,
+                        const Tensor& k_BHSDh,
+                        const Tensor& v_BHSDh,
+                        double dropout_p,
+                        int64_t offset) {
+  const int64_t seq_q = q_BHSDh.size(2), seq_k = k_BHSDh.size(2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q_BHSDh.size(-1)));
+  Tensor scores_BHSS = torch::matmul(q_BHSDh, k_BHSDh.transpose(-2, -1));  // [B, H, Sq, Sk]
+  scores_BHSS = scores_BHSS.to(at_least_fp32(scores_BHSS)) * scale;
+  // Key j is in the future of query i when j > offset + i.
+  const Tensor future_SS =
+      torch::ones({seq_q, seq_k}, torch::dtype(torch::kBool).device(q_BHSDh.device()))
+          .triu(1 + offset);
+  scores_BHSS.masked_fill_(future_SS, -std::numeric_limits<float>::infinity());
+  Tensor probs_BHSS = torch::softmax(scores_BHSS, -1);
+  if (dropout_p > 0) probs_BHSS = F::dropout(probs_BHSS, F::DropoutFuncOptions().p(dropout_p));
+  return torch::matmul(probs_BHSS.to(v_BHSDh.scalar_type()), v_BHSDh);
+}
+
+Tensor sdpa_causal_attention(const Tensor& q_BHSDh, const Tensor& k_BHSDh, const Tensor& v_BHSDh) {
+  TORCH_CHECK(q_BHSDh.size(2) == k_BHSDh.size(2), "sdpa_causal_attention: whole sequences only");
+  return at::scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, /*attn_mask=*/{}, /*dropout_p=*/0.0,
+                                          /*is_causal=*/true);
+}
+
+Tensor attention_core(config::AttentionKernel kernel,
+                      const Tensor& q_BHSDh,
+                      const Tensor& k_BHSDh,
+                      const Tensor& v_BHSDh,
+                      double dropout_p,
+                      int64_t offset) {
+  // libtorch's fused SDPA for whole sequences: faster than materialised scores at every length
+  // measured, and memory linear in S (docs/benchmarks.md). Dropout needs the probabilities and a
+  // chunk after cached keys needs the offset mask: those materialise (docs/config.md).
+  if (kernel == config::AttentionKernel::kSdpa && dropout_p == 0 && offset == 0) {
+    return sdpa_causal_attention(q_BHSDh, k_BHSDh, v_BHSDh);
+  }
+  return causal_attention(q_BHSDh, k_BHSDh, v_BHSDh, dropout_p, offset);
+}
+
+AttentionImpl::AttentionImpl(const config::ModelConfig& config) : config(config) {
+  const int64_t width = config.attention_width();
+  // Registration order follows the HF state dict (v, q, k, o, lf_gate).
+  v_proj = register_module("v_proj", linear_without_bias(config.hidden_size, width));
+  q_proj = register_module("q_proj", linear_without_bias(config.hidden_size, width));
+  k_proj = register_module("k_proj", linear_without_bias(config.hidden_size, width));
+  o_proj = register_module("o_proj", linear_without_bias(width, config.hidden_size));
+  if (config.lfa) {
+    lf_gate = register_module("lf_gate",
+                              LocalizedFiltering(config.hidden_size, config.rms_norm_eps));
+  }
+  inverse_frequencies_ = rope_inverse_frequencies(config.rotary_dim, config.rope_base, config.rope_tables);
+}
+
+Tensor AttentionImpl::forward(const Tensor& a_BSD,
+                              const Tensor& position_ids_BS,
+                              LayerCache* cache) {
+  const int64_t batch = a_BSD.size(0), seq = a_BSD.size(1);
+  const int64_t heads = config.num_attention_heads, head_dim = config.head_dim;
+
+  const Tensor v_BSHDh = v_proj(a_BSD).view({batch, seq, heads, head_dim});
+  const Tensor qk_input_BSD =
+      config.lfa ? lf_gate(a_BSD, cache ? &cache->lfa : nullptr) : a_BSD;
+  // [B, S, 2P] viewed per head as [q(Dh) | k(Dh)] (docs/model.md §4.1).
+  const Tensor qk_BSH2 = torch::cat({q_proj(qk_input_BSD), k_proj(qk_input_BSD)}, -1)
+                             .view({batch, seq, heads, 2 * head_dim});
+  const RopeAngles angles = rope_angles(inverse_frequencies_, position_ids_BS, config.rope_tables);
+  const Tensor q_BSHDh = apply_rope(qk_BSH2.narrow(-1, 0, head_dim), angles, config.rotary_dim);
+  const Tensor k_BSHDh =
+      apply_rope(qk_BSH2.narrow(-1, head_dim, head_dim), angles, config.rotary_dim);
+
+  Tensor k_BHTDh = k_BSHDh.transpose(1, 2), v_BHTDh = v_BSHDh.transpose(1, 2);
+  int64_t offset = 0;  // tokens before this chunk
+  if (cache) {
+    // K is cached after RoPE (docs/architecture.md, "Incremental decoding"), so cached keys keep their own positions.
+    if (cache->k_BHTDh.defined()) {
+      offset = cache->k_BHTDh.size(2);
+      k_BHTDh = torch::cat({cache->k_BHTDh, k_BHTDh}, 2);
+      v_BHTDh = torch::cat({cache->v_BHTDh, v_BHTDh}, 2);
+    }
+    cache->k_BHTDh = k_BHTDh;
+    cache->v_BHTDh = v_BHTDh;
+  }
+
+  const double dropout_p = is_training() ? config.attention_dropout : 0.0;
+  const Tensor out_BHSDh =
+      attention_core(config.attention, q_BSHDh.transpose(1, 2), k_BHTDh, v_BHTDh, dropout_p, offset);
+  return o_proj(out_BHSDh.transpose(1, 2).reshape({batch, seq, heads * head_dim}));
+}
+
+// ================================================================================================
+// block
+
+bool is_moe_layer(const config::MoeConfig& moe, int64_t layer_index) {
+  return layer_index % moe.moe_layer_freq == 0;
+}
+
+int64_t count_moe_layers(const config::MoeConfig& moe, int64_t first, int64_t end) {
+  int64_t count = 0;
+  for (int64_t l = first; l < end; ++l) count += is_moe_layer(moe, l) ? 1 : 0;
+  return count;
+}
+
+TransformerBlockImpl::TransformerBlockImpl(const config::ModelConfig& model,
+                                           const config::MoeConfig& moe,
+                                           int64_t layer_index)
+    : layer_index(layer_index) {
+  input_layernorm = register_module("input_layernorm", RmsNorm(model.hidden_size, model.rms_norm_eps));
+  self_attn = register_module("self_attn", Attention(model));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RmsNorm(model.hidden_size, model.rms_norm_eps));
+  if (is_moe_layer(moe, layer_index)) {
+    this->moe = register_module("mlp", Moe(moe, model.hidden_size));
+  } else {
+    dense_mlp = register_module("mlp", DenseMlp(model.hidden_size, moe.dense_layer_ffn_size()));
+  }
+}
+
+BlockOutput TransformerBlockImpl::forward(const Tensor& x_BSD,
+                                          const Tensor& position_ids_BS,
+                                          LayerCache* cache) {
+  Tensor x = x_BSD + self_attn(input_layernorm(x_BSD), position_ids_BS, cache);
+  const Tensor m = post_attention_layernorm(x);
+  if (moe) {
+    MoeOutput out = moe(m);
+    return {x + out.out, out.aux_loss, out.routed_pairs_E};
+  }
+  return {x + dense_mlp(m), Tensor(), Tensor()};
+}
+
+// ================================================================================================
+// transformer
 
 TransformerImpl::TransformerImpl(const config::ModelConfig& model,
                                  const config::MoeConfig& moe,
@@ -23,9 +268,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& model,
   if (stage.has_head) {
     norm = register_module("norm", RmsNorm(model.hidden_size, model.rms_norm_eps));
     if (!model.tie_embeddings) {
-      lm_head = register_module(
-          "lm_head", torch::nn::Linear(
-                         torch::nn::LinearOptions(model.hidden_size, model.vocab_size).bias(false)));
+      lm_head = register_module("lm_head", linear_without_bias(model.hidden_size, model.vocab_size));
     }
   }
 }
@@ -41,23 +284,20 @@ ModelOutput TransformerImpl::forward(const Tensor& input,
   Tensor x = stage.has_embedding ? embed_tokens(input) : input;  // [B, S, D]
   Tensor aux_loss;
   std::vector<Tensor> expert_load;
-  // Not with a cache: forward appends to it, so a rerun in backward would append twice.
-  const bool recompute_blocks =
-      recompute && is_training() && torch::GradMode::is_enabled() && cache == nullptr;
+  const bool wrapped = block_wrapper && is_training() && torch::GradMode::is_enabled() && cache == nullptr;
   for (size_t l = 0; l < blocks.size(); ++l) {
-    BlockOutput out = recompute_blocks
-                          ? recompute_block(*blocks[l], x, position_ids_BS)
-                          : blocks[l](x, position_ids_BS, cache ? &cache->layers[l] : nullptr);
+    BlockOutput out = wrapped ? block_wrapper(*blocks[l], x, position_ids_BS)
+                              : blocks[l](x, position_ids_BS, cache ? &cache->layers[l] : nullptr);
     x = out.x;
     if (out.aux_loss.defined()) aux_loss = aux_loss.defined() ? aux_loss + out.aux_loss : out.aux_loss;
-    if (out.pairs_per_expert_E.defined()) expert_load.push_back(out.pairs_per_expert_E);
+    if (out.routed_pairs_E.defined()) expert_load.push_back(out.routed_pairs_E);
   }
   if (cache) cache->num_tokens += x.size(1);
-  const Tensor expert_load_LE = expert_load.empty() ? Tensor() : torch::stack(expert_load);
-  if (!stage.has_head) return {x, aux_loss, expert_load_LE};
+  const Tensor routed_pairs_LE = expert_load.empty() ? Tensor() : torch::stack(expert_load);
+  if (!stage.has_head) return {x, aux_loss, routed_pairs_LE};
   const Tensor h = norm(x);
   const Tensor& head_weight = config.tie_embeddings ? embed_tokens->weight : lm_head->weight;
-  return {torch::matmul(h, head_weight.t()), aux_loss, expert_load_LE};  // [B, S, V]
+  return {torch::matmul(h, head_weight.t()), aux_loss, routed_pairs_LE};  // [B, S, V]
 }
 
 std::vector<Moe> TransformerImpl::moe_layers() const {
@@ -70,6 +310,24 @@ std::vector<Moe> TransformerImpl::moe_layers() const {
 
 Tensor default_position_ids(int64_t batch, int64_t seq, torch::Device device) {
   return torch::arange(seq, torch::dtype(torch::kLong).device(device)).unsqueeze(0).expand({batch, seq});
+}
+
+StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage, int64_t first_layers,
+                         int64_t last_layers) {
+  std::vector<int64_t> sizes(static_cast<size_t>(stages), 0);
+  if (stages > 1 && first_layers > 0) sizes.front() = first_layers;
+  if (stages > 1 && last_layers > 0) sizes.back() = last_layers;
+  std::vector<size_t> free_stages;
+  for (size_t s = 0; s < sizes.size(); ++s) {
+    if (sizes[s] == 0) free_stages.push_back(s);
+  }
+  int64_t rest = num_layers;
+  for (const int64_t size : sizes) rest -= size;
+  const int64_t n = static_cast<int64_t>(free_stages.size());
+  for (int64_t i = 0; i < n; ++i) sizes[free_stages[static_cast<size_t>(i)]] = rest / n + (i < rest % n ? 1 : 0);
+  int64_t first = 0;
+  for (int64_t s = 0; s < stage; ++s) first += sizes[static_cast<size_t>(s)];
+  return {first, first + sizes[static_cast<size_t>(stage)], stage == 0, stage == stages - 1};
 }
 
 }  // namespace yuanmoe::model

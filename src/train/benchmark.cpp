@@ -9,21 +9,23 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <optional>
 #include <sstream>
 
 #include "yuanmoe/data/indexed_dataset.h"
 #include "yuanmoe/data/sampler.h"
 #include "yuanmoe/train/evaluate.h"
-#include "yuanmoe/model/attention.h"
-#include "yuanmoe/model/init.h"
 #include "yuanmoe/model/transformer.h"
+#include "yuanmoe/model/init.h"
+#include "yuanmoe/model/recompute.h"
 #include "yuanmoe/parallel/process_groups.h"
 #include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/mfu.h"
 #include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/pipeline.h"
 #include "yuanmoe/train/precision.h"
-#include "yuanmoe/train/trainer.h"
+#include "yuanmoe/train/checkpointer.h"
+#include "yuanmoe/train/step.h"
 
 namespace yuanmoe::train {
 
@@ -98,12 +100,11 @@ AttentionKernelTime measure_attention_kernel(const config::RunConfig& config, co
   const auto& m = config.model;
   AttentionKernelTime out{options.attention_kernel, config.train.micro_batch_size, m.num_attention_heads,
                           config.train.seq_length, m.head_dim};
-  std::function<Tensor(const Tensor&, const Tensor&, const Tensor&)> kernel;
-  if (out.kernel == "sdpa") {
-    kernel = [](const Tensor& q, const Tensor& k, const Tensor& v) { return model::sdpa_causal_attention(q, k, v); };
-  } else if (out.kernel == "materialised") {
-    kernel = [](const Tensor& q, const Tensor& k, const Tensor& v) { return model::causal_attention(q, k, v, 0.0); };
-  } else {
+  std::optional<config::AttentionKernel> kernel;
+  for (const auto& [value, name] : config::enum_names<config::AttentionKernel>()) {
+    if (out.kernel == name) kernel = value;
+  }
+  if (!kernel) {
     throw std::invalid_argument("--attention-kernel: expected sdpa or materialised, got '" + out.kernel + "'");
   }
   const auto qkv = [&] {
@@ -112,7 +113,7 @@ AttentionKernelTime measure_attention_kernel(const config::RunConfig& config, co
   };
   const Tensor q = qkv(), k = qkv(), v = qkv();
   const int64_t resident_before = current_rss_bytes();
-  out.seconds = median_seconds(forward_backward([&] { return kernel(q, k, v); }), options.repeats, device);
+  out.seconds = median_seconds(forward_backward([&] { return model::attention_core(*kernel, q, k, v); }), options.repeats, device);
   out.peak_extra_bytes = std::max<int64_t>(0, peak_rss_bytes() - resident_before);
   return out;
 }
@@ -123,33 +124,16 @@ data::Batch random_batch(int64_t batch, int64_t seq, int64_t vocab, const torch:
           model::default_position_ids(batch, seq, device)};
 }
 
-/// The trainer's step (trainer.cpp, Trainer::train_step) without data-parallel reductions and
-/// logging: zero grads, the pipeline schedule over the micro-batches, clip, AdamW.
-void measure_step(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
-                  torch::optim::AdamW& optimizer, const std::vector<data::Batch>& batches, const torch::Device& device,
-                  BenchReport& report) {
-  const std::vector<Tensor> parameters = model.parameters();
-  parallel::ParallelContext single_process;
-  PipelineStepOptions step_options;
-  step_options.micro_batches = static_cast<int64_t>(batches.size());
-  step_options.loss_scale = 1.0 / static_cast<double>(batches.size());
-  step_options.precision = config.train.precision;
-  for (int64_t step = 0; step < options.warmup + options.steps; ++step) {
+/// The trainer's own step (train/step.h) in one process: zero grads, the pipeline schedule over
+/// the micro-batches, clip, AdamW, router updates.
+void measure_step(const BenchOptions& options, OptimizerStep& step, const std::vector<data::Batch>& batches,
+                  const torch::Device& device, BenchReport& report) {
+  for (int64_t i = 0; i < options.warmup + options.steps; ++i) {
     size_t next = 0;
-    double loss = 0.0;
-    const double seconds = seconds_of(
-        [&] {
-          model.zero_grad(/*set_to_none=*/true);
-          const PipelineStepResult result =
-              run_pipeline_step(model, single_process, step_options, [&] { return batches[next++]; });
-          const double norm = std::sqrt(squared_gradient_norm(parameters));
-          scale_gradients_to_norm(parameters, config.train.grad_clip, norm);
-          optimizer.step();
-          loss = result.lm_loss_sum / static_cast<double>(batches.size());
-        },
-        device);
-    report.losses.push_back(loss);
-    if (step >= options.warmup) report.step_seconds.push_back(seconds);
+    StepResult result;
+    const double seconds = seconds_of([&] { result = step.run(i, [&] { return batches[next++]; }); }, device);
+    report.losses.push_back(result.loss);
+    if (i >= options.warmup) report.step_seconds.push_back(seconds);
   }
   report.step_median_seconds = median(report.step_seconds);
   report.tokens_per_s = static_cast<double>(report.tokens_per_step) / report.step_median_seconds;
@@ -159,12 +143,11 @@ void measure_step(const config::RunConfig& config, const BenchOptions& options, 
 /// Each forward stage of one micro-batch alone, on layer 0 (an MoE layer) and the head, scaled
 /// to one optimizer step. Inputs have the shapes and roughly the statistics training sees.
 void measure_components(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
-                        torch::optim::AdamW& optimizer, const std::vector<data::Batch>& batches,
-                        const torch::Device& device, BenchReport& report) {
+                        OptimizerStep& step, const std::vector<data::Batch>& batches, const torch::Device& device,
+                        BenchReport& report) {
   const auto& m = config.model;
   const int64_t micro = static_cast<int64_t>(batches.size());
-  int64_t moe_layers = 0;
-  for (int64_t l = 0; l < m.num_layers; ++l) moe_layers += model::is_moe_layer(config.moe, l) ? 1 : 0;
+  const int64_t moe_layers = model::count_moe_layers(config.moe, 0, m.num_layers);
   const int64_t dense_layers = m.num_layers - moe_layers;
   const data::Batch& batch = batches.front();
   const int64_t mb = batch.tokens.size(0), seq = batch.tokens.size(1);
@@ -189,10 +172,7 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
   out.push_back({"embedding", per_step(time([&] { model.embed_tokens(batch.tokens); }), 1)});
   // The attention module minus its LFA and its core: the Q/K/V/O projections and RoPE.
   const double lfa = time([&] { attention.lf_gate(a_BSD); });
-  const double core = time([&] {
-    m.attention == config::AttentionKernel::kSdpa ? model::sdpa_causal_attention(q, k, v)
-                                                  : model::causal_attention(q, k, v, 0.0);
-  });
+  const double core = time([&] { model::attention_core(m.attention, q, k, v); });
   const double whole_attention = time([&] { attention.forward(a_BSD, batch.position_ids); });
   out.push_back({"LFA (two 2-tap convs + norm)", per_step(lfa, m.num_layers)});
   out.push_back({"Q/K/V/O projections + RoPE", per_step(std::max(0.0, whole_attention - lfa - core), m.num_layers)});
@@ -236,27 +216,17 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
       language_model_loss(model.forward(b.tokens, b.position_ids).out, b.labels);
     }
   });
-  parallel::ParallelContext single_process;
-  PipelineStepOptions step_options;
-  step_options.micro_batches = micro;
-  step_options.loss_scale = 1.0 / static_cast<double>(micro);
-  step_options.precision = config.train.precision;
+  StepResult last;
   const double forward_backward_seconds = time([&] {
     size_t next = 0;
-    model.zero_grad(true);
-    run_pipeline_step(model, single_process, step_options, [&] { return batches[next++]; });
+    last = step.forward_backward(0, [&] { return batches[next++]; });
   });
   out.push_back({"other forward (residuals, reshapes; forward - parts)",
                  std::max(0.0, report.forward_seconds - attributed)});
   out.push_back({"backward (step fwd+bwd - forward)", std::max(0.0, forward_backward_seconds - report.forward_seconds)});
 
-  // The optimizer alone (clip + AdamW) on the gradients the last pass left.
-  const std::vector<Tensor> parameters = model.parameters();
-  out.push_back({"optimizer (clip + AdamW)", time([&] {
-                   const double norm = std::sqrt(squared_gradient_norm(parameters));
-                   scale_gradients_to_norm(parameters, config.train.grad_clip, norm);
-                   optimizer.step();
-                 })});
+  // The rest of the step (clip, AdamW, router updates) on the gradients the last pass left.
+  out.push_back({"optimizer (clip + AdamW + router updates)", time([&] { step.apply(0, last); })});
 }
 
 /// Side-by-side pairs, forward + backward: MoE block vs the dense FFN of the same active FLOPs,
@@ -355,7 +325,7 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   // A fine-tune's step from trained weights can cost more than from random ones (a trained
   // router's uneven loads, docs/benchmarks.md): bench measures the weights train would start from.
   if (!config.train.init_from.empty()) report.init_from = load_init_from(*model, config).first.string();
-  model->recompute = config.train.recompute;
+  model::apply_recompute(*model, config.train.recompute);
   model->train();
   std::vector<data::Batch> batches;
   std::unique_ptr<data::GptSampler> sampler;
@@ -374,7 +344,9 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   }
 
   const auto optimizer = make_optimizer(*model, config.train);
-  measure_step(config, options, *model, *optimizer, batches, device, report);
+  parallel::ParallelContext single_process;
+  OptimizerStep step(config, *model, *optimizer, single_process);
+  measure_step(options, step, batches, device, report);
   // The VM's speed drifts (docs/benchmarks.md): measure again right after the steps and keep the
   // higher reading, so MFU is never flattered by a slow one.
   const MatmulRate rate_after = measure_matmul_rate(device, peak_dtype);
@@ -382,7 +354,7 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   report.best_matmul_flops = std::max(report.best_matmul_flops, rate_after.best);
   report.mfu = report.tokens_per_s * report.flops_per_token / report.peak_flops;
   if (!options.step_only) {
-    measure_components(config, options, *model, *optimizer, batches, device, report);
+    measure_components(config, options, *model, step, batches, device, report);
     measure_pairs(config, options, *model, batches, device, report);
   }
   report.peak_rss_bytes = peak_rss_bytes();

@@ -23,8 +23,8 @@ data::SamplerOptions sampler_options(const config::RunConfig& run, const std::st
   return options;
 }
 
-Tensor expert_load_fractions(const Tensor& pairs_LE) {
-  const Tensor counts = pairs_LE.to(torch::kCPU, torch::kDouble);
+Tensor expert_share(const Tensor& routed_pairs_LE) {
+  const Tensor counts = routed_pairs_LE.to(torch::kCPU, torch::kDouble);
   return counts / counts.sum(1, /*keepdim=*/true).clamp_min(1.0);
 }
 
@@ -47,16 +47,20 @@ EvalResult evaluate(const EvalForward& forward,
       if (i == 0 && on_first_batch) on_first_batch(batch, out.out);
     }
     result.tokens += batch.labels.numel();
-    if (out.expert_load_LE.defined()) {
-      const Tensor pairs = out.expert_load_LE.to(torch::kCPU);
-      result.pairs_LE = result.pairs_LE.defined() ? result.pairs_LE + pairs : pairs;
+    if (out.routed_pairs_LE.defined()) {
+      const Tensor pairs = out.routed_pairs_LE.to(torch::kCPU);
+      result.routed_pairs_LE = result.routed_pairs_LE.defined() ? result.routed_pairs_LE + pairs : pairs;
     }
   }
   result.batches = batches;
-  result.loss = result.loss_sum / static_cast<double>(result.tokens);
-  result.perplexity = std::exp(result.loss);
-  if (result.pairs_LE.defined()) result.expert_load_LE = expert_load_fractions(result.pairs_LE);
+  result.finish();
   return result;
+}
+
+void EvalResult::finish() {
+  loss = loss_sum / static_cast<double>(tokens);
+  perplexity = std::exp(loss);
+  if (routed_pairs_LE.defined()) expert_share_LE = expert_share(routed_pairs_LE);
 }
 
 EvalResult evaluate(model::TransformerImpl& model,

@@ -11,6 +11,71 @@
 
 namespace yuanmoe::train {
 
+namespace {
+
+using ordered_json = nlohmann::ordered_json;
+
+/// A 1-D tensor as a JSON array of doubles rounded to 1e-4 (shares, entropies, counts per token).
+ordered_json json_vector(const Tensor& values_L) {
+  const Tensor rounded = ((values_L.to(torch::kDouble) * 1e4).round() / 1e4).contiguous();
+  return std::vector<double>(rounded.data_ptr<double>(), rounded.data_ptr<double>() + rounded.numel());
+}
+
+ordered_json json_rows(const Tensor& values_LE) {
+  ordered_json rows = ordered_json::array();
+  for (int64_t l = 0; l < values_LE.size(0); ++l) rows.push_back(json_vector(values_LE[l]));
+  return rows;
+}
+
+}  // namespace
+
+void StepInterval::add(const StepResult& result, double seconds, int64_t tokens) {
+  seconds_ += seconds;
+  tokens_ += tokens;
+  if (result.routed_pairs_LE.defined()) {
+    routed_pairs_LE_ = routed_pairs_LE_.defined() ? routed_pairs_LE_ + result.routed_pairs_LE : result.routed_pairs_LE;
+  }
+}
+
+StepInterval::Line StepInterval::take(int64_t step, int64_t max_steps, const StepResult& result, int64_t tokens_seen,
+                                      double flops_per_token, double peak_flops, int64_t processes, bool pipelined,
+                                      const std::string& eta) {
+  const double tokens_per_s = static_cast<double>(tokens_) / seconds_;
+  // MFU of the whole run: every process is assumed to have the peak rank 0 measured.
+  const double mfu =
+      peak_flops > 0 ? tokens_per_s * flops_per_token / (peak_flops * static_cast<double>(processes)) : 0.0;
+  Line line;
+  line.json = {{"step", step},
+               {"loss", result.loss},
+               {"aux_loss", result.aux_loss},
+               {"lr", result.lr},
+               {"grad_norm", result.grad_norm},
+               {"tokens_per_s", tokens_per_s},
+               {"tokens_seen", tokens_seen}};
+  if (result.skipped) line.json["skipped"] = true;
+  line.json["mfu"] = mfu;
+  if (pipelined) line.json["pipeline_bubble"] = result.pipeline_bubble;
+  if (routed_pairs_LE_.defined()) line.json["expert_load"] = json_rows(expert_share(routed_pairs_LE_));
+  line.text = fmt::format("step {}/{} | loss {:.4f} | aux {:.4f} | lr {:.3e} | grad_norm {:.3f} | {} tok/s | mfu {:.1f}% | ETA {}",
+                          step, max_steps, result.loss, result.aux_loss, result.lr, result.grad_norm,
+                          human_count(tokens_per_s), 100.0 * mfu, eta);
+  *this = StepInterval();
+  return line;
+}
+
+ordered_json eval_line(int64_t step, const EvalResult& result, const Tensor& router_L2) {
+  ordered_json line{{"step", step}, {"split", "valid"}, {"loss", result.loss},
+                    {"perplexity", result.perplexity}, {"tokens", result.tokens}};
+  if (result.expert_share_LE.defined()) {
+    line["expert_load"] = json_rows(result.expert_share_LE);
+    // Per MoE layer: mean routing entropy (nats) and routed (token, expert) pairs per token.
+    const Tensor routed_tokens_L = router_L2.select(1, 1).clamp_min(1.0);
+    line["router_entropy"] = json_vector(router_L2.select(1, 0) / routed_tokens_L);
+    line["active_experts"] = json_vector(result.routed_pairs_LE.to(torch::kDouble).sum(1) / routed_tokens_L);
+  }
+  return line;
+}
+
 MetricsLog::MetricsLog(std::filesystem::path path, int64_t resume_step) : path_(std::move(path)) {
   std::vector<std::string> kept;
   bool dropped = false;

@@ -27,6 +27,14 @@ Tensor activation_buffer(const data::Batch& batch, int64_t hidden, torch::Device
                       torch::dtype(torch::kFloat).device(device));  // [B, S, D]
 }
 
+/// This stage's forward of one micro-batch (its tokens, or the previous stage's activations)
+/// under the run's precision.
+model::ModelOutput stage_forward(model::TransformerImpl& model, const Tensor& x, const data::Batch& batch,
+                                 config::Precision precision, const torch::Device& device) {
+  AutocastScope autocast(precision, device);
+  return model.forward(x, batch.position_ids.to(device));
+}
+
 }  // namespace
 
 PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::ParallelContext& parallel,
@@ -68,15 +76,11 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
         state.input.requires_grad_(true);
         x = state.input;
       }
-      model::ModelOutput out;
-      {
-        AutocastScope autocast(options.precision, device);
-        out = model.forward(x, batch.position_ids.to(device));
-      }
+      const model::ModelOutput out = stage_forward(model, x, batch, options.precision, device);
       state.aux = out.aux_loss;
       if (out.aux_loss.defined()) aux_sum += out.aux_loss.detach().to(torch::kDouble);
-      if (out.expert_load_LE.defined()) {
-        result.pairs_LE = result.pairs_LE.defined() ? result.pairs_LE + out.expert_load_LE : out.expert_load_LE;
+      if (out.routed_pairs_LE.defined()) {
+        result.routed_pairs_LE = result.routed_pairs_LE.defined() ? result.routed_pairs_LE + out.routed_pairs_LE : out.routed_pairs_LE;
       }
       if (last) {
         const Tensor lm_loss = language_model_loss(out.out, batch.labels.to(device));
@@ -110,7 +114,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
   });
   result.lm_loss_sum = lm_sum.item<double>();
   result.aux_loss_sum = aux_sum.item<double>();
-  if (result.pairs_LE.defined()) result.pairs_LE = result.pairs_LE.to(torch::kCPU);  // once per step
+  if (result.routed_pairs_LE.defined()) result.routed_pairs_LE = result.routed_pairs_LE.to(torch::kCPU);  // once per step
   result.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return result;
 }
@@ -126,11 +130,7 @@ model::ModelOutput pipeline_forward(model::TransformerImpl& model, parallel::Par
     x = activation_buffer(batch, model.config.hidden_size, device);
     parallel.pp.recv(x, layout.stage - 1, forward_tag(0));
   }
-  model::ModelOutput out;
-  {
-    AutocastScope autocast(precision, device);
-    out = model.forward(x, batch.position_ids.to(device));
-  }
+  model::ModelOutput out = stage_forward(model, x, batch, precision, device);
   if (!layout.last_stage()) {
     parallel.pp.send(out.out.to(torch::kFloat), layout.stage + 1, forward_tag(0)).wait();
     out.out = Tensor();

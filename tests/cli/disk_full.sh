@@ -12,7 +12,7 @@ fail() { echo "FAIL: $*"; exit 1; }
 
 "$bin" train --config run.json --run-dir straight --set train.max_steps=20 > straight.log 2>&1
 "$bin" train --config run.json --run-dir full --set train.max_steps=20 --exit-after-steps 5 > first.log 2>&1
-size_kb=$(( $(stat -c %s full/checkpoints/step_00000005/optimizer.safetensors) / 1024 ))
+size_kb=$(( $(stat -c %s full/checkpoints/step_00000005/optimizer-stage-00.safetensors) / 1024 ))
 # The optimizer file of the next checkpoint (step 10) outgrows the limit; logs and metrics stay
 # well below it.
 set +e
@@ -21,7 +21,7 @@ set +e
 rc=$?
 set -e
 [ "$rc" -ne 0 ] || fail "the limited run exited 0"
-grep -q "step_00000010.*optimizer.safetensors: write failed: File too large" limited.err ||
+grep -q "step_00000010.*optimizer-stage-00.safetensors: write failed: File too large" limited.err ||
   fail "no clear error line: $(cat limited.err)"
 [ "$(grep -c 'error' limited.err)" -eq 1 ] || fail "expected one error line: $(cat limited.err)"
 [ "$(cat full/checkpoints/latest)" = "step_00000005" ] || fail "latest moved to $(cat full/checkpoints/latest)"
@@ -30,7 +30,7 @@ grep -q "step_00000010.*optimizer.safetensors: write failed: File too large" lim
 "$bin" train --config run.json --run-dir full --set train.max_steps=20 > resumed.log 2>&1
 grep -q "resumed from" resumed.log || fail "the rerun did not resume"
 final=checkpoints/step_00000020
-for f in model.safetensors optimizer.safetensors rng.safetensors; do
+for f in model-stage-00.safetensors optimizer-stage-00.safetensors rng-rank-0.safetensors; do
   cmp -s "straight/$final/$f" "full/$final/$f" || fail "$f differs from the run that never failed"
 done
 losses() { grep -v '"split"' "$1/metrics.jsonl" | sed -E 's/.*"step":([0-9]+),"loss":([^,]+),.*/\1 \2/'; }
@@ -39,7 +39,7 @@ diff <(losses straight) <(losses full) > /dev/null || fail "logged losses differ
 # A non-finite step from the command line (fault injection): `stop` ends the run naming the step
 # and leaves the last checkpoint newest; the rerun without the fault ends like the straight run.
 set +e
-YUANMOE_INJECT_NONFINITE_STEPS=13 "$bin" train --config run.json --run-dir nan --set train.max_steps=20 \
+"$bin" train --config run.json --run-dir nan --set train.max_steps=20 --debug-nonfinite-steps 13 \
   > nan.out 2> nan.err
 rc=$?
 set -e
@@ -47,5 +47,5 @@ set -e
   fail "non-finite step not reported: $(cat nan.err)"
 [ "$(cat nan/checkpoints/latest)" = "step_00000010" ] || fail "latest after the non-finite stop: $(cat nan/checkpoints/latest)"
 "$bin" train --config run.json --run-dir nan --set train.max_steps=20 > nan.resumed.log 2>&1
-cmp -s "straight/$final/model.safetensors" "nan/$final/model.safetensors" || fail "weights differ after the non-finite stop"
+cmp -s "straight/$final/model-stage-00.safetensors" "nan/$final/model-stage-00.safetensors" || fail "weights differ after the non-finite stop"
 echo "OK: write failure at step 10 named the file, step 5 stayed newest, resume reproduced the run; non-finite stop at step 13 likewise"

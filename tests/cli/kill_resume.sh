@@ -34,7 +34,7 @@ done
 "$bin" train --config run.json --run-dir killed > killed.final.log 2>&1
 
 final=checkpoints/step_00000060
-for f in model.safetensors optimizer.safetensors rng.safetensors; do
+for f in model-stage-00.safetensors optimizer-stage-00.safetensors rng-rank-0.safetensors; do
   cmp "straight/$final/$f" "killed/$final/$f" || { echo "FAIL: $f differs after $kills kills"; exit 1; }
 done
 losses() { grep -v '"split"' "$1/metrics.jsonl" | sed -E 's/.*"step":([0-9]+),"loss":([^,]+),.*/\1 \2/'; }

@@ -2,7 +2,7 @@
 """Hugging Face interop of the real `yuanmoe` binary, judged by the independent reference.
 
 1. Parity: train a tiny 32-expert model for a few steps (attention router, then linear), export
-   it with `export-hf`, run yuan2_reference.py (written from reference/yuan2-m32.md, loading the
+   it with `export-hf`, run yuan2_reference.py (written from docs/model.md, loading the
    HF names) on the tokens `eval --dump-logits` used, and require max |logits diff| <= 1e-4.
 2. Import: fixtures made here with python3-torch, a bf16 `.bin`-sharded directory
    (torch.save'd dicts + pytorch_model.bin.index.json, tied lm_head sharing storage, as
@@ -66,7 +66,7 @@ def reference_logits(hf_dir, dump, dtype=torch.float32, rope_tables="exact"):
 def tie_free(hf_dir, dump, rope_tables="exact"):
     """[B, S] mask of the positions whose routing is unambiguous. Where the k-th and (k+1)-th
     router logits of some layer are closer than fp32 can resolve, two correct fp32
-    implementations may pick different experts (reference §12.7: an untrained attention router's
+    implementations may pick different experts (docs/model.md §12.7: an untrained attention router's
     logits are all near mean(v)); that token and, through attention, every later one in its row
     are left out. The fp64 reference decides."""
     model = ref.load_model(path(hf_dir), dtype=torch.float64, rope_tables=rope_tables)
@@ -170,7 +170,7 @@ def fixture_config(router):
 
 
 def fixture_state(router, seed):
-    """Random weights in the §8.1 names and shapes (interleaved q/k rows need no special care:
+    """Random weights in the docs/model.md §8.1 names and shapes (interleaved q/k rows need no special care:
     any values are a valid layout)."""
     g = torch.Generator().manual_seed(seed)
     H, P, E, Fw, V = HIDDEN, HEADS * HEAD_DIM, EXPERTS, FFN, VOCAB
@@ -255,7 +255,7 @@ def import_and_eval(name, router):
               "--dump-logits", name + "_logits.safetensors").stdout
     dump = dumped(name + "_logits.safetensors")
     # fp64 reference: random bf16 weights put some router logits within fp32 rounding of a tie
-    # (reference §12.7); a flipped expert there changes every later position, so the judge must
+    # (docs/model.md §12.7); a flipped expert there changes every later position, so the judge must
     # be more exact than the two fp32 implementations it judges.
     logits = reference_logits(name, dump, torch.float64)
     # Where the fp64 reference finds a router near-tie (tie_free), fp32 may route either way; such

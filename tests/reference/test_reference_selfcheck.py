@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Self-test of tests/reference/yuan2_reference.py (run: python3 <this file>).
 
-Builds a random tiny Yuan2-M32 as an HF directory (yuan2-m32.md §12 parity config: 2 layers,
+Builds a random tiny Yuan2-M32 as an HF directory (the parity config of tests/reference: 2 layers,
 hidden 64, 4 heads, head_dim 32 (P = 128), rotary_dim 16, 8 experts top-2, ffn 96, vocab 97)
-and checks, against explicit loop implementations written directly from yuan2-m32.md:
+and checks, against explicit loop implementations written directly from docs/model.md:
   (a) safetensors write -> read round trip for F32, F64, BF16, I64 (+ F16, I32, BOOL, U8);
   (b) causality: changing a later token leaves earlier logits unchanged;
   (c) LFA (§3) against a per-timestep loop of y1/y2/RMSNorm with tap 0 = previous token;
@@ -12,7 +12,7 @@ and checks, against explicit loop implementations written directly from yuan2-m3
       and sharded .bin + index;
   (f) attention router (§5): logits, top-k indices and gates against a per-token loop over
       A_ij = q_i k_j, row softmax, r_i = sum_j P_ij v_j, softmax over the two largest r;
-      linear router (routers.md §1) likewise;
+      linear router (docs/routers.md) likewise;
   plus: RoPE (§4.2) against a per-element loop, explicit arange position ids == default,
   reset position ids change the logits, fp32 vs fp64 agreement, the CLI round trip, and a
   full-model loop forward (per token, per head) against the batched forward.

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Independent numerical reference for the Yuan 2.0-M32 forward pass (eval mode).
 
-Written from /work/shared/reference/yuan2-m32.md (and routers.md §1/§2), NOT from the
-C++ implementation.  Plain PyTorch (tested with Debian python3-torch 1.13), fp32 or fp64.
+Written from the model description in docs/model.md (and docs/routers.md), NOT from the
+C++ implementation.  Plain PyTorch (run on the project environment's PyTorch 2.11), fp32 or fp64.
 
-Implements (section numbers of yuan2-m32.md):
+Implements (section numbers of docs/model.md):
   §2   pre-norm decoder layer: a = RMSNorm_in(x); V from a; LFA(a) -> Q/K; causal attention;
        x += O Wo^T; m = RMSNorm_post(x); x += MoE(m); final RMSNorm; logits = h E^T (tied).
        RMSNorm y = w * x / sqrt(mean(x^2) + eps), statistics in the compute dtype (>= fp32).
@@ -19,8 +19,8 @@ Implements (section numbers of yuan2-m32.md):
   §4.3 scale 1/sqrt(d_h), causal mask, no dropout.
   §5   attention router (default): q,k,v = Wq m, Wk m, Wv m in R^E; P = softmax_row(q k^T)
        (no scaling); r = P v; top-k of r; gates = softmax over the k selected logits.
-       routers.md §1 linear router ("router_type": "linear"): r = W m, same top-k + softmax.
-       norm_topk_prob false -> gates = softmax(r over all E)[selected] (routers.md §1,
+       docs/routers.md linear router ("router_type": "linear"): r = W m, same top-k + softmax.
+       norm_topk_prob false -> gates = softmax(r over all E)[selected] (docs/routers.md,
        pre-softmax without renorm); M32 uses true.
   §6   SwiGLU experts: u = W1 m, h = silu(u[:F]) * u[F:], out = W2 h; dropless;
        MoE(m) = sum_k g_k * Expert_{i_k}(m).  No aux / z losses.
@@ -411,7 +411,7 @@ class YuanReference:
         return o @ L["o_proj"].t()
 
     def router_logits(self, l, m):
-        """§5 attention router / routers.md §1 linear router.  m: [T,H] -> r: [T,E]."""
+        """§5 attention router / docs/routers.md linear router.  m: [T,H] -> r: [T,E]."""
         L = self.layers[l]
         if self.cfg.router_type == "linear":
             return m @ L["router_w"].t()

@@ -1,4 +1,4 @@
-// Small configs that keep Yuan's ratios (yuan2-m32.md §12 parity plan): D 64, 4 heads, Dh 32
+// Small configs that keep Yuan's ratios (the parity config of tests/reference): D 64, 4 heads, Dh 32
 // (P = 2D), rotary 16 (= Dh/2), 8 experts top-2, F 96, 2 layers.
 #pragma once
 

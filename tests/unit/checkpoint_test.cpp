@@ -6,6 +6,7 @@
 #include "support/temp_dir.h"
 #include "yuanmoe/checkpoint/checkpoint.h"
 #include "yuanmoe/checkpoint/safetensors.h"
+#include "yuanmoe/config/config_io.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/train/optimizer.h"
@@ -87,11 +88,10 @@ TEST_F(CheckpointTest, Crc32MatchesZlib) {
 Checkpoint sample_checkpoint(int64_t step) {
   Checkpoint ck;
   ck.progress = {step, step * 100, {7, 1, step * 4}};
-  ck.config = {{"model", {{"hidden_size", 8}}}};
-  ck.layout = {{"pipeline_parallel_size", 1}};
+  ck.config.model.hidden_size = 8;
   ck.model = {{"layers.0.w", torch::randn({4, 8})}, {"norm.weight", torch::ones({8})}};
   ck.optimizer = {{"layers.0.w/exp_avg", torch::randn({4, 8})}};
-  ck.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
+  ck.rng = {{"rank0/cpu", at::detail::getDefaultCPUGenerator().get_state()}};
   return ck;
 }
 
@@ -113,7 +113,8 @@ TEST_F(CheckpointTest, SaveLoadRoundTripPrunesAndPointsLatest) {
   EXPECT_EQ(loaded.progress.step, 30);
   EXPECT_EQ(loaded.progress.tokens_seen, 3000);
   EXPECT_TRUE(loaded.progress.sampler == last.progress.sampler);
-  EXPECT_EQ(loaded.config.dump(), last.config.dump());
+  EXPECT_EQ(config::to_json(loaded.config), config::to_json(last.config));
+  EXPECT_EQ(loaded.config.model.hidden_size, 8);
   ASSERT_EQ(loaded.model.size(), 2u);
   for (size_t i = 0; i < 2; ++i) {
     const auto& [name, t] = loaded.model[i];
@@ -131,7 +132,7 @@ TEST_F(CheckpointTest, IncompleteWritesAreInvisible) {
   // A run killed while writing step 20 leaves a temporary directory (and maybe no manifest);
   // one killed between the rename and the pointer update leaves `latest` stale.
   fs::create_directories(root / ".tmp-step_00000020");
-  write_bytes(root / ".tmp-step_00000020" / "model.safetensors", "partial");
+  write_bytes(root / ".tmp-step_00000020" / model_file(0), "partial");
   fs::create_directories(root / "step_00000030");  // not ours: no manifest
   EXPECT_EQ(find_latest_checkpoint(root), root / "step_00000010");
   save_checkpoint(root, sample_checkpoint(40), 3);
@@ -151,25 +152,25 @@ class CorruptCheckpointTest : public CheckpointTest {
 };
 
 TEST_F(CorruptCheckpointTest, FlippedByteNamesTheFile) {
-  std::string bytes = read_bytes(step_dir_ / "model.safetensors");
+  std::string bytes = read_bytes(step_dir_ / model_file(0));
   bytes[bytes.size() - 3] ^= 0x01;
-  write_bytes(step_dir_ / "model.safetensors", bytes);
+  write_bytes(step_dir_ / model_file(0), bytes);
   const std::string error = load_error();
-  EXPECT_NE(error.find("model.safetensors: checksum mismatch"), std::string::npos) << error;
+  EXPECT_NE(error.find(model_file(0) + ": checksum mismatch"), std::string::npos) << error;
 }
 
 TEST_F(CorruptCheckpointTest, TruncatedFileNamesTheFile) {
-  const std::string bytes = read_bytes(step_dir_ / "optimizer.safetensors");
-  write_bytes(step_dir_ / "optimizer.safetensors", bytes.substr(0, bytes.size() / 2));
+  const std::string bytes = read_bytes(step_dir_ / optimizer_file(0));
+  write_bytes(step_dir_ / optimizer_file(0), bytes.substr(0, bytes.size() / 2));
   const std::string error = load_error();
-  EXPECT_NE(error.find("optimizer.safetensors: size"), std::string::npos) << error;
+  EXPECT_NE(error.find(optimizer_file(0) + ": size"), std::string::npos) << error;
   EXPECT_NE(error.find("truncated"), std::string::npos) << error;
 }
 
 TEST_F(CorruptCheckpointTest, MissingFileNamesTheFile) {
-  fs::remove(step_dir_ / "rng.safetensors");
+  fs::remove(step_dir_ / rng_file(0));
   const std::string error = load_error();
-  EXPECT_NE(error.find("rng.safetensors: missing file"), std::string::npos) << error;
+  EXPECT_NE(error.find(rng_file(0) + ": missing file"), std::string::npos) << error;
 }
 
 TEST_F(CorruptCheckpointTest, EditedManifestIsDetected) {
@@ -189,8 +190,8 @@ TEST_F(CorruptCheckpointTest, ManifestFileNamesCannotLeaveTheDirectory) {
   const auto pristine = nlohmann::ordered_json::parse(read_bytes(step_dir_ / "manifest.json"));
   for (const std::string name : {"../rng.safetensors", "/etc/passwd", "model/../../x.safetensors", ".."}) {
     auto manifest = pristine;
-    manifest["files"][name] = manifest["files"]["rng.safetensors"];
-    manifest["files"].erase("rng.safetensors");
+    manifest["files"][name] = manifest["files"][rng_file(0)];
+    manifest["files"].erase(rng_file(0));
     manifest.erase("checksum");
     const std::string text = manifest.dump();
     manifest["checksum"] = crc32(text.data(), text.size());

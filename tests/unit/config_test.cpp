@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include "yuanmoe/config/config_io.h"
@@ -71,6 +72,58 @@ TEST(ConfigTest, RetiredKeysAreReadAndIgnored) {
   EXPECT_TRUE(parsed.issues.empty());
   EXPECT_EQ(parsed.config.model.attention, AttentionKernel::kSdpa);
   EXPECT_FALSE(to_json(parsed.config)["model"].contains("attention_block_size"));
+}
+
+TEST(ConfigTest, RetiredRouterDtypeStillLoads) {
+  auto root = minimal_config();
+  root["moe"]["router_dtype"] = "fp32";
+  EXPECT_TRUE(parse_config(root).issues.empty());
+}
+
+// What a checkpoint's config may differ in comes from each key's role in the schema.
+TEST(ConfigTest, DifferencesCarryTheKeysRole) {
+  const RunConfig base = parse_config(minimal_config()).config;
+  RunConfig other = base;
+  other.moe.num_experts += 1;          // architecture
+  other.model.rope_base = 40890;       // context
+  other.model.attention_dropout = 0.1;  // a knob of the model section
+  other.train.lr = 1e-4;               // a knob
+  std::map<std::string, std::pair<KeyRole, std::string>> found;
+  for (const ConfigDifference& d : config_differences(base, other)) found[d.path] = {d.role, d.after};
+  ASSERT_EQ(found.size(), 4u);
+  EXPECT_EQ(found.at("moe.num_experts").first, KeyRole::kArchitecture);
+  EXPECT_EQ(found.at("moe.num_experts").second, std::to_string(other.moe.num_experts));
+  EXPECT_EQ(found.at("model.rope_base").first, KeyRole::kContext);
+  EXPECT_EQ(found.at("model.attention_dropout").first, KeyRole::kKnob);
+  EXPECT_EQ(found.at("train.lr").first, KeyRole::kKnob);
+  EXPECT_TRUE(config_differences(base, base).empty());
+  // Every model and moe key has a role; only the listed ones are not architecture.
+  std::set<std::string> not_architecture;
+  for (const KeyDoc& key : describe_config_keys()) {
+    const bool model_key = key.path.rfind("model.", 0) == 0 || key.path.rfind("moe.", 0) == 0;
+    if (model_key && key.role != KeyRole::kArchitecture) not_architecture.insert(key.path);
+    if (!model_key) EXPECT_EQ(key.role, KeyRole::kKnob) << key.path;
+  }
+  EXPECT_EQ(not_architecture,
+            (std::set<std::string>{"model.rope_base", "model.rope_tables", "model.max_seq_length", "model.init_std",
+                                   "model.attention_dropout", "model.attention", "moe.aux_loss_coeff",
+                                   "moe.z_loss_coeff", "moe.bias_balancing_rate", "moe.relu_l1_init",
+                                   "moe.relu_l1_alpha", "moe.capacity_factor"}));
+}
+
+TEST(ConfigTest, TrainingRulesNeedTheDataParallelSize) {
+  RunConfig run = parse_config(minimal_config()).config;
+  run.train.micro_batch_size = 2;
+  run.train.global_batch_size = 6;
+  run.parallel.num_microbatches = 2;
+  const auto issues = validate_training(run, 2);  // 6 sequences do not split into 2 ranks x 2
+  EXPECT_TRUE(has_issue(issues, "train.global_batch_size", "micro_batch_size x data-parallel size (2 x 2)"));
+  EXPECT_TRUE(has_issue(issues, "data.train_prefix", "required for training"));
+  run.train.global_batch_size = 8;
+  run.data.train_prefix = "data/x";
+  EXPECT_TRUE(validate_training(run, 2).empty());
+  run.parallel.num_microbatches = 3;
+  EXPECT_TRUE(has_issue(validate_training(run, 2), "parallel.num_microbatches", "is 3, but"));
 }
 
 TEST(ConfigTest, WrongTypesNameExpectedAndFound) {

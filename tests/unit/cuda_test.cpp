@@ -3,9 +3,8 @@
 #include <gtest/gtest.h>
 
 #include "support/fixtures.h"
-#include "yuanmoe/model/attention.h"
-#include "yuanmoe/model/init.h"
 #include "yuanmoe/model/transformer.h"
+#include "yuanmoe/model/init.h"
 #include "yuanmoe/train/precision.h"
 
 namespace yuanmoe::model {

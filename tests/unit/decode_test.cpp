@@ -10,7 +10,7 @@
 #include "support/fixtures.h"
 #include "yuanmoe/model/decode.h"
 #include "yuanmoe/model/init.h"
-#include "yuanmoe/model/lfa.h"
+#include "yuanmoe/model/transformer.h"
 
 namespace yuanmoe::model {
 namespace {

@@ -4,7 +4,6 @@
 #include "support/gradcheck.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/moe.h"
-#include "yuanmoe/model/router.h"
 #include "yuanmoe/model/transformer.h"
 
 namespace yuanmoe::model {

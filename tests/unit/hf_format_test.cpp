@@ -46,7 +46,7 @@ TEST_P(HfFormatTest, ExportImportIsTheIdentity) {
   const NamedTensors ours = model_state(*model);
   const NamedTensors hf = to_hf_state(ours, run.model, run.moe, torch::kFloat32);
 
-  // Names and shapes of reference §8.1: experts split with the gate rows first, tied head copied.
+  // Names and shapes of docs/model.md §8.1: experts split with the gate rows first, tied head copied.
   const int64_t E = run.moe.num_experts, F = run.moe.ffn_hidden_size, D = run.model.hidden_size;
   const Tensor w1_e3 = find(hf, "model.layers.1.mlp.experts.3.w1.weight");
   ASSERT_TRUE(w1_e3.defined());

@@ -6,9 +6,8 @@
 
 #include "support/fixtures.h"
 #include "support/gradcheck.h"
-#include "yuanmoe/model/attention.h"
+#include "yuanmoe/model/transformer.h"
 #include "yuanmoe/model/init.h"
-#include "yuanmoe/model/lfa.h"
 
 namespace yuanmoe::model {
 namespace {
@@ -76,7 +75,7 @@ TEST_F(LfaTest, ReceptiveFieldIsTheTwoPreviousTokens) {
 }
 
 /// Explicit loops: per head h, q rows [2Dh h, 2Dh h + Dh) and k rows [2Dh h + Dh, 2Dh (h+1)) of
-/// cat(q_proj, k_proj) (yuan2-m32.md §4.1), RoPE as complex rotation, causal softmax per query.
+/// cat(q_proj, k_proj) (docs/interop.md), RoPE as complex rotation, causal softmax per query.
 torch::Tensor attention_reference(AttentionImpl& attn, const torch::Tensor& a_BSD,
                                   const torch::Tensor& positions_BS) {
   const auto& c = attn.config;

@@ -5,7 +5,6 @@
 
 #include "support/fixtures.h"
 #include "yuanmoe/model/init.h"
-#include "yuanmoe/model/mlp.h"
 #include "yuanmoe/model/moe.h"
 
 namespace yuanmoe::model {
@@ -82,7 +81,7 @@ TEST_F(MoeTest, CapacityFactorDropsOverflowInBatchOrder) {
 TEST_F(MoeTest, ForwardReportsRoutedPairsPerExpert) {
   auto moe = make_moe(testing::small_moe_config(RouterKind::kAttention), 16);
   const auto x = torch::randn({10, 16});
-  const Tensor pairs_E = moe(x).pairs_per_expert_E;
+  const Tensor pairs_E = moe(x).routed_pairs_E;
   ASSERT_EQ(pairs_E.sizes(), torch::IntArrayRef({8}));
   EXPECT_EQ(pairs_E.sum().item<int64_t>(), 10 * 2);  // top-2
   // The same counts as the routing itself.
@@ -92,7 +91,7 @@ TEST_F(MoeTest, ForwardReportsRoutedPairsPerExpert) {
 
 TEST_F(MoeTest, DenseRouterRunsEveryExpertOnEveryToken) {
   auto moe = make_moe(testing::small_moe_config(RouterKind::kDense), 16);
-  const Tensor pairs_E = moe(torch::randn({5, 16})).pairs_per_expert_E;
+  const Tensor pairs_E = moe(torch::randn({5, 16})).routed_pairs_E;
   EXPECT_TRUE(torch::equal(pairs_E, torch::full({8}, 5, torch::kLong)));
 }
 

@@ -2,8 +2,7 @@
 #include <complex>
 
 #include "support/fixtures.h"
-#include "yuanmoe/model/norm.h"
-#include "yuanmoe/model/rope.h"
+#include "yuanmoe/model/transformer.h"
 
 namespace yuanmoe::model {
 namespace {
@@ -98,12 +97,12 @@ TEST(RopeTables, ReferenceBf16ModesRoundWhereTheReferencesDo) {
   const int64_t rotary_dim = 128;
   const Tensor exact = rope_inverse_frequencies(rotary_dim, 10000.0);
   const Tensor rounded = rope_inverse_frequencies(rotary_dim, 10000.0, RopeTables::kMegatronBf16);
-  // bf16 keeps 8 significant bits: relative error <= 2^-8 (0.37% here, reference §12.2).
+  // bf16 keeps 8 significant bits: relative error <= 2^-8 (0.37% here, docs/model.md §12.2).
   EXPECT_LE(((rounded - exact).abs() / exact).max().item<double>(), 1.0 / 256);
   EXPECT_FALSE(torch::equal(rounded, exact));
   EXPECT_TRUE(torch::equal(rope_inverse_frequencies(rotary_dim, 10000.0, RopeTables::kHfBf16), rounded));
 
-  // §12.2: HF's bf16 positions quantise 257 to 256; exact and Megatron tables keep them apart.
+  // docs/model.md §12.2: HF's bf16 positions quantise 257 to 256; exact and Megatron tables keep them apart.
   const auto positions = torch::tensor({256, 257, 4095, 4096}, torch::kLong).view({1, 4});
   const RopeAngles hf = rope_angles(rounded, positions, RopeTables::kHfBf16);
   EXPECT_TRUE(torch::equal(hf.cos[0][0], hf.cos[0][1]));
@@ -118,7 +117,7 @@ TEST(RopeTables, ReferenceBf16ModesRoundWhereTheReferencesDo) {
 }
 
 TEST(RopeBase, NtkAwareRuleGivesYuan16kBase) {
-  // yuan2-m32.md §4.2: 10000 * 4^(128/126) = 40889.94 -> 40890.
+  // The 16K fine-tune (docs/training.md): 10000 * 4^(128/126) = 40889.94 -> 40890.
   EXPECT_NEAR(ntk_scaled_rope_base(10000.0, 4.0, 128), 40889.94, 0.01);
 }
 

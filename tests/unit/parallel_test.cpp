@@ -51,7 +51,7 @@ TEST(PipelineSchedule, EveryListIsCompleteAndOrdered) {
 }
 
 TEST(PipelineSchedule, SimulatedBubbleMatchesTheFormula) {
-  // reference/distributed.md §3: bubble / total = (p - 1) / (m + p - 1) for both schedules;
+  // docs/parallelism.md: bubble / total = (p - 1) / (m + p - 1) for both schedules;
   // 1F1B keeps at most p - s micro-batches in flight on stage s, GPipe all m.
   for (const auto schedule : {PipelineSchedule::k1F1B, PipelineSchedule::kGPipe}) {
     for (int64_t p : {1, 2, 4}) {
@@ -128,7 +128,7 @@ TEST(Stages, BalancedPartitionCoversEveryLayerOnce) {
     for (int64_t stages = 1; stages <= layers && stages <= 8; ++stages) {
       int64_t next = 0;
       for (int64_t s = 0; s < stages; ++s) {
-        const model::StageSpec spec = train::balanced_stage(layers, stages, s);
+        const model::StageSpec spec = model::balanced_stage(layers, stages, s);
         EXPECT_EQ(spec.first_layer, next);
         EXPECT_GE(spec.end_layer - spec.first_layer, layers / stages);
         EXPECT_LE(spec.end_layer - spec.first_layer, layers / stages + 1);
@@ -145,7 +145,7 @@ TEST(Stages, FirstAndLastStageSizesCanBeSet) {
   const auto sizes = [](int64_t layers, int64_t stages, int64_t first, int64_t last) {
     std::string out;
     for (int64_t s = 0; s < stages; ++s) {
-      const model::StageSpec spec = train::balanced_stage(layers, stages, s, first, last);
+      const model::StageSpec spec = model::balanced_stage(layers, stages, s, first, last);
       out += std::to_string(spec.end_layer - spec.first_layer) + (s + 1 < stages ? " " : "");
     }
     return out;
@@ -166,7 +166,7 @@ TEST(Stages, InitialWeightsDependOnNamesNotOnTheLayout) {
   std::map<std::string, Tensor> reference;
   for (const auto& [name, t] : checkpoint::model_state(*whole)) reference[name] = t;
   for (int64_t s = 0; s < 2; ++s) {
-    model::Transformer stage(model_config, moe_config, train::balanced_stage(3, 2, s));
+    model::Transformer stage(model_config, moe_config, model::balanced_stage(3, 2, s));
     model::init_weights(*stage, model_config, 7);
     for (const auto& [name, t] : checkpoint::model_state(*stage)) {
       ASSERT_TRUE(reference.count(name)) << name;

@@ -15,7 +15,7 @@ TEST(ParamCountTest, Yuan2M32PublishedCounts) {
   EXPECT_EQ(size.total_parameters, 39'942'842'368);
   EXPECT_EQ(size.active_parameters, 3'704'055'808);
   // Forward FLOPs: 2 per weight of every active matrix (vectors excluded, head counted once),
-  // 2 S P per layer of causal attention, 4 E^2 per attention router (yuan2-m32.md §9: ~7.4 GFLOPs + attention).
+  // 2 S P per layer of causal attention, 4 E^2 per attention router (arXiv 2405.17976: ~7.4 GFLOPs + attention).
   const int64_t L = 24, D = 2048, S = 4096, P = 4096, E = 32;
   const int64_t vectors = L * (2 * D + D / 2 + D + D) + D;
   EXPECT_EQ(size.forward_flops_per_token, 2 * (size.active_parameters - vectors) + 2 * L * S * P + 4 * E * E * L);

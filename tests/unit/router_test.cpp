@@ -1,9 +1,8 @@
-// Routers against per-token loops and the reference formulas (routers.md), gating properties for
+// Routers against per-token loops and the reference formulas (docs/routers.md), gating properties for
 // every router kind, balancing terms and the once-per-step updates.
 #include "support/fixtures.h"
-#include "yuanmoe/model/gating.h"
+#include "yuanmoe/model/moe.h"
 #include "yuanmoe/model/init.h"
-#include "yuanmoe/model/router.h"
 
 namespace yuanmoe::model {
 namespace {
@@ -34,7 +33,7 @@ void expect_hf_top_k(const Routing& routing, const torch::Tensor& logits_TE, int
   }
 }
 
-/// Yuan's attention router by per-token loops (yuan2-m32.md §5), in double: logits [T, E].
+/// Yuan's attention router by per-token loops (arXiv 2405.17976), in double: logits [T, E].
 torch::Tensor attention_router_logits_loop(AttentionRouterImpl& attention, const torch::Tensor& x) {
   const int64_t T = x.size(0), E = attention.config.num_experts;
   auto logits = torch::zeros({T, E}, torch::kDouble);
@@ -201,7 +200,7 @@ INSTANTIATE_TEST_SUITE_P(AllRouters, RouterPropertyTest, ::testing::ValuesIn(tes
                          [](const auto& info) { return config::to_string(info.param); });
 
 TEST_F(RouterTest, TopOneGateIsTheRawProbabilityNotOne) {
-  // routers.md §1 k = 1 trap: a renormalised single gate is always 1 and gives no gradient.
+  // docs/routers.md k = 1 trap: a renormalised single gate is always 1 and gives no gradient.
   const auto logits = torch::randn({6, 4}, torch::requires_grad());
   const TopKGates top = top_k_gates(logits, 1, {});
   const auto probs = torch::softmax(logits, -1);
@@ -292,7 +291,7 @@ TEST_F(RouterTest, BiasBalancingRaisesUnderloadedExperts) {
   moe.bias_balancing_rate = 1e-3;
   auto router = make_router(moe, 16);
   RouterStepStats stats;
-  stats.pairs_per_expert_E = counts;
+  stats.routed_pairs_E = counts;
   router->update_after_step(stats);
   const auto& bias = dynamic_cast<TopKRouterImpl&>(*router).expert_bias;
   EXPECT_LT(max_abs_diff(bias, delta), 1e-9);

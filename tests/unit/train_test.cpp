@@ -7,10 +7,12 @@
 #include "support/tiny_run.h"
 #include "yuanmoe/checkpoint/checkpoint.h"
 #include "yuanmoe/model/init.h"
-#include "yuanmoe/model/rope.h"
+#include "yuanmoe/model/recompute.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/train/lr_schedule.h"
 #include "yuanmoe/train/plots.h"
+#include "yuanmoe/train/checkpointer.h"
+#include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/trainer.h"
 
 namespace yuanmoe::train {
@@ -58,7 +60,7 @@ TEST_P(RecomputeTest, GradientsEqualThoseWithoutRecompute) {
   const auto ids = torch::randint(97, {2, 7});
   const auto pos = model::default_position_ids(2, 7);
   const auto gradients = [&](bool recompute) {
-    model->recompute = recompute;
+    model::apply_recompute(*model, recompute);
     model->zero_grad(true);
     const model::ModelOutput out = model(ids, pos);
     Tensor loss = out.out.pow(2).mean();
@@ -66,7 +68,7 @@ TEST_P(RecomputeTest, GradientsEqualThoseWithoutRecompute) {
     loss.backward();
     std::vector<Tensor> grads;
     for (const auto& p : model->parameters()) grads.push_back(p.grad().defined() ? p.grad().clone() : Tensor());
-    return std::make_pair(grads, out.expert_load_LE);
+    return std::make_pair(grads, out.routed_pairs_LE);
   };
   const auto [plain, load_plain] = gradients(false);
   const auto [recomputed, load_recomputed] = gradients(true);
@@ -79,6 +81,30 @@ TEST_P(RecomputeTest, GradientsEqualThoseWithoutRecompute) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllRouters, RecomputeTest, ::testing::ValuesIn(testing::all_router_kinds()));
+
+// With dropout the rerun in backward must draw the same masks as the first run: the generator is
+// reset to the state before the first run. Drawn from the same seed, plain and recomputed steps
+// then give equal gradients; with the masks of another draw they would not.
+TEST(RecomputeDropoutTest, RerunDrawsTheFirstRunsDropoutMasks) {
+  auto model_config = testing::small_model_config();
+  model_config.attention_dropout = 0.5;
+  model::Transformer model(model_config, testing::small_moe_config(RouterKind::kAttention));
+  model::init_weights(*model, model_config);
+  model->to(torch::kDouble);
+  model->train();
+  const auto ids = torch::randint(97, {2, 7});
+  const auto pos = model::default_position_ids(2, 7);
+  const auto gradient = [&](bool recompute, uint64_t seed) {
+    model::apply_recompute(*model, recompute);
+    model->zero_grad(true);
+    torch::manual_seed(seed);
+    model(ids, pos).out.pow(2).mean().backward();
+    return model->blocks.front()->self_attn->q_proj->weight.grad().clone();
+  };
+  const Tensor plain = gradient(false, 11);
+  EXPECT_LT(testing::max_abs_diff(gradient(true, 11), plain), 1e-12);
+  EXPECT_GT(testing::max_abs_diff(gradient(false, 12), plain), 1e-6);  // the masks matter
+}
 
 /// Train losses by step from a run dir's metrics.jsonl.
 std::map<int64_t, double> train_losses(const fs::path& run_dir) {
@@ -334,7 +360,7 @@ TEST_F(TrainerTest, NonfiniteStepStopsAndTheRunResumesExactly) {
   TempDir straight, poisoned;
   Trainer(run, {straight.path()}).run();
   TrainerOptions faulty{poisoned.path()};
-  faulty.inject_nonfinite_steps = {6};
+  faulty.nonfinite_steps = {6};
   const std::string stopped = stop_message(run, faulty);
   EXPECT_NE(stopped.find("step 6: loss"), std::string::npos) << stopped;
   EXPECT_NE(stopped.find("nothing of this step was applied"), std::string::npos) << stopped;
@@ -361,7 +387,7 @@ TEST_F(TrainerTest, SkippedNonfiniteStepsApplyNothing) {
   TempDir before, skipping;
   Trainer(run, {before.path(), /*exit_after_steps=*/2}).run();
   TrainerOptions faulty{skipping.path(), /*exit_after_steps=*/4};
-  faulty.inject_nonfinite_steps = {3, 4};
+  faulty.nonfinite_steps = {3, 4};
   Trainer(run, faulty).run();
   expect_same_state(before.path() / "checkpoints" / "step_00000002", skipping.path() / "checkpoints" / "step_00000004");
   const auto losses = train_losses(skipping.path());
@@ -382,10 +408,59 @@ TEST_F(TrainerTest, TooManyConsecutiveSkipsStop) {
   run.train.max_consecutive_skips = 2;
   TempDir run_dir;
   TrainerOptions faulty{run_dir.path()};
-  faulty.inject_nonfinite_steps = {2, 4, 5, 6};  // 2 alone is tolerated; 4, 5, 6 are three in a row
+  faulty.nonfinite_steps = {2, 4, 5, 6};  // 2 alone is tolerated; 4, 5, 6 are three in a row
   const std::string stopped = stop_message(run, faulty);
   EXPECT_NE(stopped.find("step 6:"), std::string::npos) << stopped;
   EXPECT_NE(stopped.find("train.max_consecutive_skips = 2"), std::string::npos) << stopped;
+}
+
+// Checkpoints written by one process before the sharded layout became the only one (single
+// model / optimizer / rng files, the generator under "cpu") resume: weights, AdamW state and
+// the random stream; a save then writes the one layout.
+TEST(CheckpointManagerTest, ResumesTheSingleFilesOfEarlierVersionsAndSavesTheShardedLayout) {
+  TempDir dir;
+  const fs::path checkpoints = dir.path() / "checkpoints";
+  config::RunConfig run = testing::tiny_run_config(dir.path().string());
+  model::Transformer model(run.model, run.moe);
+  model::init_weights(*model, run.model, 1);
+  auto optimizer = make_optimizer(*model, run.train);
+  model(torch::randint(run.model.vocab_size, {2, 8}), model::default_position_ids(2, 8)).out.sum().backward();
+  optimizer->step();
+
+  checkpoint::Checkpoint old;
+  old.config = run;
+  old.progress.step = 3;
+  const fs::path tmp = checkpoint::begin_checkpoint(checkpoints, 3);
+  checkpoint::write_checkpoint_file(tmp, "model.safetensors", checkpoint::model_state(*model));
+  checkpoint::write_checkpoint_file(tmp, "optimizer.safetensors", optimizer_state_by_name(*model, *optimizer));
+  torch::manual_seed(42);
+  const Tensor rng_state = at::detail::getDefaultCPUGenerator().get_state();
+  const Tensor next_draw = torch::rand({4});
+  checkpoint::write_checkpoint_file(tmp, "rng.safetensors", {{"cpu", rng_state}});
+  checkpoint::finish_checkpoint(checkpoints, tmp, old, 3);
+
+  model::Transformer fresh(run.model, run.moe);
+  model::init_weights(*fresh, run.model, 2);
+  auto fresh_optimizer = make_optimizer(*fresh, run.train);
+  parallel::ParallelContext single_process;
+  const CheckpointManager manager(run, checkpoints, single_process, torch::kCPU);
+  torch::manual_seed(7);
+  const std::optional<Resumed> resumed = manager.resume(*fresh, *fresh_optimizer);
+  ASSERT_TRUE(resumed);
+  EXPECT_EQ(resumed->progress.step, 3);
+  EXPECT_TRUE(resumed->notes.empty());
+  EXPECT_TRUE(torch::equal(torch::rand({4}), next_draw));  // the random stream continues
+  const auto a = checkpoint::model_state(*model), b = checkpoint::model_state(*fresh);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
+  const auto sa = optimizer_state_by_name(*model, *optimizer), sb = optimizer_state_by_name(*fresh, *fresh_optimizer);
+  ASSERT_EQ(sa.size(), sb.size());
+  for (size_t i = 0; i < sa.size(); ++i) EXPECT_TRUE(torch::equal(sa[i].second, sb[i].second)) << sa[i].first;
+
+  const fs::path saved = manager.save({4, 0, {}}, *fresh, *fresh_optimizer);
+  for (const std::string file : {checkpoint::model_file(0), checkpoint::optimizer_file(0), checkpoint::rng_file(0)}) {
+    EXPECT_TRUE(fs::exists(saved / file)) << file;
+  }
+  EXPECT_EQ(checkpoint::load_checkpoint(saved).rng.front().first, "rank0/cpu");
 }
 
 }  // namespace

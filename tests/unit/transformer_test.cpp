@@ -149,7 +149,7 @@ TEST_F(TransformerTest, ReportsExpertLoadPerMoeLayer) {
   moe.moe_layer_freq = 2;  // layers 0 and 2 are MoE
   auto model = make_model(model_config, moe);
   const auto ids = torch::randint(97, {2, 5});
-  const Tensor load_LE = model(ids, default_position_ids(2, 5)).expert_load_LE;
+  const Tensor load_LE = model(ids, default_position_ids(2, 5)).routed_pairs_LE;
   ASSERT_EQ(load_LE.sizes(), torch::IntArrayRef({2, 8}));
   EXPECT_TRUE(torch::equal(load_LE.sum(1), torch::full({2}, 2 * 5 * 2, torch::kLong)));
 }

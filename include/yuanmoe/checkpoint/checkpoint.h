@@ -1,17 +1,18 @@
-// Checkpoints (SPEC §4, docs/checkpoints.md):
+// Checkpoints (docs/training.md, "Checkpoints"):
 //   checkpoints/step_NNNNNNNN/manifest.json       format, step, tokens, sampler, config, layout,
 //                                                 every file (bytes, crc32) and tensor (name,
 //                                                 shape, dtype, file, crc32), its own checksum
-//                            model*.safetensors    parameters and buffers by name, global layer ids
-//                            optimizer*.safetensors "{param}/exp_avg", "/exp_avg_sq", "/step"
-//                            rng*.safetensors      generator states
+//                            model-stage-SS.safetensors     parameters and buffers of pipeline
+//                                                 stage SS by name, global layer ids
+//                            optimizer-stage-SS.safetensors "{param}/exp_avg", "/exp_avg_sq", "/step"
+//                            rng-rank-R.safetensors generator states of rank R ("rankR/cpu",
+//                                                 "rankR/cuda")
 //                            tokenizer.model       a copy, so eval/generate need only this dir
 //   checkpoints/latest                            "step_NNNNNNNN", replaced last
-// One process writes model.safetensors, optimizer.safetensors and rng.safetensors; a pipeline
-// writes one model/optimizer shard per stage (model-stage-SS.safetensors, ...) and one rng file
-// per rank, in parallel. Loading merges every shard by tensor name, so any layout reads any
-// other. A checkpoint is written under .tmp-step_NNNNNNNN, fsync'ed, and renamed: a directory
-// named step_* is always complete, whatever moment a run is killed at.
+// One process is stage 0 and rank 0 of the same layout. Loading merges every shard by tensor
+// name, so any layout reads any other, and the single files of earlier versions
+// (model.safetensors, ...) too. A checkpoint is written under a temporary name, fsync'ed, and
+// renamed: a directory named step_* is always complete, whatever moment a run is killed at.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,7 @@
 #include <string>
 
 #include "yuanmoe/checkpoint/safetensors.h"
+#include "yuanmoe/config/config.h"
 #include "yuanmoe/data/sampler.h"
 
 namespace yuanmoe::checkpoint {
@@ -36,21 +38,38 @@ struct TrainingProgress {
   data::SamplerState sampler;
 };
 
+/// The parallel layout a checkpoint was written at.
+struct CheckpointLayout {
+  int64_t pipeline_parallel_size = 1;
+  int64_t data_parallel_size = 1;
+  bool operator==(const CheckpointLayout& other) const {
+    return pipeline_parallel_size == other.pipeline_parallel_size && data_parallel_size == other.data_parallel_size;
+  }
+};
+
 struct Checkpoint {
   TrainingProgress progress;
-  nlohmann::ordered_json config;  // the resolved run config
-  nlohmann::ordered_json layout;  // parallel layout it was written at
+  config::RunConfig config;  // the resolved run config (keys added since read as their defaults)
+  CheckpointLayout layout;
   NamedTensors model;
   NamedTensors optimizer;
   NamedTensors rng;
   fs::path tokenizer;  // copied in when non-empty
 };
 
-/// Writes `checkpoint` as checkpoints_dir/step_NNNNNNNN (see above), points `latest` at it and
-/// keeps only the newest `keep_last` step directories. Returns the new directory.
+/// The tensor files of the layout above.
+std::string model_file(int64_t stage);
+std::string optimizer_file(int64_t stage);
+std::string rng_file(int64_t rank);
+
+/// Writes `checkpoint` from one process (stage 0, rank 0) as checkpoints_dir/step_NNNNNNNN (see
+/// above), points `latest` at it and keeps only the newest `keep_last` step directories.
+/// Returns the new directory.
 fs::path save_checkpoint(const fs::path& checkpoints_dir, const Checkpoint& checkpoint, int64_t keep_last);
 
 // The same in three phases, for many writers (the caller puts barriers between them):
+/// Where the files of step `step` are written before the rename.
+fs::path temporary_checkpoint_dir(const fs::path& checkpoints_dir, int64_t step);
 /// One process: drops leftovers of killed writes, creates and returns the temporary directory.
 fs::path begin_checkpoint(const fs::path& checkpoints_dir, int64_t step);
 /// Any process: one tensor file into the temporary directory (fsync'ed).
@@ -70,8 +89,8 @@ fs::path resolve_checkpoint_dir(const fs::path& path);
 enum class LoadParts { kAll, kModelOnly };
 
 /// Reads a step directory and verifies it: the manifest's own checksum, every file's presence,
-/// size and crc32, every tensor's shape, dtype and crc32. Any mismatch throws one
-/// std::runtime_error line naming the file (and tensor).
+/// size and crc32, every tensor's shape, dtype and crc32, and its config. Any mismatch throws one
+/// std::runtime_error line naming the file (and tensor or key).
 Checkpoint load_checkpoint(const fs::path& step_dir, LoadParts parts = LoadParts::kAll);
 
 /// The verified manifest alone.

@@ -1,5 +1,5 @@
-// The weight files of a Hugging Face model directory (reference/yuan2-m32.md §8.1,
-// distributed.md §5.1): one `model.safetensors`, safetensors shards listed by
+// The weight files of a Hugging Face model directory (docs/interop.md;
+// the safetensors format: github.com/huggingface/safetensors): one `model.safetensors`, safetensors shards listed by
 // `model.safetensors.index.json`, or the PyTorch pickles the published Yuan2-M32-hf ships
 // (`pytorch_model.bin`, or shards listed by `pytorch_model.bin.index.json`).
 // An index is {"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}.

@@ -1,4 +1,4 @@
-// Our model <-> the Yuan2-M32-hf layout (reference/yuan2-m32.md §8, docs/interop.md).
+// Our model <-> the Yuan2-M32-hf layout (docs/interop.md).
 //
 // Our parameter names already are the HF names without the "model." prefix (transformer.h),
 // including the per-head interleaved q_proj/k_proj rows and the [out, in, 2, 1] LFA convs. What
@@ -24,7 +24,7 @@ struct HfArchitecture {
   int64_t eod_id = -1;  // eod_token_id, -1 when absent or outside the vocabulary
 };
 
-/// config.json for `run`'s model: the reference keys (§8.3) plus rotary_base / rope_theta,
+/// config.json for `run`'s model: the reference keys (docs/model.md §8.3) plus rotary_base / rope_theta,
 /// rotary_dim, head_dim, tie_word_embeddings and router_type. eod_id < 0 omits the token ids.
 nlohmann::ordered_json make_hf_config(const config::RunConfig& run, int64_t eod_id, c10::ScalarType dtype);
 

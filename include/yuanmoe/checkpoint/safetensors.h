@@ -1,4 +1,4 @@
-// safetensors (huggingface/safetensors; distributed.md §5.1): [u64 LE header size N][N bytes JSON
+// safetensors (github.com/huggingface/safetensors): [u64 LE header size N][N bytes JSON
 // header, space-padded to a multiple of 8][tensor bytes, little-endian, row-major]. Used for
 // checkpoints, the Hugging Face export and `eval --dump-logits`.
 #pragma once

@@ -1,4 +1,4 @@
-// Typed run configuration (SPEC §3): one struct per JSON section, one root RunConfig.
+// Typed run configuration (docs/config.md): one struct per JSON section, one root RunConfig.
 // Parsing, serialisation and key documentation all come from the single schema in
 // src/config/schema.h, so a key exists in exactly one place. Nothing below the config
 // layer sees JSON or enum strings; each module receives only its own section.
@@ -13,18 +13,17 @@
 namespace yuanmoe::config {
 
 enum class RouterKind { kAttention, kLinear, kRelu, kDense };
-/// How RoPE cos/sin tables are computed (yuan2-m32.md §12.2): exact fp32 from integer positions,
+/// How RoPE cos/sin tables are computed (docs/interop.md: the HF and Megatron references round them in bf16): exact fp32 from integer positions,
 /// or reproducing a reference's bf16 rounding for parity checks.
 enum class RopeTables { kExact, kHfBf16, kMegatronBf16 };
 enum class AttentionKernel { kSdpa, kMaterialised };
-enum class RouterDtype { kFp32 };
 enum class LrSchedule { kCosine, kConstant, kLinear };
 enum class Precision { kFp32, kBf16 };
 enum class PipelineSchedule { k1F1B, kGPipe };
 enum class Backend { kAuto, kGloo, kNccl };
 enum class NonfinitePolicy { kStop, kSkip };
 
-/// Decoder architecture (reference/yuan2-m32.md §1-§4).
+/// Decoder architecture (Yuan 2.0, arXiv 2311.15786; Yuan 2.0-M32, arXiv 2405.17976).
 struct ModelConfig {
   int64_t num_layers = 0;           ///< L, required
   int64_t hidden_size = 0;          ///< D, required
@@ -52,7 +51,6 @@ struct MoeConfig {
   int64_t top_k = 0;                 ///< K; ReLU: sets the target sparsity 1 - K/E
   int64_t ffn_hidden_size = 0;       ///< F, expert SwiGLU width, required
   RouterKind router = RouterKind::kAttention;
-  RouterDtype router_dtype = RouterDtype::kFp32;
   double aux_loss_coeff = 0.0;       ///< Switch load-balancing loss (top-k routers)
   double z_loss_coeff = 0.0;         ///< ST-MoE router z-loss (top-k routers)
   double bias_balancing_rate = 0.0;  ///< DeepSeek-V3 aux-loss-free bias update rate, 0 = off

@@ -50,13 +50,30 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
 /// The resolved config as JSON (every key, defaults included); parse_config(to_json(c)) == c.
 nlohmann::json to_json(const RunConfig& config);
 
+/// What a key means to a checkpoint loaded under another config (docs/config.md, "Resuming").
+enum class KeyRole {
+  kArchitecture,  ///< the function the weights compute: must match to resume or fine-tune
+  kContext,       ///< the context window (RoPE, max length): a fine-tune may change it, a resume not
+  kKnob,          ///< how training runs: may change at any resume (noted in the log)
+};
+
 /// One documented key of the schema (docs/config.md is checked against this list).
 struct KeyDoc {
   std::string path;
   std::string type;
   std::string default_value;  ///< "required" for required keys
   std::string description;
+  KeyRole role = KeyRole::kKnob;
 };
 std::vector<KeyDoc> describe_config_keys();
+
+/// A key whose resolved value differs between two configs, its values as JSON text.
+struct ConfigDifference {
+  std::string path;
+  KeyRole role;
+  std::string before, after;
+};
+/// Every key of the schema whose value differs, in schema order.
+std::vector<ConfigDifference> config_differences(const RunConfig& before, const RunConfig& after);
 
 }  // namespace yuanmoe::config

@@ -11,6 +11,11 @@ namespace yuanmoe::config {
 /// Every rule the parsed config breaks (empty = valid). Never throws.
 std::vector<ConfigIssue> validate(const RunConfig& config);
 
+/// The rules a training run adds once its data-parallel size is known (every rank runs them
+/// and reports the same issues): data.train_prefix set, the global batch divisible into
+/// micro-batches per data-parallel rank, parallel.num_microbatches consistent with that.
+std::vector<ConfigIssue> validate_training(const RunConfig& config, int64_t data_parallel_size);
+
 /// Options that are set but have no effect with the other settings (logged, not fatal).
 std::vector<ConfigIssue> config_warnings(const RunConfig& config);
 

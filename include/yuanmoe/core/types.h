@@ -1,4 +1,4 @@
-// Shape-letter legend used in tensor names across the code base (style.md §6):
+// Shape-letter legend used in tensor names across the code base (docs/architecture.md, "Shape letters"):
 //   B batch, S sequence, T tokens (B*S flattened), D model dim (hidden_size),
 //   H heads, Dh head dim, P attention width (H*Dh), F expert FFN width, E experts,
 //   K routing slots per token, N routed (token, expert) pairs, V vocabulary.
@@ -13,5 +13,10 @@ using torch::Tensor;
 /// RoPE, routers) run in fp32 for bf16 models and stay exact for double-precision checks.
 inline torch::Dtype at_least_fp32(const Tensor& t) {
   return torch::promote_types(t.scalar_type(), torch::kFloat);
+}
+
+/// in -> out, weight [out, in], no bias: every projection of the model (Yuan has no biases).
+inline torch::nn::Linear linear_without_bias(int64_t in, int64_t out) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
 }
 }  // namespace yuanmoe

@@ -1,6 +1,6 @@
-// Incremental decoding (yuan2-m32.md §10): the per-layer state that lets a chunk of tokens
+// Incremental decoding (docs/architecture.md, "Incremental decoding"): the per-layer state that lets a chunk of tokens
 // continue a sequence without recomputing it, and token sampling on top of it. The state is the
-// KV cache plus the LFA's previous frames (option 2 of §10), exact for chunks of any length, so
+// KV cache plus the LFA's previous frames (option 2 of docs/model.md §10), exact for chunks of any length, so
 // chunked prefill and one-token steps give the full forward's logits. The forwards take the
 // cache as an optional pointer; there is no second model. Not here: paged or preallocated caches,
 // batched generation of prompts with different lengths, beam search.
@@ -14,7 +14,7 @@
 
 namespace yuanmoe::model {
 
-/// The LFA's two causal filters look one frame back (§3); these are the frames before the next
+/// The LFA's two causal filters look one frame back (docs/model.md §3); these are the frames before the next
 /// chunk. Both undefined at sequence start, which the filters read as the zero frame.
 struct LfaState {
   Tensor a_prev;   ///< [B, 1, D]   last LFA input (input-norm output) seen

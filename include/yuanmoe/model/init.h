@@ -1,4 +1,4 @@
-// The one initialisation policy (yuan2-m32.md §7, Megatron defaults):
+// The one initialisation policy (Megatron-LM's init_method_normal and scaled_init_method_normal):
 //   RMSNorm weights 1; LFA conv weights and biases U(+-1/sqrt(fan_in)) (PyTorch Conv2d default,
 //   fan_in = in_channels * 2); output projections (o_proj, w2) N(0, init_std / sqrt(2 L));
 //   everything else (embedding, q/k/v, routers, w1, untied head) N(0, init_std).

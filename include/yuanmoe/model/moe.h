@@ -1,18 +1,229 @@
-// The MoE feed-forward block (yuan2-m32.md §6, distributed.md §4): route, group the routed
+// The MoE feed-forward block, all of it in one room: the gating and balancing functions every
+// router shares (docs/routers.md), the four routers (one scorer each), the experts as one
+// autograd function over grouped GEMMs (and the dense SwiGLU of non-MoE layers), and the block
+// itself: route, plan (sort by expert), gather, grouped GEMMs, deterministic combine.
+// Sections in reading order; each keeps the comment of what it was.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/core/types.h"
+
+namespace yuanmoe::model {
+
+// ================================================================================================
+// gating: Gating and balancing functions shared by every router (reference/routers.md). Pure functions of
+// fp32 router logits; no module state. Logits are [T, E].
+
+/// Top-k selection with renormalised softmax gates (docs/routers.md): the k largest of
+/// logits + selection_bias are selected (the bias only selects, DeepSeek-V3, arXiv 2412.19437 §2.1.2; pass an undefined
+/// tensor for none), and the gates are softmax over the k unbiased selected logits, which equals
+/// softmax-then-renormalise. For k = 1 the gate is the raw softmax probability (Switch form):
+/// a renormalised single gate is always 1 and would give the router no gradient.
+struct TopKGates {
+  Tensor gates_TK;       // fp32, each row sums to 1 (k > 1)
+  Tensor expert_ids_TK;  // int64
+};
+TopKGates top_k_gates(const Tensor& logits_TE, int64_t k, const Tensor& selection_bias_E);
+
+/// ReMoE gates (docs/routers.md): relu(logits), no normalisation. [T, E].
+Tensor relu_gates(const Tensor& logits_TE);
+
+/// Jacobs et al. 1991 gates (docs/routers.md): softmax over all experts. [T, E].
+Tensor dense_gates(const Tensor& logits_TE);
+
+/// Switch load-balancing loss (docs/routers.md), top-k form of Megatron:
+/// E * sum_i f_i P_i with f_i = (1/(T k)) sum_t 1{i in S_t} (no gradient), P_i = mean_t softmax_i.
+/// Equals 1 at perfect balance; the caller multiplies by aux_loss_coeff.
+Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK);
+
+/// ST-MoE router z-loss (docs/routers.md): mean_t (logsumexp_j logits_tj)^2.
+Tensor router_z_loss(const Tensor& logits_TE);
+
+/// ReMoE load-balanced L1 (docs/routers.md): (1/T) sum_t sum_e f_e R_te with
+/// f_e = sg(E / (k T) * sum_t 1{R_te > 0}). The caller multiplies by the adaptive lambda.
+Tensor relu_load_balanced_l1(const Tensor& gates_TE, int64_t k);
+
+// ================================================================================================
+// router: MoE routers (reference/routers.md). A router turns the post-attention-norm hidden state into a
+// Routing: per token K slots, each an (expert, gate) pair, plus its weighted auxiliary loss.
+// The public forward() is the same for all: promote to fp32, score() -> fp32 logits, gate().
+// Subclasses supply one scorer each; gating and balancing are the shared functions of gating.h.
+//
+//   kind       scorer                       gate                         balancing
+//   attention  Yuan attention router (docs/routers.md)   top-k softmax, renormalised  aux / z / bias
+//   linear     W x                          top-k softmax, renormalised  aux / z / bias
+//   relu       W x                          relu (variable experts)      adaptive L1 (ReMoE)
+//   dense      W x                          softmax over all experts     none
+
+struct Routing {
+  Tensor expert_ids_TK;          // int64 [T, K]
+  Tensor gates_TK;               // fp32 (or wider) [T, K]
+  bool skip_zero_gates = false;  // ReLU: slots with gate exactly 0 are not dispatched
+  Tensor aux_loss;               // weighted scalar, undefined when the router has none
+};
+
+/// What a router sees once per optimizer step (all micro-batches; global counts under data
+/// parallelism): this layer's routed pairs per expert and the fraction of (token, expert) pairs
+/// active over all MoE layers of the model (ReMoE's 1 - S_i, docs/routers.md).
+struct RouterStepStats {
+  Tensor routed_pairs_E;
+  int64_t tokens = 0;
+  double active_fraction_all_layers = 0.0;
+};
+
+/// Sums over the tokens routed in eval mode since the last take_eval_stats(): the entropy (nats)
+/// of each token's routing distribution (routing_distribution()), and the token count.
+struct RouterEvalStats {
+  double entropy_sum = 0.0;
+  int64_t tokens = 0;
+};
+
+class RouterImpl : public torch::nn::Module {
+ public:
+  /// x_TD -> Routing. Computed in fp32 (or double when x is double, for gradient checks).
+  /// In eval mode it also adds to the entropy statistics (no grad, no host sync).
+  Routing forward(const Tensor& x_TD);
+  /// Once per optimizer step, by whoever trains; updates the router's buffers (if any).
+  virtual void update_after_step(const RouterStepStats& stats) {}
+  /// The eval-mode statistics so far; resets them.
+  RouterEvalStats take_eval_stats();
+  /// logits_TE -> each token's distribution over experts [T, E], rows summing to 1 (or all 0):
+  /// softmax for the softmax-gated routers (before any selection bias); ReLU gates normalised
+  /// by their sum for ReMoE (a token with no active expert has an all-zero row, entropy 0).
+  virtual Tensor routing_distribution(const Tensor& logits_TE) const;
+
+  const config::MoeConfig config;
+
+ protected:
+  explicit RouterImpl(const config::MoeConfig& config) : config(config) {}
+  /// x_TD (already promoted) -> logits_TE.
+  virtual Tensor score(const Tensor& x_TD) = 0;
+  virtual Routing gate(const Tensor& logits_TE) = 0;
+  /// W x for the routers that score with one [E, D] matrix.
+  static Tensor linear_scores(const Tensor& x_TD, const Tensor& weight_ED);
+
+ private:
+  Tensor eval_entropy_sum_;  // fp64 scalar on the router's device, undefined until first used
+  int64_t eval_tokens_ = 0;
+};
+
+/// Shared by the attention and linear routers: top-k gates, Switch aux loss, z-loss and the
+/// DeepSeek-V3 aux-loss-free selection bias.
+class TopKRouterImpl : public RouterImpl {
+ public:
+  void update_after_step(const RouterStepStats& stats) override;
+
+  Tensor expert_bias;  // [E] buffer, selection only; stays 0 unless bias_balancing_rate > 0
+
+ protected:
+  TopKRouterImpl(const config::MoeConfig& config);
+  Routing gate(const Tensor& logits_TE) override;
+};
+
+/// Yuan 2.0-M32 attention router (arXiv 2405.17976): q, k, v = Wq x, Wk x, Wv x in R^E,
+/// logits r = softmax_rows(q k^T) v, no 1/sqrt scaling. HF names mlp.gate.{query,key,value}.
+class AttentionRouterImpl final : public TopKRouterImpl {
+ public:
+  AttentionRouterImpl(const config::MoeConfig& config, int64_t hidden_size);
+
+  torch::nn::Linear query{nullptr};  // D -> E
+  torch::nn::Linear key{nullptr};    // D -> E
+  torch::nn::Linear value{nullptr};  // D -> E
+
+ protected:
+  Tensor score(const Tensor& x_TD) override;
+};
+
+/// Classic top-k softmax router (Mixtral / Megatron post-softmax). HF name mlp.gate.weight.
+class LinearRouterImpl final : public TopKRouterImpl {
+ public:
+  LinearRouterImpl(const config::MoeConfig& config, int64_t hidden_size);
+  Tensor weight;  // [E, D]
+
+ protected:
+  Tensor score(const Tensor& x_TD) override;
+};
+
+/// ReMoE (arXiv 2412.14711): gates relu(W x); loss term l1_coeff * load-balanced L1, with
+/// l1_coeff adapted once per step toward 1 - top_k/E sparsity.
+class ReluRouterImpl final : public RouterImpl {
+ public:
+  ReluRouterImpl(const config::MoeConfig& config, int64_t hidden_size);
+  void update_after_step(const RouterStepStats& stats) override;
+  Tensor routing_distribution(const Tensor& logits_TE) const override;
+
+  Tensor weight;    // [E, D]
+  Tensor l1_coeff;  // [] fp32 buffer (lambda), checkpointed
+
+ protected:
+  Tensor score(const Tensor& x_TD) override;
+  Routing gate(const Tensor& logits_TE) override;
+};
+
+/// Jacobs et al. (1991) dense softmax gate: every expert runs on every token.
+class DenseRouterImpl final : public RouterImpl {
+ public:
+  DenseRouterImpl(const config::MoeConfig& config, int64_t hidden_size);
+  Tensor weight;  // [E, D]
+
+ protected:
+  Tensor score(const Tensor& x_TD) override;
+  Routing gate(const Tensor& logits_TE) override;
+};
+
+/// The router selected by config.router.
+std::shared_ptr<RouterImpl> make_router(const config::MoeConfig& config, int64_t hidden_size);
+
+/// ReMoE controller (docs/routers.md): lambda * alpha when too many pairs are active
+/// (sparsity below target), lambda / alpha otherwise (the reference also divides at equality).
+double next_relu_l1_coeff(double coeff, double active_fraction, double target_active, double alpha);
+
+/// Aux-loss-free bias step (docs/routers.md, torchtitan's centred form):
+/// delta = rate * sign(mean(c) - c), minus its mean. [E].
+Tensor expert_bias_delta(const Tensor& routed_pairs_E, double rate);
+
+// ================================================================================================
+// mlp: SwiGLU feed-forward math shared by the experts and the dense layers (Shazeer 2020, arXiv 2002.05202):
+//   u = W1 x (W1: [2F, D], gate rows first), h = silu(u[:F]) * u[F:], out = W2 h (W2: [D, F]).
+// Not Yuan's dense YuanMLP, which puts the activation on the up projection.
+
+/// x_TD, w1_2FD, w2_DF -> out_TD.
+Tensor swiglu(const Tensor& x_TD, const Tensor& w1_2FD, const Tensor& w2_DF);
+
+/// A dense SwiGLU layer (layers that moe.moe_layer_freq leaves dense).
+class DenseMlpImpl : public torch::nn::Module {
+ public:
+  DenseMlpImpl(int64_t hidden_size, int64_t ffn_hidden_size);
+  Tensor forward(const Tensor& x);  // [..., D] -> [..., D]
+
+  torch::nn::Linear w1{nullptr};  // D -> 2F
+  torch::nn::Linear w2{nullptr};  // F -> D
+};
+TORCH_MODULE(DenseMlp);
+
+/// All experts of one MoE layer as two grouped weights (Megatron GroupedMLP layout);
+/// HF `experts.{e}.w1.weight` is `w1[e]`, `experts.{e}.w2.weight` is `w2[e]`.
+class GroupedExpertsImpl : public torch::nn::Module {
+ public:
+  GroupedExpertsImpl(int64_t num_experts, int64_t hidden_size, int64_t ffn_hidden_size);
+  /// xs_ND: routed rows sorted by expert, rows_per_expert[e] of them for expert e in order.
+  /// One contiguous GEMM pair per non-empty expert. Returns ys_ND.
+  Tensor forward(const Tensor& xs_ND, const std::vector<int64_t>& rows_per_expert);
+
+  Tensor w1;  // [E, 2F, D]
+  Tensor w2;  // [E, D, F]
+};
+TORCH_MODULE(GroupedExperts);
+
+// ================================================================================================
+// moe: The MoE feed-forward block (arXiv 2405.17976; docs/architecture.md): route, group the routed
 // (token, slot) pairs by expert with a stable sort, run one contiguous GEMM pair per expert,
 // scale by the gates, and combine deterministically: every pair writes its own (token, slot)
 // row (unique destinations, no atomics) and the K slots are summed in a fixed order.
 // Dropless by default; capacity_factor > 0 drops the overflow of each expert in batch order.
-#pragma once
-
-#include <memory>
-
-#include "yuanmoe/config/config.h"
-#include "yuanmoe/core/types.h"
-#include "yuanmoe/model/mlp.h"
-#include "yuanmoe/model/router.h"
-
-namespace yuanmoe::model {
 
 struct MoeOutput {
   Tensor out;       // same shape as the input
@@ -20,7 +231,7 @@ struct MoeOutput {
   // Routed (token, expert) pairs per expert before capacity drops, int64 [E], no grad. Returned
   // rather than accumulated in the module, so a recomputed forward (activation checkpointing)
   // cannot count a batch twice; the trainer sums it over micro-batches.
-  Tensor pairs_per_expert_E;
+  Tensor routed_pairs_E;
 };
 
 /// Where each routed (token, slot) pair goes: the pairs that are computed, grouped by expert.

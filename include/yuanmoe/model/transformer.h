@@ -1,6 +1,191 @@
-// The Yuan 2.0-M32 decoder, or one pipeline stage of it. Layers live in a ModuleDict keyed by
+// The Yuan 2.0 decoder, all of it in one room, in the order a token meets it: RMSNorm, RoPE,
+// Localized Filtering (LFA), attention, the pre-norm block, and the decoder (or one pipeline
+// stage of it). The MoE feed-forward block is model/moe.h. docs/architecture.md gives the
+// math and the parameter names. Sections in reading order; each keeps the comment of what it
+// was.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/core/types.h"
+#include "yuanmoe/model/moe.h"
+
+namespace yuanmoe::model {
+
+// ================================================================================================
+// norm: RMSNorm (Yuan 2.0, arXiv 2311.15786): y = w * x / sqrt(mean(x^2) + eps), statistics in fp32.
+
+/// x_BSD -> y_BSD, same dtype as x; one final rounding (Megatron/apex convention, docs/model.md §12.5).
+class RmsNormImpl : public torch::nn::Module {
+ public:
+  RmsNormImpl(int64_t dim, double eps);
+  Tensor forward(const Tensor& x);
+
+  Tensor weight;  // [D], init 1
+  const double eps;
+};
+TORCH_MODULE(RmsNorm);
+
+// ================================================================================================
+// rope: Partial rotary position embedding, NeoX "rotate-half" form (the Yuan2-M32-hf modelling code): the first
+// rotary_dim dims of each head are rotated, pairing dim i with i + rotary_dim/2; the rest pass.
+// Tables are computed in fp32 from exact integer positions (the default of docs/model.md §12.2); the other
+// RopeTables modes reproduce the bf16 rounding of the HF or Megatron reference for parity checks.
+
+/// theta_i = base^(-2i / rotary_dim), i in [0, rotary_dim/2). [rotary_dim/2] fp32 (rounded to
+/// bf16 values in both bf16 modes).
+Tensor rope_inverse_frequencies(int64_t rotary_dim, double base,
+                                config::RopeTables tables = config::RopeTables::kExact);
+
+/// cos/sin of position * theta for every token: each [B, S, 1, rotary_dim/2] fp32,
+/// broadcastable over heads.
+struct RopeAngles {
+  Tensor cos;
+  Tensor sin;
+};
+/// kHfBf16 rounds positions, angles and cos/sin to bf16 as the HF code does (positions above 256
+/// are quantised: 257 -> 256); the tables stay fp32 tensors.
+RopeAngles rope_angles(const Tensor& inverse_frequencies, const Tensor& position_ids_BS,
+                       config::RopeTables tables = config::RopeTables::kExact);
+
+/// Rotates x_BSHDh (any float dtype, computed in fp32) on its first rotary_dim dims.
+Tensor apply_rope(const Tensor& x_BSHDh, const RopeAngles& angles, int64_t rotary_dim);
+
+/// NTK-aware base for stretching the context by `scale` (arXiv 2405.17976 §4.2):
+/// b' = b * scale^(rotary_dim / (rotary_dim - 2)); 10000 at 4x, rotary_dim 128 -> 40890.
+double ntk_scaled_rope_base(double base, double scale, int64_t rotary_dim);
+
+// ================================================================================================
+// lfa: Localized Filtering-based Attention (Yuan 2.0, arXiv 2311.15786).
+// Two causal 2-tap convolutions over the sequence, D -> D/2 -> D, plus an RMSNorm residual:
+//   y1[t] = W1c a[t] + W1p a[t-1] + b1,   y2[t] = W2c y1[t] + W2p y1[t-1] + b2,
+//   lfa[t] = RMSNorm(y2[t] + a[t]),       a[-1] = y1[-1] = 0.
+// The weights keep the reference Conv2d shape [out, in, 2, 1] (tap 0 = previous token, because
+// PyTorch convolution is cross-correlation) so they map one-to-one onto the HF names. Packed
+// documents are filtered across their boundaries, as in the reference. Incremental decoding
+// carries the previous frames in an LfaState (decode.h, docs/architecture.md, "Incremental decoding").
+
+struct LfaState;  // decode.h
+
+/// One causal 2-tap filter as a single GEMM: [x[t-1], x[t]] interleaved per channel matches the
+/// memory order of weight [O, C, 2, 1] viewed as [O, 2C]. x_BSC -> y_BSO.
+/// previous_B1C is x[-1], the frame before the chunk; undefined means a zero frame (sequence start).
+Tensor causal_two_tap(const Tensor& x_BSC,
+                      const Tensor& weight_OC21,
+                      const Tensor& bias_O,
+                      const Tensor& previous_B1C = {});
+
+class LocalizedFilteringImpl : public torch::nn::Module {
+ public:
+  LocalizedFilteringImpl(int64_t hidden_size, double rms_norm_eps);
+  /// a_BSD (the input-norm output) -> lfa_BSD. With a state, a_BSD continues the sequence the
+  /// state has seen so far, and the state moves on to the end of this chunk.
+  Tensor forward(const Tensor& a_BSD, LfaState* state = nullptr);
+
+  torch::nn::Conv2d conv1{nullptr};  // [D/2, D, 2, 1] + bias; kernel (2,1), padding (1,0)
+  torch::nn::Conv2d conv2{nullptr};  // [D, D/2, 2, 1] + bias
+  RmsNorm output_layernorm{nullptr};
+};
+TORCH_MODULE(LocalizedFiltering);
+
+// ================================================================================================
+// attention: Yuan 2.0 self-attention (Yuan 2.0, arXiv 2311.15786; the Yuan2-M32-hf modelling code): V reads the input-norm output a, Q and K read
+// LFA(a); Q/K come from one per-head interleaved projection; partial RoPE; scale 1/sqrt(Dh);
+// causal softmax; o_proj back to D. No biases. With a LayerCache (decode.h) a chunk attends to
+// the cached keys and values of the tokens before it (incremental decoding, docs/architecture.md).
+
+struct LayerCache;  // decode.h
+
+/// softmax(q k^T / sqrt(Dh) + causal) v with queries q [B, H, Sq, Dh] and keys/values k, v
+/// [B, H, Sk, Dh]; query i sits at key position offset + i and sees keys 0..offset + i
+/// (offset = Sk - Sq when a chunk follows cached keys, 0 for a whole sequence). Dropout on the
+/// probabilities when dropout_p > 0. Probabilities in fp32. Returns [B, H, Sq, Dh].
+Tensor causal_attention(const Tensor& q_BHSDh,
+                        const Tensor& k_BHSDh,
+                        const Tensor& v_BHSDh,
+                        double dropout_p,
+                        int64_t offset = 0);
+
+/// The same without dropout through at::scaled_dot_product_attention with is_causal (libtorch's
+/// fused kernels: flash attention on CPU; flash, memory-efficient or cuDNN on CUDA), for whole
+/// sequences (Sq == Sk, offset 0). The kernels accumulate the softmax in fp32 whatever the inputs'
+/// dtype. Returns [B, H, S, Dh] in q's dtype.
+Tensor sdpa_causal_attention(const Tensor& q_BHSDh, const Tensor& k_BHSDh, const Tensor& v_BHSDh);
+
+/// The causal attention core the model runs (and `yuanmoe bench` times): SDPA when `kernel` asks
+/// for it and it applies (no dropout, whole sequences), else the materialised reference.
+Tensor attention_core(config::AttentionKernel kernel,
+                      const Tensor& q_BHSDh,
+                      const Tensor& k_BHSDh,
+                      const Tensor& v_BHSDh,
+                      double dropout_p = 0.0,
+                      int64_t offset = 0);
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const config::ModelConfig& config);
+  /// a_BSD: input-norm output; position_ids_BS: RoPE positions. Returns [B, S, D].
+  /// With a cache, a_BSD continues the cached sequence: its rotated keys and values are appended
+  /// to the cache and its queries attend to every cached token before them.
+  Tensor forward(const Tensor& a_BSD, const Tensor& position_ids_BS, LayerCache* cache = nullptr);
+
+  const config::ModelConfig config;
+  // Megatron's fused get_query_key [2P, D] is cut in two halves exactly like the HF converter:
+  // q_proj holds the [q | k] rows of heads 0..H/2-1, k_proj those of heads H/2..H-1 (docs/model.md §4.1).
+  torch::nn::Linear q_proj{nullptr};  // D -> P
+  torch::nn::Linear k_proj{nullptr};  // D -> P
+  torch::nn::Linear v_proj{nullptr};  // D -> P, heads contiguous
+  torch::nn::Linear o_proj{nullptr};  // P -> D
+  LocalizedFiltering lf_gate{nullptr};  // only with config.lfa
+
+ private:
+  Tensor inverse_frequencies_;  // [rotary_dim / 2] fp32, not a parameter (HF: non-persistent)
+};
+TORCH_MODULE(Attention);
+
+// ================================================================================================
+// block: One pre-norm decoder layer (Yuan 2.0, arXiv 2311.15786):
+//   x = x + self_attn(input_layernorm(x))
+//   x = x + mlp(post_attention_layernorm(x))      mlp: MoE, or dense SwiGLU (moe_layer_freq)
+
+/// True when global layer `layer_index` has an MoE feed-forward block.
+bool is_moe_layer(const config::MoeConfig& moe, int64_t layer_index);
+/// How many of the global layers [first, end) are MoE layers.
+int64_t count_moe_layers(const config::MoeConfig& moe, int64_t first, int64_t end);
+
+struct LayerCache;  // decode.h
+
+struct BlockOutput {
+  Tensor x;         // [B, S, D]
+  Tensor aux_loss;  // this layer's weighted router loss, undefined when none
+  Tensor routed_pairs_E;  // int64 [E] routed pairs on MoE layers, undefined on dense ones
+};
+
+class TransformerBlockImpl : public torch::nn::Module {
+ public:
+  TransformerBlockImpl(const config::ModelConfig& model,
+                       const config::MoeConfig& moe,
+                       int64_t layer_index);
+  /// x_BSD -> x_BSD. With a cache, x_BSD continues the sequence cached for this layer.
+  BlockOutput forward(const Tensor& x_BSD,
+                      const Tensor& position_ids_BS,
+                      LayerCache* cache = nullptr);
+
+  const int64_t layer_index;  // global index: the parameter names use it
+  RmsNorm input_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  RmsNorm post_attention_layernorm{nullptr};
+  Moe moe{nullptr};              // registered as "mlp" on MoE layers
+  DenseMlp dense_mlp{nullptr};   // registered as "mlp" on dense layers
+};
+TORCH_MODULE(TransformerBlock);
+
+// ================================================================================================
+// transformer: The Yuan 2.0-M32 decoder, or one pipeline stage of it. Layers live in a ModuleDict keyed by
 // their global index, so a stage holding layers 12..23 has the same parameter names as the whole
-// model and checkpoints load under any pipeline layout (style.md §4).
+// model and checkpoints load under any pipeline layout.
 //
 // Parameter names (HF name = "model." + ours, except the grouped experts, see mlp.h):
 //   embed_tokens.weight                [V, D]
@@ -14,16 +199,6 @@
 //   layers.{l}.mlp.gate.weight [E, D]                   (linear / relu / dense routers)
 //   layers.{l}.mlp.experts.w1 [E, 2F, D], experts.w2 [E, D, F]
 //   norm.weight [D];  lm_head.weight [V, D] only when embeddings are untied
-#pragma once
-
-#include <vector>
-
-#include "yuanmoe/config/config.h"
-#include "yuanmoe/core/types.h"
-#include "yuanmoe/model/block.h"
-#include "yuanmoe/model/norm.h"
-
-namespace yuanmoe::model {
 
 struct DecodeCache;  // decode.h
 
@@ -37,10 +212,17 @@ struct StageSpec {
   static StageSpec whole_model(int64_t num_layers) { return {0, num_layers, true, true}; }
 };
 
+/// Layers [first, end) of pipeline stage `stage` of `stages`: contiguous; the first and last
+/// stage get `first_layers` / `last_layers` when those are > 0, and the other stages share the
+/// rest in sizes differing by at most one (earlier stages take the remainder). Embedding on the
+/// first stage, head on the last.
+StageSpec balanced_stage(int64_t num_layers, int64_t stages, int64_t stage, int64_t first_layers = 0,
+                         int64_t last_layers = 0);
+
 struct ModelOutput {
   Tensor out;       // logits [B, S, V] on the last stage, hidden [B, S, D] otherwise
   Tensor aux_loss;  // sum of this stage's weighted router losses; undefined when none
-  Tensor expert_load_LE;  // int64 [MoE layers of this stage, E] routed pairs; undefined when none
+  Tensor routed_pairs_LE;  // int64 [MoE layers of this stage, E] routed pairs; undefined when none
 };
 
 class TransformerImpl : public torch::nn::Module {
@@ -63,9 +245,12 @@ class TransformerImpl : public torch::nn::Module {
 
   const config::ModelConfig config;
   const StageSpec stage;
-  /// Recompute every block in backward instead of storing its activations (train.recompute;
-  /// set by the trainer, applies only in training mode with grad enabled). See recompute.h.
-  bool recompute = false;
+  /// How a block runs while training with grad enabled, set from outside the model (e.g.
+  /// apply_recompute, recompute.h); empty: a plain call. Decoding with a cache always calls the
+  /// block itself (a rerun in backward would append to the cache twice).
+  using BlockWrapper =
+      std::function<BlockOutput(TransformerBlockImpl& block, const Tensor& x_BSD, const Tensor& position_ids_BS)>;
+  BlockWrapper block_wrapper;
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleDict layers{nullptr};
   std::vector<TransformerBlock> blocks;  // the same modules as `layers`, typed, in order

@@ -1,4 +1,4 @@
-// The process groups of a data x pipeline parallel run over c10d (reference/distributed.md §1):
+// The process groups of a data x pipeline parallel run over c10d (docs/parallelism.md):
 // Gloo on CPU tensors, NCCL on CUDA tensors, rendezvous through a TCPStore. A group of one
 // process is a no-op object, so a single-process run takes exactly the same code path.
 //

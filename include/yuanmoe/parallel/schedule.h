@@ -1,4 +1,4 @@
-// Pipeline schedules as explicit action lists (reference/distributed.md §3; Narayanan et al.
+// Pipeline schedules as explicit action lists (docs/parallelism.md; Narayanan et al.
 // 2021, Megatron-LM schedules.py). A stage runs its list in order; the communication each action
 // implies (receive the input activation before a forward unless first stage, send the output
 // after it unless last; receive the output gradient before a backward unless last stage, send

@@ -1,4 +1,4 @@
-// Who this process is in a multi-process run (SPEC §6, reference/distributed.md §2). Resolution
+// Who this process is in a multi-process run (docs/parallelism.md). Resolution
 // order: torchrun-style RANK/WORLD_SIZE, then Slurm, then Open MPI, else a single process.
 #pragma once
 
@@ -17,7 +17,7 @@ struct WorldInfo {
   int64_t master_port = 29500;
   std::string launcher = "single";  // "torchrun" (or `yuanmoe launch`), "slurm", "openmpi", "single"
   // torchrun's agent already serves the TCPStore; every rank connects as a client under
-  // /worker/attempt_<restart_count> (distributed.md §2).
+  // /worker/attempt_<restart_count> (torchrun's layout, docs/parallelism.md).
   bool agent_store = false;
   int64_t restart_count = 0;
 };

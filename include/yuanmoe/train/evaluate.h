@@ -16,10 +16,13 @@ struct EvalResult {
   double perplexity = 0.0;  // exp(loss)
   int64_t tokens = 0;
   int64_t batches = 0;
-  Tensor expert_load_LE;    // fp64 [MoE layers, E]: each expert's share of the routed pairs
+  Tensor expert_share_LE;   // fp64 [MoE layers, E]: each expert's share of the routed pairs
   // The raw sums behind them, for reducing across ranks.
   double loss_sum = 0.0;    // sum of per-token losses (0 where the stage has no head)
-  Tensor pairs_LE;          // int64 counts, CPU; undefined when the model (stage) has no MoE layer
+  Tensor routed_pairs_LE;   // int64 counts, CPU; undefined when the model (stage) has no MoE layer
+
+  /// loss, perplexity and the shares from the sums (again after the sums are reduced over ranks).
+  void finish();
 };
 
 /// One micro-batch through the model (or this rank's pipeline stage), in eval mode: logits in
@@ -48,7 +51,7 @@ EvalResult evaluate(model::TransformerImpl& model,
                     config::Precision precision,
                     const std::function<void(const data::Batch&, const Tensor& logits_BSV)>& on_first_batch = {});
 
-/// pairs_LE (int64 counts) -> each expert's share of its layer's routed pairs (rows sum to 1).
-Tensor expert_load_fractions(const Tensor& pairs_LE);
+/// routed_pairs_LE (int64 counts) -> each expert's share of its layer's routed pairs (rows sum to 1).
+Tensor expert_share(const Tensor& routed_pairs_LE);
 
 }  // namespace yuanmoe::train

@@ -1,5 +1,6 @@
-// run_dir/metrics.jsonl: one JSON object per logged step (SPEC §4) and per evaluation
-// ("split": "valid"), and the terminal side of the same numbers (progress bar or log lines).
+// run_dir/metrics.jsonl: one JSON object per logged step and per evaluation ("split": "valid";
+// keys in docs/training.md), and the terminal side of the same numbers (progress bar or log
+// lines).
 #pragma once
 
 #include <chrono>
@@ -9,7 +10,35 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "yuanmoe/core/types.h"
+#include "yuanmoe/train/evaluate.h"
+#include "yuanmoe/train/step.h"
+
 namespace yuanmoe::train {
+
+/// The steps since the last log line, and the line they make.
+class StepInterval {
+ public:
+  void add(const StepResult& result, double seconds, int64_t tokens);
+
+  struct Line {
+    nlohmann::ordered_json json;  // for metrics.jsonl
+    std::string text;             // for the terminal and train.log
+  };
+  /// The line for step `step` (the last one added; `result` its result) and a fresh interval.
+  /// MFU against `peak_flops` per process over `processes`; pipeline_bubble when `pipelined`.
+  Line take(int64_t step, int64_t max_steps, const StepResult& result, int64_t tokens_seen, double flops_per_token,
+            double peak_flops, int64_t processes, bool pipelined, const std::string& eta);
+
+ private:
+  double seconds_ = 0.0;
+  int64_t tokens_ = 0;
+  Tensor routed_pairs_LE_;
+};
+
+/// The metrics.jsonl object of an evaluation at `step`; `router_L2` [MoE layers, (entropy sum,
+/// routed tokens)] gives each layer's mean routing entropy and active experts per token.
+nlohmann::ordered_json eval_line(int64_t step, const EvalResult& result, const Tensor& router_L2);
 
 class MetricsLog {
  public:

@@ -1,6 +1,6 @@
 // AdamW with decoupled weight decay (Loshchilov & Hutter) over two parameter groups, and its
 // state keyed by parameter name so a checkpoint survives any change of parameter order, grouping
-// or pipeline layout (style.md §4: torch::save(optimizer) keys state by position).
+// or pipeline layout (torch::save(optimizer) keys state by position, which no other layout can read).
 #pragma once
 
 #include <memory>

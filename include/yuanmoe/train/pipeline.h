@@ -1,5 +1,5 @@
 // One optimizer step's forward and backward passes on this rank's pipeline stage, in the order
-// of parallel::pipeline_schedule (reference/distributed.md §3). With one stage the schedule is
+// of parallel::pipeline_schedule (docs/parallelism.md). With one stage the schedule is
 // forward/backward per micro-batch: plain gradient accumulation, the same code.
 //
 // Per micro-batch i on stage s of p:
@@ -32,7 +32,7 @@ struct PipelineStepOptions {
 struct PipelineStepResult {
   double lm_loss_sum = 0.0;   // sum of the micro-batches' mean LM losses (last stage, else 0)
   double aux_loss_sum = 0.0;  // this stage's router terms summed over micro-batches
-  Tensor pairs_LE;            // this stage's MoE layers [L_stage, E], int64 CPU; undefined if none
+  Tensor routed_pairs_LE;            // this stage's MoE layers [L_stage, E], int64 CPU; undefined if none
   double wall_seconds = 0.0;  // the whole schedule
   double wait_seconds = 0.0;  // blocked on other stages (receives, outstanding sends): the bubble
 };

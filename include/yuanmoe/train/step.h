@@ -1,0 +1,77 @@
+// One optimizer step, top to bottom, the same for `yuanmoe train` and `yuanmoe bench`:
+//   learning rate -> zero grads -> the pipeline schedule over this rank's micro-batches
+//   (train/pipeline.h; one stage: plain gradient accumulation) -> gradients synchronised (tied
+//   copies summed, data-parallel mean) -> loss, router terms and routed-pair counts reduced over
+//   the world -> global gradient norm -> the non-finite policy -> clip -> AdamW -> the routers'
+//   balancing updates (ReMoE's L1 coefficient, the aux-loss-free bias; docs/routers.md).
+// Every rank reaches the same decision at every branch: what it branches on is reduced first.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "yuanmoe/config/config.h"
+#include "yuanmoe/core/types.h"
+#include "yuanmoe/data/sampler.h"
+#include "yuanmoe/model/transformer.h"
+#include "yuanmoe/parallel/process_groups.h"
+
+namespace yuanmoe::train {
+
+/// What one optimizer step measured (every field equal on every rank).
+struct StepResult {
+  double loss = 0.0;      // language-model loss, mean over the global batch
+  double aux_loss = 0.0;  // router terms as added to the loss
+  double grad_norm = 0.0;
+  double lr = 0.0;
+  double pipeline_bubble = 0.0;  // stages' mean fraction of the schedule spent waiting (pp > 1)
+  bool skipped = false;          // non-finite and train.on_nonfinite = skip: nothing applied
+  std::string nonfinite;         // when skipped: what was not finite
+  Tensor routed_pairs_LE;        // routed (token, expert) pairs per MoE layer of the whole model, int64 CPU
+};
+
+class OptimizerStep {
+ public:
+  OptimizerStep(const config::RunConfig& config, model::TransformerImpl& model, torch::optim::AdamW& optimizer,
+                parallel::ParallelContext& parallel);
+
+  /// Optimizer step `completed + 1`; `next_batch` is called once per micro-batch of this rank.
+  /// Throws when the step is not finite and train.on_nonfinite says stop, or too many were in a
+  /// row; nothing of such a step is applied.
+  StepResult run(int64_t completed, const std::function<data::Batch()>& next_batch) {
+    StepResult result = forward_backward(completed, next_batch);
+    apply(completed, result);
+    return result;
+  }
+  /// Its two halves (timed apart by `yuanmoe bench`): up to the global gradient norm, ...
+  StepResult forward_backward(int64_t completed, const std::function<data::Batch()>& next_batch);
+  /// ... and from the non-finite policy to the routers' updates.
+  void apply(int64_t completed, StepResult& result);
+
+  /// This stage's rows [L_stage, width] placed at its global MoE layers and summed over the world
+  /// (stages fill their rows, data-parallel ranks add): [total MoE layers, width]. A collective.
+  Tensor global_moe_rows(const Tensor& stage_rows_LX, int64_t width, torch::Dtype dtype) const;
+
+  int64_t micro_batches_per_rank() const { return micro_batches_per_rank_; }
+
+  /// Test seam (tests/unit/train_test.cpp, docs/reliability.md): called after the backward
+  /// passes of step `step` (1-based) with every parameter, e.g. to poison the gradients.
+  std::function<void(int64_t step, const std::vector<Tensor>& parameters)> after_backward;
+
+ private:
+  void update_routers(const Tensor& routed_pairs_LE, int64_t tokens) const;
+
+  const config::RunConfig& config_;
+  model::TransformerImpl& model_;
+  torch::optim::AdamW& optimizer_;
+  parallel::ParallelContext& parallel_;
+  std::vector<Tensor> parameters_;
+  std::vector<Tensor> norm_parameters_;  // the tied embedding's last-stage copy counted once
+  int64_t moe_layers_before_stage_ = 0;  // global index of this stage's first MoE layer
+  int64_t total_moe_layers_ = 0;
+  int64_t micro_batches_per_rank_ = 1;
+  int64_t consecutive_skips_ = 0;
+};
+
+}  // namespace yuanmoe::train
