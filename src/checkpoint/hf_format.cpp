@@ -157,19 +157,24 @@ nlohmann::ordered_json make_hf_config(const config::RunConfig& run, int64_t eod_
   return c;
 }
 
-HfArchitecture parse_hf_config(const nlohmann::json& j, const std::string& source, std::optional<double> rope_base) {
-  std::vector<config::ConfigIssue> issues;
-  const nlohmann::json no_moe = nlohmann::json::object();
-  const nlohmann::json& moe_json = j.contains("moe_config") && j["moe_config"].is_object() ? j["moe_config"] : no_moe;
-  const auto find = [&](const std::string& key) -> const nlohmann::json* {
+namespace {
+
+/// Typed reads of an HF config.json that collect every problem instead of throwing.
+/// "moe_config.KEY" reads the nested object, or the flat KEY some ports write.
+class HfConfigReader {
+ public:
+  explicit HfConfigReader(const nlohmann::json& j)
+      : j_(j), moe_(j.contains("moe_config") && j["moe_config"].is_object() ? j["moe_config"] : empty_) {}
+
+  const nlohmann::json* find(const std::string& key) const {
     if (key.rfind("moe_config.", 0) == 0) {
       const std::string inner = key.substr(11);
-      if (moe_json.contains(inner)) return &moe_json[inner];
-      return j.contains(inner) ? &j[inner] : nullptr;  // flat spelling, as some ports write it
+      if (moe_.contains(inner)) return &moe_[inner];
+      return j_.contains(inner) ? &j_[inner] : nullptr;
     }
-    return j.contains(key) ? &j[key] : nullptr;
-  };
-  const auto integer = [&](const std::string& key, std::optional<int64_t> fallback) -> int64_t {
+    return j_.contains(key) ? &j_[key] : nullptr;
+  }
+  int64_t integer(const std::string& key, std::optional<int64_t> fallback) {
     const nlohmann::json* v = find(key);
     if (v == nullptr) {
       if (!fallback) issues.push_back({key, "missing"});
@@ -180,8 +185,8 @@ HfArchitecture parse_hf_config(const nlohmann::json& j, const std::string& sourc
       return 0;
     }
     return v->get<int64_t>();
-  };
-  const auto number = [&](const std::string& key, double fallback) -> double {
+  }
+  double number(const std::string& key, double fallback) {
     const nlohmann::json* v = find(key);
     if (v == nullptr) return fallback;
     if (!v->is_number() || v->get<double>() <= 0) {
@@ -189,8 +194,8 @@ HfArchitecture parse_hf_config(const nlohmann::json& j, const std::string& sourc
       return fallback;
     }
     return v->get<double>();
-  };
-  const auto flag = [&](const std::string& key, bool fallback) -> bool {
+  }
+  bool flag(const std::string& key, bool fallback) {
     const nlohmann::json* v = find(key);
     if (v == nullptr) return fallback;
     if (!v->is_boolean()) {
@@ -198,51 +203,62 @@ HfArchitecture parse_hf_config(const nlohmann::json& j, const std::string& sourc
       return fallback;
     }
     return v->get<bool>();
-  };
+  }
 
-  HfArchitecture a;
-  config::ModelConfig& m = a.model;
-  config::MoeConfig& moe = a.moe;
-  m.hidden_size = integer("hidden_size", std::nullopt);
-  m.num_layers = integer("num_hidden_layers", std::nullopt);
-  m.num_attention_heads = integer("num_attention_heads", std::nullopt);
-  m.vocab_size = integer("vocab_size", std::nullopt);
-  const int64_t width = integer("attention_projection_size", m.hidden_size);
+  std::vector<config::ConfigIssue> issues;
+
+ private:
+  const nlohmann::json empty_ = nlohmann::json::object();
+  const nlohmann::json& j_;
+  const nlohmann::json& moe_;
+};
+
+config::ModelConfig read_hf_model(HfConfigReader& r, std::optional<double> rope_base) {
+  config::ModelConfig m;
+  m.hidden_size = r.integer("hidden_size", std::nullopt);
+  m.num_layers = r.integer("num_hidden_layers", std::nullopt);
+  m.num_attention_heads = r.integer("num_attention_heads", std::nullopt);
+  m.vocab_size = r.integer("vocab_size", std::nullopt);
+  const int64_t width = r.integer("attention_projection_size", m.hidden_size);
   const int64_t heads = std::max<int64_t>(m.num_attention_heads, 1);
   if (width % heads != 0) {
-    issues.push_back({"attention_projection_size", "must be divisible by num_attention_heads (" +
-                                                       std::to_string(heads) + "), got " + std::to_string(width)});
+    r.issues.push_back({"attention_projection_size", "must be divisible by num_attention_heads (" +
+                                                         std::to_string(heads) + "), got " + std::to_string(width)});
   }
-  m.head_dim = integer("head_dim", width / heads);
+  m.head_dim = r.integer("head_dim", width / heads);
   if (m.head_dim * heads != width) {
-    issues.push_back({"head_dim", "must equal attention_projection_size / num_attention_heads (" +
-                                      std::to_string(width / heads) + "), got " + std::to_string(m.head_dim)});
+    r.issues.push_back({"head_dim", "must equal attention_projection_size / num_attention_heads (" +
+                                        std::to_string(width / heads) + "), got " + std::to_string(m.head_dim)});
   }
-  m.rotary_dim = integer("rotary_dim", m.hidden_size / heads);  // the HF code's choice (docs/model.md §4.2)
-  m.max_seq_length = integer("max_position_embeddings", 4096);
-  m.rms_norm_eps = number("rms_norm_eps", 1e-6);
-  m.init_std = number("initializer_range", 0.02);
-  m.tie_embeddings = flag("tie_word_embeddings", true);  // YuanConfig's default (docs/model.md §8.3)
+  m.rotary_dim = r.integer("rotary_dim", m.hidden_size / heads);  // the HF code's choice (docs/model.md §4.2)
+  m.max_seq_length = r.integer("max_position_embeddings", 4096);
+  m.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
+  m.init_std = r.number("initializer_range", 0.02);
+  m.tie_embeddings = r.flag("tie_word_embeddings", true);  // YuanConfig's default (docs/model.md §8.3)
   m.rope_base = 10000.0;  // hard-wired in the HF modelling code (docs/model.md §12.1)
   for (const char* key : {"rotary_base", "rope_theta"}) {
-    if (j.contains(key)) {
-      m.rope_base = number(key, 10000.0);
+    if (r.find(key)) {
+      m.rope_base = r.number(key, 10000.0);
       break;
     }
   }
   if (rope_base) m.rope_base = *rope_base;
+  return m;
+}
 
-  moe.num_experts = integer("moe_config.moe_num_experts", std::nullopt);
-  moe.top_k = integer("moe_config.moe_top_k", std::nullopt);
-  moe.ffn_hidden_size = integer("moe_config.ffn_hidden_size", std::nullopt);
-  if (!flag("use_moe", true)) issues.push_back({"use_moe", "dense Yuan 2.0 models (YuanMLP) are not supported"});
-  if (!flag("moe_config.gated_linear_unit", true)) {
-    issues.push_back({"moe_config.gated_linear_unit", "only SwiGLU experts are supported"});
+config::MoeConfig read_hf_moe(HfConfigReader& r) {
+  config::MoeConfig moe;
+  moe.num_experts = r.integer("moe_config.moe_num_experts", std::nullopt);
+  moe.top_k = r.integer("moe_config.moe_top_k", std::nullopt);
+  moe.ffn_hidden_size = r.integer("moe_config.ffn_hidden_size", std::nullopt);
+  if (!r.flag("use_moe", true)) r.issues.push_back({"use_moe", "dense Yuan 2.0 models (YuanMLP) are not supported"});
+  if (!r.flag("moe_config.gated_linear_unit", true)) {
+    r.issues.push_back({"moe_config.gated_linear_unit", "only SwiGLU experts are supported"});
   }
-  if (const nlohmann::json* act = find("hidden_act"); act && *act != "silu") {
-    issues.push_back({"hidden_act", "only \"silu\" is supported, got " + act->dump()});
+  if (const nlohmann::json* act = r.find("hidden_act"); act && *act != "silu") {
+    r.issues.push_back({"hidden_act", "only \"silu\" is supported, got " + act->dump()});
   }
-  if (const nlohmann::json* router = find("router_type")) {
+  if (const nlohmann::json* router = r.find("router_type")) {
     bool known = false;
     for (const auto& [kind, name] : config::enum_names<RouterKind>()) {
       if (*router == name) {
@@ -250,17 +266,29 @@ HfArchitecture parse_hf_config(const nlohmann::json& j, const std::string& sourc
         known = true;
       }
     }
-    if (!known) issues.push_back({"router_type", "expected \"attention\", \"linear\", \"relu\" or \"dense\", got " + router->dump()});
+    if (!known) {
+      r.issues.push_back({"router_type", "expected \"attention\", \"linear\", \"relu\" or \"dense\", got " + router->dump()});
+    }
   }
-  if (is_top_k(moe.router) && !flag("moe_config.norm_topk_prob", true)) {
-    issues.push_back({"moe_config.norm_topk_prob", "only renormalised top-k gates (true) are supported"});
+  if (is_top_k(moe.router) && !r.flag("moe_config.norm_topk_prob", true)) {
+    r.issues.push_back({"moe_config.norm_topk_prob", "only renormalised top-k gates (true) are supported"});
   }
-  moe.bias_balancing_rate = j.contains("router_bias_balancing_rate") ? number("router_bias_balancing_rate", 0.0) : 0.0;
-  if (const nlohmann::json* eod = find("eod_token_id"); eod && eod->is_number_integer()) {
+  moe.bias_balancing_rate = r.find("router_bias_balancing_rate") ? r.number("router_bias_balancing_rate", 0.0) : 0.0;
+  return moe;
+}
+
+}  // namespace
+
+HfArchitecture parse_hf_config(const nlohmann::json& j, const std::string& source, std::optional<double> rope_base) {
+  HfConfigReader reader(j);
+  HfArchitecture a;
+  a.model = read_hf_model(reader, rope_base);
+  a.moe = read_hf_moe(reader);
+  if (const nlohmann::json* eod = reader.find("eod_token_id"); eod && eod->is_number_integer()) {
     const int64_t id = eod->get<int64_t>();
-    a.eod_id = id >= 0 && id < m.vocab_size ? id : -1;
+    a.eod_id = id >= 0 && id < a.model.vocab_size ? id : -1;
   }
-  if (!issues.empty()) throw config::ConfigError(source, issues);
+  if (!reader.issues.empty()) throw config::ConfigError(source, reader.issues);
   return a;
 }
 

@@ -119,20 +119,27 @@ void write_safetensors(const std::filesystem::path& path,
   if (::close(fd) != 0) fail(path, std::string("close failed: ") + std::strerror(errno));
 }
 
-SafetensorsFile read_safetensors(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, "cannot open file");
-  in.seekg(0, std::ios::end);
-  const auto file_size = static_cast<uint64_t>(in.tellg());
-  in.seekg(0);
+namespace {
+
+/// One tensor of a safetensors header: its bytes are [begin, end) of the data buffer.
+struct HeaderEntry {
+  std::string name;
+  c10::ScalarType dtype;
+  std::vector<int64_t> shape;
+  uint64_t begin, end;
+};
+
+/// The 8-byte little-endian size and the JSON header after it, checked against the file size.
+nlohmann::ordered_json read_header(std::ifstream& in, const std::filesystem::path& path, uint64_t file_size,
+                                   uint64_t& header_size) {
   if (file_size < 8) fail(path, "truncated: " + std::to_string(file_size) + " bytes, no header");
   uint8_t size_le[8];
   in.read(reinterpret_cast<char*>(size_le), 8);
-  uint64_t header_size = 0;
+  header_size = 0;
   for (int i = 0; i < 8; ++i) header_size |= static_cast<uint64_t>(size_le[i]) << (8 * i);
   if (header_size > kMaxHeaderBytes || header_size > file_size - 8) {
-    fail(path, "header size " + std::to_string(header_size) + " does not fit a " +
-                   std::to_string(file_size) + "-byte file (truncated or not safetensors)");
+    fail(path, "header size " + std::to_string(header_size) + " does not fit a " + std::to_string(file_size) +
+                   "-byte file (truncated or not safetensors)");
   }
   std::string text(header_size, '\0');
   in.read(text.data(), static_cast<std::streamsize>(header_size));
@@ -140,34 +147,31 @@ SafetensorsFile read_safetensors(const std::filesystem::path& path) {
   nlohmann::ordered_json header;
   try {
     header = nlohmann::ordered_json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
+  } catch (const nlohmann::json::exception&) {
     fail(path, "invalid JSON header");
   }
   if (!header.is_object()) fail(path, "header is not a JSON object");
+  return header;
+}
 
-  SafetensorsFile file;
-  struct Entry {
-    std::string name;
-    c10::ScalarType dtype;
-    std::vector<int64_t> shape;
-    uint64_t begin, end;
-  };
-  std::vector<Entry> entries;
+/// The header's tensors, sorted by offset; __metadata__ goes to `metadata`.
+std::vector<HeaderEntry> header_entries(const nlohmann::ordered_json& header, const std::filesystem::path& path,
+                                        std::map<std::string, std::string>& metadata) {
+  std::vector<HeaderEntry> entries;
   for (const auto& [name, value] : header.items()) {
     if (name == "__metadata__") {
       if (!value.is_object()) fail(path, "__metadata__ is not an object");
       for (const auto& [k, v] : value.items()) {
         if (!v.is_string()) fail(path, "__metadata__." + k + " is not a string");
-        file.metadata[k] = v.get<std::string>();
+        metadata[k] = v.get<std::string>();
       }
       continue;
     }
     try {
-      Entry e{name, torch::kFloat, {}, 0, 0};
+      HeaderEntry e{name, torch::kFloat, {}, 0, 0};
       const std::string dtype = value.at("dtype").get<std::string>();
       const auto& table = dtype_table();
-      const auto it = std::find_if(table.begin(), table.end(),
-                                   [&](const auto& p) { return dtype == p.second; });
+      const auto it = std::find_if(table.begin(), table.end(), [&](const auto& p) { return dtype == p.second; });
       if (it == table.end()) fail(path, "tensor '" + name + "': unsupported dtype " + dtype);
       e.dtype = it->first;
       e.shape = value.at("shape").get<std::vector<int64_t>>();
@@ -180,8 +184,12 @@ SafetensorsFile read_safetensors(const std::filesystem::path& path) {
       fail(path, "tensor '" + name + "': header entry needs dtype, shape and data_offsets");
     }
   }
-  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.begin < b.begin; });
-  const uint64_t buffer_size = file_size - 8 - header_size;
+  std::sort(entries.begin(), entries.end(), [](const HeaderEntry& a, const HeaderEntry& b) { return a.begin < b.begin; });
+  return entries;
+}
+
+/// Every tensor's bytes exactly where its shape and dtype put it, back to back, filling the buffer.
+void check_offsets(const std::vector<HeaderEntry>& entries, const std::filesystem::path& path, uint64_t buffer_size) {
   uint64_t expected_begin = 0;
   for (const auto& e : entries) {
     int64_t numel = 1;
@@ -199,6 +207,21 @@ SafetensorsFile read_safetensors(const std::filesystem::path& path) {
     fail(path, "truncated or padded: tensors need " + std::to_string(expected_begin) +
                    " bytes after the header, the file has " + std::to_string(buffer_size));
   }
+}
+
+}  // namespace
+
+SafetensorsFile read_safetensors(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path, "cannot open file");
+  in.seekg(0, std::ios::end);
+  const auto file_size = static_cast<uint64_t>(in.tellg());
+  in.seekg(0);
+  uint64_t header_size = 0;
+  const nlohmann::ordered_json header = read_header(in, path, file_size, header_size);
+  SafetensorsFile file;
+  const std::vector<HeaderEntry> entries = header_entries(header, path, file.metadata);
+  check_offsets(entries, path, file_size - 8 - header_size);
   for (const auto& e : entries) {
     Tensor t = torch::empty(e.shape, torch::dtype(e.dtype));
     in.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(e.end - e.begin));

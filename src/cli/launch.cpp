@@ -46,32 +46,10 @@ void remember_signal(int signal) { g_forward_signal = signal; }
 
 int exit_code(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status); }
 
-}  // namespace
 
-int run_launch(int argc, const char* const* argv) {
-  int split = 1;
-  while (split < argc && std::strcmp(argv[split], "--") != 0) ++split;
-  cxxopts::Options options("yuanmoe launch", "Run N local ranks of a yuanmoe command (torchrun-style variables).\n"
-                                             "  yuanmoe launch --nproc 2 -- train --config configs/tiny-m32.json");
-  options.add_options()
-      ("nproc", "processes (ranks) to start", cxxopts::value<int>())
-      ("master-port", "TCPStore port (default: a free one)", cxxopts::value<int>())
-      ("grace", "seconds the other ranks get to exit after one fails", cxxopts::value<int>()->default_value("30"));
-  const auto parsed = parse_or_help(options, split, argv);
-  if (!parsed) return 0;
-  const cxxopts::ParseResult& args = *parsed;
-  if (!args.count("nproc") || args["nproc"].as<int>() < 1) throw std::invalid_argument("--nproc N (>= 1) is required");
-  if (split + 1 >= argc) throw std::invalid_argument("the command to run follows --, e.g. -- train --config FILE");
-  const int nproc = args["nproc"].as<int>();
-  const int port = args.count("master-port") ? args["master-port"].as<int>() : free_port();
-  const int grace_s = args["grace"].as<int>();
-
-  std::vector<std::string> command{"/proc/self/exe"};
-  for (int i = split + 1; i < argc; ++i) command.emplace_back(argv[i]);
-  // Threads per rank: the cores shared out, unless the user chose (torchrun sets 1).
-  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  const std::string threads = std::to_string(std::max(1u, cores / static_cast<unsigned>(nproc)));
-
+/// Forks `nproc` ranks of `command` with torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE,
+/// MASTER_ADDR/PORT) and `threads` OpenMP threads each unless the user set them.
+std::vector<pid_t> start_ranks(int nproc, int port, const std::string& threads, std::vector<std::string> command) {
   std::vector<pid_t> children;
   for (int rank = 0; rank < nproc; ++rank) {
     const pid_t pid = ::fork();
@@ -93,11 +71,12 @@ int run_launch(int argc, const char* const* argv) {
     }
     children.push_back(pid);
   }
-  std::cerr << "yuanmoe launch: " << nproc << " ranks on 127.0.0.1:" << port << " (" << threads
-            << " threads each)\n";
-  ::signal(SIGINT, remember_signal);
-  ::signal(SIGTERM, remember_signal);
+  return children;
+}
 
+/// Waits for every rank, forwarding SIGINT/SIGTERM; once one fails the others get `grace_s`
+/// seconds before SIGTERM. Returns the first non-zero exit code, else 0.
+int supervise(const std::vector<pid_t>& children, int grace_s) {
   int result = 0;
   size_t running = children.size();
   std::vector<bool> done(children.size(), false);
@@ -136,6 +115,41 @@ int run_launch(int argc, const char* const* argv) {
     }
   }
   return result;
+}
+
+}  // namespace
+
+int run_launch(int argc, const char* const* argv) {
+  int split = 1;
+  while (split < argc && std::strcmp(argv[split], "--") != 0) ++split;
+  cxxopts::Options options("yuanmoe launch", "Run N local ranks of a yuanmoe command (torchrun-style variables).\n"
+                                             "  yuanmoe launch --nproc 2 -- train --config configs/tiny-m32.json");
+  options.add_options()
+      ("nproc", "processes (ranks) to start", cxxopts::value<int>())
+      ("master-port", "TCPStore port (default: a free one)", cxxopts::value<int>())
+      ("grace", "seconds the other ranks get to exit after one fails", cxxopts::value<int>()->default_value("30"));
+  const auto parsed = parse_or_help(options, split, argv);
+  if (!parsed) return 0;
+  const cxxopts::ParseResult& args = *parsed;
+  if (!args.count("nproc") || args["nproc"].as<int>() < 1) throw std::invalid_argument("--nproc N (>= 1) is required");
+  if (split + 1 >= argc) throw std::invalid_argument("the command to run follows --, e.g. -- train --config FILE");
+  const int nproc = args["nproc"].as<int>();
+  const int port = args.count("master-port") ? args["master-port"].as<int>() : free_port();
+  const int grace_s = args["grace"].as<int>();
+
+  std::vector<std::string> command{"/proc/self/exe"};
+  for (int i = split + 1; i < argc; ++i) command.emplace_back(argv[i]);
+  // Threads per rank: the cores shared out, unless the user chose (torchrun sets 1).
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  const std::string threads = std::to_string(std::max(1u, cores / static_cast<unsigned>(nproc)));
+
+  const std::vector<pid_t> children = start_ranks(nproc, port, threads, command);
+  std::cerr << "yuanmoe launch: " << nproc << " ranks on 127.0.0.1:" << port << " (" << threads
+            << " threads each)\n";
+  ::signal(SIGINT, remember_signal);
+  ::signal(SIGTERM, remember_signal);
+
+  return supervise(children, grace_s);
 }
 
 }  // namespace yuanmoe::cli
