@@ -28,6 +28,13 @@ const std::vector<std::pair<AttentionKernel, const char*>>& enum_names<Attention
 }
 
 template <>
+const std::vector<std::pair<ExpertGemm, const char*>>& enum_names<ExpertGemm>() {
+  static const std::vector<std::pair<ExpertGemm, const char*>> names{
+      {ExpertGemm::kAuto, "auto"}, {ExpertGemm::kLoop, "loop"}, {ExpertGemm::kGroupedMm, "grouped_mm"}};
+  return names;
+}
+
+template <>
 const std::vector<std::pair<LrSchedule, const char*>>& enum_names<LrSchedule>() {
   static const std::vector<std::pair<LrSchedule, const char*>> names{
       {LrSchedule::kCosine, "cosine"},
@@ -75,6 +82,7 @@ std::string to_string(Enum value) {
 template std::string to_string(RouterKind);
 template std::string to_string(RopeTables);
 template std::string to_string(AttentionKernel);
+template std::string to_string(ExpertGemm);
 template std::string to_string(LrSchedule);
 template std::string to_string(Precision);
 template std::string to_string(PipelineSchedule);

@@ -81,6 +81,10 @@ void visit(V& v, MoeConfig& c) {
           "Expert capacity ceil(cf * T * k / E) with token dropping; 0 = dropless.", kKnob);
   v.field("moe_layer_freq", c.moe_layer_freq, kOptional,
           "Layer l is MoE when l % moe_layer_freq == 0, dense SwiGLU otherwise.");
+  v.field("expert_gemm", c.expert_gemm, kOptional,
+          "Expert GEMMs: loop (one GEMM pair per expert, host row counts), grouped_mm "
+          "(at::_grouped_mm with device offsets: no host sync in dropless top-k layers; fp32 / bf16, "
+          "dims multiples of 16 bytes), auto (grouped_mm on CUDA in bf16, loop otherwise).", kKnob);
   v.field("dense_ffn_hidden_size", c.dense_ffn_hidden_size, kOptional,
           "SwiGLU width of the dense layers; 0 = top_k * ffn_hidden_size (same active FLOPs).");
 }

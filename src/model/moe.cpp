@@ -386,6 +386,20 @@ Tensor GroupedExpertsImpl::forward(const Tensor& xs_ND, const std::vector<int64_
   return GroupedSwiGLU::apply(xs_ND.to(dtype), w1.to(dtype), w2.to(dtype), rows_per_expert)[0];
 }
 
+Tensor GroupedExpertsImpl::forward_grouped_mm(const Tensor& xs_ND, const Tensor& expert_offsets_E) {
+  TORCH_CHECK(expert_offsets_E.size(0) == w1.size(0), "GroupedExperts: ", expert_offsets_E.size(0), " offsets for ",
+              w1.size(0), " experts");
+  torch::Dtype dtype = xs_ND.scalar_type();
+  const c10::DeviceType device_type = xs_ND.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
+  // _grouped_mm multiplies row block e of the first operand by matrix e of the second: the
+  // weights as [E, D, 2F] and [E, F, D] views (transposes, no copies).
+  const int64_t ffn = w2.size(2);
+  const Tensor u_N2F = at::_grouped_mm(xs_ND.to(dtype).contiguous(), w1.to(dtype).transpose(1, 2), expert_offsets_E);
+  const Tensor h_NF = torch::silu(u_N2F.narrow(1, 0, ffn)) * u_N2F.narrow(1, ffn, ffn);
+  return at::_grouped_mm(h_NF, w2.to(dtype).transpose(1, 2), expert_offsets_E);
+}
+
 // ================================================================================================
 // moe
 
@@ -398,12 +412,30 @@ MoeImpl::MoeImpl(const config::MoeConfig& config, int64_t hidden_size) : config(
 MoeOutput MoeImpl::forward(const Tensor& x) {
   const Tensor x_TD = x.reshape({-1, x.size(-1)});
   const Routing routing = gate->forward(x_TD);
-  const DispatchPlan dispatch = plan(routing, x_TD.size(0));
-  const Tensor ys_ND = experts->forward(gather(x_TD, dispatch), dispatch.rows_per_expert);
+  const bool grouped_mm = uses_grouped_mm(x_TD);
+  const DispatchPlan dispatch = plan(routing, x_TD.size(0), /*host_rows=*/!grouped_mm);
+  const Tensor xs_ND = gather(x_TD, dispatch);
+  const Tensor ys_ND = grouped_mm ? experts->forward_grouped_mm(xs_ND, dispatch.expert_offsets_E)
+                                  : experts->forward(xs_ND, dispatch.rows_per_expert);
   return {combine(ys_ND, dispatch).view(x.sizes()), routing.aux_loss, dispatch.routed_pairs_E};
 }
 
-DispatchPlan MoeImpl::plan(const Routing& routing, int64_t tokens) const {
+bool MoeImpl::uses_grouped_mm(const Tensor& x) const {
+  switch (config.expert_gemm) {
+    case config::ExpertGemm::kLoop:
+      return false;
+    case config::ExpertGemm::kGroupedMm:
+      return true;
+    case config::ExpertGemm::kAuto:
+      break;
+  }
+  const c10::DeviceType device = x.device().type();
+  const torch::Dtype dtype =
+      at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device) : x.scalar_type();
+  return x.is_cuda() && dtype == torch::kBFloat16;
+}
+
+DispatchPlan MoeImpl::plan(const Routing& routing, int64_t tokens, bool host_rows) const {
   const int64_t slots = routing.expert_ids_TK.size(1), experts_count = config.num_experts;
   Tensor pair_ids_N = torch::arange(tokens * slots, routing.expert_ids_TK.options());
   Tensor expert_ids_N = routing.expert_ids_TK.reshape(-1);
@@ -415,8 +447,12 @@ DispatchPlan MoeImpl::plan(const Routing& routing, int64_t tokens) const {
   }
 
   // Stable: inside an expert, pairs keep batch order (deterministic; capacity drops by position).
-  Tensor order_N = std::get<1>(torch::sort(expert_ids_N, /*stable=*/c10::optional<bool>(true), /*dim=*/0));
-  Tensor expert_rows_E = torch::bincount(expert_ids_N, /*weights=*/{}, experts_count);
+  auto [sorted_experts_N, order_N] = torch::sort(expert_ids_N, /*stable=*/c10::optional<bool>(true), /*dim=*/0);
+  // Pairs per expert from the sorted ids (bincount would read the largest id back to the host on
+  // CUDA to size its output: a synchronisation).
+  const Tensor expert_ids_E = torch::arange(experts_count, expert_ids_N.options());
+  Tensor expert_rows_E = torch::searchsorted(sorted_experts_N, expert_ids_E, /*out_int32=*/false, /*right=*/true) -
+                         torch::searchsorted(sorted_experts_N, expert_ids_E, /*out_int32=*/false, /*right=*/false);
   DispatchPlan result;
   result.routed_pairs_E = expert_rows_E;  // before drops: what the router asked for
   if (config.capacity_factor > 0) {
@@ -424,7 +460,6 @@ DispatchPlan MoeImpl::plan(const Routing& routing, int64_t tokens) const {
     // the residual carries their token unchanged.
     const auto capacity = static_cast<int64_t>(std::ceil(
         config.capacity_factor * static_cast<double>(tokens * slots) / experts_count));
-    const Tensor sorted_experts_N = expert_ids_N.index_select(0, order_N);
     const Tensor expert_start_E = expert_rows_E.cumsum(0) - expert_rows_E;
     const Tensor rank_in_expert_N = torch::arange(order_N.size(0), order_N.options()) -
                                     expert_start_E.index_select(0, sorted_experts_N);
@@ -432,9 +467,12 @@ DispatchPlan MoeImpl::plan(const Routing& routing, int64_t tokens) const {
     expert_rows_E = expert_rows_E.clamp_max(capacity);
   }
 
-  // The only host sync of the layer: the per-expert row counts drive the GEMM loop.
-  const Tensor counts_cpu = expert_rows_E.to(torch::kCPU).contiguous();
-  result.rows_per_expert.assign(counts_cpu.data_ptr<int64_t>(), counts_cpu.data_ptr<int64_t>() + experts_count);
+  result.expert_offsets_E = expert_rows_E.cumsum(0).to(torch::kInt);
+  if (host_rows) {
+    // The loop's one host sync per layer: the per-expert row counts drive its GEMMs.
+    const Tensor counts_cpu = expert_rows_E.to(torch::kCPU).contiguous();
+    result.rows_per_expert.assign(counts_cpu.data_ptr<int64_t>(), counts_cpu.data_ptr<int64_t>() + experts_count);
+  }
   result.pair_ids_N = pair_ids_N.index_select(0, order_N);
   result.gates_N = gates_N.index_select(0, order_N);
   result.tokens = tokens;

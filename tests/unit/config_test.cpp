@@ -108,7 +108,7 @@ TEST(ConfigTest, DifferencesCarryTheKeysRole) {
             (std::set<std::string>{"model.rope_base", "model.rope_tables", "model.max_seq_length", "model.init_std",
                                    "model.attention_dropout", "model.attention", "moe.aux_loss_coeff",
                                    "moe.z_loss_coeff", "moe.bias_balancing_rate", "moe.relu_l1_init",
-                                   "moe.relu_l1_alpha", "moe.capacity_factor"}));
+                                   "moe.relu_l1_alpha", "moe.capacity_factor", "moe.expert_gemm"}));
 }
 
 TEST(ConfigTest, TrainingRulesNeedTheDataParallelSize) {

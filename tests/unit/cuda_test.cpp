@@ -1,10 +1,12 @@
 // The CUDA path against the CPU. Built on every machine (the binary is one for CPU and GPU);
 // each test skips, saying why, where torch::cuda::is_available() is false.
+#include <c10/cuda/CUDAFunctions.h>
 #include <gtest/gtest.h>
 
 #include "support/fixtures.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/model/init.h"
+#include "yuanmoe/model/moe.h"
 #include "yuanmoe/train/precision.h"
 
 namespace yuanmoe::model {
@@ -62,6 +64,33 @@ TEST_F(CudaTest, TrainingDeviceIsTheLocalRanksGpu) {
   EXPECT_EQ(train::training_device(0), torch::Device(torch::kCUDA, 0));
   const auto gpus = static_cast<int64_t>(torch::cuda::device_count());
   EXPECT_THROW(train::training_device(gpus), std::runtime_error);
+}
+
+// A dropless top-k MoE layer in bf16 on CUDA takes the at::_grouped_mm path (moe.expert_gemm =
+// auto) and, forward and backward, never waits for the device: with CUDA's sync debug mode set to
+// error, any .item(), host copy or other synchronising call inside it throws.
+TEST_F(CudaTest, GroupedMmMoeLayerNeverSynchronisesWithTheHost) {
+  const torch::Device device(torch::kCUDA, 0);
+  Moe moe(testing::small_moe_config(), 64);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : moe->parameters()) p.normal_(0.0, 0.3);
+  }
+  moe->to(device, torch::kBFloat16);
+  const Tensor x = torch::randn({256, 64}, torch::dtype(torch::kBFloat16).device(device)).requires_grad_(true);
+  const Tensor d_out = torch::randn_like(x);
+  ASSERT_TRUE(moe->uses_grouped_mm(x));
+  torch::cuda::synchronize();
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+  std::string error;
+  try {
+    moe(x).out.backward(d_out);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+  EXPECT_TRUE(error.empty()) << error.substr(0, error.find('\n'));
+  EXPECT_TRUE(moe->experts->w1.grad().defined());
 }
 
 }  // namespace

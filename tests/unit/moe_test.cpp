@@ -1,6 +1,7 @@
 // The MoE block against a naive loop over tokens, for every router; capacity dropping; load
 // statistics; the SwiGLU expert math against its formula; the grouped experts' hand-written
-// backward against autograd through per-expert swiglu() in double, on one and on two threads.
+// backward against autograd through per-expert swiglu() in double, on one and on two threads;
+// the at::_grouped_mm path against the loop.
 #include <ATen/Parallel.h>
 
 #include "support/fixtures.h"
@@ -139,6 +140,48 @@ TEST_P(GroupedExpertsTest, ValuesAndGradientsEqualPerExpertSwiGLUInDouble) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Threads, GroupedExpertsTest, ::testing::Values(1, 2));
+
+// at::_grouped_mm has a CPU kernel in libtorch 2.11 (fp32 and bf16, operands whose strides are
+// multiples of 16 bytes), so the grouped_mm path is checked here against the loop, values and
+// gradients, for every router and with capacity dropping; its plan holds no host row counts.
+class GroupedMmTest : public testing::SeededTestWithParam<RouterKind> {};
+
+TEST_P(GroupedMmTest, ExpertsThroughGroupedMmEqualTheLoop) {
+  for (const double capacity_factor : {0.0, 1.0}) {
+    if (capacity_factor > 0 && (GetParam() == RouterKind::kRelu || GetParam() == RouterKind::kDense)) continue;
+    config::MoeConfig config = testing::small_moe_config(GetParam());
+    config.capacity_factor = capacity_factor;
+    config.expert_gemm = config::ExpertGemm::kLoop;
+    Moe loop = make_moe(config, 16);
+    config.expert_gemm = config::ExpertGemm::kGroupedMm;
+    Moe grouped(config, 16);
+    {
+      torch::NoGradGuard no_grad;
+      for (size_t p = 0; p < loop->parameters().size(); ++p) grouped->parameters()[p].copy_(loop->parameters()[p]);
+    }
+    const Tensor x = torch::randn({24, 16}, torch::requires_grad());
+    const Tensor d_out = torch::randn({24, 16});
+    const auto run = [&](Moe& moe) {
+      const Tensor out = moe(x).out;
+      std::vector<Tensor> inputs{x, moe->experts->w1, moe->experts->w2};
+      std::vector<Tensor> grads = torch::autograd::grad({out}, inputs, {d_out});
+      grads.insert(grads.begin(), out);
+      return grads;
+    };
+    const std::vector<Tensor> a = run(loop), b = run(grouped);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_LT(max_abs_diff(a[i], b[i]), 1e-5) << i << " cf " << capacity_factor;
+    EXPECT_TRUE(grouped->uses_grouped_mm(x));
+    EXPECT_TRUE(grouped->plan(grouped->gate->forward(x), 24, /*host_rows=*/false).rows_per_expert.empty());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllRouters, GroupedMmTest, ::testing::ValuesIn(testing::all_router_kinds()));
+
+TEST_F(MoeTest, AutoPicksGroupedMmOnlyOnCudaInBf16) {
+  const Moe moe(testing::small_moe_config(), 16);  // expert_gemm = auto
+  EXPECT_FALSE(moe->uses_grouped_mm(torch::randn({4, 16})));
+  EXPECT_FALSE(moe->uses_grouped_mm(torch::randn({4, 16}).to(torch::kBFloat16)));  // on the CPU: the loop
+}
 
 }  // namespace
 }  // namespace yuanmoe::model

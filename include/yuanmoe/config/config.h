@@ -17,6 +17,8 @@ enum class RouterKind { kAttention, kLinear, kRelu, kDense };
 /// or reproducing a reference's bf16 rounding for parity checks.
 enum class RopeTables { kExact, kHfBf16, kMegatronBf16 };
 enum class AttentionKernel { kSdpa, kMaterialised };
+/// How the experts' GEMMs run (model/moe.h): auto = at::_grouped_mm on CUDA in bf16, else the loop.
+enum class ExpertGemm { kAuto, kLoop, kGroupedMm };
 enum class LrSchedule { kCosine, kConstant, kLinear };
 enum class Precision { kFp32, kBf16 };
 enum class PipelineSchedule { k1F1B, kGPipe };
@@ -59,6 +61,7 @@ struct MoeConfig {
   double capacity_factor = 0.0;      ///< 0 = dropless
   int64_t moe_layer_freq = 1;        ///< layer l is MoE iff l % freq == 0; others dense SwiGLU
   int64_t dense_ffn_hidden_size = 0; ///< width of dense layers; 0 = top_k * ffn_hidden_size
+  ExpertGemm expert_gemm = ExpertGemm::kAuto;
 
   /// SwiGLU width of the dense layers: same active FLOPs as an MoE layer unless set.
   int64_t dense_layer_ffn_size() const {

@@ -212,6 +212,9 @@ class GroupedExpertsImpl : public torch::nn::Module {
   /// xs_ND: routed rows sorted by expert, rows_per_expert[e] of them for expert e in order.
   /// One contiguous GEMM pair per non-empty expert. Returns ys_ND.
   Tensor forward(const Tensor& xs_ND, const std::vector<int64_t>& rows_per_expert);
+  /// The same through at::_grouped_mm, the blocks given by their end rows on the device
+  /// (expert_offsets_E, int32): no host synchronisation. Autograd through libtorch's kernels.
+  Tensor forward_grouped_mm(const Tensor& xs_ND, const Tensor& expert_offsets_E);
 
   Tensor w1;  // [E, 2F, D]
   Tensor w2;  // [E, D, F]
@@ -239,7 +242,8 @@ struct MoeOutput {
 struct DispatchPlan {
   Tensor pair_ids_N;                   // int64 [N], sorted by expert, batch order inside an expert
   Tensor gates_N;                      // [N], the gate of each pair in that order
-  std::vector<int64_t> rows_per_expert;  // [E] on the host: it sizes the expert GEMMs
+  std::vector<int64_t> rows_per_expert;  // [E] on the host: it sizes the loop's GEMMs (empty for grouped_mm)
+  Tensor expert_offsets_E;             // int32 [E], on the device: the end row of each expert's block
   Tensor routed_pairs_E;               // int64 [E] pairs the router asked for, before capacity drops
   int64_t tokens = 0, slots = 0;
 };
@@ -251,7 +255,10 @@ class MoeImpl : public torch::nn::Module {
   MoeOutput forward(const Tensor& x);
 
   // The stages of forward(), public so that `yuanmoe bench` can time each one.
-  DispatchPlan plan(const Routing& routing, int64_t tokens) const;
+  /// host_rows: also copy the row counts to the host (the loop's GEMMs need them; a sync).
+  DispatchPlan plan(const Routing& routing, int64_t tokens, bool host_rows = true) const;
+  /// Whether the experts run through at::_grouped_mm for input x (moe.expert_gemm).
+  bool uses_grouped_mm(const Tensor& x) const;
   /// x_TD -> the planned pairs' inputs [N, D].
   static Tensor gather(const Tensor& x_TD, const DispatchPlan& plan);
   /// Expert outputs [N, D] -> out [T, D]: scaled by the gates, each pair written to its own

@@ -60,8 +60,9 @@ struct BenchReport {
   std::string torch_version;
   std::string init_from;             ///< checkpoint whose weights were measured (train.init_from); empty = random init
   std::string data;                  ///< the dataset the batches came from; empty = random tokens
-  double peak_flops = 0.0;           ///< sustained 2048^3 matmul rate (mfu.h), the higher of before / after the steps
+  double peak_flops = 0.0;           ///< MFU denominator: log.peak_tflops if set, else measured_peak_flops
   double best_matmul_flops = 0.0;    ///< the fastest single matmul seen (for reference; MFU does not use it)
+  double measured_peak_flops = 0.0;  ///< sustained 2048^3 matmul rate (mfu.h), the higher of before / after the steps
   double flops_per_token = 0.0;      ///< training: 3 x forward (mfu.h)
   int64_t tokens_per_step = 0;
   std::vector<double> step_seconds;  ///< timed steps
