@@ -3,6 +3,7 @@
 #include <ATen/Context.h>
 
 #include <set>
+#include <tuple>
 
 #include "yuanmoe/config/config_io.h"
 #include "yuanmoe/train/optimizer.h"
@@ -69,7 +70,11 @@ std::optional<Resumed> CheckpointManager::resume(model::TransformerImpl& model, 
   const std::optional<fs::path> latest = checkpoint::find_latest_checkpoint(checkpoints_dir_);
   if (!latest) return std::nullopt;
   const checkpoint::Checkpoint saved = checkpoint::load_checkpoint(*latest);
-  Resumed resumed{*latest, saved.progress, check_compatible(saved.config, config_, *latest, /*fine_tune=*/false)};
+  Resumed resumed;
+  resumed.kind = Resumed::Kind::kResumed;
+  resumed.dir = *latest;
+  resumed.progress = saved.progress;
+  resumed.notes = check_compatible(saved.config, config_, *latest, /*fine_tune=*/false);
   checkpoint::load_model_state(model, for_stage(saved.model, model), latest->string());
   load_optimizer_state_by_name(model, optimizer, for_stage(saved.optimizer, model), latest->string());
 
@@ -88,6 +93,16 @@ std::optional<Resumed> CheckpointManager::resume(model::TransformerImpl& model, 
     }
   }
   return resumed;
+}
+
+Resumed CheckpointManager::restore(model::TransformerImpl& model, torch::optim::AdamW& optimizer) const {
+  if (std::optional<Resumed> resumed = resume(model, optimizer)) return *resumed;
+  Resumed restored;
+  if (!config_.train.init_from.empty()) {
+    restored.kind = Resumed::Kind::kFineTune;
+    std::tie(restored.dir, restored.init_step) = load_init_from(model, config_);
+  }
+  return restored;
 }
 
 fs::path CheckpointManager::save(const checkpoint::TrainingProgress& progress, model::TransformerImpl& model,

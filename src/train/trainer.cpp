@@ -124,16 +124,14 @@ void Trainer::open_data() {
 }
 
 void Trainer::resume_or_initialise() {
-  if (std::optional<Resumed> resumed = checkpoints_->resume(*model_, *optimizer_)) {
-    for (const std::string& note : resumed->notes) info("note: " + note);
-    train_sampler_->set_state(resumed->progress.sampler);
-    progress_ = resumed->progress;
-    info("resumed from " + resumed->dir.string() + " at step " + std::to_string(progress_.step));
-    return;
-  }
-  if (!config_.train.init_from.empty()) {
-    const auto [dir, step] = load_init_from(*model_, config_);
-    info("fine-tuning from " + dir.string() + " (step " + std::to_string(step) +
+  const Resumed restored = checkpoints_->restore(*model_, *optimizer_);
+  for (const std::string& note : restored.notes) info("note: " + note);
+  if (restored.kind == Resumed::Kind::kResumed) {
+    train_sampler_->set_state(restored.progress.sampler);
+    progress_ = restored.progress;
+    info("resumed from " + restored.dir.string() + " at step " + std::to_string(progress_.step));
+  } else if (restored.kind == Resumed::Kind::kFineTune) {
+    info("fine-tuning from " + restored.dir.string() + " (step " + std::to_string(restored.init_step) +
          "): weights loaded; optimizer, schedule and data start fresh at seq_length " +
          std::to_string(config_.train.seq_length) + ", rope_base " + std::to_string(config_.model.rope_base));
   }

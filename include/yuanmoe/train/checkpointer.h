@@ -22,10 +22,13 @@ namespace yuanmoe::train {
 
 namespace fs = std::filesystem;
 
-/// What a resume restored.
+/// What a restore found: the run's own newest checkpoint (resumed), train.init_from's weights
+/// (a fine-tune from `dir`, at its step `init_step`; progress starts at 0), or nothing (fresh).
 struct Resumed {
+  enum class Kind { kFresh, kResumed, kFineTune } kind = Kind::kFresh;
   fs::path dir;
   checkpoint::TrainingProgress progress;
+  int64_t init_step = 0;
   std::vector<std::string> notes;  // knobs that differ from the checkpoint's config (new values used)
 };
 
@@ -42,6 +45,9 @@ class CheckpointManager {
   /// nullopt when the run has no checkpoint. Throws naming the directory and every key when an
   /// architecture or context key differs.
   std::optional<Resumed> resume(model::TransformerImpl& model, torch::optim::AdamW& optimizer) const;
+
+  /// resume(), else the weights of train.init_from when set (load_init_from), else nothing.
+  Resumed restore(model::TransformerImpl& model, torch::optim::AdamW& optimizer) const;
 
   /// Writes step progress.step: a collective, every rank calls it. Returns the step directory.
   fs::path save(const checkpoint::TrainingProgress& progress, model::TransformerImpl& model,
