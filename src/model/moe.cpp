@@ -480,8 +480,36 @@ DispatchPlan MoeImpl::plan(const Routing& routing, int64_t tokens, bool host_row
   return result;
 }
 
+namespace {
+
+/// xs_ND = x_TD[pair_N / K] with a backward without atomics: index_select's own backward is an
+/// index_add over duplicate token ids, whose float atomics on CUDA sum in a varying order. Here
+/// each pair's gradient goes to its own (token, slot) row (unique: index_copy) and the K slots
+/// are summed in slot order, as combine() does forward: the same bits on every run and device.
+struct GatherPairs : public torch::autograd::Function<GatherPairs> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x_TD, const Tensor& pair_ids_N, int64_t slots) {
+    ctx->save_for_backward({pair_ids_N});
+    ctx->saved_data["slots"] = slots;
+    ctx->saved_data["tokens"] = x_TD.size(0);
+    return {x_TD.index_select(0, torch::div(pair_ids_N, slots, "floor"))};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const Tensor pair_ids_N = ctx->get_saved_variables()[0];
+    const int64_t slots = ctx->saved_data["slots"].toInt(), tokens = ctx->saved_data["tokens"].toInt();
+    const Tensor& d_xs_ND = grad_outputs[0];
+    const int64_t hidden = d_xs_ND.size(1);
+    const Tensor slot_rows = torch::zeros({tokens * slots, hidden}, d_xs_ND.options());  // [T * K, D]
+    const Tensor d_x_TD =
+        torch::index_copy(slot_rows, 0, pair_ids_N, d_xs_ND).view({tokens, slots, hidden}).sum(1);
+    return {d_x_TD, Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
 Tensor MoeImpl::gather(const Tensor& x_TD, const DispatchPlan& plan) {
-  return x_TD.index_select(0, torch::div(plan.pair_ids_N, plan.slots, "floor"));
+  return GatherPairs::apply(x_TD, plan.pair_ids_N, plan.slots)[0];
 }
 
 Tensor MoeImpl::combine(const Tensor& ys_ND, const DispatchPlan& plan) {

@@ -183,5 +183,19 @@ TEST_F(MoeTest, AutoPicksGroupedMmOnlyOnCudaInBf16) {
   EXPECT_FALSE(moe->uses_grouped_mm(torch::randn({4, 16}).to(torch::kBFloat16)));  // on the CPU: the loop
 }
 
+// gather()'s backward writes each pair's gradient to its own (token, slot) row and sums the slots
+// (no index_add over duplicate token ids, whose float atomics on CUDA sum in a varying order); it
+// equals index_select's autograd backward.
+TEST_F(MoeTest, GatherBackwardEqualsIndexSelectWithoutAtomics) {
+  const Moe moe = make_moe(testing::small_moe_config(RouterKind::kDense), 16);  // 8 slots per token
+  const Tensor x = torch::randn({10, 16}, torch::dtype(torch::kDouble).requires_grad(true));
+  const DispatchPlan plan = moe->plan(moe->gate->forward(x.to(torch::kFloat)), 10);
+  const Tensor d_xs = torch::randn({plan.pair_ids_N.size(0), 16}, torch::kDouble);
+  const Tensor ours = torch::autograd::grad({MoeImpl::gather(x, plan)}, {x}, {d_xs})[0];
+  const Tensor token_ids = torch::div(plan.pair_ids_N, plan.slots, "floor");
+  const Tensor reference = torch::autograd::grad({x.index_select(0, token_ids)}, {x}, {d_xs})[0];
+  EXPECT_LT(max_abs_diff(ours, reference), 1e-12);
+}
+
 }  // namespace
 }  // namespace yuanmoe::model
