@@ -4,7 +4,9 @@ to set beside our C++ trainer on the same model, batch and thread count.
 
 One step is what our trainer does: global_batch_size / micro_batch_size micro-batches of random
 tokens, each forward + cross-entropy (scaled by 1 / micro-batches) + backward, then global
-grad-norm clipping (train.grad_clip; 0 = off), one AdamW step and zero_grad. All fp32 on CPU.
+grad-norm clipping (train.grad_clip; 0 = off), one AdamW step and zero_grad. fp32 weights and
+AdamW state on --device (cpu or cuda); with train.precision = bf16 the forward and loss run under
+bf16 autocast, as the trainer's do.
 Differences from the trainer, none of which moves the time much: no router aux / z loss (the
 reference has none), constant lr (no warm-up schedule), random tokens instead of the dataset.
 Weight decay applies to matrices only, as in the trainer (src/train/optimizer.cpp).
@@ -15,7 +17,7 @@ eager implementation costs, not an optimised PyTorch one.
 
 usage: python3 bench/pytorch_eager_step.py --config configs/tiny-m32.json
        [--seq-length N] [--micro-batch-size N] [--global-batch-size N] [--steps 5] [--warmup 1]
-       [--threads N] [--seed 1234] [--json OUT.json]
+       [--threads N] [--seed 1234] [--device cpu|cuda] [--json OUT.json]
 """
 
 import argparse
@@ -69,7 +71,7 @@ def hf_config(run):
     return cfg
 
 
-def random_state_dict(c, gen):
+def random_state_dict(c, gen, device):
     """Every tensor YuanReference.__init__ get()s, as fp32 leaves. Its get() does t.to(fp32),
     which returns the same tensor, so gradients land on these leaves."""
     H, P, E, Fw, V = c.hidden, c.proj, c.experts, c.ffn, c.vocab
@@ -100,7 +102,7 @@ def random_state_dict(c, gen):
     sd = {}
     for name, s in shapes.items():
         t = torch.ones(s) if name.endswith("norm.weight") else torch.empty(s).normal_(0.0, 0.02, generator=gen)
-        sd[name] = t.requires_grad_()
+        sd[name] = t.to(device).requires_grad_()
     return sd
 
 
@@ -114,6 +116,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (cuda:0)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
 
@@ -130,7 +133,9 @@ def main():
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     cfg = yuan2_reference.Config(hf_config(run))
-    sd = random_state_dict(cfg, gen)
+    device = torch.device(args.device)
+    bf16 = train.get("precision", "fp32") == "bf16"
+    sd = random_state_dict(cfg, gen, device)
     model = yuan2_reference.YuanReference(cfg, sd, dtype=torch.float32)
     # forward is wrapped in torch.no_grad(); functools.wraps keeps the plain function here.
     forward = yuan2_reference.YuanReference.forward.__wrapped__
@@ -148,15 +153,18 @@ def main():
         t0 = time.perf_counter()
         total = 0.0
         for _ in range(micro_batches):
-            tokens = torch.randint(0, V, (mbs, S + 1), generator=gen)
-            logits = forward(model, tokens[:, :S])
-            loss = F.cross_entropy(logits.view(-1, V), tokens[:, 1:].reshape(-1)) / micro_batches
+            tokens = torch.randint(0, V, (mbs, S + 1), generator=gen).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = forward(model, tokens[:, :S])
+                loss = F.cross_entropy(logits.view(-1, V).float(), tokens[:, 1:].reshape(-1)) / micro_batches
             loss.backward()
             total += loss.item()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         losses.append(total)
         timed = step >= args.warmup
@@ -179,7 +187,11 @@ def main():
         "tokens_per_s": gbs * S / median if step_seconds else None,
         "losses": losses,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+        "device": str(device),
+        "precision": "bf16" if bf16 else "fp32",
     }
+    if device.type == "cuda":
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

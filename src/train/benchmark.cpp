@@ -2,6 +2,7 @@
 
 #include <sys/resource.h>
 #include <unistd.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -362,6 +363,10 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
     measure_pairs(config, options, *model, batches, device, report);
   }
   report.peak_rss_bytes = peak_rss_bytes();
+  if (device.is_cuda()) {
+    constexpr auto kAll = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    report.peak_device_bytes = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index()).allocated_bytes[kAll].peak;
+  }
   return report;
 }
 
@@ -404,6 +409,7 @@ nlohmann::ordered_json to_json(const BenchReport& r, const config::RunConfig& co
                           {"b_seconds", p.b_seconds}, {"ratio_a_over_b", p.a_seconds / p.b_seconds}});
   }
   j["peak_rss_bytes"] = r.peak_rss_bytes;
+  j["peak_device_bytes"] = r.peak_device_bytes;
   return j;
 }
 
@@ -444,6 +450,9 @@ std::string format_report(const BenchReport& r) {
         << fixed(p.b_seconds * 1e3, 2) << " ms\n  ratio " << fixed(p.a_seconds / p.b_seconds, 2) << "\n";
   }
   out << "\npeak resident memory " << fixed(static_cast<double>(r.peak_rss_bytes) / (1 << 20), 0) << " MiB\n";
+  if (r.peak_device_bytes > 0) {
+    out << "peak CUDA memory allocated " << fixed(static_cast<double>(r.peak_device_bytes) / (1 << 20), 0) << " MiB\n";
+  }
   return out.str();
 }
 

@@ -360,23 +360,24 @@ class YuanReference:
         bf16 tables of a reference implementation (rope_tables "hf_bf16" / "megatron_bf16").
         position_ids: [B,S] int64 -> cos, sin [B, S, rotary_dim/2] in the compute dtype."""
         r = self.cfg.rotary_dim
+        dev = position_ids.device
         if self.rope_mode == "hf_bf16":
             # As the HF code builds its cache: inv_freq held in bf16, positions arange'd in
             # inv_freq's dtype, the outer product and cos/sin computed by bf16 ops; rows indexed
             # by position id.
-            inv_freq = (1.0 / (self.cfg.rope_base ** (torch.arange(0, r, 2).float() / r))).to(torch.bfloat16)
-            t = torch.arange(int(position_ids.max()) + 1, dtype=inv_freq.dtype)
+            inv_freq = (1.0 / (self.cfg.rope_base ** (torch.arange(0, r, 2, device=dev).float() / r))).to(torch.bfloat16)
+            t = torch.arange(int(position_ids.max()) + 1, dtype=inv_freq.dtype, device=dev)
             freqs = torch.einsum("i,j->ij", t, inv_freq)  # [T, r/2] bf16
             cos, sin = freqs.cos(), freqs.sin()
             return cos[position_ids].to(self.dtype), sin[position_ids].to(self.dtype)
         if self.rope_mode == "megatron_bf16":
             # Float16Module rounds the inv_freq buffer to bf16; Megatron casts it back to fp32 and
             # builds exact fp32 positions, angles and cos/sin.
-            inv_freq = (1.0 / (self.cfg.rope_base ** (torch.arange(0, r, 2).float() / r)))
+            inv_freq = (1.0 / (self.cfg.rope_base ** (torch.arange(0, r, 2, device=dev).float() / r)))
             inv_freq = inv_freq.to(torch.bfloat16).float()
             ang = position_ids.float().unsqueeze(-1) * inv_freq
             return torch.cos(ang).to(self.dtype), torch.sin(ang).to(self.dtype)
-        i = torch.arange(0, r // 2, dtype=torch.float64)
+        i = torch.arange(0, r // 2, dtype=torch.float64, device=dev)
         inv_freq = self.cfg.rope_base ** (-2.0 * i / r)  # theta_i = base^(-2i/r)
         ang = position_ids.to(torch.float64).unsqueeze(-1) * inv_freq  # [B, S, r/2]
         return torch.cos(ang).to(self.dtype), torch.sin(ang).to(self.dtype)
@@ -404,7 +405,7 @@ class YuanReference:
         k = self.apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, n_h, S, d_h]
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(c.head_dim)
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        causal = torch.ones(S, S, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         o = (probs @ v).transpose(1, 2).reshape(B, S, c.proj)
@@ -469,9 +470,9 @@ class YuanReference:
             raise ValueError("tokens must be [B, S]")
         B, S = tokens.shape
         if position_ids is None:
-            position_ids = torch.arange(S, dtype=torch.int64).unsqueeze(0).expand(B, S)
+            position_ids = torch.arange(S, dtype=torch.int64, device=tokens.device).unsqueeze(0).expand(B, S)
         else:
-            position_ids = torch.as_tensor(position_ids).long()
+            position_ids = torch.as_tensor(position_ids, device=tokens.device).long()
             if position_ids.dim() == 1:
                 position_ids = position_ids.unsqueeze(0)
             position_ids = position_ids.expand(B, S)

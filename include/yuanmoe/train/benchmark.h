@@ -75,6 +75,7 @@ struct BenchReport {
   std::vector<PairTime> pairs;
   std::optional<AttentionKernelTime> attention_kernel;  ///< only that was measured when set
   int64_t peak_rss_bytes = 0;
+  int64_t peak_device_bytes = 0;     ///< peak CUDA memory allocated (the caching allocator's statistic); 0 on the CPU
 };
 
 /// Builds the model of `config` (initialised from train.seed) and measures it. Throws naming
