@@ -148,6 +148,36 @@ TEST_F(AttentionTest, MatchesExplicitLoopsWithMaterialisedScores) {
   EXPECT_LT(max_abs_diff(attn(a, positions), attention_reference(*attn, a, positions)), 1e-5);
 }
 
+// The whole module, LFA and partial RoPE around the core, in fp64: model.attention = sdpa and
+// = materialised give the same output and the same gradient for every weight and the input.
+TEST_F(AttentionTest, SdpaModuleEqualsMaterialisedModuleInDoubleWithGradients) {
+  auto model = testing::small_model_config();
+  Attention fused(model);
+  init_weights(*fused, model);
+  fused->to(torch::kDouble);
+  model.attention = config::AttentionKernel::kMaterialised;
+  Attention reference(model);
+  reference->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& item : fused->named_parameters()) reference->named_parameters()[item.key()].copy_(item.value());
+  }
+  const auto a = torch::randn({2, 9, model.hidden_size}, torch::dtype(torch::kDouble).requires_grad(true));
+  const auto positions = torch::tensor({0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8}, torch::kLong).view({2, 9});
+  const auto d_out = torch::randn({2, 9, model.hidden_size}, torch::kDouble);
+  const auto gradients = [&](Attention& attn) {
+    std::vector<Tensor> inputs{a};
+    for (const auto& p : attn->parameters()) inputs.push_back(p);
+    const Tensor out = attn(a, positions);
+    std::vector<Tensor> grads = torch::autograd::grad({out}, inputs, {d_out});
+    grads.insert(grads.begin(), out);
+    return grads;
+  };
+  const std::vector<Tensor> x = gradients(fused), y = gradients(reference);
+  ASSERT_EQ(x.size(), y.size());
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_LT(max_abs_diff(x[i], y[i]), 1e-11) << i;
+}
+
 class SdpaLengthTest : public testing::SeededTestWithParam<int64_t> {};
 
 // libtorch's fused SDPA (its CPU flash kernel here) against the materialised softmax, fp64
