@@ -4,10 +4,14 @@
 #include <gtest/gtest.h>
 
 #include "support/fixtures.h"
+#include "support/temp_dir.h"
+#include "support/tiny_run.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/model/init.h"
+#include "yuanmoe/checkpoint/checkpoint.h"
 #include "yuanmoe/model/moe.h"
 #include "yuanmoe/train/precision.h"
+#include "yuanmoe/train/trainer.h"
 
 namespace yuanmoe::model {
 namespace {
@@ -91,6 +95,27 @@ TEST_F(CudaTest, GroupedMmMoeLayerNeverSynchronisesWithTheHost) {
   c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
   EXPECT_TRUE(error.empty()) << error.substr(0, error.find('\n'));
   EXPECT_TRUE(moe->experts->w1.grad().defined());
+}
+
+// A world of one with parallel.backend = nccl: the trainer takes the same code path as on many
+// GPUs (its groups of one are no-ops), trains on cuda:0 in bf16 and learns; the checkpoint holds
+// this GPU's generator beside the CPU one.
+TEST_F(CudaTest, TrainsInBf16OnAnNcclWorldOfOne) {
+  testing::TempDir data, run_dir;
+  testing::write_tiny_corpora(data.path().string(), 97);
+  config::RunConfig run = testing::tiny_run_config(data.path().string());
+  run.parallel.backend = config::Backend::kNccl;
+  run.train.precision = config::Precision::kBf16;
+  run.train.max_steps = 20;
+  train::Trainer trainer(run, {run_dir.path()});
+  const train::TrainSummary summary = trainer.run();
+  EXPECT_TRUE(trainer.model()->parameters().front().is_cuda());
+  ASSERT_TRUE(summary.first_eval && summary.last_eval);
+  EXPECT_LT(summary.last_eval->loss, summary.first_eval->loss);
+  const auto saved = checkpoint::load_checkpoint(summary.last_checkpoint);
+  std::set<std::string> rng;
+  for (const auto& [name, state] : saved.rng) rng.insert(name);
+  EXPECT_EQ(rng, (std::set<std::string>{"rank0/cpu", "rank0/cuda"}));
 }
 
 }  // namespace
