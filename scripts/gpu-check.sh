@@ -7,7 +7,8 @@
 #   3. `yuanmoe bench` on configs/gpu-bench.json: tokens/s, MFU against the stated bf16 dense peak,
 #      memory, the breakdown,
 #   4. the eager PyTorch reference on the same GPU and config,
-# and writes OUT_DIR/report.md and OUT_DIR/report.json (bench/gpu_report.py) beside every log.
+# and writes OUT_DIR/report.md and OUT_DIR/report.json (bench/gpu_report.py), bench.json,
+# eager.json and logs.tar.gz (every log of the run).
 # Each step prints a progress line; a failing step is reported and the next one still runs.
 # Sized to finish within 8 minutes on 16 cores.
 # usage: scripts/gpu-check.sh OUT_DIR [PYTHON]     (PYTHON: the interpreter whose torch to use)
@@ -51,4 +52,6 @@ if [ -x build-gpu/yuanmoe ]; then
     --config configs/gpu-bench.json --steps 3 --warmup 1 --device cuda --json "$out/eager.json"
 fi
 "$python" bench/gpu_report.py "$out" && progress "report: $out/report.md"
-progress "done in $(($(date +%s) - start)) s"
+# Few files come back from a device machine (at most 8): the logs travel as one archive.
+(cd "$out" && tar czf logs.tar.gz ./*.log ./*.txt && rm -f ./*.log ./*.txt)
+progress "done in $(($(date +%s) - start)) s: $(cd "$out" && echo *)"
