@@ -264,6 +264,17 @@ void measure_pairs(const config::RunConfig& config, const BenchOptions& options,
     report.pairs.push_back({"expert GEMMs alone vs the dense FFN (fwd+bwd, same FLOPs)",
                             "grouped SwiGLU, " + std::to_string(xs_ND.size(0)) + " rows", "dense FFN", experts_s,
                             dense2_s});
+    // The two expert paths of moe.expert_gemm side by side; skipped where _grouped_mm has no
+    // kernel for these operands (fp64, strides that are not multiples of 16 bytes).
+    try {
+      const auto [grouped_s, loop_s] = interleaved_medians(
+          forward_backward([&] { return block.moe->experts->forward_grouped_mm(xs_ND, plan.expert_offsets_E); }),
+          forward_backward([&] { return block.moe->experts->forward(xs_ND, plan.rows_per_expert); }),
+          options.repeats, device);
+      report.pairs.push_back({"expert GEMMs: at::_grouped_mm vs our loop (fwd+bwd)", "at::_grouped_mm",
+                              "loop (hand-written backward)", grouped_s, loop_s});
+    } catch (const c10::Error&) {
+    }
     const auto [router_s, dense3_s] =
         interleaved_medians(forward_backward([&] { return block.moe->gate->forward(m_TD).gates_TK; }),
                             forward_backward([&] { return dense(m_TD); }), options.repeats, device);
