@@ -41,7 +41,7 @@ struct ModelConfig {
   bool lfa = true;                  ///< Localized Filtering-based Attention on Q/K input
   double init_std = 0.02;           ///< N(0, init_std); output projections scaled by 1/sqrt(2L)
   double attention_dropout = 0.0;   ///< dropout on attention probabilities while training
-  AttentionKernel attention = AttentionKernel::kSdpa;  ///< causal attention kernel (attention.cpp)
+  AttentionKernel attention = AttentionKernel::kSdpa;  ///< causal attention kernel (transformer.cpp)
 
   /// Attention width P = heads * head_dim.
   int64_t attention_width() const { return num_attention_heads * head_dim; }
