@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One report of a GPU check (scripts/gpu-check.sh): OUT_DIR/report.md and OUT_DIR/report.json from
 the logs and JSON the script left in OUT_DIR. Missing pieces are reported as missing, never
-guessed. usage: bench/gpu_report.py OUT_DIR"""
+guessed. usage: bench/gpu_report.py OUT_DIR [CONFIG]"""
 
 import json
 import os
@@ -47,11 +47,13 @@ def gtest_summary(text):
 
 def main():
     out = sys.argv[1]
+    config = sys.argv[2] if len(sys.argv) > 2 else "configs/gpu-bench.json"
     steps = []
     for line in (read(out, "steps.txt") or "").splitlines():
         name, rc, seconds = line.split()
         steps.append({"step": name, "exit": int(rc), "seconds": int(seconds)})
     report = {
+        "config": config,
         "machine": (read(out, "machine.txt") or "").strip().splitlines()[-2:],
         "steps": steps,
         "ctest": ctest_summary(read(out, "ctest.log")),
@@ -77,7 +79,7 @@ def main():
     lines.append("CUDA tests alone: %s" % ("%d passed, %d skipped, failed: %s" % (
         g["passed"], g["skipped"], ", ".join(g["failed_tests"]) or "none") if g else "not run (see cuda-tests.log)"))
     b, e = report["bench"], report["eager"]
-    lines += ["", "## `yuanmoe bench --config configs/gpu-bench.json`", ""]
+    lines += ["", "## `yuanmoe bench --config %s`" % config, ""]
     if b:
         lines += ["| tokens/step | median step ms | tokens/s | MFU | against | peak GPU memory MiB |", "|---|---|---|---|---|---|",
                   "| %d | %.1f | %.0f | %.1f %% | %.0f TFLOP/s (measured bf16 matmul: %.0f) | %.0f |" % (

@@ -12,11 +12,14 @@
 # Each step prints a progress line; a failing step is reported and the next one still runs.
 # Sized to finish within 8 minutes on 16 cores.
 # usage: scripts/gpu-check.sh OUT_DIR [PYTHON]     (PYTHON: the interpreter whose torch to use)
+# A dry run on a CPU machine: GPU_CHECK_CONFIG=configs/tiny-m32.json GPU_CHECK_DEVICE=cpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu-check.sh OUT_DIR [PYTHON]}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 python=${2:-$(command -v python3)}
+config=${GPU_CHECK_CONFIG:-configs/gpu-bench.json}
+eager_device=${GPU_CHECK_DEVICE:-cuda}
 start=$(date +%s)
 progress() { echo "[gpu-check +$(($(date +%s) - start))s] $*" >&2; }
 status() { echo "$1 $2 $(($(date +%s) - $3))" >> "$out/steps.txt"; }
@@ -46,12 +49,12 @@ run_step build build.log cmake --build build-gpu -j "$(nproc)"
 if [ -x build-gpu/yuanmoe ]; then
   (cd build-gpu && run_step ctest ctest.log ctest -j 8 --timeout 240 --output-on-failure)
   run_step cuda-tests cuda-tests.log build-gpu/tests/yuanmoe_model_tests --gtest_filter='CudaTest.*'
-  run_step bench bench.log build-gpu/yuanmoe bench --config configs/gpu-bench.json --steps 5 --warmup 2 \
+  run_step bench bench.log build-gpu/yuanmoe bench --config "$config" --steps 5 --warmup 2 \
     --repeats 5 --json "$out/bench.json"
   run_step eager eager.log env PYTHONUNBUFFERED=1 "$python" bench/pytorch_eager_step.py \
-    --config configs/gpu-bench.json --steps 3 --warmup 1 --device cuda --json "$out/eager.json"
+    --config "$config" --steps 3 --warmup 1 --device "$eager_device" --json "$out/eager.json"
 fi
-"$python" bench/gpu_report.py "$out" && progress "report: $out/report.md"
+"$python" bench/gpu_report.py "$out" "$config" && progress "report: $out/report.md"
 # Few files come back from a device machine (at most 8): the logs travel as one archive.
 (cd "$out" && tar czf logs.tar.gz ./*.log ./*.txt && rm -f ./*.log ./*.txt)
 progress "done in $(($(date +%s) - start)) s: $(cd "$out" && echo *)"
