@@ -82,7 +82,7 @@ def main():
     lines += ["", "## `yuanmoe bench --config %s`" % config, ""]
     if b:
         lines += ["| tokens/step | median step ms | tokens/s | MFU | against | peak GPU memory MiB |", "|---|---|---|---|---|---|",
-                  "| %d | %.1f | %.0f | %.1f %% | %.0f TFLOP/s (measured bf16 matmul: %.0f) | %.0f |" % (
+                  "| %d | %.1f | %.0f | %.1f %% | %.1f TFLOP/s (measured matmul: %.1f) | %.0f |" % (
                       b["tokens_per_step"], b["median_step_seconds"] * 1e3, b["tokens_per_s"], 100 * b["mfu"],
                       b["peak_flops"] / 1e12, b.get("measured_peak_flops", 0) / 1e12,
                       b.get("peak_device_bytes", 0) / 2**20)]
