@@ -47,7 +47,7 @@ struct ModelConfig {
   int64_t attention_width() const { return num_attention_heads * head_dim; }
 };
 
-/// Mixture-of-Experts feed-forward blocks and their routers (reference/routers.md).
+/// Mixture-of-Experts feed-forward blocks and their routers (docs/routers.md).
 struct MoeConfig {
   int64_t num_experts = 0;           ///< E, required
   int64_t top_k = 0;                 ///< K; ReLU: sets the target sparsity 1 - K/E

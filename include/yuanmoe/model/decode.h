@@ -1,7 +1,8 @@
-// Incremental decoding (docs/architecture.md, "Incremental decoding"): the per-layer state that lets a chunk of tokens
-// continue a sequence without recomputing it, and token sampling on top of it. The state is the
-// KV cache plus the LFA's previous frames (option 2 of docs/model.md §10), exact for chunks of any length, so
-// chunked prefill and one-token steps give the full forward's logits. The forwards take the
+// Incremental decoding (docs/architecture.md, "Incremental decoding"): the per-layer state that
+// lets a chunk of tokens continue a sequence without recomputing it, and token sampling on top of
+// it. The state is the KV cache plus the LFA's previous frames (option 2 of docs/model.md §10),
+// exact for chunks of any length, so chunked prefill and one-token steps give the full forward's
+// logits. The forwards take the
 // cache as an optional pointer; there is no second model. Not here: paged or preallocated caches,
 // batched generation of prompts with different lengths, beam search.
 // T below is the number of tokens cached so far.

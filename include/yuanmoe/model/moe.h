@@ -14,13 +14,13 @@
 namespace yuanmoe::model {
 
 // ================================================================================================
-// gating: Gating and balancing functions shared by every router (reference/routers.md). Pure functions of
+// gating: Gating and balancing functions shared by every router (docs/routers.md). Pure functions of
 // fp32 router logits; no module state. Logits are [T, E].
 
 /// Top-k selection with renormalised softmax gates (docs/routers.md): the k largest of
-/// logits + selection_bias are selected (the bias only selects, DeepSeek-V3, arXiv 2412.19437 §2.1.2; pass an undefined
-/// tensor for none), and the gates are softmax over the k unbiased selected logits, which equals
-/// softmax-then-renormalise. For k = 1 the gate is the raw softmax probability (Switch form):
+/// logits + selection_bias are selected (the bias only selects: DeepSeek-V3, arXiv 2412.19437
+/// §2.1.2; pass an undefined tensor for none), and the gates are softmax over the k unbiased
+/// selected logits, which equals softmax-then-renormalise. For k = 1 the gate is the raw softmax probability (Switch form):
 /// a renormalised single gate is always 1 and would give the router no gradient.
 struct TopKGates {
   Tensor gates_TK;       // fp32, each row sums to 1 (k > 1)
@@ -47,7 +47,7 @@ Tensor router_z_loss(const Tensor& logits_TE);
 Tensor relu_load_balanced_l1(const Tensor& gates_TE, int64_t k);
 
 // ================================================================================================
-// router: MoE routers (reference/routers.md). A router turns the post-attention-norm hidden state into a
+// router: MoE routers (docs/routers.md). A router turns the post-attention-norm hidden state into a
 // Routing: per token K slots, each an (expert, gate) pair, plus its weighted auxiliary loss.
 // The public forward() is the same for all: promote to fp32, score() -> fp32 logits, gate().
 // Subclasses supply one scorer each; gating and balancing are the shared functions of gating.h.

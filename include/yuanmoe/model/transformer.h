@@ -91,8 +91,9 @@ class LocalizedFilteringImpl : public torch::nn::Module {
 TORCH_MODULE(LocalizedFiltering);
 
 // ================================================================================================
-// attention: Yuan 2.0 self-attention (Yuan 2.0, arXiv 2311.15786; the Yuan2-M32-hf modelling code): V reads the input-norm output a, Q and K read
-// LFA(a); Q/K come from one per-head interleaved projection; partial RoPE; scale 1/sqrt(Dh);
+// attention: Yuan 2.0 self-attention (arXiv 2311.15786; docs/model.md §2, §4): V reads the
+// input-norm output a, Q and K read LFA(a); Q/K come from one per-head interleaved projection;
+// partial RoPE; scale 1/sqrt(Dh);
 // causal softmax; o_proj back to D. No biases. With a LayerCache (decode.h) a chunk attends to
 // the cached keys and values of the tokens before it (incremental decoding, docs/architecture.md).
 
