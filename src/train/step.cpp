@@ -99,7 +99,7 @@ void OptimizerStep::update_routers(const Tensor& routed_pairs_LE, int64_t tokens
   // counts are global, so every rank keeps the same router state.
   stats.active_fraction_all_layers = routed_pairs_LE.sum().item<double>() /
                                      static_cast<double>(tokens * config_.moe.num_experts * routed_pairs_LE.size(0));
-  const torch::Device device = model_.parameters().front().device();
+  const torch::Device device = parameters_.front().device();
   for (size_t l = 0; l < layers.size(); ++l) {
     stats.routed_pairs_E = routed_pairs_LE[moe_layers_before_stage_ + static_cast<int64_t>(l)].to(device);
     layers[l]->gate->update_after_step(stats);
