@@ -139,6 +139,10 @@ void visit(V& v, ParallelConfig& c) {
           "Layers on the first stage (which also holds the embedding); 0 = balanced.");
   v.field("last_stage_layers", c.last_stage_layers, kOptional,
           "Layers on the last stage (which also holds the head); 0 = balanced.");
+  v.field("expert", c.expert, kOptional,
+          "Expert-parallel size: each MoE layer's experts split over this many data-parallel ranks.");
+  v.field("shard_optimizer", c.shard_optimizer, kOptional,
+          "Shard AdamW state over the data-parallel group (ZeRO-1, Megatron's distributed optimizer).");
   v.field("backend", c.backend, kOptional, "c10d backend: auto = NCCL on CUDA, Gloo on CPU.");
   v.field("timeout_s", c.timeout_s, kOptional, "Collective and rendezvous timeout in seconds.");
 }

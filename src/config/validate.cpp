@@ -149,6 +149,10 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
                   " other stage(s): each needs at least one, and none may be left over");
   }
   c.positive(p.timeout_s, "parallel.timeout_s");
+  c.positive(p.expert, "parallel.expert");
+  c.require(p.expert <= 1 || config.moe.num_experts % p.expert == 0, "parallel.expert",
+            "is " + Checker::str(p.expert) + ", which does not divide moe.num_experts (" +
+                Checker::str(config.moe.num_experts) + "): every rank holds the same number of experts");
 
   c.non_negative(config.checkpoint.interval, "checkpoint.interval");
   c.positive(config.checkpoint.keep_last, "checkpoint.keep_last");
@@ -173,6 +177,11 @@ std::vector<ConfigIssue> validate_training(const RunConfig& config, int64_t data
               "is " + Checker::str(*config.parallel.num_microbatches) +
                   ", but global_batch_size / (micro_batch_size x data-parallel size) = " + Checker::str(per_rank));
   }
+  // Megatron's layout: expert-parallel groups are carved out of each stage's data-parallel ranks.
+  const int64_t ep = config.parallel.expert;
+  c.require(ep <= 1 || data_parallel_size % ep == 0, "parallel.expert",
+            "is " + Checker::str(ep) + ", which does not divide the data-parallel size (" +
+                Checker::str(data_parallel_size) + " = world size / parallel.pipeline_parallel_size)");
   return issues;
 }
 

@@ -110,6 +110,11 @@ struct ParallelConfig {
   std::optional<int64_t> num_microbatches;  ///< absent = derived from the batch sizes
   int64_t first_stage_layers = 0;  ///< layers of the first stage; 0 = balanced (Megatron's
   int64_t last_stage_layers = 0;   ///< --decoder-first/last-pipeline-num-layers)
+  /// Expert parallelism: the experts of each MoE layer split over this many data-parallel ranks
+  /// of a stage (Megatron's layout; docs/parallelism.md). 1 = every rank holds every expert.
+  int64_t expert = 1;
+  /// ZeRO-1 / Megatron's distributed optimizer: AdamW state sharded over the data-parallel group.
+  bool shard_optimizer = false;
   Backend backend = Backend::kAuto;
   int64_t timeout_s = 300;
 };
