@@ -218,7 +218,9 @@ fs::path finish_checkpoint(const fs::path& checkpoints_dir, const fs::path& tmp_
   data::to_json(sampler, checkpoint.progress.sampler);
   manifest["sampler"] = ordered_json::parse(sampler.dump());
   manifest["layout"] = {{"pipeline_parallel_size", checkpoint.layout.pipeline_parallel_size},
-                        {"data_parallel_size", checkpoint.layout.data_parallel_size}};
+                        {"data_parallel_size", checkpoint.layout.data_parallel_size},
+                        {"expert_parallel_size", checkpoint.layout.expert_parallel_size},
+                        {"sharded_optimizer", checkpoint.layout.sharded_optimizer}};
   manifest["config"] = ordered_json::parse(config::to_json(checkpoint.config).dump());
   manifest["files"] = files;
   manifest["tensors"] = tensors;
@@ -305,6 +307,8 @@ Checkpoint load_verified(const fs::path& step_dir, const ordered_json& manifest,
     const ordered_json& layout = manifest.at("layout");
     checkpoint.layout.pipeline_parallel_size = layout.value("pipeline_parallel_size", int64_t{1});
     checkpoint.layout.data_parallel_size = layout.value("data_parallel_size", int64_t{1});
+    checkpoint.layout.expert_parallel_size = layout.value("expert_parallel_size", int64_t{1});
+    checkpoint.layout.sharded_optimizer = layout.value("sharded_optimizer", false);
   } catch (const std::exception& e) {
     fail(step_dir / kManifest, std::string("malformed manifest: ") + e.what());
   }

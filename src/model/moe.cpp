@@ -412,12 +412,67 @@ MoeImpl::MoeImpl(const config::MoeConfig& config, int64_t hidden_size) : config(
 MoeOutput MoeImpl::forward(const Tensor& x) {
   const Tensor x_TD = x.reshape({-1, x.size(-1)});
   const Routing routing = gate->forward(x_TD);
-  const bool grouped_mm = uses_grouped_mm(x_TD);
-  const DispatchPlan dispatch = plan(routing, x_TD.size(0), /*host_rows=*/!grouped_mm);
+  // The all-to-all's split sizes live on the host: expert parallelism reads the counts back.
+  const bool host_rows = expert_exchange != nullptr || !uses_grouped_mm(x_TD);
+  const DispatchPlan dispatch = plan(routing, x_TD.size(0), host_rows);
   const Tensor xs_ND = gather(x_TD, dispatch);
-  const Tensor ys_ND = grouped_mm ? experts->forward_grouped_mm(xs_ND, dispatch.expert_offsets_E)
-                                  : experts->forward(xs_ND, dispatch.rows_per_expert);
+  const Tensor ys_ND = run_experts(xs_ND, dispatch);
   return {combine(ys_ND, dispatch).view(x.sizes()), routing.aux_loss, dispatch.routed_pairs_E};
+}
+
+Tensor MoeImpl::run_experts(const Tensor& xs_ND, const DispatchPlan& plan) {
+  if (expert_exchange) return run_experts_across_ranks(xs_ND, plan);
+  return run_local_experts(xs_ND, plan.rows_per_expert, plan.expert_offsets_E);
+}
+
+Tensor MoeImpl::run_local_experts(const Tensor& xs_ND, const std::vector<int64_t>& rows_per_expert,
+                                  const Tensor& expert_offsets_E) {
+  return uses_grouped_mm(xs_ND) ? experts->forward_grouped_mm(xs_ND, expert_offsets_E)
+                                : experts->forward(xs_ND, rows_per_expert);
+}
+
+Tensor MoeImpl::run_experts_across_ranks(const Tensor& xs_ND, const DispatchPlan& plan) {
+  // Megatron's all-to-all dispatcher: the rows are sorted by global expert, so the block for rank
+  // r (experts [r L, (r + 1) L), L local experts) is contiguous. Counts first, then rows.
+  const ExpertExchange& exchange = *expert_exchange;
+  const int64_t ranks = exchange.size(), local = experts->w1.size(0);
+  TORCH_CHECK(ranks * local == config.num_experts, "expert parallelism: ", ranks, " ranks x ", local,
+              " experts is not moe.num_experts ", config.num_experts);
+  const std::vector<int64_t> per_rank(static_cast<size_t>(ranks), local);
+  const Tensor sent_counts_E = torch::tensor(plan.rows_per_expert, torch::kLong).to(xs_ND.device());
+  // received_counts[r * L + e]: rows rank r sends to this rank's local expert e.
+  const Tensor received_counts =
+      exchange.all_to_all(sent_counts_E, per_rank, per_rank).to(torch::kCPU).contiguous();  // [ranks * L]
+  const int64_t* received = received_counts.data_ptr<int64_t>();
+  std::vector<int64_t> send_rows(ranks, 0), recv_rows(ranks, 0), rows_per_local_expert(local, 0);
+  for (int64_t r = 0; r < ranks; ++r) {
+    for (int64_t e = 0; e < local; ++e) {
+      send_rows[r] += plan.rows_per_expert[r * local + e];
+      recv_rows[r] += received[r * local + e];
+      rows_per_local_expert[e] += received[r * local + e];
+    }
+  }
+  const Tensor arrived_MD = exchange.all_to_all(xs_ND, send_rows, recv_rows);  // by (source rank, expert)
+
+  // Regroup by local expert (rows of one expert from every source, in rank order): a
+  // permutation, so its backward writes each row once (no atomics).
+  std::vector<int64_t> by_expert;  // by_expert[i]: the arrived row at position i of the grouped rows
+  by_expert.reserve(static_cast<size_t>(arrived_MD.size(0)));
+  std::vector<int64_t> block_start(ranks * local + 1, 0);
+  for (int64_t i = 0; i < ranks * local; ++i) block_start[i + 1] = block_start[i] + received[i];
+  for (int64_t e = 0; e < local; ++e) {
+    for (int64_t r = 0; r < ranks; ++r) {
+      for (int64_t row = block_start[r * local + e]; row < block_start[r * local + e + 1]; ++row) by_expert.push_back(row);
+    }
+  }
+  const Tensor order = torch::tensor(by_expert, torch::kLong).to(xs_ND.device());  // [M]
+  const Tensor inverse = torch::empty_like(order).index_put_({order}, torch::arange(order.size(0), order.options()));
+  const Tensor grouped_MD = arrived_MD.index_select(0, order);
+  const Tensor offsets_L =
+      torch::tensor(rows_per_local_expert, torch::kLong).cumsum(0).to(torch::kInt).to(xs_ND.device());
+  const Tensor ys_grouped_MD = run_local_experts(grouped_MD, rows_per_local_expert, offsets_L);
+  const Tensor ys_arrived_MD = ys_grouped_MD.index_select(0, inverse);
+  return exchange.all_to_all(ys_arrived_MD, recv_rows, send_rows);  // [N, D] in plan order
 }
 
 bool MoeImpl::uses_grouped_mm(const Tensor& x) const {

@@ -44,6 +44,42 @@ void Group::broadcast(Tensor& tensor, int64_t root) const {
   impl_->pg->broadcast(tensors, options)->wait();
 }
 
+Tensor Group::all_to_all(const Tensor& rows, const std::vector<int64_t>& send_rows,
+                         const std::vector<int64_t>& recv_rows) const {
+  if (size_ == 1) return rows;
+  TORCH_CHECK(static_cast<int64_t>(send_rows.size()) == size_ && static_cast<int64_t>(recv_rows.size()) == size_,
+              "all_to_all: one split per rank");
+  std::vector<int64_t> output_shape = rows.sizes().vec();
+  output_shape[0] = 0;
+  for (int64_t n : recv_rows) output_shape[0] += n;
+  Tensor input = rows.contiguous();
+  Tensor output = torch::empty(output_shape, rows.options());
+  std::vector<int64_t> send = send_rows, recv = recv_rows;
+  impl_->pg->alltoall_base(output, input, recv, send)->wait();
+  return output;
+}
+
+Tensor Group::reduce_scatter_sum(const Tensor& input) const {
+  if (size_ == 1) return input;
+  TORCH_CHECK(input.dim() == 1 && input.numel() % size_ == 0, "reduce_scatter_sum: [size * n] input");
+  Tensor in = input.contiguous();
+  Tensor out = torch::empty({input.numel() / size_}, input.options());
+  c10d::ReduceScatterOptions options;
+  options.reduceOp = c10d::ReduceOp::SUM;
+  impl_->pg->_reduce_scatter_base(out, in, options)->wait();
+  return out;
+}
+
+Tensor Group::all_gather(const Tensor& shard) const {
+  if (size_ == 1) return shard;
+  Tensor in = shard.contiguous();
+  std::vector<int64_t> shape = shard.sizes().vec();
+  shape[0] *= size_;
+  Tensor out = torch::empty(shape, shard.options());
+  impl_->pg->_allgather_base(out, in)->wait();
+  return out;
+}
+
 void Group::barrier() const {
   if (size_ == 1) return;
   impl_->pg->barrier()->wait();
@@ -124,6 +160,12 @@ ParallelContext ParallelContext::connect(const WorldInfo& world, int64_t pipelin
   layout.dp = world.world_size / pipeline_stages;
   layout.stage = world.rank / layout.dp;
   layout.dp_rank = world.rank % layout.dp;
+  if (options.expert < 1 || layout.dp % options.expert != 0) {
+    throw std::invalid_argument("parallel.expert " + std::to_string(options.expert) +
+                                " does not divide the data-parallel size " + std::to_string(layout.dp));
+  }
+  layout.ep = options.expert;
+  layout.ep_rank = layout.dp_rank % layout.ep;
   if (world.world_size == 1) return context;
 
   const bool use_nccl = options.backend == config::Backend::kNccl ||
@@ -150,7 +192,7 @@ ParallelContext ParallelContext::connect(const WorldInfo& world, int64_t pipelin
   }
   context.rendezvous_ = std::make_shared<Rendezvous>(Rendezvous{store});
 
-  // Every rank builds its groups in the same order (world, dp, pp, embedding), so the
+  // Every rank builds its groups in the same order (world, dp, pp, embedding, ep, edp), so the
   // full-mesh connections in the constructors cannot wait on each other in a cycle.
   std::vector<int64_t> everyone, dp_members, pp_members;
   for (int64_t r = 0; r < world.world_size; ++r) everyone.push_back(r);
@@ -164,6 +206,20 @@ ParallelContext ParallelContext::connect(const WorldInfo& world, int64_t pipelin
     const std::vector<int64_t> ends{layout.dp_rank, (layout.pp - 1) * layout.dp + layout.dp_rank};
     context.embedding =
         make_group("embedding/" + std::to_string(layout.dp_rank) + "/", ends, world, store, options, use_nccl);
+  }
+  if (layout.ep > 1) {
+    const int64_t block = layout.dp_rank / layout.ep;  // which ep group of the stage
+    std::vector<int64_t> ep_members, edp_members;
+    for (int64_t i = 0; i < layout.ep; ++i) ep_members.push_back(layout.stage * layout.dp + block * layout.ep + i);
+    for (int64_t j = 0; j < layout.dp / layout.ep; ++j) {
+      edp_members.push_back(layout.stage * layout.dp + j * layout.ep + layout.ep_rank);
+    }
+    const std::string stage = std::to_string(layout.stage) + "/";
+    context.ep = make_group("ep/" + stage + std::to_string(block) + "/", ep_members, world, store, options, use_nccl);
+    context.edp = make_group("edp/" + stage + std::to_string(layout.ep_rank) + "/", edp_members, world, store,
+                             options, use_nccl);
+  } else {
+    context.edp = context.dp;  // every rank holds every expert: experts reduce like any weight
   }
   return context;
 }

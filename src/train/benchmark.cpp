@@ -355,9 +355,10 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
     }
   }
 
-  const auto optimizer = make_optimizer(*model, config.train);
   parallel::ParallelContext single_process;
-  OptimizerStep step(config, *model, *optimizer, single_process);
+  DistributedOptimizer optimizer(*model, config.train, single_process, /*shard=*/false,
+                                 parallel::expert_weights(*model));
+  OptimizerStep step(config, *model, optimizer, single_process);
   measure_step(options, step, batches, device, report);
   // The VM's speed drifts (docs/benchmarks.md): measure again right after the steps and keep the
   // higher reading, so MFU is never flattered by a slow one.

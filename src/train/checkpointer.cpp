@@ -6,7 +6,6 @@
 #include <tuple>
 
 #include "yuanmoe/config/config_io.h"
-#include "yuanmoe/train/optimizer.h"
 
 namespace yuanmoe::train {
 
@@ -66,7 +65,7 @@ CheckpointManager::CheckpointManager(const config::RunConfig& config, fs::path c
                                      const parallel::ParallelContext& parallel, torch::Device device)
     : config_(config), checkpoints_dir_(std::move(checkpoints_dir)), parallel_(parallel), device_(device) {}
 
-std::optional<Resumed> CheckpointManager::resume(model::TransformerImpl& model, torch::optim::AdamW& optimizer) const {
+std::optional<Resumed> CheckpointManager::resume(model::TransformerImpl& model, DistributedOptimizer& optimizer) const {
   const std::optional<fs::path> latest = checkpoint::find_latest_checkpoint(checkpoints_dir_);
   if (!latest) return std::nullopt;
   const checkpoint::Checkpoint saved = checkpoint::load_checkpoint(*latest);
@@ -75,11 +74,11 @@ std::optional<Resumed> CheckpointManager::resume(model::TransformerImpl& model, 
   resumed.dir = *latest;
   resumed.progress = saved.progress;
   resumed.notes = check_compatible(saved.config, config_, *latest, /*fine_tune=*/false);
-  checkpoint::load_model_state(model, for_stage(saved.model, model), latest->string());
-  load_optimizer_state_by_name(model, optimizer, for_stage(saved.optimizer, model), latest->string());
+  checkpoint::load_model_state(model, optimizer.experts().to_local(for_stage(saved.model, model)), latest->string());
+  optimizer.load_state_by_name(for_stage(saved.optimizer, model), latest->string());
 
   const parallel::ParallelLayout& layout = parallel_.layout();
-  if (saved.layout == checkpoint::CheckpointLayout{layout.pp, layout.dp}) {
+  if (saved.layout.pipeline_parallel_size == layout.pp && saved.layout.data_parallel_size == layout.dp) {
     const int64_t rank = parallel_.world().rank;
     for (const auto& [name, state] : saved.rng) {
       // "cpu": a one-process checkpoint of an earlier version.
@@ -95,24 +94,24 @@ std::optional<Resumed> CheckpointManager::resume(model::TransformerImpl& model, 
   return resumed;
 }
 
-Resumed CheckpointManager::restore(model::TransformerImpl& model, torch::optim::AdamW& optimizer) const {
+Resumed CheckpointManager::restore(model::TransformerImpl& model, DistributedOptimizer& optimizer) const {
   if (std::optional<Resumed> resumed = resume(model, optimizer)) return *resumed;
   Resumed restored;
   if (!config_.train.init_from.empty()) {
     restored.kind = Resumed::Kind::kFineTune;
-    std::tie(restored.dir, restored.init_step) = load_init_from(model, config_);
+    std::tie(restored.dir, restored.init_step) = load_init_from(model, config_, optimizer.experts());
   }
   return restored;
 }
 
 fs::path CheckpointManager::save(const checkpoint::TrainingProgress& progress, model::TransformerImpl& model,
-                                 torch::optim::AdamW& optimizer) const {
+                                 DistributedOptimizer& optimizer) const {
   const parallel::ParallelLayout& layout = parallel_.layout();
   const int64_t rank = parallel_.world().rank;
   checkpoint::Checkpoint ck;
   ck.progress = progress;
   ck.config = config_;
-  ck.layout = {layout.pp, layout.dp};
+  ck.layout = {layout.pp, layout.dp, layout.ep, optimizer.sharded()};
   if (!config_.data.tokenizer.empty() && fs::exists(config_.data.tokenizer)) ck.tokenizer = config_.data.tokenizer;
 
   // Rank 0 opens the temporary directory, each stage's first data-parallel rank writes that
@@ -120,11 +119,15 @@ fs::path CheckpointManager::save(const checkpoint::TrainingProgress& progress, m
   const fs::path tmp_dir = checkpoint::temporary_checkpoint_dir(checkpoints_dir_, progress.step);
   if (rank == 0) checkpoint::begin_checkpoint(checkpoints_dir_, progress.step);
   parallel_.world_group.barrier();
+  // Gathered in the global layout by every rank of the stage (collectives), written by one.
+  const checkpoint::NamedTensors model_state =
+      optimizer.experts().to_global(checkpoint::model_state(model), parallel_.ep);
+  const checkpoint::NamedTensors optimizer_state = optimizer.state_by_name();
   if (layout.dp_rank == 0) {
     checkpoint::write_checkpoint_file(tmp_dir, checkpoint::model_file(layout.stage),
-                                      without_tied_copy(checkpoint::model_state(model), model.stage));
+                                      without_tied_copy(model_state, model.stage));
     checkpoint::write_checkpoint_file(tmp_dir, checkpoint::optimizer_file(layout.stage),
-                                      without_tied_copy(optimizer_state_by_name(model, optimizer), model.stage));
+                                      without_tied_copy(optimizer_state, model.stage));
   }
   checkpoint::NamedTensors rng{{rng_key(rank, "cpu"), at::detail::getDefaultCPUGenerator().get_state()}};
   if (device_.is_cuda()) rng.emplace_back(rng_key(rank, "cuda"), at::globalContext().defaultGenerator(device_).get_state());
@@ -136,11 +139,12 @@ fs::path CheckpointManager::save(const checkpoint::TrainingProgress& progress, m
   return dir;
 }
 
-std::pair<fs::path, int64_t> load_init_from(torch::nn::Module& model, const config::RunConfig& config) {
+std::pair<fs::path, int64_t> load_init_from(torch::nn::Module& model, const config::RunConfig& config,
+                                            const parallel::ExpertSharding& experts) {
   const fs::path dir = checkpoint::resolve_checkpoint_dir(config.train.init_from);
   const checkpoint::Checkpoint saved = checkpoint::load_checkpoint(dir, checkpoint::LoadParts::kModelOnly);
   check_compatible(saved.config, config, dir, /*fine_tune=*/true);
-  checkpoint::load_model_state(model, for_stage(saved.model, model), dir.string());
+  checkpoint::load_model_state(model, experts.to_local(for_stage(saved.model, model)), dir.string());
   return {dir, saved.progress.step};
 }
 

@@ -6,17 +6,24 @@
 
 namespace yuanmoe::train {
 
+void sum_tied_embedding_gradient(const Tensor& tied_embedding, const parallel::ParallelContext& parallel) {
+  torch::NoGradGuard no_grad;
+  if (!tied_embedding.defined() || parallel.embedding.size() == 1) return;
+  Tensor weight = tied_embedding;
+  if (!weight.grad().defined()) weight.mutable_grad() = torch::zeros_like(weight);
+  Tensor grad = weight.grad();
+  parallel.embedding.all_reduce_sum(grad);
+}
+
 void synchronize_gradients(const std::vector<Tensor>& parameters, const Tensor& tied_embedding,
                            const parallel::ParallelContext& parallel) {
+  sum_tied_embedding_gradient(tied_embedding, parallel);
+  all_reduce_mean(parameters, parallel.dp, parallel.dp.size());
+}
+
+void all_reduce_mean(const std::vector<Tensor>& parameters, const parallel::Group& group, int64_t divisor) {
   torch::NoGradGuard no_grad;
-  if (tied_embedding.defined() && parallel.embedding.size() > 1) {
-    Tensor weight = tied_embedding;
-    if (!weight.grad().defined()) weight.mutable_grad() = torch::zeros_like(weight);
-    Tensor grad = weight.grad();
-    parallel.embedding.all_reduce_sum(grad);
-  }
-  const int64_t dp = parallel.dp.size();
-  if (dp == 1) return;
+  if (divisor == 1) return;
   // Gloo has no AVG: sum, then divide.
   constexpr int64_t kBucketBytes = 25 << 20;
   std::vector<Tensor> bucket;
@@ -26,8 +33,8 @@ void synchronize_gradients(const std::vector<Tensor>& parameters, const Tensor& 
     std::vector<Tensor> flat_parts;
     for (const Tensor& g : bucket) flat_parts.push_back(g.reshape(-1).to(torch::kFloat));
     Tensor flat = torch::cat(flat_parts);  // [bucket elements]
-    parallel.dp.all_reduce_sum(flat);
-    flat.div_(static_cast<double>(dp));
+    group.all_reduce_sum(flat);
+    flat.div_(static_cast<double>(divisor));
     int64_t offset = 0;
     for (Tensor& g : bucket) {
       g.copy_(flat.narrow(0, offset, g.numel()).view_as(g));
@@ -46,7 +53,9 @@ void synchronize_gradients(const std::vector<Tensor>& parameters, const Tensor& 
 }
 
 double global_gradient_norm(const std::vector<Tensor>& parameters, const parallel::ParallelContext& parallel) {
-  Tensor squared = torch::tensor({squared_gradient_norm(parameters)}, torch::kDouble);
+  // On the parameters' device: NCCL reduces device tensors only.
+  const torch::Device device = parameters.empty() ? torch::Device(torch::kCPU) : parameters.front().device();
+  Tensor squared = torch::tensor({squared_gradient_norm(parameters)}, torch::kDouble).to(device);
   parallel.pp.all_reduce_sum(squared);
   return std::sqrt(squared.item<double>());
 }

@@ -14,12 +14,8 @@ void* state_key(const Tensor& parameter) { return parameter.unsafeGetTensorImpl(
 
 bool uses_weight_decay(const Tensor& parameter) { return parameter.dim() >= 2; }
 
-std::unique_ptr<torch::optim::AdamW> make_optimizer(const torch::nn::Module& model,
-                                                    const config::TrainConfig& train) {
-  std::vector<Tensor> decay, no_decay;
-  for (const auto& item : model.named_parameters()) {
-    (uses_weight_decay(item.value()) ? decay : no_decay).push_back(item.value());
-  }
+std::unique_ptr<torch::optim::AdamW> make_adamw(std::vector<Tensor> decayed, std::vector<Tensor> not_decayed,
+                                                const config::TrainConfig& train) {
   const auto options = [&](double weight_decay) {
     return torch::optim::AdamWOptions(train.lr)
         .betas({train.adam_beta1, train.adam_beta2})
@@ -27,9 +23,18 @@ std::unique_ptr<torch::optim::AdamW> make_optimizer(const torch::nn::Module& mod
         .weight_decay(weight_decay);
   };
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(options(train.weight_decay)));
-  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(options(0.0)));
+  groups.emplace_back(std::move(decayed), std::make_unique<torch::optim::AdamWOptions>(options(train.weight_decay)));
+  groups.emplace_back(std::move(not_decayed), std::make_unique<torch::optim::AdamWOptions>(options(0.0)));
   return std::make_unique<torch::optim::AdamW>(std::move(groups), options(train.weight_decay));
+}
+
+std::unique_ptr<torch::optim::AdamW> make_optimizer(const torch::nn::Module& model,
+                                                    const config::TrainConfig& train) {
+  std::vector<Tensor> decay, no_decay;
+  for (const auto& item : model.named_parameters()) {
+    (uses_weight_decay(item.value()) ? decay : no_decay).push_back(item.value());
+  }
+  return make_adamw(std::move(decay), std::move(no_decay), train);
 }
 
 void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {

@@ -4,20 +4,14 @@
 #include <limits>
 
 #include "yuanmoe/model/transformer.h"
-#include "yuanmoe/train/gradient_sync.h"
 #include "yuanmoe/train/lr_schedule.h"
-#include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/pipeline.h"
 
 namespace yuanmoe::train {
 
 OptimizerStep::OptimizerStep(const config::RunConfig& config, model::TransformerImpl& model,
-                             torch::optim::AdamW& optimizer, parallel::ParallelContext& parallel)
+                             DistributedOptimizer& optimizer, parallel::ParallelContext& parallel)
     : config_(config), model_(model), optimizer_(optimizer), parallel_(parallel), parameters_(model.parameters()) {
-  for (const auto& item : model_.named_parameters()) {
-    if (!model_.stage.has_embedding && item.key().rfind("embed_tokens.", 0) == 0) continue;
-    norm_parameters_.push_back(item.value());
-  }
   total_moe_layers_ = model::count_moe_layers(config_.moe, 0, config_.model.num_layers);
   moe_layers_before_stage_ = model::count_moe_layers(config_.moe, 0, model_.stage.first_layer);
   micro_batches_per_rank_ =
@@ -27,7 +21,7 @@ OptimizerStep::OptimizerStep(const config::RunConfig& config, model::Transformer
 StepResult OptimizerStep::forward_backward(int64_t completed, const std::function<data::Batch()>& next_batch) {
   StepResult result;
   result.lr = lr_at(completed, config_.train);
-  set_learning_rate(optimizer_, result.lr);
+  optimizer_.set_learning_rate(result.lr);
   model_.zero_grad(/*set_to_none=*/true);
 
   // Each micro-batch's loss is scaled by 1/m (m: this rank's micro-batches) and the data-parallel
@@ -38,9 +32,8 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   options.loss_scale = 1.0 / static_cast<double>(micro_batches_per_rank_);
   options.precision = config_.train.precision;
   const PipelineStepResult pipeline = run_pipeline_step(model_, parallel_, options, next_batch);
-  synchronize_gradients(parameters_, parallel_.embedding.size() > 1 ? model_.embed_tokens->weight : Tensor(),
-                        parallel_);
   if (after_backward) after_backward(completed + 1, parameters_);
+  optimizer_.reduce_gradients();
 
   // Losses live on the last stages, router terms on every stage: one sum over the world. The
   // pipeline's waiting and total times give its measured bubble.
@@ -52,8 +45,7 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   result.loss = sums[0].item<double>() / micro_batches;
   result.aux_loss = sums[1].item<double>() / micro_batches;
   result.routed_pairs_LE = global_moe_rows(pipeline.routed_pairs_LE, config_.moe.num_experts, torch::kLong);
-  // Data-parallel ranks hold the same gradients by now; the norm sums over the stages.
-  result.grad_norm = global_gradient_norm(norm_parameters_, parallel_);
+  result.grad_norm = optimizer_.gradient_norm();
   return result;
 }
 
@@ -77,8 +69,7 @@ void OptimizerStep::apply(int64_t completed, StepResult& result) {
     return;
   }
   consecutive_skips_ = 0;
-  scale_gradients_to_norm(parameters_, config_.train.grad_clip, result.grad_norm);
-  optimizer_.step();
+  optimizer_.step(config_.train.grad_clip, result.grad_norm);
   update_routers(result.routed_pairs_LE, config_.train.global_batch_size * config_.train.seq_length);
 }
 

@@ -14,6 +14,7 @@
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/param_count.h"
 #include "yuanmoe/model/recompute.h"
+#include "yuanmoe/parallel/expert_parallel.h"
 #include "yuanmoe/train/mfu.h"
 #include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/pipeline.h"
@@ -71,10 +72,12 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
                                                     config_.parallel.first_stage_layers,
                                                     config_.parallel.last_stage_layers));
   model::init_weights(*model_, config_.model, static_cast<uint64_t>(train.seed));
+  parallel::ExpertSharding experts = parallel::apply_expert_parallel(*model_, parallel_);
   model::apply_recompute(*model_, train.recompute);
   model_->to(device_);
   model_->train();
-  optimizer_ = make_optimizer(*model_, train);
+  optimizer_ = std::make_unique<DistributedOptimizer>(*model_, train, parallel_, config_.parallel.shard_optimizer,
+                                                      std::move(experts));
   step_ = std::make_unique<OptimizerStep>(config_, *model_, *optimizer_, parallel_);
   if (!options_.nonfinite_steps.empty()) {
     step_->after_backward = [steps = options_.nonfinite_steps](int64_t step, const std::vector<Tensor>& parameters) {
@@ -210,11 +213,13 @@ TrainSummary Trainer::run() {
                    train.max_steps, peak_flops_ / 1e9, config_.log.peak_tflops > 0 ? " (config)" : " (measured)"));
   if (parallel_.distributed()) {
     const parallel::ParallelLayout& layout = parallel_.layout();
-    info(fmt::format("rank {} of {} ({}): data-parallel {} of {}, pipeline stage {} of {} (layers {}..{}), {} "
-                     "micro-batches per step on this rank, schedule {}",
+    info(fmt::format("rank {} of {} ({}): data-parallel {} of {}, pipeline stage {} of {} (layers {}..{}), "
+                     "expert-parallel {} of {}, {} micro-batches per step on this rank, schedule {}, optimizer {}",
                      parallel_.world().rank, parallel_.world().world_size, parallel_.world().launcher, layout.dp_rank,
                      layout.dp, layout.stage, layout.pp, model_->stage.first_layer, model_->stage.end_layer - 1,
-                     step_->micro_batches_per_rank(), config::to_string(config_.parallel.pipeline_schedule)));
+                     layout.ep_rank, layout.ep, step_->micro_batches_per_rank(),
+                     config::to_string(config_.parallel.pipeline_schedule),
+                     optimizer_->sharded() ? "sharded over data-parallel ranks" : "replicated"));
   }
 
   auto redraw_plots = [&] {
@@ -233,11 +238,18 @@ TrainSummary Trainer::run() {
 
   ProgressBar bar(progress_.step, train.max_steps, config_.log.progress && is_logging_rank());
   StepInterval interval;
+  bool state_bytes_logged = false;
   while (progress_.step < stop_step) {
     const auto start = std::chrono::steady_clock::now();
     const StepResult result = step_->run(progress_.step, [&] { return train_sampler_->next_batch(); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (result.skipped) console_->warn(result.nonfinite);
+    if (!state_bytes_logged && !result.skipped) {
+      // Measured from the live tensors, in every rank's log: what parallel.shard_optimizer saves
+      // (docs/parallelism.md).
+      console_->info(fmt::format("AdamW state on rank {}: {} bytes", parallel_.world().rank, optimizer_->state_bytes()));
+      state_bytes_logged = true;
+    }
     ++progress_.step;
     progress_.tokens_seen += tokens_per_step;
     interval.add(result, seconds, tokens_per_step);

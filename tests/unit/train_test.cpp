@@ -443,22 +443,23 @@ TEST(CheckpointManagerTest, ResumesTheSingleFilesOfEarlierVersionsAndSavesTheSha
 
   model::Transformer fresh(run.model, run.moe);
   model::init_weights(*fresh, run.model, 2);
-  auto fresh_optimizer = make_optimizer(*fresh, run.train);
   parallel::ParallelContext single_process;
+  DistributedOptimizer fresh_optimizer(*fresh, run.train, single_process, /*shard=*/false,
+                                       parallel::expert_weights(*fresh));
   const CheckpointManager manager(run, checkpoints, single_process, torch::kCPU);
   torch::manual_seed(7);
-  const std::optional<Resumed> resumed = manager.resume(*fresh, *fresh_optimizer);
+  const std::optional<Resumed> resumed = manager.resume(*fresh, fresh_optimizer);
   ASSERT_TRUE(resumed);
   EXPECT_EQ(resumed->progress.step, 3);
   EXPECT_TRUE(resumed->notes.empty());
   EXPECT_TRUE(torch::equal(torch::rand({4}), next_draw));  // the random stream continues
   const auto a = checkpoint::model_state(*model), b = checkpoint::model_state(*fresh);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
-  const auto sa = optimizer_state_by_name(*model, *optimizer), sb = optimizer_state_by_name(*fresh, *fresh_optimizer);
+  const auto sa = optimizer_state_by_name(*model, *optimizer), sb = fresh_optimizer.state_by_name();
   ASSERT_EQ(sa.size(), sb.size());
   for (size_t i = 0; i < sa.size(); ++i) EXPECT_TRUE(torch::equal(sa[i].second, sb[i].second)) << sa[i].first;
 
-  const fs::path saved = manager.save({4, 0, {}}, *fresh, *fresh_optimizer);
+  const fs::path saved = manager.save({4, 0, {}}, *fresh, fresh_optimizer);
   for (const std::string file : {checkpoint::model_file(0), checkpoint::optimizer_file(0), checkpoint::rng_file(0)}) {
     EXPECT_TRUE(fs::exists(saved / file)) << file;
   }

@@ -39,11 +39,16 @@ struct TrainingProgress {
 };
 
 /// The parallel layout a checkpoint was written at.
+/// The parallel layout a checkpoint was written at (for the record: the tensors are stored in
+/// the global layout, so any layout reads them).
 struct CheckpointLayout {
   int64_t pipeline_parallel_size = 1;
   int64_t data_parallel_size = 1;
+  int64_t expert_parallel_size = 1;
+  bool sharded_optimizer = false;
   bool operator==(const CheckpointLayout& other) const {
-    return pipeline_parallel_size == other.pipeline_parallel_size && data_parallel_size == other.data_parallel_size;
+    return pipeline_parallel_size == other.pipeline_parallel_size && data_parallel_size == other.data_parallel_size &&
+           expert_parallel_size == other.expert_parallel_size && sharded_optimizer == other.sharded_optimizer;
   }
 };
 

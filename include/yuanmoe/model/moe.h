@@ -248,10 +248,24 @@ struct DispatchPlan {
   int64_t tokens = 0, slots = 0;
 };
 
+/// The ranks one MoE layer's experts are spread over (expert parallelism, docs/parallelism.md):
+/// rank r of size() holds experts [r * E / size(), (r + 1) * E / size()). Implemented over a
+/// c10d group by parallel/expert_parallel.h; the model sees only this interface.
+class ExpertExchange {
+ public:
+  virtual ~ExpertExchange() = default;
+  virtual int64_t size() const = 0;
+  /// rows [N, ...]: the first send_rows[0] rows to rank 0, the next send_rows[1] to rank 1, ...;
+  /// returns the rows received, recv_rows[r] from rank r, in rank order. Differentiable: the
+  /// gradient goes back the way the rows came.
+  virtual Tensor all_to_all(const Tensor& rows, const std::vector<int64_t>& send_rows,
+                            const std::vector<int64_t>& recv_rows) const = 0;
+};
+
 class MoeImpl : public torch::nn::Module {
  public:
   MoeImpl(const config::MoeConfig& config, int64_t hidden_size);
-  /// x [..., D] -> out [..., D]: route, plan, gather, experts, combine.
+  /// x [..., D] -> out [..., D]: route, plan, gather, experts (here, or on their ranks), combine.
   MoeOutput forward(const Tensor& x);
 
   // The stages of forward(), public so that `yuanmoe bench` can time each one.
@@ -264,10 +278,21 @@ class MoeImpl : public torch::nn::Module {
   /// Expert outputs [N, D] -> out [T, D]: scaled by the gates, each pair written to its own
   /// (token, slot) row, the K slots summed in order.
   static Tensor combine(const Tensor& ys_ND, const DispatchPlan& plan);
+  /// The planned pairs' inputs [N, D] (sorted by global expert) -> their expert outputs [N, D]:
+  /// the experts of this rank, or under expert parallelism each block of rows sent to the rank
+  /// holding its experts and the outputs sent back.
+  Tensor run_experts(const Tensor& xs_ND, const DispatchPlan& plan);
 
   const config::MoeConfig config;
   std::shared_ptr<RouterImpl> gate;  // HF name: mlp.gate
-  GroupedExperts experts{nullptr};   // HF names: mlp.experts.{e}.w1 / w2
+  GroupedExperts experts{nullptr};   // HF names: mlp.experts.{e}.w1 / w2 (this rank's experts)
+  /// Set by parallel::apply_expert_parallel; null: this rank holds all moe.num_experts experts.
+  std::shared_ptr<const ExpertExchange> expert_exchange;
+
+ private:
+  Tensor run_local_experts(const Tensor& xs_ND, const std::vector<int64_t>& rows_per_expert,
+                           const Tensor& expert_offsets_E);
+  Tensor run_experts_across_ranks(const Tensor& xs_ND, const DispatchPlan& plan);
 };
 TORCH_MODULE(Moe);
 

@@ -6,6 +6,10 @@
 //   dp group of stage s:        ranks {s*dp + d : d < dp}   (gradient all-reduce)
 //   pp group of dp rank d:      ranks {s*dp + d : s < pp}   (activations; group rank = stage)
 //   embedding group of d:       first and last stage of that pipeline (tied-embedding gradient)
+//   ep group (expert parallel): ep consecutive dp ranks of a stage, {s*dp + b*ep + i : i < ep}
+//                               (tokens to their experts and back: all-to-all)
+//   edp group (expert data parallel): the dp ranks of a stage holding the same experts,
+//                               {s*dp + j*ep + i : j < dp/ep} (expert-gradient reduction)
 //   world:                      everything (metrics, expert load, failures)
 #pragma once
 
@@ -45,6 +49,15 @@ class Group {
   /// Element-wise sum over the group, in place (one tensor, or a list of one dtype/device).
   void all_reduce_sum(Tensor& tensor) const;
   void broadcast(Tensor& tensor, int64_t root) const;
+  /// rows [N, ...]: the first send_rows[0] rows to group rank 0, the next send_rows[1] to rank 1,
+  /// ...; returns what arrived, recv_rows[r] rows from rank r, in rank order. Not differentiable
+  /// (parallel/expert_parallel.h wraps it for autograd).
+  Tensor all_to_all(const Tensor& rows, const std::vector<int64_t>& send_rows,
+                    const std::vector<int64_t>& recv_rows) const;
+  /// input [size() * n] summed over the group; this rank keeps block rank() of the sum: [n].
+  Tensor reduce_scatter_sum(const Tensor& input) const;
+  /// shard [n] from every rank -> [size() * n], block r from rank r.
+  Tensor all_gather(const Tensor& shard) const;
   void barrier() const;
   /// Point to point with group-local ranks. `tag` tells apart messages between one pair (Gloo;
   /// NCCL matches by order, which the schedules keep identical on both ends).
@@ -63,6 +76,7 @@ class Group {
 struct ParallelLayout {
   int64_t dp = 1, pp = 1;
   int64_t dp_rank = 0, stage = 0;
+  int64_t ep = 1, ep_rank = 0;  // expert parallel: ep divides dp; ep_rank = dp_rank % ep
   bool first_stage() const { return stage == 0; }
   bool last_stage() const { return stage == pp - 1; }
 };
@@ -72,7 +86,8 @@ class ParallelContext {
   ParallelContext() = default;  // single process
 
   /// Rendezvous and build every group this rank belongs to; world.world_size must be a
-  /// multiple of pipeline_stages. Throws naming the problem (store unreachable, timeout, ...).
+  /// multiple of pipeline_stages and options.expert divide the data-parallel size. Throws
+  /// naming the problem (store unreachable, timeout, ...).
   static ParallelContext connect(const WorldInfo& world, int64_t pipeline_stages,
                                  const config::ParallelConfig& options, torch::Device device);
 
@@ -80,7 +95,7 @@ class ParallelContext {
   const ParallelLayout& layout() const { return layout_; }
   bool distributed() const { return world_.world_size > 1; }
 
-  Group world_group, dp, pp, embedding;
+  Group world_group, dp, pp, embedding, ep, edp;
 
   /// Best effort: tell the other ranks why this one is failing (read by first_failure()).
   void report_failure(const std::string& message) const;

@@ -2,8 +2,10 @@
 // checkpoint holds of this rank (its stage's weights and AdamW state by name, its CPU random
 // state and that of its CUDA device), who writes what (each stage's first data-parallel rank its
 // stage's shards, every rank its random state, rank 0 opens and seals the directory, barriers
-// between), and what a restore accepts (the keys' roles, config::KeyRole). One process is the
-// layout with one stage and one rank: the same files, the same code.
+// between), and what a restore accepts (the keys' roles, config::KeyRole). Tensors are stored
+// whole, every expert by its global index, whatever the expert parallelism or optimizer
+// sharding: they are gathered on save and sliced on load, so any layout resumes any other.
+// One process is the layout with one stage and one rank: the same files, the same code.
 #pragma once
 
 #include <filesystem>
@@ -17,6 +19,7 @@
 #include "yuanmoe/core/types.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/process_groups.h"
+#include "yuanmoe/train/distributed_optimizer.h"
 
 namespace yuanmoe::train {
 
@@ -44,14 +47,14 @@ class CheckpointManager {
   /// at this layout (another layout reseeds: dropout masks then differ, as they would anyway).
   /// nullopt when the run has no checkpoint. Throws naming the directory and every key when an
   /// architecture or context key differs.
-  std::optional<Resumed> resume(model::TransformerImpl& model, torch::optim::AdamW& optimizer) const;
+  std::optional<Resumed> resume(model::TransformerImpl& model, DistributedOptimizer& optimizer) const;
 
   /// resume(), else the weights of train.init_from when set (load_init_from), else nothing.
-  Resumed restore(model::TransformerImpl& model, torch::optim::AdamW& optimizer) const;
+  Resumed restore(model::TransformerImpl& model, DistributedOptimizer& optimizer) const;
 
   /// Writes step progress.step: a collective, every rank calls it. Returns the step directory.
   fs::path save(const checkpoint::TrainingProgress& progress, model::TransformerImpl& model,
-                torch::optim::AdamW& optimizer) const;
+                DistributedOptimizer& optimizer) const;
 
  private:
   const config::RunConfig& config_;
@@ -61,8 +64,10 @@ class CheckpointManager {
 };
 
 /// Loads the weights of the checkpoint train.init_from names into `model` (its pipeline stage's
-/// part) after checking that the architecture matches the config (the context keys may change:
-/// a fine-tune to a longer context). Returns the checkpoint's directory and step.
-std::pair<fs::path, int64_t> load_init_from(torch::nn::Module& model, const config::RunConfig& config);
+/// part; this rank's experts under `experts`) after checking that the architecture matches the
+/// config (the context keys may change: a fine-tune to a longer context). Returns the
+/// checkpoint's directory and step.
+std::pair<fs::path, int64_t> load_init_from(torch::nn::Module& model, const config::RunConfig& config,
+                                            const parallel::ExpertSharding& experts = {});
 
 }  // namespace yuanmoe::train

@@ -18,6 +18,11 @@ namespace yuanmoe::train {
 /// as in nanoGPT and Megatron) and never to vectors (RMSNorm weights, LFA conv biases).
 bool uses_weight_decay(const Tensor& parameter);
 
+/// AdamW with train's settings over two groups: `decayed` (train.weight_decay) and
+/// `not_decayed` (weight_decay 0), either possibly empty.
+std::unique_ptr<torch::optim::AdamW> make_adamw(std::vector<Tensor> decayed, std::vector<Tensor> not_decayed,
+                                                const config::TrainConfig& train);
+
 /// Group 0: decayed parameters, group 1: the rest (weight_decay 0). Groups keep model order.
 std::unique_ptr<torch::optim::AdamW> make_optimizer(const torch::nn::Module& model,
                                                     const config::TrainConfig& train);

@@ -1,9 +1,10 @@
 // One optimizer step, top to bottom, the same for `yuanmoe train` and `yuanmoe bench`:
 //   learning rate -> zero grads -> the pipeline schedule over this rank's micro-batches
-//   (train/pipeline.h; one stage: plain gradient accumulation) -> gradients synchronised (tied
-//   copies summed, data-parallel mean) -> loss, router terms and routed-pair counts reduced over
-//   the world -> global gradient norm -> the non-finite policy -> clip -> AdamW -> the routers'
-//   balancing updates (ReMoE's L1 coefficient, the aux-loss-free bias; docs/routers.md).
+//   (train/pipeline.h; one stage: plain gradient accumulation) -> gradients reduced (tied
+//   copies summed, data-parallel mean; train/distributed_optimizer.h) -> loss, router terms and
+//   routed-pair counts reduced over the world -> global gradient norm -> the non-finite policy ->
+//   clip -> AdamW (sharded or not) -> the routers' balancing updates (ReMoE's L1 coefficient, the
+//   aux-loss-free bias; docs/routers.md).
 // Every rank reaches the same decision at every branch: what it branches on is reduced first.
 #pragma once
 
@@ -16,6 +17,7 @@
 #include "yuanmoe/data/sampler.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/process_groups.h"
+#include "yuanmoe/train/distributed_optimizer.h"
 
 namespace yuanmoe::train {
 
@@ -33,7 +35,7 @@ struct StepResult {
 
 class OptimizerStep {
  public:
-  OptimizerStep(const config::RunConfig& config, model::TransformerImpl& model, torch::optim::AdamW& optimizer,
+  OptimizerStep(const config::RunConfig& config, model::TransformerImpl& model, DistributedOptimizer& optimizer,
                 parallel::ParallelContext& parallel);
 
   /// Optimizer step `completed + 1`; `next_batch` is called once per micro-batch of this rank.
@@ -56,7 +58,8 @@ class OptimizerStep {
   int64_t micro_batches_per_rank() const { return micro_batches_per_rank_; }
 
   /// Test seam (tests/unit/train_test.cpp, docs/reliability.md): called after the backward
-  /// passes of step `step` (1-based) with every parameter, e.g. to poison the gradients.
+  /// passes of step `step` (1-based), before the gradients are reduced, with every parameter,
+  /// e.g. to poison the gradients.
   std::function<void(int64_t step, const std::vector<Tensor>& parameters)> after_backward;
 
  private:
@@ -64,10 +67,9 @@ class OptimizerStep {
 
   const config::RunConfig& config_;
   model::TransformerImpl& model_;
-  torch::optim::AdamW& optimizer_;
+  DistributedOptimizer& optimizer_;
   parallel::ParallelContext& parallel_;
   std::vector<Tensor> parameters_;
-  std::vector<Tensor> norm_parameters_;  // the tied embedding's last-stage copy counted once
   int64_t moe_layers_before_stage_ = 0;  // global index of this stage's first MoE layer
   int64_t total_moe_layers_ = 0;
   int64_t micro_batches_per_rank_ = 1;

@@ -75,7 +75,7 @@ class Trainer {
   std::shared_ptr<spdlog::logger> file_;     // train.log only (step lines under a progress bar)
 
   model::Transformer model_{nullptr};
-  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  std::unique_ptr<DistributedOptimizer> optimizer_;
   std::unique_ptr<OptimizerStep> step_;
   std::unique_ptr<CheckpointManager> checkpoints_;
   std::unique_ptr<data::GptSampler> train_sampler_;

@@ -1,0 +1,38 @@
+// Expert parallelism applied to a built model (docs/parallelism.md, "Expert parallelism"):
+// each MoE layer keeps only this rank's experts, and its tokens reach the other experts through
+// the ep group's all-to-all. Checkpoints keep the global layout (every expert, by global index),
+// so tensors are sliced to this rank's experts on load and gathered on save.
+#pragma once
+
+#include <set>
+#include <string>
+
+#include "yuanmoe/checkpoint/safetensors.h"
+#include "yuanmoe/model/transformer.h"
+#include "yuanmoe/parallel/process_groups.h"
+
+namespace yuanmoe::parallel {
+
+/// Which entries of a model's state are expert weights, and which slice of them this rank holds.
+struct ExpertSharding {
+  int64_t ranks = 1, rank = 0;         // the ep group
+  std::set<std::string> names;         // parameter names of the experts' weights ([E, ...] tensors)
+
+  /// The parameter an entry belongs to is an expert weight ("{name}" or "{name}/exp_avg", ...).
+  bool is_expert_entry(const std::string& entry) const;
+  /// Global [E, ...] expert entries -> this rank's [E / ranks, ...] slice; the rest unchanged.
+  checkpoint::NamedTensors to_local(const checkpoint::NamedTensors& global) const;
+  /// This rank's expert entries gathered over `ep` into [E, ...] (a collective: every rank of
+  /// the group calls it with the same entries); the rest unchanged.
+  checkpoint::NamedTensors to_global(const checkpoint::NamedTensors& local, const Group& ep) const;
+};
+
+/// The expert weights of `model` by name (whole-model layout: every expert).
+ExpertSharding expert_weights(const model::TransformerImpl& model);
+
+/// Keeps this rank's experts in every MoE layer of `model` (initialised in full beforehand, so
+/// every layout starts from the same weights) and routes their tokens through `parallel.ep`.
+/// Returns the sharding; a no-op (ranks = 1) when parallel.expert is 1.
+ExpertSharding apply_expert_parallel(model::TransformerImpl& model, const ParallelContext& parallel);
+
+}  // namespace yuanmoe::parallel
