@@ -372,6 +372,12 @@ void tokenize_and_write(const PrepareOptions& options, const Tokenizer& tokenize
 
 PrepareSummary prepare_data(const PrepareOptions& options) {
   validate(options);
+  // --output data/corpus writes into data/: make it rather than fail on a missing directory.
+  if (const std::filesystem::path parent = std::filesystem::path(options.output_prefix).parent_path(); !parent.empty()) {
+    std::error_code error;
+    std::filesystem::create_directories(parent, error);
+    if (error) throw std::runtime_error(parent.string() + ": cannot create the output directory: " + error.message());
+  }
   PrepareSummary summary;
   summary.tokenizer = options.tokenizer;
   if (options.train_vocab_size > 0) train_tokenizer_on_input(options, summary);

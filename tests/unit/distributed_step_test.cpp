@@ -2,11 +2,8 @@
 // (the same c10d code as two processes, without the multi-process launch of python.parallel):
 // the data-parallel mean and the tied-embedding sum of synchronize_gradients, the global norm
 // over pipeline stages, and run_pipeline_step over two stages against the one-process gradients.
-#include <atomic>
-#include <thread>
-#include <unistd.h>
-
 #include "support/fixtures.h"
+#include "support/on_ranks.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/process_groups.h"
@@ -16,39 +13,7 @@
 namespace yuanmoe::train {
 namespace {
 
-/// Runs body(context) on `world_size` threads, one rank each, connected through a TCPStore on
-/// loopback; rethrows the first failure.
-void on_ranks(int64_t world_size, int64_t pipeline_stages,
-              const std::function<void(parallel::ParallelContext&)>& body) {
-  static std::atomic<int64_t> next_port{29600 + (getpid() % 2000) * 4};
-  const int64_t port = next_port++;
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(world_size));
-  std::vector<std::thread> threads;
-  for (int64_t rank = 0; rank < world_size; ++rank) {
-    threads.emplace_back([&, rank] {
-      try {
-        parallel::WorldInfo world;
-        world.rank = rank;
-        world.world_size = world_size;
-        world.master_port = port;
-        world.launcher = "torchrun";
-        config::ParallelConfig options;
-        options.pipeline_parallel_size = pipeline_stages;
-        options.timeout_s = 60;
-        parallel::ParallelContext context =
-            parallel::ParallelContext::connect(world, pipeline_stages, options, torch::kCPU);
-        body(context);
-        context.world_group.barrier();
-      } catch (...) {
-        errors[static_cast<size_t>(rank)] = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (const auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
-}
+using testing::on_ranks;
 
 TEST(GradientSyncTest, DataParallelRanksGetTheMeanGradient) {
   on_ranks(2, 1, [](parallel::ParallelContext& context) {

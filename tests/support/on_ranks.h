@@ -1,0 +1,51 @@
+// Runs a test body on several ranks of real Gloo process groups, one thread each, connected
+// through a TCPStore on loopback: the same c10d code as separate processes, without a launch.
+#pragma once
+
+#include <atomic>
+#include <exception>
+#include <functional>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+#include "yuanmoe/parallel/process_groups.h"
+
+namespace yuanmoe::testing {
+
+/// body(context) on `world_size` threads (world = pipeline_stages x dp, parallel.expert =
+/// `expert`); rethrows the first failure.
+inline void on_ranks(int64_t world_size, int64_t pipeline_stages,
+                     const std::function<void(parallel::ParallelContext&)>& body, int64_t expert = 1) {
+  static std::atomic<int64_t> next_port{29600 + (getpid() % 2000) * 4};
+  const int64_t port = next_port++;
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(world_size));
+  std::vector<std::thread> threads;
+  for (int64_t rank = 0; rank < world_size; ++rank) {
+    threads.emplace_back([&, rank] {
+      try {
+        parallel::WorldInfo world;
+        world.rank = rank;
+        world.world_size = world_size;
+        world.master_port = port;
+        world.launcher = "torchrun";
+        config::ParallelConfig options;
+        options.pipeline_parallel_size = pipeline_stages;
+        options.expert = expert;
+        options.timeout_s = 60;
+        parallel::ParallelContext context =
+            parallel::ParallelContext::connect(world, pipeline_stages, options, torch::kCPU);
+        body(context);
+        context.world_group.barrier();
+      } catch (...) {
+        errors[static_cast<size_t>(rank)] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (const auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+}  // namespace yuanmoe::testing
