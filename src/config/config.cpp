@@ -46,7 +46,8 @@ const std::vector<std::pair<LrSchedule, const char*>>& enum_names<LrSchedule>() 
 template <>
 const std::vector<std::pair<Precision, const char*>>& enum_names<Precision>() {
   static const std::vector<std::pair<Precision, const char*>> names{{Precision::kFp32, "fp32"},
-                                                                    {Precision::kBf16, "bf16"}};
+                                                                    {Precision::kBf16, "bf16"},
+                                                                    {Precision::kFp64, "fp64"}};
   return names;
 }
 

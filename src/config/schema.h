@@ -106,7 +106,8 @@ void visit(V& v, TrainConfig& c) {
   v.field("adam_eps", c.adam_eps, kOptional, "AdamW epsilon.");
   v.field("grad_clip", c.grad_clip, kOptional, "Global gradient-norm clip; 0 = off.");
   v.field("seed", c.seed, kOptional, "Seed of init, data order and dropout.");
-  v.field("precision", c.precision, kOptional, "Compute precision (bf16 where supported).");
+  v.field("precision", c.precision, kOptional, "Compute precision: fp32; bf16 (autocast over fp32 weights); fp64 (weights and math "
+          "in double: slow, for equivalence checks).");
   v.field("recompute", c.recompute, kOptional, "Activation checkpointing of whole blocks.");
   v.field("init_from", c.init_from, kOptional,
           "Checkpoint dir whose weights start a fine-tune (fresh optimizer); empty = none.");

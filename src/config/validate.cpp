@@ -119,6 +119,9 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
   validate_moe(config.moe, c);
   validate_train(config.train, config.model, c);
 
+  c.require(!(config.train.precision == Precision::kFp64 && config.moe.expert_gemm == ExpertGemm::kGroupedMm),
+            "moe.expert_gemm", "grouped_mm has no fp64 kernel: use loop or auto with train.precision = fp64");
+
   const auto& d = config.data;
   c.require(d.eod_id >= -1 && d.eod_id < config.model.vocab_size, "data.eod_id",
             "must be -1 (from the tokenizer) or a token id below model.vocab_size, got " +

@@ -438,11 +438,9 @@ Tensor MoeImpl::run_experts_across_ranks(const Tensor& xs_ND, const DispatchPlan
   const int64_t ranks = exchange.size(), local = experts->w1.size(0);
   TORCH_CHECK(ranks * local == config.num_experts, "expert parallelism: ", ranks, " ranks x ", local,
               " experts is not moe.num_experts ", config.num_experts);
-  const std::vector<int64_t> per_rank(static_cast<size_t>(ranks), local);
   const Tensor sent_counts_E = torch::tensor(plan.rows_per_expert, torch::kLong).to(xs_ND.device());
   // received_counts[r * L + e]: rows rank r sends to this rank's local expert e.
-  const Tensor received_counts =
-      exchange.all_to_all(sent_counts_E, per_rank, per_rank).to(torch::kCPU).contiguous();  // [ranks * L]
+  const Tensor received_counts = exchange.exchange_counts(sent_counts_E).to(torch::kCPU).contiguous();  // [ranks * L]
   const int64_t* received = received_counts.data_ptr<int64_t>();
   std::vector<int64_t> send_rows(ranks, 0), recv_rows(ranks, 0), rows_per_local_expert(local, 0);
   for (int64_t r = 0; r < ranks; ++r) {
@@ -452,7 +450,7 @@ Tensor MoeImpl::run_experts_across_ranks(const Tensor& xs_ND, const DispatchPlan
       rows_per_local_expert[e] += received[r * local + e];
     }
   }
-  const Tensor arrived_MD = exchange.all_to_all(xs_ND, send_rows, recv_rows);  // by (source rank, expert)
+  const Tensor arrived_MD = exchange.dispatch(xs_ND, send_rows, recv_rows);  // by (source rank, expert)
 
   // Regroup by local expert (rows of one expert from every source, in rank order): a
   // permutation, so its backward writes each row once (no atomics).
@@ -472,7 +470,7 @@ Tensor MoeImpl::run_experts_across_ranks(const Tensor& xs_ND, const DispatchPlan
       torch::tensor(rows_per_local_expert, torch::kLong).cumsum(0).to(torch::kInt).to(xs_ND.device());
   const Tensor ys_grouped_MD = run_local_experts(grouped_MD, rows_per_local_expert, offsets_L);
   const Tensor ys_arrived_MD = ys_grouped_MD.index_select(0, inverse);
-  return exchange.all_to_all(ys_arrived_MD, recv_rows, send_rows);  // [N, D] in plan order
+  return exchange.combine(ys_arrived_MD, recv_rows, send_rows);  // [N, D] in plan order
 }
 
 bool MoeImpl::uses_grouped_mm(const Tensor& x) const {

@@ -2,6 +2,7 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <chrono>
 #include <unordered_set>
 
 namespace yuanmoe::parallel {
@@ -11,39 +12,84 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-/// Group::all_to_all for autograd: the gradient of the rows received is sent back to where they
-/// came from (the same exchange with the splits swapped), as Megatron's _AllToAll does.
-struct AllToAllRows : public torch::autograd::Function<AllToAllRows> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& rows, const Group* group,
-                               const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows) {
-    // The group outlives the graph (the model owns the exchange that owns it): kept by address.
-    ctx->saved_data["group"] = reinterpret_cast<int64_t>(group);
-    ctx->saved_data["send"] = send_rows;
-    ctx->saved_data["recv"] = recv_rows;
-    return {group->all_to_all(rows, send_rows, recv_rows)};
-  }
+using Clock = std::chrono::steady_clock;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto* group = reinterpret_cast<const Group*>(ctx->saved_data["group"].toInt());
-    const std::vector<int64_t> send_rows = ctx->saved_data["send"].toIntVector();
-    const std::vector<int64_t> recv_rows = ctx->saved_data["recv"].toIntVector();
-    return {group->all_to_all(grad_outputs[0], recv_rows, send_rows), Tensor(), Tensor(), Tensor()};
-  }
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+class GroupExchange;
+
+/// The exchange for autograd: the gradient of the rows received goes back to where they came
+/// from (the same exchange with the splits swapped), as Megatron's _AllToAll does.
+struct AllToAllRows : public torch::autograd::Function<AllToAllRows> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& rows, const GroupExchange* exchange,
+                               bool is_dispatch, const std::vector<int64_t>& send_rows,
+                               const std::vector<int64_t>& recv_rows);
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs);
 };
 
 class GroupExchange final : public model::ExpertExchange {
  public:
-  explicit GroupExchange(Group group) : group_(std::move(group)) {}
+  explicit GroupExchange(Group group) : group_(std::move(group)), times_(std::make_shared<ExpertParallelTimes>()) {}
   int64_t size() const override { return group_.size(); }
-  Tensor all_to_all(const Tensor& rows, const std::vector<int64_t>& send_rows,
-                    const std::vector<int64_t>& recv_rows) const override {
-    if (!rows.requires_grad()) return group_.all_to_all(rows, send_rows, recv_rows);
-    return AllToAllRows::apply(rows, &group_, send_rows, recv_rows)[0];
+  std::shared_ptr<const ExpertParallelTimes> times() const { return times_; }
+
+  Tensor exchange_counts(const Tensor& rows_per_expert_E) const override {
+    const std::vector<int64_t> per_rank(static_cast<size_t>(size()), rows_per_expert_E.size(0) / size());
+    return timed(rows_per_expert_E, per_rank, per_rank);
+  }
+  Tensor dispatch(const Tensor& rows, const std::vector<int64_t>& send_rows,
+                  const std::vector<int64_t>& recv_rows) const override {
+    const Tensor out = rows.requires_grad() ? AllToAllRows::apply(rows, this, true, send_rows, recv_rows)[0]
+                                            : timed(rows, send_rows, recv_rows);
+    dispatched_ = Clock::now();
+    return out;
+  }
+  Tensor combine(const Tensor& rows, const std::vector<int64_t>& send_rows,
+                 const std::vector<int64_t>& recv_rows) const override {
+    times_->experts_forward += seconds_since(dispatched_);
+    return rows.requires_grad() ? AllToAllRows::apply(rows, this, false, send_rows, recv_rows)[0]
+                                : timed(rows, send_rows, recv_rows);
+  }
+
+  /// The collective, its wall time added to the all-to-all total.
+  Tensor timed(const Tensor& rows, const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows) const {
+    const Clock::time_point start = Clock::now();
+    Tensor out = group_.all_to_all(rows, send_rows, recv_rows);
+    times_->all_to_all += seconds_since(start);
+    return out;
+  }
+  /// Backward: the combine's gradient arrives first, the dispatch's after the experts' backward.
+  Tensor backward(const Tensor& grad, bool is_dispatch, const std::vector<int64_t>& send_rows,
+                  const std::vector<int64_t>& recv_rows) const {
+    if (is_dispatch) times_->experts_backward += seconds_since(combined_backward_);
+    Tensor out = timed(grad, recv_rows, send_rows);
+    if (!is_dispatch) combined_backward_ = Clock::now();
+    return out;
   }
 
  private:
   Group group_;
+  std::shared_ptr<ExpertParallelTimes> times_;
+  mutable Clock::time_point dispatched_, combined_backward_;
 };
+
+variable_list AllToAllRows::forward(AutogradContext* ctx, const Tensor& rows, const GroupExchange* exchange,
+                                    bool is_dispatch, const std::vector<int64_t>& send_rows,
+                                    const std::vector<int64_t>& recv_rows) {
+  // The exchange outlives the graph (the model's MoE layers own it): kept by address.
+  ctx->saved_data["exchange"] = reinterpret_cast<int64_t>(exchange);
+  ctx->saved_data["dispatch"] = is_dispatch;
+  ctx->saved_data["send"] = send_rows;
+  ctx->saved_data["recv"] = recv_rows;
+  return {exchange->timed(rows, send_rows, recv_rows)};
+}
+
+variable_list AllToAllRows::backward(AutogradContext* ctx, variable_list grad_outputs) {
+  const auto* exchange = reinterpret_cast<const GroupExchange*>(ctx->saved_data["exchange"].toInt());
+  const Tensor grad = exchange->backward(grad_outputs[0], ctx->saved_data["dispatch"].toBool(),
+                                         ctx->saved_data["send"].toIntVector(), ctx->saved_data["recv"].toIntVector());
+  return {grad, Tensor(), Tensor(), Tensor(), Tensor()};
+}
 
 std::string parameter_of(const std::string& entry) { return entry.substr(0, entry.find('/')); }
 
@@ -96,6 +142,7 @@ ExpertSharding apply_expert_parallel(model::TransformerImpl& model, const Parall
   sharding.ranks = layout.ep;
   sharding.rank = layout.ep_rank;
   auto exchange = std::make_shared<const GroupExchange>(parallel.ep);
+  sharding.times = exchange->times();
   torch::NoGradGuard no_grad;
   for (model::Moe moe : model.moe_layers()) {
     for (Tensor* weight : {&moe->experts->w1, &moe->experts->w2}) {

@@ -169,11 +169,10 @@ void DistributedOptimizer::reduce_gradients() {
   for (ReduceGroup* group : {&layout.dense, &layout.expert}) {
     const int64_t size = group->group->size();
     for (Bucket& bucket : group->buckets) {
-      std::vector<Tensor> parts;  // the bucket's gradients, flat fp32, then the padding
+      std::vector<Tensor> parts;  // the bucket's gradients, flat in the parameters' dtype, then the padding
       for (size_t i : bucket.slots) {
         const Tensor& p = layout.slots[i].parameter;
-        parts.push_back(p.grad().defined() ? p.grad().reshape(-1).to(torch::kFloat)
-                                           : torch::zeros({p.numel()}, p.options().dtype(torch::kFloat)));
+        parts.push_back(p.grad().defined() ? p.grad().reshape(-1).to(p.scalar_type()) : torch::zeros({p.numel()}, p.options()));
       }
       const int64_t padding = size * bucket.chunk - bucket.elements;
       if (padding > 0) parts.push_back(torch::zeros({padding}, parts.front().options()));
@@ -261,7 +260,7 @@ checkpoint::NamedTensors DistributedOptimizer::state_by_name() const {
       checkpoint::NamedTensors& entries = by_slot[group->slots[j]];
       for (const bool first_moment : {true, false}) {
         // Zeros outside this rank's pieces: the group's sum is the whole tensor, exactly.
-        Tensor whole = torch::zeros({slot.parameter.numel()}, slot.parameter.options().dtype(torch::kFloat));
+        Tensor whole = torch::zeros({slot.parameter.numel()}, slot.parameter.options());
         for (size_t p : layout.pieces_of_slot[group->slots[j]]) {
           const Piece& piece = layout.pieces[p];
           if (const auto* state = state_of(piece)) {

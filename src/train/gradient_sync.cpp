@@ -31,7 +31,9 @@ void all_reduce_mean(const std::vector<Tensor>& parameters, const parallel::Grou
   const auto flush = [&] {
     if (bucket.empty()) return;
     std::vector<Tensor> flat_parts;
-    for (const Tensor& g : bucket) flat_parts.push_back(g.reshape(-1).to(torch::kFloat));
+    // fp32 (bf16 gradients are summed in fp32), fp64 under train.precision = fp64.
+    const torch::Dtype dtype = bucket.front().scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+    for (const Tensor& g : bucket) flat_parts.push_back(g.reshape(-1).to(dtype));
     Tensor flat = torch::cat(flat_parts);  // [bucket elements]
     group.all_reduce_sum(flat);
     flat.div_(static_cast<double>(divisor));

@@ -22,9 +22,14 @@ struct InFlight {
   Tensor aux;    // this stage's router terms; undefined when none
 };
 
-Tensor activation_buffer(const data::Batch& batch, int64_t hidden, torch::Device device) {
+/// What stages send each other: fp32, or fp64 when the weights are (train.precision = fp64).
+torch::Dtype activation_dtype(const model::TransformerImpl& model) {
+  return model.parameters().front().scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+}
+
+Tensor activation_buffer(const data::Batch& batch, int64_t hidden, torch::Device device, torch::Dtype dtype) {
   return torch::empty({batch.tokens.size(0), batch.tokens.size(1), hidden},
-                      torch::dtype(torch::kFloat).device(device));  // [B, S, D]
+                      torch::dtype(dtype).device(device));  // [B, S, D]
 }
 
 /// This stage's forward of one micro-batch (its tokens, or the previous stage's activations)
@@ -44,6 +49,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
   parallel::Group& pp = parallel.pp;
   const torch::Device device = model.parameters().front().device();
   const int64_t hidden = model.config.hidden_size;
+  const torch::Dtype dtype = activation_dtype(model);
   const bool first = layout.first_stage(), last = layout.last_stage();
 
   PipelineStepResult result;
@@ -71,7 +77,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
       if (first) {
         x = batch.tokens.to(device);
       } else {
-        state.input = activation_buffer(batch, hidden, device);
+        state.input = activation_buffer(batch, hidden, device, dtype);
         timed_wait([&] { pp.recv(state.input, layout.stage - 1, forward_tag(i)); });
         state.input.requires_grad_(true);
         x = state.input;
@@ -88,7 +94,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
         state.output = out.aux_loss.defined() ? lm_loss + out.aux_loss.to(lm_loss.scalar_type()) : lm_loss;
       } else {
         state.output = out.out;
-        sends.push_back(pp.send(out.out.detach().to(torch::kFloat), layout.stage + 1, forward_tag(i)));
+        sends.push_back(pp.send(out.out.detach().to(dtype), layout.stage + 1, forward_tag(i)));
       }
       in_flight.push_back(std::move(state));
     } else {
@@ -97,7 +103,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
       if (last) {
         (state.output * options.loss_scale).backward();
       } else {
-        Tensor grad = activation_buffer(batches[static_cast<size_t>(i)], hidden, device);
+        Tensor grad = activation_buffer(batches[static_cast<size_t>(i)], hidden, device, dtype);
         timed_wait([&] { pp.recv(grad, layout.stage + 1, backward_tag(i)); });
         std::vector<Tensor> outputs{state.output}, grads{grad.to(state.output.scalar_type())};
         if (state.aux.defined()) {
@@ -106,7 +112,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
         }
         torch::autograd::backward(outputs, grads);
       }
-      if (!first) sends.push_back(pp.send(state.input.grad().to(torch::kFloat), layout.stage - 1, backward_tag(i)));
+      if (!first) sends.push_back(pp.send(state.input.grad().to(dtype), layout.stage - 1, backward_tag(i)));
     }
   }
   timed_wait([&] {
@@ -127,12 +133,12 @@ model::ModelOutput pipeline_forward(model::TransformerImpl& model, parallel::Par
   if (layout.first_stage()) {
     x = batch.tokens.to(device);
   } else {
-    x = activation_buffer(batch, model.config.hidden_size, device);
+    x = activation_buffer(batch, model.config.hidden_size, device, activation_dtype(model));
     parallel.pp.recv(x, layout.stage - 1, forward_tag(0));
   }
   model::ModelOutput out = stage_forward(model, x, batch, precision, device);
   if (!layout.last_stage()) {
-    parallel.pp.send(out.out.to(torch::kFloat), layout.stage + 1, forward_tag(0)).wait();
+    parallel.pp.send(out.out.to(activation_dtype(model)), layout.stage + 1, forward_tag(0)).wait();
     out.out = Tensor();
   }
   return out;

@@ -75,6 +75,8 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
   parallel::ExpertSharding experts = parallel::apply_expert_parallel(*model_, parallel_);
   model::apply_recompute(*model_, train.recompute);
   model_->to(device_);
+  // fp64: the fp32 initial values, widened (equivalence checks, docs/parallelism.md).
+  if (train.precision == config::Precision::kFp64) model_->to(torch::kDouble);
   model_->train();
   optimizer_ = std::make_unique<DistributedOptimizer>(*model_, train, parallel_, config_.parallel.shard_optimizer,
                                                       std::move(experts));
@@ -93,7 +95,9 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
 
   flops_per_token_ = training_flops_per_token(config_);
   // Only rank 0 reports MFU; the peak is per process.
-  const auto peak_dtype = train.precision == config::Precision::kBf16 ? torch::kBFloat16 : torch::kFloat;
+  const auto peak_dtype = train.precision == config::Precision::kBf16   ? torch::kBFloat16
+                          : train.precision == config::Precision::kFp64 ? torch::kDouble
+                                                                        : torch::kFloat;
   peak_flops_ = config_.log.peak_tflops > 0 ? config_.log.peak_tflops * 1e12
                 : !is_logging_rank()        ? 0.0
                                             : measure_peak_flops(device_, peak_dtype);
@@ -239,10 +243,20 @@ TrainSummary Trainer::run() {
   ProgressBar bar(progress_.step, train.max_steps, config_.log.progress && is_logging_rank());
   StepInterval interval;
   bool state_bytes_logged = false;
+  const std::shared_ptr<const parallel::ExpertParallelTimes> expert_times = optimizer_->experts().times;
+  parallel::ExpertParallelTimes expert_step_times;
+  double step_seconds = 0.0;
   while (progress_.step < stop_step) {
     const auto start = std::chrono::steady_clock::now();
+    const parallel::ExpertParallelTimes expert_times_before = expert_times ? *expert_times : parallel::ExpertParallelTimes{};
     const StepResult result = step_->run(progress_.step, [&] { return train_sampler_->next_batch(); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (expert_times) {  // training steps only, not the evaluations between them
+      expert_step_times.all_to_all += expert_times->all_to_all - expert_times_before.all_to_all;
+      expert_step_times.experts_forward += expert_times->experts_forward - expert_times_before.experts_forward;
+      expert_step_times.experts_backward += expert_times->experts_backward - expert_times_before.experts_backward;
+      step_seconds += seconds;
+    }
     if (result.skipped) console_->warn(result.nonfinite);
     if (!state_bytes_logged && !result.skipped) {
       // Measured from the live tensors, in every rank's log: what parallel.shard_optimizer saves
@@ -278,6 +292,14 @@ TrainSummary Trainer::run() {
   }
   bar.finish();
   summary.last_step = progress_.step;
+  if (expert_times && progress_.step > summary.first_step) {
+    const double steps = static_cast<double>(progress_.step - summary.first_step);
+    console_->info(fmt::format(
+        "expert parallelism on rank {}, per step: all-to-all {:.1f} ms, experts forward {:.1f} ms + backward {:.1f} "
+        "ms, step {:.1f} ms",
+        parallel_.world().rank, 1e3 * expert_step_times.all_to_all / steps, 1e3 * expert_step_times.experts_forward / steps,
+        1e3 * expert_step_times.experts_backward / steps, 1e3 * step_seconds / steps));
+  }
   if (progress_.step < train.max_steps) {
     info("stopped after " + std::to_string(progress_.step - summary.first_step) + " steps (--exit-after-steps); rerun "
          "the same command to continue from " + summary.last_checkpoint.string());

@@ -20,7 +20,7 @@ enum class AttentionKernel { kSdpa, kMaterialised };
 /// How the experts' GEMMs run (model/moe.h): auto = at::_grouped_mm on CUDA in bf16, else the loop.
 enum class ExpertGemm { kAuto, kLoop, kGroupedMm };
 enum class LrSchedule { kCosine, kConstant, kLinear };
-enum class Precision { kFp32, kBf16 };
+enum class Precision { kFp32, kBf16, kFp64 };
 enum class PipelineSchedule { k1F1B, kGPipe };
 enum class Backend { kAuto, kGloo, kNccl };
 enum class NonfinitePolicy { kStop, kSkip };

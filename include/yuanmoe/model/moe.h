@@ -255,11 +255,17 @@ class ExpertExchange {
  public:
   virtual ~ExpertExchange() = default;
   virtual int64_t size() const = 0;
+  /// Rows per expert this rank sends, int64 [E] -> rows each rank sends to this rank's experts,
+  /// [size() * E / size()]: entry r * L + e from rank r for local expert e.
+  virtual Tensor exchange_counts(const Tensor& rows_per_expert_E) const = 0;
   /// rows [N, ...]: the first send_rows[0] rows to rank 0, the next send_rows[1] to rank 1, ...;
   /// returns the rows received, recv_rows[r] from rank r, in rank order. Differentiable: the
   /// gradient goes back the way the rows came.
-  virtual Tensor all_to_all(const Tensor& rows, const std::vector<int64_t>& send_rows,
-                            const std::vector<int64_t>& recv_rows) const = 0;
+  virtual Tensor dispatch(const Tensor& rows, const std::vector<int64_t>& send_rows,
+                          const std::vector<int64_t>& recv_rows) const = 0;
+  /// The experts' outputs back to the ranks their rows came from (the splits of dispatch, swapped).
+  virtual Tensor combine(const Tensor& rows, const std::vector<int64_t>& send_rows,
+                         const std::vector<int64_t>& recv_rows) const = 0;
 };
 
 class MoeImpl : public torch::nn::Module {

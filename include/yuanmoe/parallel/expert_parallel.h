@@ -4,6 +4,7 @@
 // so tensors are sliced to this rank's experts on load and gathered on save.
 #pragma once
 
+#include <memory>
 #include <set>
 #include <string>
 
@@ -13,10 +14,20 @@
 
 namespace yuanmoe::parallel {
 
+/// Wall seconds this rank spent, summed over layers and steps: what the all-to-all costs against
+/// the experts' own work (docs/parallelism.md). Timed on the host around blocking collectives,
+/// so on CUDA they include the queued kernels the collective waits for.
+struct ExpertParallelTimes {
+  double all_to_all = 0.0;        // counts, dispatch and combine, forward and backward (waits for peers included)
+  double experts_forward = 0.0;   // from a layer's dispatch to its combine: the local experts
+  double experts_backward = 0.0;  // from the combine's backward to the dispatch's: their backward
+};
+
 /// Which entries of a model's state are expert weights, and which slice of them this rank holds.
 struct ExpertSharding {
   int64_t ranks = 1, rank = 0;         // the ep group
   std::set<std::string> names;         // parameter names of the experts' weights ([E, ...] tensors)
+  std::shared_ptr<const ExpertParallelTimes> times;  // null without expert parallelism
 
   /// The parameter an entry belongs to is an expert weight ("{name}" or "{name}/exp_avg", ...).
   bool is_expert_entry(const std::string& entry) const;
