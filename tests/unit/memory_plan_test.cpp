@@ -35,6 +35,8 @@ struct StageCase {
   std::vector<std::string> overrides;
 };
 
+void PrintTo(const StageCase& c, std::ostream* os) { *os << c.name; }
+
 class MemoryPlanStageTest : public ::testing::TestWithParam<StageCase> {};
 
 TEST_P(MemoryPlanStageTest, CountsEqualInstantiatedStages) {
