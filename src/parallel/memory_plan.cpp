@@ -1,3 +1,5 @@
+// The arithmetic of docs/parallelism.md, "Memory per rank": stage counts from model/param_count.h,
+// divided as the layout divides them.
 #include "yuanmoe/parallel/memory_plan.h"
 
 #include "yuanmoe/config/validate.h"
