@@ -27,7 +27,7 @@ const Command kCommands[] = {
     {"eval", yuanmoe::cli::run_eval, "validation loss / perplexity / expert load of a checkpoint"},
     {"generate", yuanmoe::cli::run_generate, "continue a prompt with a checkpoint (KV cache + LFA state)"},
     {"inspect", yuanmoe::cli::run_inspect,
-     "resolved config, total / active parameters, forward FLOPs per token"},
+     "resolved config, total / active parameters, forward FLOPs per token, memory per rank"},
     {"prepare-data", yuanmoe::cli::run_prepare_data,
      "tokenize text / JSONL into Megatron indexed datasets (train + valid)"},
     {"launch", yuanmoe::cli::run_launch, "run N local ranks of a command (torchrun-style), e.g. launch --nproc 2 -- train ..."},

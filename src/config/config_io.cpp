@@ -268,21 +268,26 @@ ParseResult parse_config(const json& root) {
   return result;
 }
 
-RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
+ParseResult check_config(const std::string& path, const std::vector<std::string>& overrides) {
   json root = read_json_file(path);
   for (const auto& assignment : overrides) apply_override(root, assignment);
   ParseResult parsed = parse_config(root);
   // Report everything at once: rule violations too, except on keys that failed to parse (their
   // placeholder value would only repeat the problem).
-  std::vector<ConfigIssue> issues = parsed.issues;
+  const std::vector<ConfigIssue> parse_issues = parsed.issues;
   for (auto& issue : validate(parsed.config)) {
     const bool already_reported =
-        std::any_of(parsed.issues.begin(), parsed.issues.end(),
+        std::any_of(parse_issues.begin(), parse_issues.end(),
                     [&](const ConfigIssue& parse_issue) { return parse_issue.path == issue.path; });
-    if (!already_reported) issues.push_back(std::move(issue));
+    if (!already_reported) parsed.issues.push_back(std::move(issue));
   }
-  if (!issues.empty()) throw ConfigError(path, issues);
-  return parsed.config;
+  return parsed;
+}
+
+RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  ParseResult checked = check_config(path, overrides);
+  if (!checked.issues.empty()) throw ConfigError(path, checked.issues);
+  return checked.config;
 }
 
 json to_json(const RunConfig& config) {

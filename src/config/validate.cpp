@@ -165,6 +165,17 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
   return issues;
 }
 
+std::vector<ConfigIssue> validate_layout(const RunConfig& config, int64_t data_parallel_size) {
+  std::vector<ConfigIssue> issues;
+  Checker c(&issues);
+  // Megatron's layout: expert-parallel groups are carved out of each stage's data-parallel ranks.
+  const int64_t ep = config.parallel.expert;
+  c.require(ep <= 1 || data_parallel_size % ep == 0, "parallel.expert",
+            "is " + Checker::str(ep) + ", which does not divide the data-parallel size (" +
+                Checker::str(data_parallel_size) + " = world size / parallel.pipeline_parallel_size)");
+  return issues;
+}
+
 std::vector<ConfigIssue> validate_training(const RunConfig& config, int64_t data_parallel_size) {
   std::vector<ConfigIssue> issues;
   Checker c(&issues);
@@ -180,11 +191,7 @@ std::vector<ConfigIssue> validate_training(const RunConfig& config, int64_t data
               "is " + Checker::str(*config.parallel.num_microbatches) +
                   ", but global_batch_size / (micro_batch_size x data-parallel size) = " + Checker::str(per_rank));
   }
-  // Megatron's layout: expert-parallel groups are carved out of each stage's data-parallel ranks.
-  const int64_t ep = config.parallel.expert;
-  c.require(ep <= 1 || data_parallel_size % ep == 0, "parallel.expert",
-            "is " + Checker::str(ep) + ", which does not divide the data-parallel size (" +
-                Checker::str(data_parallel_size) + " = world size / parallel.pipeline_parallel_size)");
+  for (auto& issue : validate_layout(config, data_parallel_size)) issues.push_back(std::move(issue));
   return issues;
 }
 

@@ -44,7 +44,12 @@ struct ParseResult {
 };
 ParseResult parse_config(const nlohmann::json& root);
 
-/// file -> overrides -> parse -> validate. Throws ConfigError listing every issue.
+/// file -> overrides -> parse -> validate, every issue collected, not thrown (I/O and JSON syntax
+/// errors still throw ConfigError), so a caller can add its own rules and report all at once.
+/// Rule violations on keys that failed to parse are left out.
+ParseResult check_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+/// check_config, throwing ConfigError listing every issue.
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
 
 /// The resolved config as JSON (every key, defaults included); parse_config(to_json(c)) == c.

@@ -9,6 +9,28 @@
 
 namespace yuanmoe::model {
 
+struct StageSpec;  // transformer.h
+
+/// Parameter elements split by what expert parallelism divides: `expert` = the grouped experts
+/// of MoE layers (experts.w1 [E, 2F, D], experts.w2 [E, D, F]), `non_expert` = everything else
+/// (attention, LFA, norms, routers, dense FFNs, embedding, head).
+struct ParameterCounts {
+  int64_t non_expert = 0;
+  int64_t expert = 0;
+  int64_t total() const { return non_expert + expert; }
+};
+
+/// The parameters of global layer `layer_index` (MoE or dense by moe.moe_layer_freq), all E
+/// experts counted.
+ParameterCounts layer_parameters(const config::ModelConfig& model, const config::MoeConfig& moe,
+                                 int64_t layer_index);
+
+/// The parameters a Transformer built for `stage` holds: its layers, the embedding on the first
+/// stage, final norm and untied head on the last, and the last stage's own copy of a tied
+/// embedding when it is not also the first (transformer.cpp).
+ParameterCounts stage_parameters(const config::ModelConfig& model, const config::MoeConfig& moe,
+                                 const StageSpec& stage);
+
 struct ModelSize {
   int64_t total_parameters = 0;
   /// Parameters touched by one token: non-expert weights plus top_k experts per MoE layer
