@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "yuanmoe/data/prepare.h"
+#include "yuanmoe/data/tokenizer.h"
 #include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/precision.h"
 
@@ -19,6 +20,14 @@ data::SamplerOptions sampler_options(const config::RunConfig& run, const std::st
   options.vocab_size = run.model.vocab_size;
   if (options.eod_id < 0) {
     if (auto meta = data::load_dataset_meta(prefix)) options.eod_id = meta->eod_id;
+  }
+  if (options.eod_id < 0 && !run.data.tokenizer.empty()) {
+    // Data made by other tools (Megatron's preprocess_data.py writes no .meta.json): -1 means the
+    // id of data.tokenizer, as docs/data.md says: its <eod> piece, else its EOS.
+    const data::Tokenizer tokenizer(run.data.tokenizer);
+    options.eod_id = tokenizer.eod_id();
+    spdlog::info("data.eod_id -1: {} has no .meta.json; using {} = {} of {}", prefix,
+                 tokenizer.eod_id() == tokenizer.eos_id() ? "its EOS" : "<eod>", options.eod_id, run.data.tokenizer);
   }
   return options;
 }

@@ -15,6 +15,7 @@
 #include "yuanmoe/model/param_count.h"
 #include "yuanmoe/model/recompute.h"
 #include "yuanmoe/parallel/expert_parallel.h"
+#include "yuanmoe/parallel/memory_plan.h"
 #include "yuanmoe/train/mfu.h"
 #include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/pipeline.h"
@@ -106,6 +107,22 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
   if (is_logging_rank()) metrics_ = std::make_unique<MetricsLog>(options_.run_dir / "metrics.jsonl", progress_.step);
 }
 
+void Trainer::log_memory_per_rank() const {
+  // Measured from the live tensors once AdamW has state, in every rank's log, beside what
+  // `yuanmoe inspect --world-size` computes for this layout (docs/parallelism.md, "Memory per rank").
+  int64_t parameter_bytes = 0;
+  for (const Tensor& p : model_->parameters()) parameter_bytes += p.nbytes();
+  std::string planned;
+  if (config_.train.precision != config::Precision::kFp64) {  // the plan counts fp32 weights
+    const parallel::StageMemory stage =
+        parallel::memory_plan(config_, parallel_.world().world_size).stages[static_cast<size_t>(parallel_.layout().stage)];
+    planned = fmt::format(" (inspect: parameters {} bytes, AdamW state {} bytes)", stage.parameter_bytes,
+                          stage.optimizer_bytes);
+  }
+  console_->info(fmt::format("memory on rank {}: parameters {} bytes, AdamW state {} bytes{}", parallel_.world().rank,
+                             parameter_bytes, optimizer_->state_bytes(), planned));
+}
+
 void Trainer::open_data() {
   const parallel::ParallelLayout& layout = parallel_.layout();
   const std::string& prefix = config_.data.train_prefix;
@@ -119,9 +136,9 @@ void Trainer::open_data() {
   train_options.rank = layout.dp_rank;  // the sampler state is global: any dp degree resumes it
   train_options.world_size = layout.dp;
   if (train_options.reset_position_ids && train_options.eod_id < 0) {
-    throw config::ConfigError("config", {{"data.eod_id", "unknown: set it, or prepare the data with yuanmoe "
-                                                         "prepare-data (its .meta.json names it), or set "
-                                                         "data.reset_position_ids to false"}});
+    throw config::ConfigError("config", {{"data.eod_id", "unknown: set it or data.tokenizer, or prepare the data "
+                                                         "with yuanmoe prepare-data (its .meta.json names it), or "
+                                                         "set data.reset_position_ids to false"}});
   }
   train_sampler_ = std::make_unique<data::GptSampler>(train_dataset, train_options);
   if (!config_.data.valid_prefix.empty()) {
@@ -259,9 +276,7 @@ TrainSummary Trainer::run() {
     }
     if (result.skipped) console_->warn(result.nonfinite);
     if (!state_bytes_logged && !result.skipped) {
-      // Measured from the live tensors, in every rank's log: what parallel.shard_optimizer saves
-      // (docs/parallelism.md).
-      console_->info(fmt::format("AdamW state on rank {}: {} bytes", parallel_.world().rank, optimizer_->state_bytes()));
+      log_memory_per_rank();
       state_bytes_logged = true;
     }
     ++progress_.step;

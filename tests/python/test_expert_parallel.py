@@ -130,16 +130,27 @@ def compare_weights(name, run_dir, reference):
           "%s: final weights, %d tensors by global name, max |diff| %.1e" % (name, len(want), diff))
 
 
-def state_bytes(run_dir, rank):
+def memory_line(run_dir, rank):
+    """(parameters, AdamW state, inspect's parameters, inspect's state) bytes from rank's log."""
     log = os.path.join(WORK, run_dir, "train.log" if rank == 0 else "train.rank%d.log" % rank)
     with open(log) as f:
-        found = re.findall(r"AdamW state on rank %d: (\d+) bytes" % rank, f.read())
-    return int(found[0]) if found else None
+        m = re.search(r"memory on rank %d: parameters (\d+) bytes, AdamW state (\d+) bytes"
+                      r"(?: \(inspect: parameters (\d+) bytes, AdamW state (\d+) bytes\))?" % rank, f.read())
+    return tuple(int(g) if g else None for g in m.groups()) if m else (None,) * 4
+
+
+def check_memory_matches_inspect(name, run_dir, ranks):
+    for rank in range(ranks):
+        params, state, planned_params, planned_state = memory_line(run_dir, rank)
+        ok = params is not None and planned_params == params and planned_state and abs(state / planned_state - 1) < 1e-3
+        check(ok, "%s rank %d: measured parameters %s bytes, AdamW state %s; inspect %s, %s"
+              % (name, rank, params, state, planned_params, planned_state))
 
 
 def kill_one_rank():
     args = ["train", "--config", CONFIG, "--run-dir", "run_kill", "--set", "model.vocab_size=300",
-            "--set", "train.max_steps=40", "--set", "checkpoint.interval=5", "--set", "log.progress=false",
+            "--set", "train.max_steps=40", "--set", "checkpoint.interval=5", "--set", "log.interval=1",
+            "--set", "log.progress=false",
             "--set", "log.plots=false", "--set", "log.peak_tflops=1", "--set", "parallel.timeout_s=20",
             "--set", "parallel.expert=2"]
     import socket
@@ -193,7 +204,7 @@ def main():
         train("dp2_sharded_fp32", nproc=2, shard=True, precision="fp32")
         compare("fp32: dp=2 sharded optimizer vs dp=2 replicated", "dp2_sharded_fp32", "dp2_fp32", tolerance=0.0)
         for rank in (0, 1):
-            replicated, sharded = state_bytes("dp2_fp32", rank), state_bytes("dp2_sharded_fp32", rank)
+            replicated, sharded = memory_line("dp2_fp32", rank)[1], memory_line("dp2_sharded_fp32", rank)[1]
             check(replicated and sharded and abs(sharded / replicated - 0.5) < 0.01,
                   "fp32: AdamW state on rank %d at dp=2: %s bytes replicated, %s sharded (ratio %.4f)"
                   % (rank, replicated, sharded, (sharded or 0) / (replicated or 1)))
@@ -211,7 +222,10 @@ def main():
         compare("saved at 1 process, resumed at dp=4 ep=2 sharded", "single_then_dp4_ep2", "single",
                 first_step=STEPS // 2 + 1)
         compare_weights("saved at 1 process, resumed at dp=4 ep=2 sharded", "single_then_dp4_ep2", "single")
+        check_memory_matches_inspect("fp32 dp=2", "dp2_fp32", 2)
+        check_memory_matches_inspect("fp32 dp=2 sharded", "dp2_sharded_fp32", 2)
         kill_one_rank()
+        check_memory_matches_inspect("fp32 dp=2 ep=2", "run_kill", 2)
     finally:
         code = check.finish(WORK)
     return code

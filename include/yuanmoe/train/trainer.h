@@ -61,6 +61,7 @@ class Trainer {
 
  private:
   void open_data();
+  void log_memory_per_rank() const;
   void resume_or_initialise();
   EvalResult evaluate_and_log();
   fs::path save();
