@@ -22,7 +22,22 @@ namespace yuanmoe::parallel {
 
 struct Group::Impl {
   c10::intrusive_ptr<c10d::Backend> pg;
+  std::string description;  // "ep group of ranks 0, 1": what a failure names
 };
+
+namespace {
+
+/// Waits for a collective; a failure (a peer died, a timeout) names the operation and the group's
+/// ranks, so the one line a surviving rank prints says whom it lost.
+void wait_for(const c10::intrusive_ptr<c10d::Work>& work, const char* operation, const std::string& group) {
+  try {
+    work->wait();
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string(operation) + " over the " + group + " failed: " + e.what());
+  }
+}
+
+}  // namespace
 
 struct ParallelContext::Rendezvous {
   c10::intrusive_ptr<c10d::Store> store;
@@ -33,7 +48,7 @@ void Group::all_reduce_sum(Tensor& tensor) const {
   std::vector<Tensor> tensors{tensor};
   c10d::AllreduceOptions options;
   options.reduceOp = c10d::ReduceOp::SUM;
-  impl_->pg->allreduce(tensors, options)->wait();
+  wait_for(impl_->pg->allreduce(tensors, options), "all-reduce", impl_->description);
 }
 
 void Group::broadcast(Tensor& tensor, int64_t root) const {
@@ -41,7 +56,7 @@ void Group::broadcast(Tensor& tensor, int64_t root) const {
   std::vector<Tensor> tensors{tensor};
   c10d::BroadcastOptions options;
   options.rootRank = root;
-  impl_->pg->broadcast(tensors, options)->wait();
+  wait_for(impl_->pg->broadcast(tensors, options), "broadcast", impl_->description);
 }
 
 Tensor Group::all_to_all(const Tensor& rows, const std::vector<int64_t>& send_rows,
@@ -55,7 +70,7 @@ Tensor Group::all_to_all(const Tensor& rows, const std::vector<int64_t>& send_ro
   Tensor input = rows.contiguous();
   Tensor output = torch::empty(output_shape, rows.options());
   std::vector<int64_t> send = send_rows, recv = recv_rows;
-  impl_->pg->alltoall_base(output, input, recv, send)->wait();
+  wait_for(impl_->pg->alltoall_base(output, input, recv, send), "all-to-all", impl_->description);
   return output;
 }
 
@@ -66,7 +81,7 @@ Tensor Group::reduce_scatter_sum(const Tensor& input) const {
   Tensor out = torch::empty({input.numel() / size_}, input.options());
   c10d::ReduceScatterOptions options;
   options.reduceOp = c10d::ReduceOp::SUM;
-  impl_->pg->_reduce_scatter_base(out, in, options)->wait();
+  wait_for(impl_->pg->_reduce_scatter_base(out, in, options), "reduce-scatter", impl_->description);
   return out;
 }
 
@@ -76,13 +91,13 @@ Tensor Group::all_gather(const Tensor& shard) const {
   std::vector<int64_t> shape = shard.sizes().vec();
   shape[0] *= size_;
   Tensor out = torch::empty(shape, shard.options());
-  impl_->pg->_allgather_base(out, in)->wait();
+  wait_for(impl_->pg->_allgather_base(out, in), "all-gather", impl_->description);
   return out;
 }
 
 void Group::barrier() const {
   if (size_ == 1) return;
-  impl_->pg->barrier()->wait();
+  wait_for(impl_->pg->barrier(), "barrier", impl_->description);
 }
 
 PendingSend Group::send(const Tensor& tensor, int64_t peer, int tag) const {
@@ -90,14 +105,14 @@ PendingSend Group::send(const Tensor& tensor, int64_t peer, int tag) const {
   auto tensors = std::make_shared<std::vector<Tensor>>(std::vector<Tensor>{tensor.contiguous()});
   c10::intrusive_ptr<c10d::Work> work = impl_->pg->send(*tensors, static_cast<int>(peer), tag);
   // The tensor must outlive the transfer: the closure owns it until wait().
-  return PendingSend([work, tensors] { work->wait(); });
+  return PendingSend([work, tensors, impl = impl_] { wait_for(work, "send", impl->description); });
 }
 
 void Group::recv(Tensor& tensor, int64_t peer, int tag) const {
   TORCH_CHECK(size_ > 1, "recv in a group of one process");
   TORCH_CHECK(tensor.is_contiguous(), "recv needs a contiguous buffer");
   std::vector<Tensor> tensors{tensor};
-  impl_->pg->recv(tensors, static_cast<int>(peer), tag)->wait();
+  wait_for(impl_->pg->recv(tensors, static_cast<int>(peer), tag), "recv", impl_->description);
 }
 
 namespace {
@@ -142,7 +157,9 @@ Group make_group(const std::string& name, const std::vector<int64_t>& members, c
     TORCH_CHECK(false, "Gloo: this build found no gloo/ headers (Debian: libgloo-dev), so it has no CPU process groups");
 #endif
   }
-  return Group(std::make_shared<Group::Impl>(Group::Impl{pg}), rank, size);
+  std::string description = name.substr(0, name.find('/')) + " group of ranks ";
+  for (size_t i = 0; i < members.size(); ++i) description += (i ? ", " : "") + std::to_string(members[i]);
+  return Group(std::make_shared<Group::Impl>(Group::Impl{pg, description}), rank, size);
 }
 
 }  // namespace

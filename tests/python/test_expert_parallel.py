@@ -178,8 +178,9 @@ def kill_one_rank():
     seconds = time.time() - killed_at
     logs[0].seek(0)
     error_lines = [l for l in logs[0].read().splitlines() if "error" in l]
-    check(code not in (0, None) and len(error_lines) == 1 and "rank 0 of 2" in error_lines[0],
-          "kill -9 rank 1 of dp=2 ep=2: rank 0 exits %s after %.1f s with one line: %s"
+    names_group = bool(error_lines) and re.search(r"over the \w+ group of ranks (0, 1|1, 0)", error_lines[0])
+    check(code not in (0, None) and len(error_lines) == 1 and "rank 0 of 2" in error_lines[0] and names_group,
+          "kill -9 rank 1 of dp=2 ep=2: rank 0 exits %s after %.1f s with one line naming the group it lost: %s"
           % (code, seconds, (error_lines or ["<none>"])[0][:200]))
     reached = max(records("run_kill"), default=0)
     run([BIN, "launch", "--nproc", "2", "--", *args])
