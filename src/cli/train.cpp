@@ -10,6 +10,7 @@
 #include "yuanmoe/config/config_io.h"
 #include "yuanmoe/config/validate.h"
 #include "yuanmoe/parallel/world.h"
+#include "yuanmoe/parallel/memory_plan.h"
 #include "yuanmoe/train/precision.h"
 #include "yuanmoe/train/trainer.h"
 
@@ -72,7 +73,14 @@ int run_train(int argc, const char* const* argv) {
   const std::string path = args["config"].as<std::string>();
   const std::vector<std::string> overrides =
       args.count("set") ? args["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-  const config::RunConfig run = config::load_config(path, overrides);
+  // The torchrun / Slurm / Open MPI variables, or a single process (docs/parallelism.md): the
+  // world size decides which layouts are possible, so the config and the layout are checked
+  // together and every problem is named at once.
+  const parallel::WorldInfo world = parallel::detect_world();
+  config::ParseResult checked = config::check_config(path, overrides);
+  for (auto& issue : parallel::layout_issues(checked.config, world.world_size)) checked.issues.push_back(std::move(issue));
+  if (!checked.issues.empty()) throw config::ConfigError(path, checked.issues);
+  const config::RunConfig run = checked.config;
   for (const auto& warning : config::config_warnings(run)) spdlog::warn("{}: {}", path, warning.to_string());
 
   train::TrainerOptions trainer_options;
@@ -87,8 +95,6 @@ int run_train(int argc, const char* const* argv) {
     trainer_options.nonfinite_steps = parse_steps("--debug-nonfinite-steps", args["debug-nonfinite-steps"].as<std::string>());
   }
 
-  // torchrun / Slurm / Open MPI variables, or a single process (docs/parallelism.md).
-  const parallel::WorldInfo world = parallel::detect_world();
   trainer_options.parallel = parallel::ParallelContext::connect(world, run.parallel.pipeline_parallel_size,
                                                                 run.parallel, train::training_device(world.local_rank));
   const parallel::ParallelContext& context = trainer_options.parallel;

@@ -7,7 +7,8 @@ synthetic corpus's and its micro-batches to 2 sequences (so that dp=4 divides th
 20 steps in every layout with train.precision = fp64; the logged losses must equal the
 one-process run's within 1e-5 and the routed-pair counts of every layer (metrics.jsonl's
 expert_load times the step's pairs) must be equal:
-  dp=2 ep=2, dp=2 with parallel.shard_optimizer, pp=2 x dp=2 ep=2 with the sharded optimizer.
+  dp=2 ep=2, dp=2 with parallel.shard_optimizer, pp=2 x dp=2 ep=2 with the sharded optimizer,
+  dp=2 ep=2 with train.recompute (the all-to-alls rerun inside the backward).
 Why fp64: in fp32 any two layouts (plain dp=2 too) sum in another order, and top-k routing turns
 a last-bit difference into a different expert for some token within a few steps; from then on
 the curves drift apart by 1e-4..1e-1 (docs/parallelism.md). In fp64 the same layouts agree to
@@ -199,6 +200,8 @@ def main():
         compare("dp=2 sharded optimizer vs 1 process", "dp2_sharded", "single")
         train("pp2_dp2_ep2", nproc=4, pp=2, ep=2, shard=True)
         compare("pp=2 x dp=2 ep=2 sharded vs 1 process", "pp2_dp2_ep2", "single")
+        train("dp2_ep2_recompute", nproc=2, ep=2, extra=["--set", "train.recompute=true"])
+        compare("dp=2 ep=2 with train.recompute vs 1 process", "dp2_ep2_recompute", "single")
 
         # fp32, as users train: sharding changes no bit, and halves the state.
         train("dp2_fp32", nproc=2, precision="fp32")

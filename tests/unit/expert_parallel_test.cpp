@@ -47,55 +47,64 @@ TEST(ExpertParallelTest, GroupsFollowMegatronsLayout) {
   }, /*expert=*/2);
 }
 
-// Each rank routes its own tokens; the experts are split 4 + 4. Outputs, input gradients,
-// router gradients (summed over ranks: the router is replicated) and each expert's gradient
-// (on the rank holding it) equal the whole layer's in fp64.
+// Each rank routes its own tokens; the experts are split 4 + 4. Against the whole layer run on
+// each rank's tokens in turn (what every rank would compute holding all experts): outputs, input
+// gradients, router gradients (summed over ranks: the router is replicated) and each expert's
+// gradient (on the rank holding it) equal in fp64, for every router, dropless and with
+// moe.capacity_factor (each rank drops over its own tokens before dispatch).
 TEST(ExpertParallelTest, MoeLayerOverTwoRanksEqualsTheWholeLayerInDouble) {
-  for (const config::RouterKind router : testing::all_router_kinds()) {
-    const config::MoeConfig moe = testing::small_moe_config(router);
-    const int64_t hidden = 16, tokens_per_rank = 12;
-    torch::manual_seed(5);
-    model::Moe whole(moe, hidden);
-    whole->to(torch::kDouble);
-    const Tensor x = torch::randn({2 * tokens_per_rank, hidden}, torch::kDouble);
-    const Tensor probe = torch::randn({2 * tokens_per_rank, hidden}, torch::kDouble);
-    const Tensor x_whole = x.clone().requires_grad_(true);
-    (whole->forward(x_whole).out * probe).sum().backward();
-
-    std::vector<std::map<std::string, Tensor>> grads(2);
-    std::vector<Tensor> outs(2), input_grads(2);
-    on_ranks(2, 1, [&](ParallelContext& context) {
-      const int64_t r = context.layout().dp_rank;
-      model::Transformer holder(testing::small_model_config(), moe);  // apply_expert_parallel takes a model
-      model::Moe layer(moe, hidden);
-      layer->to(torch::kDouble);
-      {
-        torch::NoGradGuard no_grad;
-        for (const auto& p : whole->named_parameters()) layer->named_parameters()[p.key()].copy_(p.value());
-        for (const auto& b : whole->named_buffers()) layer->named_buffers()[b.key()].copy_(b.value());
-        const int64_t local = moe.num_experts / 2;
-        for (Tensor* w : {&layer->experts->w1, &layer->experts->w2}) w->set_data(w->narrow(0, r * local, local).clone());
+  for (const double capacity_factor : {0.0, 1.0}) {
+    for (const config::RouterKind router : testing::all_router_kinds()) {
+      config::MoeConfig moe = testing::small_moe_config(router);
+      moe.capacity_factor = capacity_factor;
+      const int64_t hidden = 16, tokens_per_rank = 12;
+      torch::manual_seed(5);
+      model::Moe whole(moe, hidden);
+      whole->to(torch::kDouble);
+      const Tensor x = torch::randn({2 * tokens_per_rank, hidden}, torch::kDouble);
+      const Tensor probe = torch::randn({2 * tokens_per_rank, hidden}, torch::kDouble);
+      const Tensor x_whole = x.clone().requires_grad_(true);
+      std::vector<Tensor> whole_outs;
+      for (int64_t r = 0; r < 2; ++r) {
+        const Tensor out = whole->forward(x_whole.narrow(0, r * tokens_per_rank, tokens_per_rank)).out;
+        (out * probe.narrow(0, r * tokens_per_rank, tokens_per_rank)).sum().backward();
+        whole_outs.push_back(out.detach());
       }
-      // The exchange apply_expert_parallel installs, taken from a model's MoE layer.
-      apply_expert_parallel(*holder, context);
-      layer->expert_exchange = holder->moe_layers().front()->expert_exchange;
-      const Tensor x_rank = x.narrow(0, r * tokens_per_rank, tokens_per_rank).clone().requires_grad_(true);
-      const Tensor out = layer->forward(x_rank).out;
-      (out * probe.narrow(0, r * tokens_per_rank, tokens_per_rank)).sum().backward();
-      outs[r] = out.detach();
-      input_grads[r] = x_rank.grad();
-      for (const auto& p : layer->named_parameters()) grads[r][p.key()] = p.value().grad();
-    }, /*expert=*/2);
 
-    const std::string name = config::to_string(router);
-    const Tensor whole_out = whole->forward(x).out.detach();
-    EXPECT_LT(testing::max_abs_diff(torch::cat(outs), whole_out), 1e-12) << name;
-    EXPECT_LT(testing::max_abs_diff(torch::cat(input_grads), x_whole.grad()), 1e-12) << name;
-    for (const auto& p : whole->named_parameters()) {
-      const Tensor want = p.value().grad();
-      const Tensor got = p.key().rfind("experts.", 0) == 0 ? torch::cat({grads[0][p.key()], grads[1][p.key()]})
-                                                           : grads[0][p.key()] + grads[1][p.key()];
-      EXPECT_LT(testing::max_abs_diff(got, want), 1e-12) << name << " " << p.key();
+      std::vector<std::map<std::string, Tensor>> grads(2);
+      std::vector<Tensor> outs(2), input_grads(2);
+      on_ranks(2, 1, [&](ParallelContext& context) {
+        const int64_t r = context.layout().dp_rank;
+        model::Transformer holder(testing::small_model_config(), moe);  // apply_expert_parallel takes a model
+        model::Moe layer(moe, hidden);
+        layer->to(torch::kDouble);
+        {
+          torch::NoGradGuard no_grad;
+          for (const auto& p : whole->named_parameters()) layer->named_parameters()[p.key()].copy_(p.value());
+          for (const auto& b : whole->named_buffers()) layer->named_buffers()[b.key()].copy_(b.value());
+          const int64_t local = moe.num_experts / 2;
+          for (Tensor* w : {&layer->experts->w1, &layer->experts->w2}) w->set_data(w->narrow(0, r * local, local).clone());
+        }
+        // The exchange apply_expert_parallel installs, taken from a model's MoE layer.
+        apply_expert_parallel(*holder, context);
+        layer->expert_exchange = holder->moe_layers().front()->expert_exchange;
+        const Tensor x_rank = x.narrow(0, r * tokens_per_rank, tokens_per_rank).clone().requires_grad_(true);
+        const Tensor out = layer->forward(x_rank).out;
+        (out * probe.narrow(0, r * tokens_per_rank, tokens_per_rank)).sum().backward();
+        outs[r] = out.detach();
+        input_grads[r] = x_rank.grad();
+        for (const auto& p : layer->named_parameters()) grads[r][p.key()] = p.value().grad();
+      }, /*expert=*/2);
+
+      const std::string name = config::to_string(router) + " capacity " + std::to_string(capacity_factor);
+      EXPECT_LT(testing::max_abs_diff(torch::cat(outs), torch::cat(whole_outs)), 1e-12) << name;
+      EXPECT_LT(testing::max_abs_diff(torch::cat(input_grads), x_whole.grad()), 1e-12) << name;
+      for (const auto& p : whole->named_parameters()) {
+        const Tensor want = p.value().grad();
+        const Tensor got = p.key().rfind("experts.", 0) == 0 ? torch::cat({grads[0][p.key()], grads[1][p.key()]})
+                                                             : grads[0][p.key()] + grads[1][p.key()];
+        EXPECT_LT(testing::max_abs_diff(got, want), 1e-12) << name << " " << p.key();
+      }
     }
   }
 }
