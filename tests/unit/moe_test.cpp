@@ -169,7 +169,12 @@ TEST_P(GroupedMmTest, ExpertsThroughGroupedMmEqualTheLoop) {
       return grads;
     };
     const std::vector<Tensor> a = run(loop), b = run(grouped);
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_LT(max_abs_diff(a[i], b[i]), 1e-5) << i << " cf " << capacity_factor;
+    // fp32 GEMMs that sum in another order: equal to a few ulps of the largest entry (the ReLU
+    // router's weight gradients reach ~130, where one ulp is 1.5e-5; CPUs differ in the order).
+    for (size_t i = 0; i < a.size(); ++i) {
+      const double scale = std::max(1.0, a[i].abs().max().item<double>());
+      EXPECT_LT(max_abs_diff(a[i], b[i]), 1e-6 * scale) << i << " cf " << capacity_factor << " scale " << scale;
+    }
     EXPECT_TRUE(grouped->uses_grouped_mm(x));
     EXPECT_TRUE(grouped->plan(grouped->gate->forward(x), 24, /*host_rows=*/false).rows_per_expert.empty());
   }
