@@ -58,12 +58,15 @@ struct RecomputeContext : torch::CustomClassHolder {
 };
 
 struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
+  /// The layout travels as its three tensors (undefined ones stay undefined), so the rerun sees
+  /// the same positions, document mask and counted tokens as the first run.
   static variable_list forward(AutogradContext* ctx, const Tensor& x_BSD, const Tensor& position_ids_BS,
-                               c10::IValue context) {
+                               const Tensor& document_ids_BS, const Tensor& counted_BS, c10::IValue context) {
     ctx->saved_data["context"] = context;
-    ctx->save_for_backward({x_BSD, position_ids_BS});
+    ctx->save_for_backward({x_BSD, position_ids_BS, document_ids_BS, counted_BS});
     auto& block = *static_cast<RecomputeContext*>(context.toCapsule().get())->block;
-    const BlockOutput out = block.forward(x_BSD, position_ids_BS);  // grad mode is off here
+    // grad mode is off here
+    const BlockOutput out = block.forward(x_BSD, TokenLayout{position_ids_BS, document_ids_BS, counted_BS});
     const Tensor aux = out.aux_loss.defined() ? out.aux_loss : torch::zeros({}, x_BSD.options());
     const Tensor pairs_E = out.routed_pairs_E.defined()
                                ? out.routed_pairs_E
@@ -82,7 +85,7 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
     BlockOutput out;
     {
       torch::AutoGradMode grad_mode(true);
-      out = context->block->forward(x_BSD, saved[1]);
+      out = context->block->forward(x_BSD, TokenLayout{saved[1], saved[2], saved[3]});
     }
     now.apply();
 
@@ -92,18 +95,19 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
       grads.push_back(grad_outputs[1]);
     }
     torch::autograd::backward(outputs, grads);  // reentrant: parameter grads accumulate here
-    return {x_BSD.grad(), Tensor(), Tensor()};
+    return {x_BSD.grad(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 }  // namespace
 
-BlockOutput recompute_block(TransformerBlockImpl& block, const Tensor& x_BSD, const Tensor& position_ids_BS) {
+BlockOutput recompute_block(TransformerBlockImpl& block, const Tensor& x_BSD, const TokenLayout& tokens) {
   auto context = c10::make_intrusive<RecomputeContext>();
   context->block = &block;
   context->state = ForwardState::capture(x_BSD.device());  // before the first run draws anything
   const variable_list out =
-      BlockRecompute::apply(x_BSD, position_ids_BS, c10::IValue::make_capsule(std::move(context)));
+      BlockRecompute::apply(x_BSD, tokens.position_ids_BS, tokens.document_ids_BS, tokens.counted_BS,
+                            c10::IValue::make_capsule(std::move(context)));
   BlockOutput result{out[0], out[1], out[2]};
   if (result.routed_pairs_E.numel() == 0) result.routed_pairs_E = Tensor();
   return result;
