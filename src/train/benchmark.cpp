@@ -123,7 +123,7 @@ AttentionKernelTime measure_attention_kernel(const config::RunConfig& config, co
 data::Batch random_batch(int64_t batch, int64_t seq, int64_t vocab, const torch::Device& device) {
   const Tensor stream = torch::randint(vocab, {batch, seq + 1}, torch::dtype(torch::kLong).device(device));
   return {stream.narrow(1, 0, seq).contiguous(), stream.narrow(1, 1, seq).contiguous(),
-          model::default_position_ids(batch, seq, device)};
+          model::default_position_ids(batch, seq, device), Tensor()};  // one document per row
 }
 
 /// The trainer's own step (train/step.h) in one process: zero grads, the pipeline schedule over
