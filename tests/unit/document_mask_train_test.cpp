@@ -24,7 +24,7 @@ constexpr int64_t kEod = testing::kTinyEod;
 
 TEST(DocumentIds, StartANewDocumentOnTheTokenAfterEachEod) {
   const Tensor tokens = torch::tensor({5, 0, 3, 0, 0, 7, 8, 0, 4, 4, 4, 4}, torch::kLong).view({2, 6});
-  const Tensor expected = torch::tensor({0, 0, 1, 1, 2, 3, 0, 1, 1, 1, 1, 1}, torch::kLong).view({2, 6});
+  const Tensor expected = torch::tensor({0, 0, 1, 1, 2, 3, 0, 0, 1, 1, 1, 1}, torch::kLong).view({2, 6});
   const Tensor documents = data::document_ids(tokens, kEod);
   EXPECT_TRUE(torch::equal(documents, expected)) << documents;
   // The same boundaries as reset_position_ids: a new document exactly where positions restart.
