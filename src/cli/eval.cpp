@@ -28,7 +28,7 @@ int run_eval(int argc, const char* const* argv) {
   if (steps <= 0) throw std::invalid_argument("--steps must be positive, got " + std::to_string(steps));
 
   data::SamplerOptions sampler = train::sampler_options(run, prefix);
-  if (sampler.eod_id < 0) sampler.reset_position_ids = false;  // data made elsewhere, EOD unknown
+  if (sampler.eod_id < 0) sampler.reset_position_ids = sampler.reset_attention_mask = false;  // data made elsewhere, EOD unknown
   auto dataset = std::make_shared<const data::IndexedDataset>(prefix);
 
   const std::string dump_path = args.count("dump-logits") ? args["dump-logits"].as<std::string>() : "";

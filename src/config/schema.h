@@ -127,6 +127,9 @@ void visit(V& v, DataConfig& c) {
   v.field("tokenizer", c.tokenizer, kOptional, "SentencePiece .model file.");
   v.field("reset_position_ids", c.reset_position_ids, kOptional,
           "Restart positions at 0 after every end-of-document token in a packed sample.");
+  v.field("reset_attention_mask", c.reset_attention_mask, kOptional,
+          "A token attends only to earlier tokens of its own document in a packed sample (attention "
+          "and LFA; Megatron's --reset-attention-mask); needs reset_position_ids.");
   v.field("eod_id", c.eod_id, kOptional, "End-of-document token id; -1 = from the tokenizer.");
 }
 

@@ -126,6 +126,8 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
   c.require(d.eod_id >= -1 && d.eod_id < config.model.vocab_size, "data.eod_id",
             "must be -1 (from the tokenizer) or a token id below model.vocab_size, got " +
                 Checker::str(d.eod_id));
+  c.require(!d.reset_attention_mask || d.reset_position_ids, "data.reset_attention_mask",
+            "needs data.reset_position_ids = true (a masked document's positions start at 0, as Megatron's)");
 
   const auto& p = config.parallel;
   c.positive(p.pipeline_parallel_size, "parallel.pipeline_parallel_size");

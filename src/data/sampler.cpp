@@ -89,6 +89,9 @@ GptSampler::GptSampler(std::shared_ptr<const IndexedDataset> dataset, const Samp
   if (o.reset_position_ids && o.eod_id < 0) {
     throw std::invalid_argument("sampler: reset_position_ids needs an EOD id");
   }
+  if (o.reset_attention_mask && o.eod_id < 0) {
+    throw std::invalid_argument("sampler: reset_attention_mask needs an EOD id");
+  }
   const int64_t tokens = dataset_->num_tokens();
   if (tokens < o.seq_length + 1) {
     throw std::invalid_argument(dataset_->prefix() + ": dataset has " + std::to_string(tokens) +
@@ -175,7 +178,8 @@ Batch GptSampler::next_batch() {
   torch::Tensor positions = options_.reset_position_ids
                                 ? reset_position_ids(tokens, options_.eod_id)
                                 : torch::arange(S, torch::kLong).unsqueeze(0).expand({B, S}).contiguous();
-  return Batch{tokens, labels, positions};
+  torch::Tensor documents = options_.reset_attention_mask ? document_ids(tokens, options_.eod_id) : torch::Tensor();
+  return Batch{tokens, labels, positions, documents};
 }
 
 torch::Tensor reset_position_ids(const torch::Tensor& tokens, int64_t eod_id) {
@@ -195,6 +199,25 @@ torch::Tensor reset_position_ids(const torch::Tensor& tokens, int64_t eod_id) {
     }
   }
   return positions;
+}
+
+torch::Tensor document_ids(const torch::Tensor& tokens, int64_t eod_id) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kLong,
+              "document_ids: expected int64 tokens [B, S], got ", tokens.sizes());
+  const torch::Tensor t = tokens.contiguous();
+  const int64_t B = t.size(0);
+  const int64_t S = t.size(1);
+  torch::Tensor documents = torch::empty({B, S}, torch::kLong);
+  const int64_t* in = t.data_ptr<int64_t>();
+  int64_t* out = documents.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t document = 0;
+    for (int64_t i = 0; i < S; ++i) {
+      out[b * S + i] = document;
+      if (in[b * S + i] == eod_id) ++document;  // the next token starts the next document
+    }
+  }
+  return documents;
 }
 
 }  // namespace yuanmoe::data

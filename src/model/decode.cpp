@@ -70,7 +70,7 @@ std::vector<int64_t> generate(TransformerImpl& model,
     const int64_t seq = input_BS.size(1);
     const Tensor position_ids_BS =
         torch::arange(cache.num_tokens, cache.num_tokens + seq, ids_options).unsqueeze(0);
-    const Tensor logits_BSV = model.forward(input_BS, position_ids_BS, &cache).out;
+    const Tensor logits_BSV = model.forward(input_BS, TokenLayout{position_ids_BS}, &cache).out;  // one document
     const int64_t next = sample_token(logits_BSV[0][seq - 1], options, generator);
     generated.push_back(next);
     if (next == options.eos_id) break;

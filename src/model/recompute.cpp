@@ -55,15 +55,17 @@ struct ForwardState {
 struct RecomputeContext : torch::CustomClassHolder {
   TransformerBlockImpl* block = nullptr;
   ForwardState state;
+  // The rerun sees the first run's positions, document ids and counted tokens. Held here, not as
+  // inputs of the Function: its inputs must be defined tensors, and these may be undefined.
+  TokenLayout tokens;
 };
 
 struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x_BSD, const Tensor& position_ids_BS,
-                               c10::IValue context) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x_BSD, c10::IValue context) {
     ctx->saved_data["context"] = context;
-    ctx->save_for_backward({x_BSD, position_ids_BS});
-    auto& block = *static_cast<RecomputeContext*>(context.toCapsule().get())->block;
-    const BlockOutput out = block.forward(x_BSD, position_ids_BS);  // grad mode is off here
+    ctx->save_for_backward({x_BSD});
+    const auto& first_run = *static_cast<RecomputeContext*>(context.toCapsule().get());
+    const BlockOutput out = first_run.block->forward(x_BSD, first_run.tokens);  // grad mode is off here
     const Tensor aux = out.aux_loss.defined() ? out.aux_loss : torch::zeros({}, x_BSD.options());
     const Tensor pairs_E = out.routed_pairs_E.defined()
                                ? out.routed_pairs_E
@@ -82,7 +84,7 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
     BlockOutput out;
     {
       torch::AutoGradMode grad_mode(true);
-      out = context->block->forward(x_BSD, saved[1]);
+      out = context->block->forward(x_BSD, context->tokens);
     }
     now.apply();
 
@@ -92,18 +94,18 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
       grads.push_back(grad_outputs[1]);
     }
     torch::autograd::backward(outputs, grads);  // reentrant: parameter grads accumulate here
-    return {x_BSD.grad(), Tensor(), Tensor()};
+    return {x_BSD.grad(), Tensor()};
   }
 };
 
 }  // namespace
 
-BlockOutput recompute_block(TransformerBlockImpl& block, const Tensor& x_BSD, const Tensor& position_ids_BS) {
+BlockOutput recompute_block(TransformerBlockImpl& block, const Tensor& x_BSD, const TokenLayout& tokens) {
   auto context = c10::make_intrusive<RecomputeContext>();
   context->block = &block;
   context->state = ForwardState::capture(x_BSD.device());  // before the first run draws anything
-  const variable_list out =
-      BlockRecompute::apply(x_BSD, position_ids_BS, c10::IValue::make_capsule(std::move(context)));
+  context->tokens = tokens;
+  const variable_list out = BlockRecompute::apply(x_BSD, c10::IValue::make_capsule(std::move(context)));
   BlockOutput result{out[0], out[1], out[2]};
   if (result.routed_pairs_E.numel() == 0) result.routed_pairs_E = Tensor();
   return result;

@@ -7,6 +7,18 @@
 namespace yuanmoe::model {
 
 // ================================================================================================
+// layout
+
+Tensor document_causal_mask(const Tensor& document_ids_BS) {
+  TORCH_CHECK(document_ids_BS.dim() == 2, "document ids: expected [B, S], got ", document_ids_BS.sizes());
+  const int64_t seq = document_ids_BS.size(1);
+  const Tensor same_BSS = document_ids_BS.unsqueeze(2) == document_ids_BS.unsqueeze(1);  // [b, i, j]
+  const Tensor causal_SS =
+      torch::ones({seq, seq}, torch::dtype(torch::kBool).device(document_ids_BS.device())).tril();
+  return (same_BSS & causal_SS).unsqueeze(1);  // [B, 1, S, S]
+}
+
+// ================================================================================================
 // norm
 
 RmsNormImpl::RmsNormImpl(int64_t dim, double eps) : eps(eps) {
@@ -74,14 +86,27 @@ namespace F = torch::nn::functional;
 Tensor causal_two_tap(const Tensor& x_BSC,
                       const Tensor& weight_OC21,
                       const Tensor& bias_O,
-                      const Tensor& previous_B1C) {
+                      const Tensor& previous_B1C,
+                      const Tensor& document_ids_BS) {
   const int64_t batch = x_BSC.size(0), seq = x_BSC.size(1), channels = x_BSC.size(2);
   const int64_t out_channels = weight_OC21.size(0);
   // x[t-1]: one frame in front of the sequence axis (zero at sequence start), drop the last.
-  const Tensor previous_BSC =
+  Tensor previous_BSC =
       previous_B1C.defined()
           ? torch::cat({previous_B1C, x_BSC.narrow(1, 0, seq - 1)}, 1)
           : F::pad(x_BSC, F::PadFuncOptions({0, 0, 1, 0})).narrow(1, 0, seq);
+  if (document_ids_BS.defined()) {
+    TORCH_CHECK(!previous_B1C.defined(), "causal_two_tap: document ids are for whole packed samples, not chunks");
+    TORCH_CHECK(document_ids_BS.dim() == 2 && document_ids_BS.size(0) == batch && document_ids_BS.size(1) == seq,
+                "causal_two_tap: document ids ", document_ids_BS.sizes(), " do not match the input's [B, S] = [",
+                batch, ", ", seq, "]");
+    // A document's first token reads the zero frame, as the sequence's first token does.
+    const Tensor starts_BS1 =
+        (document_ids_BS.narrow(1, 1, seq - 1) != document_ids_BS.narrow(1, 0, seq - 1)).unsqueeze(-1);
+    previous_BSC = torch::cat({previous_BSC.narrow(1, 0, 1),
+                               previous_BSC.narrow(1, 1, seq - 1).masked_fill(starts_BS1, 0)},
+                              1);  // [B, S, C]
+  }
   const Tensor taps_TC2 = torch::stack({previous_BSC, x_BSC}, -1).reshape({batch * seq, 2 * channels});
   const Tensor y_TO =
       torch::addmm(bias_O, taps_TC2, weight_OC21.reshape({out_channels, 2 * channels}).t());
@@ -97,11 +122,13 @@ LocalizedFilteringImpl::LocalizedFilteringImpl(int64_t hidden_size, double rms_n
   output_layernorm = register_module("output_layernorm", RmsNorm(hidden_size, rms_norm_eps));
 }
 
-Tensor LocalizedFilteringImpl::forward(const Tensor& a_BSD, LfaState* state) {
+Tensor LocalizedFilteringImpl::forward(const Tensor& a_BSD, LfaState* state, const Tensor& document_ids_BS) {
+  TORCH_CHECK(!(state && document_ids_BS.defined()),
+              "LocalizedFiltering: document ids are for whole packed samples; decoding keeps plain positions");
   const Tensor a_prev = state ? state->a_prev : Tensor();    // [B, 1, D] or undefined
   const Tensor y1_prev = state ? state->y1_prev : Tensor();  // [B, 1, D/2] or undefined
-  const Tensor y1 = causal_two_tap(a_BSD, conv1->weight, conv1->bias, a_prev);  // [B, S, D/2]
-  const Tensor y2 = causal_two_tap(y1, conv2->weight, conv2->bias, y1_prev);    // [B, S, D]
+  const Tensor y1 = causal_two_tap(a_BSD, conv1->weight, conv1->bias, a_prev, document_ids_BS);  // [B, S, D/2]
+  const Tensor y2 = causal_two_tap(y1, conv2->weight, conv2->bias, y1_prev, document_ids_BS);    // [B, S, D]
   if (state) {
     // The next chunk's t-1 frames (docs/architecture.md, "Incremental decoding"): exact for chunks of any length.
     // Cloned so that the state holds one frame, not the whole chunk.
@@ -121,23 +148,40 @@ Tensor causal_attention(const Tensor& q_BHSDh,
                         const Tensor& k_BHSDh,
                         const Tensor& v_BHSDh,
                         double dropout_p,
-                        int64_t offset) {
+                        int64_t offset,
+                        const Tensor& document_ids_BS) {
   const int64_t seq_q = q_BHSDh.size(2), seq_k = k_BHSDh.size(2);
   const double scale = 1.0 / std::sqrt(static_cast<double>(q_BHSDh.size(-1)));
   Tensor scores_BHSS = torch::matmul(q_BHSDh, k_BHSDh.transpose(-2, -1));  // [B, H, Sq, Sk]
   scores_BHSS = scores_BHSS.to(at_least_fp32(scores_BHSS)) * scale;
-  // Key j is in the future of query i when j > offset + i.
-  const Tensor future_SS =
-      torch::ones({seq_q, seq_k}, torch::dtype(torch::kBool).device(q_BHSDh.device()))
-          .triu(1 + offset);
-  scores_BHSS.masked_fill_(future_SS, -std::numeric_limits<float>::infinity());
+  if (document_ids_BS.defined()) {
+    TORCH_CHECK(offset == 0 && seq_q == seq_k, "causal_attention: document ids are for whole sequences");
+    // Key j is hidden from query i when it is in i's future or in another document.
+    scores_BHSS.masked_fill_(document_causal_mask(document_ids_BS).logical_not(),
+                             -std::numeric_limits<float>::infinity());
+  } else {
+    // Key j is in the future of query i when j > offset + i.
+    const Tensor future_SS =
+        torch::ones({seq_q, seq_k}, torch::dtype(torch::kBool).device(q_BHSDh.device()))
+            .triu(1 + offset);
+    scores_BHSS.masked_fill_(future_SS, -std::numeric_limits<float>::infinity());
+  }
   Tensor probs_BHSS = torch::softmax(scores_BHSS, -1);
   if (dropout_p > 0) probs_BHSS = F::dropout(probs_BHSS, F::DropoutFuncOptions().p(dropout_p));
   return torch::matmul(probs_BHSS.to(v_BHSDh.scalar_type()), v_BHSDh);
 }
 
-Tensor sdpa_causal_attention(const Tensor& q_BHSDh, const Tensor& k_BHSDh, const Tensor& v_BHSDh) {
+Tensor sdpa_causal_attention(const Tensor& q_BHSDh,
+                             const Tensor& k_BHSDh,
+                             const Tensor& v_BHSDh,
+                             const Tensor& document_ids_BS) {
   TORCH_CHECK(q_BHSDh.size(2) == k_BHSDh.size(2), "sdpa_causal_attention: whole sequences only");
+  if (document_ids_BS.defined()) {
+    // An explicit block-diagonal causal mask instead of is_causal: the kernels that take a mask
+    // (CPU flash, CUDA memory-efficient or the math fallback) run it.
+    return at::scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, document_causal_mask(document_ids_BS),
+                                            /*dropout_p=*/0.0, /*is_causal=*/false);
+  }
   return at::scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, /*attn_mask=*/{}, /*dropout_p=*/0.0,
                                           /*is_causal=*/true);
 }
@@ -147,14 +191,15 @@ Tensor attention_core(config::AttentionKernel kernel,
                       const Tensor& k_BHSDh,
                       const Tensor& v_BHSDh,
                       double dropout_p,
-                      int64_t offset) {
+                      int64_t offset,
+                      const Tensor& document_ids_BS) {
   // libtorch's fused SDPA for whole sequences: faster than materialised scores at every length
   // measured, and memory linear in S (docs/benchmarks.md). Dropout needs the probabilities and a
   // chunk after cached keys needs the offset mask: those materialise (docs/config.md).
   if (kernel == config::AttentionKernel::kSdpa && dropout_p == 0 && offset == 0) {
-    return sdpa_causal_attention(q_BHSDh, k_BHSDh, v_BHSDh);
+    return sdpa_causal_attention(q_BHSDh, k_BHSDh, v_BHSDh, document_ids_BS);
   }
-  return causal_attention(q_BHSDh, k_BHSDh, v_BHSDh, dropout_p, offset);
+  return causal_attention(q_BHSDh, k_BHSDh, v_BHSDh, dropout_p, offset, document_ids_BS);
 }
 
 AttentionImpl::AttentionImpl(const config::ModelConfig& config) : config(config) {
@@ -172,18 +217,21 @@ AttentionImpl::AttentionImpl(const config::ModelConfig& config) : config(config)
 }
 
 Tensor AttentionImpl::forward(const Tensor& a_BSD,
-                              const Tensor& position_ids_BS,
+                              const TokenLayout& tokens,
                               LayerCache* cache) {
   const int64_t batch = a_BSD.size(0), seq = a_BSD.size(1);
   const int64_t heads = config.num_attention_heads, head_dim = config.head_dim;
+  const Tensor& document_ids_BS = tokens.document_ids_BS;  // undefined: plain causal
+  TORCH_CHECK(!(cache && document_ids_BS.defined()),
+              "Attention: document ids are for whole packed samples; decoding keeps plain positions");
 
   const Tensor v_BSHDh = v_proj(a_BSD).view({batch, seq, heads, head_dim});
   const Tensor qk_input_BSD =
-      config.lfa ? lf_gate(a_BSD, cache ? &cache->lfa : nullptr) : a_BSD;
+      config.lfa ? lf_gate(a_BSD, cache ? &cache->lfa : nullptr, document_ids_BS) : a_BSD;
   // [B, S, 2P] viewed per head as [q(Dh) | k(Dh)] (docs/model.md §4.1).
   const Tensor qk_BSH2 = torch::cat({q_proj(qk_input_BSD), k_proj(qk_input_BSD)}, -1)
                              .view({batch, seq, heads, 2 * head_dim});
-  const RopeAngles angles = rope_angles(inverse_frequencies_, position_ids_BS, config.rope_tables);
+  const RopeAngles angles = rope_angles(inverse_frequencies_, tokens.position_ids_BS, config.rope_tables);
   const Tensor q_BSHDh = apply_rope(qk_BSH2.narrow(-1, 0, head_dim), angles, config.rotary_dim);
   const Tensor k_BSHDh =
       apply_rope(qk_BSH2.narrow(-1, head_dim, head_dim), angles, config.rotary_dim);
@@ -203,7 +251,7 @@ Tensor AttentionImpl::forward(const Tensor& a_BSD,
 
   const double dropout_p = is_training() ? config.attention_dropout : 0.0;
   const Tensor out_BHSDh =
-      attention_core(config.attention, q_BSHDh.transpose(1, 2), k_BHTDh, v_BHTDh, dropout_p, offset);
+      attention_core(config.attention, q_BSHDh.transpose(1, 2), k_BHTDh, v_BHTDh, dropout_p, offset, document_ids_BS);
   return o_proj(out_BHSDh.transpose(1, 2).reshape({batch, seq, heads * head_dim}));
 }
 
@@ -236,9 +284,9 @@ TransformerBlockImpl::TransformerBlockImpl(const config::ModelConfig& model,
 }
 
 BlockOutput TransformerBlockImpl::forward(const Tensor& x_BSD,
-                                          const Tensor& position_ids_BS,
+                                          const TokenLayout& tokens,
                                           LayerCache* cache) {
-  Tensor x = x_BSD + self_attn(input_layernorm(x_BSD), position_ids_BS, cache);
+  Tensor x = x_BSD + self_attn(input_layernorm(x_BSD), tokens, cache);
   const Tensor m = post_attention_layernorm(x);
   if (moe) {
     MoeOutput out = moe(m);
@@ -274,20 +322,28 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& model,
 }
 
 ModelOutput TransformerImpl::forward(const Tensor& input,
-                                     const Tensor& position_ids_BS,
+                                     const TokenLayout& tokens,
                                      DecodeCache* cache) {
   if (cache) {
     TORCH_CHECK(cache->layers.size() == blocks.size(), "DecodeCache has ", cache->layers.size(),
                 " layers, this model (stage) has ", blocks.size(),
                 "; build the cache from this model: DecodeCache(model)");
+    TORCH_CHECK(!tokens.document_ids_BS.defined(),
+                "Transformer: decoding with a cache keeps plain positions; pass no document ids");
+  }
+  if (tokens.document_ids_BS.defined()) {
+    TORCH_CHECK(tokens.document_ids_BS.dim() == 2 && tokens.document_ids_BS.size(0) == input.size(0) &&
+                    tokens.document_ids_BS.size(1) == input.size(1),
+                "Transformer: document ids ", tokens.document_ids_BS.sizes(), " do not match the input ",
+                input.sizes());
   }
   Tensor x = stage.has_embedding ? embed_tokens(input) : input;  // [B, S, D]
   Tensor aux_loss;
   std::vector<Tensor> expert_load;
   const bool wrapped = block_wrapper && is_training() && torch::GradMode::is_enabled() && cache == nullptr;
   for (size_t l = 0; l < blocks.size(); ++l) {
-    BlockOutput out = wrapped ? block_wrapper(*blocks[l], x, position_ids_BS)
-                              : blocks[l](x, position_ids_BS, cache ? &cache->layers[l] : nullptr);
+    BlockOutput out = wrapped ? block_wrapper(*blocks[l], x, tokens)
+                              : blocks[l](x, tokens, cache ? &cache->layers[l] : nullptr);
     x = out.x;
     if (out.aux_loss.defined()) aux_loss = aux_loss.defined() ? aux_loss + out.aux_loss : out.aux_loss;
     if (out.routed_pairs_E.defined()) expert_load.push_back(out.routed_pairs_E);

@@ -27,6 +27,7 @@
 #include "yuanmoe/train/precision.h"
 #include "yuanmoe/train/checkpointer.h"
 #include "yuanmoe/train/step.h"
+#include "yuanmoe/train/token_layout.h"
 
 namespace yuanmoe::train {
 
@@ -122,7 +123,7 @@ AttentionKernelTime measure_attention_kernel(const config::RunConfig& config, co
 data::Batch random_batch(int64_t batch, int64_t seq, int64_t vocab, const torch::Device& device) {
   const Tensor stream = torch::randint(vocab, {batch, seq + 1}, torch::dtype(torch::kLong).device(device));
   return {stream.narrow(1, 0, seq).contiguous(), stream.narrow(1, 1, seq).contiguous(),
-          model::default_position_ids(batch, seq, device)};
+          model::default_position_ids(batch, seq, device), Tensor()};  // one document per row
 }
 
 /// The trainer's own step (train/step.h) in one process: zero grads, the pipeline schedule over
@@ -163,6 +164,7 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
     return torch::randn({mb, m.num_attention_heads, seq, m.head_dim}, x_BSD.options()).requires_grad_(true);
   };
   const Tensor q = qkv(), k = qkv(), v = qkv();
+  const model::TokenLayout tokens = token_layout(batch, device);  // document ids with data.reset_attention_mask
 
   const auto time = [&](const std::function<void()>& fn) { return median_seconds(fn, options.repeats, device); };
   const auto per_step = [&](double seconds, int64_t per_micro_batch) {
@@ -172,9 +174,9 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
   const size_t first = out.size();
   out.push_back({"embedding", per_step(time([&] { model.embed_tokens(batch.tokens); }), 1)});
   // The attention module minus its LFA and its core: the Q/K/V/O projections and RoPE.
-  const double lfa = time([&] { attention.lf_gate(a_BSD); });
-  const double core = time([&] { model::attention_core(m.attention, q, k, v); });
-  const double whole_attention = time([&] { attention.forward(a_BSD, batch.position_ids); });
+  const double lfa = time([&] { attention.lf_gate(a_BSD, nullptr, tokens.document_ids_BS); });
+  const double core = time([&] { model::attention_core(m.attention, q, k, v, 0.0, 0, tokens.document_ids_BS); });
+  const double whole_attention = time([&] { attention.forward(a_BSD, tokens); });
   out.push_back({"LFA (two 2-tap convs + norm)", per_step(lfa, m.num_layers)});
   out.push_back({"Q/K/V/O projections + RoPE", per_step(std::max(0.0, whole_attention - lfa - core), m.num_layers)});
   out.push_back({"attention core", per_step(core, m.num_layers)});
@@ -214,7 +216,7 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
   // trainer runs them; backward is their difference.
   report.forward_seconds = time([&] {
     for (const auto& b : batches) {
-      language_model_loss(model.forward(b.tokens, b.position_ids).out, b.labels);
+      language_model_loss(model.forward(b.tokens, token_layout(b, device)).out, b.labels);
     }
   });
   StepResult last;
@@ -349,7 +351,8 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   for (int64_t i = 0; i < config.train.global_batch_size / config.train.micro_batch_size; ++i) {
     if (sampler) {
       data::Batch batch = sampler->next_batch();
-      batches.push_back({batch.tokens.to(device), batch.labels.to(device), batch.position_ids.to(device)});
+      batches.push_back({batch.tokens.to(device), batch.labels.to(device), batch.position_ids.to(device),
+                         batch.document_ids.defined() ? batch.document_ids.to(device) : Tensor()});
     } else {
       batches.push_back(random_batch(config.train.micro_batch_size, config.train.seq_length, config.model.vocab_size, device));
     }

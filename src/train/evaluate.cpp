@@ -7,6 +7,7 @@
 #include "yuanmoe/data/tokenizer.h"
 #include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/precision.h"
+#include "yuanmoe/train/token_layout.h"
 
 namespace yuanmoe::train {
 
@@ -16,6 +17,7 @@ data::SamplerOptions sampler_options(const config::RunConfig& run, const std::st
   options.micro_batch_size = run.train.micro_batch_size;
   options.seed = static_cast<uint64_t>(run.train.seed);
   options.reset_position_ids = run.data.reset_position_ids;
+  options.reset_attention_mask = run.data.reset_attention_mask;
   options.eod_id = run.data.eod_id;
   options.vocab_size = run.model.vocab_size;
   if (options.eod_id < 0) {
@@ -84,7 +86,7 @@ EvalResult evaluate(model::TransformerImpl& model,
   const EvalResult result = evaluate(
       [&](const data::Batch& batch) {
         AutocastScope autocast(precision, device);
-        return model.forward(batch.tokens.to(device), batch.position_ids.to(device));
+        return model.forward(batch.tokens.to(device), token_layout(batch, device));
       },
       std::move(dataset), options, steps, on_first_batch);
   model.train(was_training);

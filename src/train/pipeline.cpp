@@ -6,6 +6,7 @@
 #include "yuanmoe/parallel/schedule.h"
 #include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/precision.h"
+#include "yuanmoe/train/token_layout.h"
 
 namespace yuanmoe::train {
 
@@ -33,11 +34,12 @@ Tensor activation_buffer(const data::Batch& batch, int64_t hidden, torch::Device
 }
 
 /// This stage's forward of one micro-batch (its tokens, or the previous stage's activations)
-/// under the run's precision.
+/// under the run's precision. Every stage builds the layout (positions, document ids) from its
+/// own copy of the micro-batch: only activations travel between stages.
 model::ModelOutput stage_forward(model::TransformerImpl& model, const Tensor& x, const data::Batch& batch,
                                  config::Precision precision, const torch::Device& device) {
   AutocastScope autocast(precision, device);
-  return model.forward(x, batch.position_ids.to(device));
+  return model.forward(x, token_layout(batch, device));
 }
 
 }  // namespace

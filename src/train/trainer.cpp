@@ -135,10 +135,11 @@ void Trainer::open_data() {
   data::SamplerOptions train_options = sampler_options(config_, prefix);
   train_options.rank = layout.dp_rank;  // the sampler state is global: any dp degree resumes it
   train_options.world_size = layout.dp;
-  if (train_options.reset_position_ids && train_options.eod_id < 0) {
+  if ((train_options.reset_position_ids || train_options.reset_attention_mask) && train_options.eod_id < 0) {
     throw config::ConfigError("config", {{"data.eod_id", "unknown: set it or data.tokenizer, or prepare the data "
                                                          "with yuanmoe prepare-data (its .meta.json names it), or "
-                                                         "set data.reset_position_ids to false"}});
+                                                         "set data.reset_position_ids (and data.reset_attention_mask) "
+                                                         "to false"}});
   }
   train_sampler_ = std::make_unique<data::GptSampler>(train_dataset, train_options);
   if (!config_.data.valid_prefix.empty()) {

@@ -101,6 +101,9 @@ struct DataConfig {
   std::string valid_prefix;
   std::string tokenizer;
   bool reset_position_ids = true;
+  /// A token attends only to earlier tokens of its own document of a packed sample (attention and
+  /// LFA); needs reset_position_ids (docs/data.md).
+  bool reset_attention_mask = false;
   int64_t eod_id = -1;  ///< -1 = take it from the tokenizer
 };
 

@@ -42,6 +42,9 @@ struct SamplerOptions {
   /// Position ids restart at 0 after every EOD token (documents packed in one sample do not see
   /// each other's positions); needs eod_id.
   bool reset_position_ids = false;
+  /// Each batch also carries document ids (document_ids below), with which a token attends only to
+  /// earlier tokens of its own document (Megatron's --reset-attention-mask); needs eod_id.
+  bool reset_attention_mask = false;
   int64_t eod_id = -1;
   /// > 0: every token must be in [0, vocab_size); next_batch() throws naming the dataset, the
   /// value and the document otherwise (data tokenized for another model would index past the
@@ -54,6 +57,7 @@ struct Batch {
   torch::Tensor tokens;        ///< model input
   torch::Tensor labels;        ///< tokens shifted left by one: labels[b][i] = stream[i + 1]
   torch::Tensor position_ids;  ///< 0..S-1, or reset after each EOD when requested
+  torch::Tensor document_ids;  ///< with reset_attention_mask only (else undefined): document_ids()
 };
 
 class GptSampler {
@@ -94,5 +98,10 @@ class GptSampler {
 /// position_ids [B, S] for tokens [B, S] int64: 0, 1, 2, ... restarting at 0 on the token after
 /// each `eod_id`.
 torch::Tensor reset_position_ids(const torch::Tensor& tokens, int64_t eod_id);
+
+/// document_ids [B, S] for tokens [B, S] int64: 0 from each row's first token, one more on the
+/// token after each `eod_id` (the EOD belongs to the document it ends), so a new document starts
+/// exactly where reset_position_ids restarts at 0.
+torch::Tensor document_ids(const torch::Tensor& tokens, int64_t eod_id);
 
 }  // namespace yuanmoe::data

@@ -11,8 +11,9 @@
 
 namespace yuanmoe::model {
 
-/// Same result as block->forward(x_BSD, position_ids_BS), storing no activations inside the block.
-BlockOutput recompute_block(TransformerBlockImpl& block, const Tensor& x_BSD, const Tensor& position_ids_BS);
+/// Same result as block->forward(x_BSD, tokens), storing no activations inside the block; the
+/// rerun in backward gets the same layout (positions, document ids, counted tokens).
+BlockOutput recompute_block(TransformerBlockImpl& block, const Tensor& x_BSD, const TokenLayout& tokens);
 
 /// train.recompute: every block of `model` recomputed in backward (off: blocks run plainly).
 void apply_recompute(TransformerImpl& model, bool enabled);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "yuanmoe/config/config.h"
@@ -13,6 +14,31 @@
 #include "yuanmoe/model/moe.h"
 
 namespace yuanmoe::model {
+
+// ================================================================================================
+// layout: what the model needs to know about a micro-batch's tokens besides their ids. Packed
+// samples (docs/data.md, "Batches") hold several documents; with data.reset_attention_mask a token
+// sees only the earlier tokens of its own document, in the attention and in the LFA's filters.
+
+/// What the model needs to know about a micro-batch's tokens besides their ids.
+struct TokenLayout {
+  Tensor position_ids_BS;  // int64 [B, S]: RoPE positions (reset after EOD when packing)
+  Tensor document_ids_BS;  // int64 [B, S]: a token attends only to earlier tokens of its own
+                           // document; undefined = one document per row (plain causal)
+  Tensor counted_BS;       // bool [B, S]: tokens whose label counts (not ignored); the
+                           // balancing statistics use only these; undefined = all tokens
+
+  TokenLayout() = default;
+  /// Implicit from positions alone (decoding, tests): one document per row, every token counted.
+  TokenLayout(Tensor position_ids_BS, Tensor document_ids_BS = {}, Tensor counted_BS = {})  // NOLINT
+      : position_ids_BS(std::move(position_ids_BS)),
+        document_ids_BS(std::move(document_ids_BS)),
+        counted_BS(std::move(counted_BS)) {}
+};
+
+/// Where query i may attend key j of the same row: j <= i and document_ids[j] == document_ids[i]
+/// (block-diagonal causal). document_ids_BS int64 [B, S] -> bool [B, 1, S, S], true = attend.
+Tensor document_causal_mask(const Tensor& document_ids_BS);
 
 // ================================================================================================
 // norm: RMSNorm (Yuan 2.0, arXiv 2311.15786): y = w * x / sqrt(mean(x^2) + eps), statistics in fp32.
@@ -64,7 +90,9 @@ double ntk_scaled_rope_base(double base, double scale, int64_t rotary_dim);
 //   lfa[t] = RMSNorm(y2[t] + a[t]),       a[-1] = y1[-1] = 0.
 // The weights keep the reference Conv2d shape [out, in, 2, 1] (tap 0 = previous token, because
 // PyTorch convolution is cross-correlation) so they map one-to-one onto the HF names. Packed
-// documents are filtered across their boundaries, as in the reference. Incremental decoding
+// documents are filtered across their boundaries, as in the reference, unless document ids are
+// given (data.reset_attention_mask): then a[t-1] and y1[t-1] read zero at each document's first
+// token, exactly as at the sequence start. Incremental decoding
 // carries the previous frames in an LfaState (decode.h, docs/architecture.md, "Incremental decoding").
 
 struct LfaState;  // decode.h
@@ -72,17 +100,21 @@ struct LfaState;  // decode.h
 /// One causal 2-tap filter as a single GEMM: [x[t-1], x[t]] interleaved per channel matches the
 /// memory order of weight [O, C, 2, 1] viewed as [O, 2C]. x_BSC -> y_BSO.
 /// previous_B1C is x[-1], the frame before the chunk; undefined means a zero frame (sequence start).
+/// With document_ids_BS (int64 [B, S]) x[t-1] also reads zero where token t starts a new document
+/// (its id differs from token t-1's), so no document sees the one before it.
 Tensor causal_two_tap(const Tensor& x_BSC,
                       const Tensor& weight_OC21,
                       const Tensor& bias_O,
-                      const Tensor& previous_B1C = {});
+                      const Tensor& previous_B1C = {},
+                      const Tensor& document_ids_BS = {});
 
 class LocalizedFilteringImpl : public torch::nn::Module {
  public:
   LocalizedFilteringImpl(int64_t hidden_size, double rms_norm_eps);
   /// a_BSD (the input-norm output) -> lfa_BSD. With a state, a_BSD continues the sequence the
-  /// state has seen so far, and the state moves on to the end of this chunk.
-  Tensor forward(const Tensor& a_BSD, LfaState* state = nullptr);
+  /// state has seen so far, and the state moves on to the end of this chunk. document_ids_BS:
+  /// the filters restart at every document (see causal_two_tap); not with a state.
+  Tensor forward(const Tensor& a_BSD, LfaState* state = nullptr, const Tensor& document_ids_BS = {});
 
   torch::nn::Conv2d conv1{nullptr};  // [D/2, D, 2, 1] + bias; kernel (2,1), padding (1,0)
   torch::nn::Conv2d conv2{nullptr};  // [D, D/2, 2, 1] + bias
@@ -103,34 +135,45 @@ struct LayerCache;  // decode.h
 /// [B, H, Sk, Dh]; query i sits at key position offset + i and sees keys 0..offset + i
 /// (offset = Sk - Sq when a chunk follows cached keys, 0 for a whole sequence). Dropout on the
 /// probabilities when dropout_p > 0. Probabilities in fp32. Returns [B, H, Sq, Dh].
+/// document_ids_BS (int64 [B, S], whole sequences only): query i sees only keys of its own
+/// document (document_causal_mask).
 Tensor causal_attention(const Tensor& q_BHSDh,
                         const Tensor& k_BHSDh,
                         const Tensor& v_BHSDh,
                         double dropout_p,
-                        int64_t offset = 0);
+                        int64_t offset = 0,
+                        const Tensor& document_ids_BS = {});
 
-/// The same without dropout through at::scaled_dot_product_attention with is_causal (libtorch's
-/// fused kernels: flash attention on CPU; flash, memory-efficient or cuDNN on CUDA), for whole
-/// sequences (Sq == Sk, offset 0). The kernels accumulate the softmax in fp32 whatever the inputs'
-/// dtype. Returns [B, H, S, Dh] in q's dtype.
-Tensor sdpa_causal_attention(const Tensor& q_BHSDh, const Tensor& k_BHSDh, const Tensor& v_BHSDh);
+/// The same without dropout through at::scaled_dot_product_attention (libtorch's fused kernels:
+/// flash attention on CPU; flash, memory-efficient or cuDNN on CUDA), for whole sequences
+/// (Sq == Sk, offset 0): is_causal, or with document_ids_BS an explicit boolean block-diagonal
+/// causal attn_mask (document_causal_mask; only the kernels that take a mask). The kernels
+/// accumulate the softmax in fp32 whatever the inputs' dtype. Returns [B, H, S, Dh] in q's dtype.
+Tensor sdpa_causal_attention(const Tensor& q_BHSDh,
+                             const Tensor& k_BHSDh,
+                             const Tensor& v_BHSDh,
+                             const Tensor& document_ids_BS = {});
 
 /// The causal attention core the model runs (and `yuanmoe bench` times): SDPA when `kernel` asks
-/// for it and it applies (no dropout, whole sequences), else the materialised reference.
+/// for it and it applies (no dropout, whole sequences), else the materialised reference; both
+/// with the document mask when document_ids_BS is given.
 Tensor attention_core(config::AttentionKernel kernel,
                       const Tensor& q_BHSDh,
                       const Tensor& k_BHSDh,
                       const Tensor& v_BHSDh,
                       double dropout_p = 0.0,
-                      int64_t offset = 0);
+                      int64_t offset = 0,
+                      const Tensor& document_ids_BS = {});
 
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const config::ModelConfig& config);
-  /// a_BSD: input-norm output; position_ids_BS: RoPE positions. Returns [B, S, D].
+  /// a_BSD: input-norm output; tokens: RoPE positions and, when defined, the document ids that
+  /// mask the attention and the LFA. Returns [B, S, D].
   /// With a cache, a_BSD continues the cached sequence: its rotated keys and values are appended
-  /// to the cache and its queries attend to every cached token before them.
-  Tensor forward(const Tensor& a_BSD, const Tensor& position_ids_BS, LayerCache* cache = nullptr);
+  /// to the cache and its queries attend to every cached token before them (plain positions: no
+  /// document ids with a cache).
+  Tensor forward(const Tensor& a_BSD, const TokenLayout& tokens, LayerCache* cache = nullptr);
 
   const config::ModelConfig config;
   // Megatron's fused get_query_key [2P, D] is cut in two halves exactly like the HF converter:
@@ -171,7 +214,7 @@ class TransformerBlockImpl : public torch::nn::Module {
                        int64_t layer_index);
   /// x_BSD -> x_BSD. With a cache, x_BSD continues the sequence cached for this layer.
   BlockOutput forward(const Tensor& x_BSD,
-                      const Tensor& position_ids_BS,
+                      const TokenLayout& tokens,
                       LayerCache* cache = nullptr);
 
   const int64_t layer_index;  // global index: the parameter names use it
@@ -233,12 +276,14 @@ class TransformerImpl : public torch::nn::Module {
       : TransformerImpl(model, moe, StageSpec::whole_model(model.num_layers)) {}
 
   /// input: token ids [B, S] (int64) on the first stage, hidden [B, S, D] otherwise.
-  /// position_ids_BS: RoPE positions (reset after end-of-document when packing).
+  /// tokens: RoPE positions (reset after end-of-document when packing), document ids (packed
+  /// documents masked from each other, data.reset_attention_mask) and counted tokens; every
+  /// stage of a pipeline gets the same layout. A Tensor converts to a layout of positions alone.
   /// cache: incremental decoding (decode.h). The input then continues the cached sequence, whose
   /// absolute positions the caller passes (cache->num_tokens + i for plain decoding); the cache
   /// holds one LayerCache per layer of this stage and moves on by S tokens.
   ModelOutput forward(const Tensor& input,
-                      const Tensor& position_ids_BS,
+                      const TokenLayout& tokens,
                       DecodeCache* cache = nullptr);
 
   /// Every MoE layer of this stage, in layer order (for load statistics and router updates).
@@ -250,7 +295,7 @@ class TransformerImpl : public torch::nn::Module {
   /// apply_recompute, recompute.h); empty: a plain call. Decoding with a cache always calls the
   /// block itself (a rerun in backward would append to the cache twice).
   using BlockWrapper =
-      std::function<BlockOutput(TransformerBlockImpl& block, const Tensor& x_BSD, const Tensor& position_ids_BS)>;
+      std::function<BlockOutput(TransformerBlockImpl& block, const Tensor& x_BSD, const TokenLayout& tokens)>;
   BlockWrapper block_wrapper;
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleDict layers{nullptr};

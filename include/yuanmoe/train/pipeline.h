@@ -9,8 +9,9 @@
 //             else   g = recv(grad from s+1); backward([out, aux_s], [g, scale])
 //             s > 0: send(x.grad -> s-1)
 // so every stage's router terms reach the loss with the same 1/M scale as the LM loss. Every
-// stage reads the same micro-batches (its dp rank's): positions are needed by every layer's
-// RoPE, tokens by the first stage, labels by the last. Activations travel as fp32 [B, S, D].
+// stage reads the same micro-batches (its dp rank's): positions and document ids
+// (data.reset_attention_mask) are needed by every layer's RoPE, attention and LFA, tokens by the
+// first stage, labels by the last. Activations travel as fp32 [B, S, D].
 #pragma once
 
 #include <functional>

@@ -1,0 +1,17 @@
+// The model's view of a micro-batch (model::TokenLayout) from the sampler's batch, the same on the
+// train, eval and bench paths and on every pipeline stage (each stage reads its own copy of the
+// micro-batch, docs/parallelism.md).
+#pragma once
+
+#include "yuanmoe/core/types.h"
+#include "yuanmoe/data/sampler.h"
+#include "yuanmoe/model/transformer.h"
+
+namespace yuanmoe::train {
+
+/// On `device`: the batch's position ids; its document ids when it has them
+/// (data.reset_attention_mask); counted_BS = labels >= 0 when some label is negative (ignored),
+/// else undefined (every token counts).
+model::TokenLayout token_layout(const data::Batch& batch, const torch::Device& device);
+
+}  // namespace yuanmoe::train
