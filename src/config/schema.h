@@ -128,6 +128,9 @@ void visit(V& v, DataConfig& c) {
   v.field("reset_position_ids", c.reset_position_ids, kOptional,
           "Restart positions at 0 after every end-of-document token in a packed sample.");
   v.field("eod_id", c.eod_id, kOptional, "End-of-document token id; -1 = from the tokenizer.");
+  v.field("blend", c.blend, kOptional,
+          "Weighted training mixture instead of train_prefix: [{\"prefix\", \"weight\", \"valid_prefix\", "
+          "\"name\"}, ...] or Megatron's flat [w1, p1, w2, p2, ...]; null = train_prefix alone (docs/data.md).");
 }
 
 template <class V>
