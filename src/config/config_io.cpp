@@ -3,6 +3,7 @@
 #include "yuanmoe/config/config_io.h"
 
 #include <algorithm>
+#include <cctype>
 #include <fstream>
 #include <optional>
 #include <set>
@@ -122,6 +123,7 @@ class Reader {
   void read(const json& j, std::optional<std::vector<BlendEntry>>& out, const std::string& path) {
     out.reset();
     if (j.is_null()) return;
+    const size_t issues_before = issues_->size();
     if (!j.is_array()) {
       issues_->push_back({path, "expected a list of {\"prefix\", \"weight\"} objects or Megatron's flat "
                                 "[weight, prefix, ...], got " + describe_json(j)});
@@ -179,7 +181,9 @@ class Reader {
         }
       }
     }
-    out = std::move(entries);
+    // A blend with a bad entry is left out (as a key that failed to parse), so validate() does not
+    // add "is empty" or weight rules to the one line naming the entry.
+    if (issues_->size() == issues_before) out = std::move(entries);
   }
   template <class Enum, class = std::enable_if_t<std::is_enum_v<Enum>>>
   void read(const json& j, Enum& out, const std::string& path) {
@@ -343,9 +347,28 @@ ParseResult parse_config(const json& root) {
   return result;
 }
 
+std::vector<std::string> join_override_pieces(const std::vector<std::string>& pieces) {
+  // KEY= at the start: a dotted path of letters, digits and underscores, then '='.
+  const auto starts_assignment = [](const std::string& piece) {
+    const size_t eq = piece.find('=');
+    if (eq == std::string::npos || eq == 0) return false;
+    return std::all_of(piece.begin(), piece.begin() + static_cast<std::ptrdiff_t>(eq),
+                       [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.'; });
+  };
+  std::vector<std::string> out;
+  for (const std::string& piece : pieces) {
+    if (!out.empty() && !starts_assignment(piece)) {
+      out.back() += "," + piece;
+    } else {
+      out.push_back(piece);
+    }
+  }
+  return out;
+}
+
 ParseResult check_config(const std::string& path, const std::vector<std::string>& overrides) {
   json root = read_json_file(path);
-  for (const auto& assignment : overrides) apply_override(root, assignment);
+  for (const auto& assignment : join_override_pieces(overrides)) apply_override(root, assignment);
   ParseResult parsed = parse_config(root);
   // Report everything at once: rule violations too, except on keys that failed to parse (their
   // placeholder value would only repeat the problem).

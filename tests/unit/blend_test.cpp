@@ -342,6 +342,15 @@ TEST(BlendConfig, BadBlendsAreOneLineNamingTheEntry) {
   expect_problem(json::parse(R"([{"prefix": "", "weight": 1}])"), "data.blend[0]: prefix is empty");
 }
 
+TEST(BlendConfig, CommaSplitOverridesAreJoinedBack) {
+  // What cxxopts makes of --set 'data.blend=[0.7,"a",0.3,"b"]' --set train.lr=1,train.seed=3.
+  EXPECT_EQ(join_override_pieces({"data.blend=[0.7", "\"a\"", "0.3", "\"b\"]", "train.lr=1", "train.seed=3"}),
+            (std::vector<std::string>{"data.blend=[0.7,\"a\",0.3,\"b\"]", "train.lr=1", "train.seed=3"}));
+  EXPECT_EQ(join_override_pieces({"data.blend=[{\"prefix\":\"a\"", "\"weight\":1}]"}),
+            (std::vector<std::string>{"data.blend=[{\"prefix\":\"a\",\"weight\":1}]"}));
+  EXPECT_EQ(join_override_pieces({"moe.router"}), (std::vector<std::string>{"moe.router"}));  // still an error
+}
+
 TEST(BlendConfig, SetOnTheCommandLineAsJson) {
   json root = blend_config(nullptr);
   apply_override(root, R"(data.blend=[0.7,"data/web",0.3,"data/code"])");
