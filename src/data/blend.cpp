@@ -57,6 +57,7 @@ std::vector<double> normalise_blend_weights(const std::vector<double>& weights) 
     }
     sum += weights[j];
   }
+  if (!std::isfinite(sum)) throw std::invalid_argument("blend: the weights add up to more than a double holds");
   std::vector<double> out(weights.size());
   for (size_t j = 0; j < weights.size(); ++j) out[j] = weights[j] / sum;
   return out;

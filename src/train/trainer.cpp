@@ -223,7 +223,11 @@ void Trainer::open_blend() {
   data::SamplerOptions common = options.front();
   common.rank = layout.dp_rank;  // the blend state is global too: any dp degree resumes it
   common.world_size = layout.dp;
-  blend_sampler_ = std::make_unique<data::BlendedSampler>(datasets, weights, options, common);
+  try {
+    blend_sampler_ = std::make_unique<data::BlendedSampler>(datasets, weights, options, common);
+  } catch (const std::invalid_argument& e) {  // weights whose sum overflows
+    throw config::ConfigError("config", {{"data.blend", e.what()}});
+  }
   std::string mixture;
   for (size_t i = 0; i < blend.size(); ++i) {
     mixture += fmt::format("{}{} {:.4f}", i ? ", " : "", config::blend_source_name(blend[i]),

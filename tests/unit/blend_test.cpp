@@ -234,6 +234,7 @@ TEST(Blend, BadStatesAndWeightsAreNamed) {
   EXPECT_THROW(normalise_blend_weights({0.5, 0.0}), std::invalid_argument);
   EXPECT_THROW(normalise_blend_weights({0.5, -1.0}), std::invalid_argument);
   EXPECT_THROW(normalise_blend_weights({}), std::invalid_argument);
+  EXPECT_THROW(normalise_blend_weights({1e308, 1e308}), std::invalid_argument);
   EXPECT_THROW(sources.sampler(0, 1, 2, {1.0}), std::invalid_argument);  // two datasets, one weight
 }
 
