@@ -215,8 +215,13 @@ fs::path finish_checkpoint(const fs::path& checkpoints_dir, const fs::path& tmp_
   manifest["step"] = checkpoint.progress.step;
   manifest["tokens_seen"] = checkpoint.progress.tokens_seen;
   nlohmann::json sampler;
-  data::to_json(sampler, checkpoint.progress.sampler);
-  manifest["sampler"] = ordered_json::parse(sampler.dump());
+  if (checkpoint.progress.blend) {
+    data::to_json(sampler, *checkpoint.progress.blend);
+    manifest["blend_sampler"] = ordered_json::parse(sampler.dump());
+  } else {
+    data::to_json(sampler, checkpoint.progress.sampler);
+    manifest["sampler"] = ordered_json::parse(sampler.dump());
+  }
   manifest["layout"] = {{"pipeline_parallel_size", checkpoint.layout.pipeline_parallel_size},
                         {"data_parallel_size", checkpoint.layout.data_parallel_size},
                         {"expert_parallel_size", checkpoint.layout.expert_parallel_size},
@@ -303,7 +308,13 @@ Checkpoint load_verified(const fs::path& step_dir, const ordered_json& manifest,
   try {
     checkpoint.progress.step = manifest.at("step").get<int64_t>();
     checkpoint.progress.tokens_seen = manifest.at("tokens_seen").get<int64_t>();
-    data::from_json(nlohmann::json::parse(manifest.at("sampler").dump()), checkpoint.progress.sampler);
+    if (manifest.contains("blend_sampler")) {
+      data::BlendState blend;
+      data::from_json(nlohmann::json::parse(manifest.at("blend_sampler").dump()), blend);
+      checkpoint.progress.blend = std::move(blend);
+    } else {
+      data::from_json(nlohmann::json::parse(manifest.at("sampler").dump()), checkpoint.progress.sampler);
+    }
     const ordered_json& layout = manifest.at("layout");
     checkpoint.layout.pipeline_parallel_size = layout.value("pipeline_parallel_size", int64_t{1});
     checkpoint.layout.data_parallel_size = layout.value("data_parallel_size", int64_t{1});

@@ -122,7 +122,8 @@ int run_inspect(int argc, const char* const* argv) {
     std::cout << "checkpoint step: " << manifest["step"].get<int64_t>() << "\n"
               << "tokens seen:     " << with_thousands(manifest["tokens_seen"].get<int64_t>()) << "\n"
               << "layout:          " << manifest["layout"].dump() << "\n"
-              << "sampler:         " << manifest["sampler"].dump() << "\n"
+              << "sampler:         "
+              << (manifest.contains("blend_sampler") ? manifest["blend_sampler"] : manifest["sampler"]).dump() << "\n"
               << "tensors:         " << manifest["tensors"].size() << "\n";
     for (const auto& [file, info] : manifest["files"].items()) {
       std::cout << "file: " << file << "  " << with_thousands(info["bytes"].get<int64_t>()) << " bytes  crc32 "

@@ -1,7 +1,13 @@
 // Enum spellings in JSON. The tables are the single source for parsing, errors and docs.
 #include "yuanmoe/config/config.h"
 
+#include <filesystem>
+
 namespace yuanmoe::config {
+
+std::string blend_source_name(const BlendEntry& entry) {
+  return entry.name.empty() ? std::filesystem::path(entry.prefix).filename().string() : entry.name;
+}
 
 template <>
 const std::vector<std::pair<RouterKind, const char*>>& enum_names<RouterKind>() {

@@ -3,6 +3,7 @@
 #include "yuanmoe/config/config_io.h"
 
 #include <algorithm>
+#include <cctype>
 #include <fstream>
 #include <optional>
 #include <set>
@@ -117,6 +118,73 @@ class Reader {
       issues_->push_back({path, "expected an integer or null, got " + describe_json(j)});
     }
   }
+  // data.blend: null, a list of {prefix, weight[, valid_prefix, name]} objects, or Megatron's flat
+  // [w1, p1, w2, p2, ...]. Ranges (weights > 0, not empty, names unique) are validate()'s.
+  void read(const json& j, std::optional<std::vector<BlendEntry>>& out, const std::string& path) {
+    out.reset();
+    if (j.is_null()) return;
+    const size_t issues_before = issues_->size();
+    if (!j.is_array()) {
+      issues_->push_back({path, "expected a list of {\"prefix\", \"weight\"} objects or Megatron's flat "
+                                "[weight, prefix, ...], got " + describe_json(j)});
+      return;
+    }
+    std::vector<BlendEntry> entries;
+    const bool objects = !j.empty() && j.front().is_object();
+    if (objects) {
+      for (size_t i = 0; i < j.size(); ++i) {
+        const std::string at = path + "[" + std::to_string(i) + "]";
+        const json& item = j[i];
+        if (!item.is_object()) {
+          issues_->push_back({at, "expected a {\"prefix\", \"weight\"} object like the entries before it, got " +
+                                      describe_json(item)});
+          continue;
+        }
+        BlendEntry entry;
+        const size_t before = issues_->size();
+        for (const auto& member : item.items()) {
+          const std::string& key = member.key();
+          const json& value = member.value();
+          if (key == "prefix") {
+            read(value, entry.prefix, at + ".prefix");
+          } else if (key == "weight") {
+            read(value, entry.weight, at + ".weight");
+          } else if (key == "valid_prefix") {
+            read(value, entry.valid_prefix, at + ".valid_prefix");
+          } else if (key == "name") {
+            read(value, entry.name, at + ".name");
+          } else {
+            issues_->push_back({at + "." + key, "unknown key (expected prefix, weight, valid_prefix, name)"});
+          }
+        }
+        for (const char* key : {"prefix", "weight"}) {
+          if (!item.contains(key)) issues_->push_back({at + "." + key, "required key is missing"});
+        }
+        if (issues_->size() == before) entries.push_back(std::move(entry));
+      }
+    } else {
+      if (j.size() % 2 != 0) {
+        issues_->push_back({path, "Megatron's flat form [weight, prefix, weight, prefix, ...] needs an even number "
+                                  "of items, got " + std::to_string(j.size())});
+        return;
+      }
+      for (size_t i = 0; i < j.size(); i += 2) {
+        const std::string at = path + "[" + std::to_string(i) + "]";
+        const std::string next = path + "[" + std::to_string(i + 1) + "]";
+        if (!j[i].is_number()) {
+          issues_->push_back({at, "expected a weight (number) before its prefix, got " + describe_json(j[i])});
+        } else if (!j[i + 1].is_string()) {
+          issues_->push_back({next, "expected a prefix (string) after weight " + j[i].dump() + ", got " +
+                                        describe_json(j[i + 1])});
+        } else {
+          entries.push_back({j[i + 1].get<std::string>(), j[i].get<double>(), "", ""});
+        }
+      }
+    }
+    // A blend with a bad entry is left out (as a key that failed to parse), so validate() does not
+    // add "is empty" or weight rules to the one line naming the entry.
+    if (issues_->size() == issues_before) out = std::move(entries);
+  }
   template <class Enum, class = std::enable_if_t<std::is_enum_v<Enum>>>
   void read(const json& j, Enum& out, const std::string& path) {
     if (j.is_string()) {
@@ -148,6 +216,16 @@ class Writer {
       (*out_)[key] = to_string(value);
     } else if constexpr (std::is_same_v<T, std::optional<int64_t>>) {
       (*out_)[key] = value ? json(*value) : json(nullptr);
+    } else if constexpr (std::is_same_v<T, std::optional<std::vector<BlendEntry>>>) {
+      json entries = nullptr;
+      if (value) {
+        entries = json::array();
+        for (const BlendEntry& e : *value) {
+          entries.push_back({{"prefix", e.prefix}, {"weight", e.weight}, {"valid_prefix", e.valid_prefix},
+                             {"name", e.name}});
+        }
+      }
+      (*out_)[key] = std::move(entries);
     } else {
       (*out_)[key] = value;
     }
@@ -192,6 +270,7 @@ class Describer {
   static std::string type_name(const bool&) { return "boolean"; }
   static std::string type_name(const std::string&) { return "string"; }
   static std::string type_name(const std::optional<int64_t>&) { return "integer or null"; }
+  static std::string type_name(const std::optional<std::vector<BlendEntry>>&) { return "list or null"; }
   template <class Enum, class = std::enable_if_t<std::is_enum_v<Enum>>>
   static std::string type_name(const Enum&) {
     return "one of " + enum_choices<Enum>();
@@ -268,9 +347,28 @@ ParseResult parse_config(const json& root) {
   return result;
 }
 
+std::vector<std::string> join_override_pieces(const std::vector<std::string>& pieces) {
+  // KEY= at the start: a dotted path of letters, digits and underscores, then '='.
+  const auto starts_assignment = [](const std::string& piece) {
+    const size_t eq = piece.find('=');
+    if (eq == std::string::npos || eq == 0) return false;
+    return std::all_of(piece.begin(), piece.begin() + static_cast<std::ptrdiff_t>(eq),
+                       [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.'; });
+  };
+  std::vector<std::string> out;
+  for (const std::string& piece : pieces) {
+    if (!out.empty() && !starts_assignment(piece)) {
+      out.back() += "," + piece;
+    } else {
+      out.push_back(piece);
+    }
+  }
+  return out;
+}
+
 ParseResult check_config(const std::string& path, const std::vector<std::string>& overrides) {
   json root = read_json_file(path);
-  for (const auto& assignment : overrides) apply_override(root, assignment);
+  for (const auto& assignment : join_override_pieces(overrides)) apply_override(root, assignment);
   ParseResult parsed = parse_config(root);
   // Report everything at once: rule violations too, except on keys that failed to parse (their
   // placeholder value would only repeat the problem).

@@ -131,6 +131,9 @@ void visit(V& v, DataConfig& c) {
           "A token attends only to earlier tokens of its own document in a packed sample (attention "
           "and LFA; Megatron's --reset-attention-mask); needs reset_position_ids.");
   v.field("eod_id", c.eod_id, kOptional, "End-of-document token id; -1 = from the tokenizer.");
+  v.field("blend", c.blend, kOptional,
+          "Weighted training mixture instead of train_prefix: [{\"prefix\", \"weight\", \"valid_prefix\", "
+          "\"name\"}, ...] or Megatron's flat [w1, p1, w2, p2, ...]; null = train_prefix alone (docs/data.md).");
 }
 
 template <class V>

@@ -1,6 +1,7 @@
 // Range and cross-field rules of the run config. Each rule names the key it is about.
 #include "yuanmoe/config/validate.h"
 
+#include <map>
 #include <sstream>
 
 namespace yuanmoe::config {
@@ -129,6 +130,26 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
   c.require(!d.reset_attention_mask || d.reset_position_ids, "data.reset_attention_mask",
             "needs data.reset_position_ids = true (a masked document's positions start at 0, as Megatron's)");
 
+  if (d.blend) {
+    // Megatron's rule (docs/data.md, "Blends"): positive weights, normalised; one set of training data.
+    c.require(!d.blend->empty(), "data.blend", "is empty: list at least one {\"prefix\", \"weight\"} (or leave "
+                                               "data.blend out and set data.train_prefix)");
+    c.require(d.train_prefix.empty(), "data.blend",
+              "and data.train_prefix are both set: data.blend names the training data (move data.train_prefix "
+              "into the blend or remove it)");
+    std::map<std::string, size_t> names;
+    for (size_t i = 0; i < d.blend->size(); ++i) {
+      const BlendEntry& e = (*d.blend)[i];
+      const std::string at = "data.blend[" + std::to_string(i) + "]";
+      c.require(!e.prefix.empty(), at, "prefix is empty");
+      c.require(e.weight > 0, at, "weight must be > 0, got " + Checker::str(e.weight) + " (prefix \"" + e.prefix + "\")");
+      const std::string name = blend_source_name(e);
+      const auto [first, inserted] = names.emplace(name, i);
+      c.require(inserted, at, "name \"" + name + "\" is also data.blend[" + std::to_string(first->second) +
+                                  "]'s: give the entries distinct \"name\"s (the object form)");
+    }
+  }
+
   const auto& p = config.parallel;
   c.positive(p.pipeline_parallel_size, "parallel.pipeline_parallel_size");
   c.require(p.pipeline_parallel_size <= config.model.num_layers,
@@ -182,7 +203,8 @@ std::vector<ConfigIssue> validate_training(const RunConfig& config, int64_t data
   std::vector<ConfigIssue> issues;
   Checker c(&issues);
   const TrainConfig& t = config.train;
-  c.require(!config.data.train_prefix.empty(), "data.train_prefix", "required for training");
+  c.require(!config.data.train_prefix.empty() || config.data.blend, "data.train_prefix",
+            "required for training (or data.blend)");
   const bool divisible = t.global_batch_size % (t.micro_batch_size * data_parallel_size) == 0;
   c.require(divisible, "train.global_batch_size",
             "must be divisible by train.micro_batch_size x data-parallel size (" + Checker::str(t.micro_batch_size) +

@@ -74,6 +74,29 @@ void EvalResult::finish() {
   if (routed_pairs_LE.defined()) expert_share_LE = expert_share(routed_pairs_LE);
 }
 
+EvalResult blend_eval_result(const std::vector<EvalResult>& sources, const std::vector<double>& weights) {
+  TORCH_CHECK(sources.size() == weights.size(), "blend_eval_result: ", sources.size(), " results, ", weights.size(),
+              " weights");
+  EvalResult out;
+  if (sources.empty()) return out;
+  double weighted_loss = 0.0, weight_sum = 0.0;
+  for (size_t j = 0; j < sources.size(); ++j) {
+    const EvalResult& r = sources[j];
+    weighted_loss += weights[j] * r.loss;
+    weight_sum += weights[j];
+    out.loss_sum += r.loss_sum;
+    out.tokens += r.tokens;
+    out.batches += r.batches;
+    if (r.routed_pairs_LE.defined()) {
+      out.routed_pairs_LE = out.routed_pairs_LE.defined() ? out.routed_pairs_LE + r.routed_pairs_LE : r.routed_pairs_LE;
+    }
+  }
+  out.loss = weighted_loss / weight_sum;
+  out.perplexity = std::exp(out.loss);
+  if (out.routed_pairs_LE.defined()) out.expert_share_LE = expert_share(out.routed_pairs_LE);
+  return out;
+}
+
 EvalResult evaluate(model::TransformerImpl& model,
                     std::shared_ptr<const data::IndexedDataset> dataset,
                     data::SamplerOptions options,

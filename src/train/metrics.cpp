@@ -76,6 +76,15 @@ ordered_json eval_line(int64_t step, const EvalResult& result, const Tensor& rou
   return line;
 }
 
+ordered_json eval_sources_json(const std::vector<std::string>& names, const std::vector<EvalResult>& results) {
+  ordered_json sources = ordered_json::object();
+  for (size_t i = 0; i < names.size() && i < results.size(); ++i) {
+    sources[names[i]] = {{"loss", results[i].loss}, {"perplexity", results[i].perplexity},
+                         {"tokens", results[i].tokens}};
+  }
+  return sources;
+}
+
 MetricsLog::MetricsLog(std::filesystem::path path, int64_t resume_step) : path_(std::move(path)) {
   std::vector<std::string> kept;
   bool dropped = false;

@@ -125,6 +125,10 @@ void Trainer::log_memory_per_rank() const {
 
 void Trainer::open_data() {
   const parallel::ParallelLayout& layout = parallel_.layout();
+  if (config_.data.blend) {
+    open_blend();
+    return;
+  }
   const std::string& prefix = config_.data.train_prefix;
   auto train_dataset = std::make_shared<const data::IndexedDataset>(prefix);
   if (auto meta = data::load_dataset_meta(prefix); meta && meta->vocab_size > config_.model.vocab_size) {
@@ -148,11 +152,123 @@ void Trainer::open_data() {
   }
 }
 
+void Trainer::open_blend() {
+  // Every problem with an entry is one line naming it: data.blend[i]: ...
+  const parallel::ParallelLayout& layout = parallel_.layout();
+  const std::vector<config::BlendEntry>& blend = *config_.data.blend;
+  std::vector<std::shared_ptr<const data::IndexedDataset>> datasets;
+  std::vector<double> weights;
+  std::vector<data::SamplerOptions> options;
+  std::optional<data::DatasetMeta> first_meta;  // of the first entry that has a .meta.json
+  size_t first_meta_entry = 0;
+  for (size_t i = 0; i < blend.size(); ++i) {
+    const config::BlendEntry& entry = blend[i];
+    const std::string at = "data.blend[" + std::to_string(i) + "]";
+    const auto bad = [&](const std::string& message, const std::string& key = "") {
+      return config::ConfigError("config", {{at + key, message}});
+    };
+    std::shared_ptr<const data::IndexedDataset> dataset;
+    std::optional<data::DatasetMeta> meta;
+    try {
+      dataset = std::make_shared<const data::IndexedDataset>(entry.prefix);
+      meta = data::load_dataset_meta(entry.prefix);
+    } catch (const std::exception& e) {
+      throw bad(std::string("prefix: ") + e.what());
+    }
+    if (dataset->num_tokens() < config_.train.seq_length + 1) {
+      throw bad(entry.prefix + " has " + std::to_string(dataset->num_tokens()) +
+                " tokens, fewer than train.seq_length + 1 = " + std::to_string(config_.train.seq_length + 1));
+    }
+    if (meta && meta->vocab_size > config_.model.vocab_size) {
+      throw bad("the vocabulary of " + entry.prefix + " (" + std::to_string(meta->vocab_size) +
+                ", its .meta.json) is larger than model.vocab_size (" + std::to_string(config_.model.vocab_size) + ")");
+    }
+    if (meta && first_meta && meta->vocab_size != first_meta->vocab_size) {
+      throw bad(entry.prefix + " was tokenized with a vocabulary of " + std::to_string(meta->vocab_size) +
+                ", data.blend[" + std::to_string(first_meta_entry) + "] with " + std::to_string(first_meta->vocab_size) +
+                ": every source of a blend must come from one tokenizer");
+    }
+    data::SamplerOptions o = sampler_options(config_, entry.prefix);
+    if (meta && config_.data.eod_id >= 0 && meta->eod_id >= 0 && meta->eod_id != config_.data.eod_id) {
+      throw bad("the EOD id of " + entry.prefix + " is " + std::to_string(meta->eod_id) +
+                " (its .meta.json), but data.eod_id is " + std::to_string(config_.data.eod_id));
+    }
+    if (o.reset_position_ids && o.eod_id < 0) {
+      throw bad("the EOD id of " + entry.prefix + " is unknown: set data.eod_id or data.tokenizer, or prepare the "
+                "data with yuanmoe prepare-data (its .meta.json names it), or set data.reset_position_ids to false");
+    }
+    if (!options.empty() && o.eod_id != options.front().eod_id) {
+      throw bad("the EOD id of " + entry.prefix + " is " + std::to_string(o.eod_id) + ", data.blend[0]'s is " +
+                std::to_string(options.front().eod_id) + ": every source of a blend must come from one tokenizer");
+    }
+    if (!first_meta && meta) {
+      first_meta = meta;
+      first_meta_entry = i;
+    }
+    if (!entry.valid_prefix.empty()) {
+      std::shared_ptr<const data::IndexedDataset> valid;
+      try {
+        valid = std::make_shared<const data::IndexedDataset>(entry.valid_prefix);
+      } catch (const std::exception& e) {
+        throw bad(e.what(), ".valid_prefix");
+      }
+      data::SamplerOptions valid_options = o;
+      valid_options.rank = layout.dp_rank;
+      valid_options.world_size = layout.dp;
+      blend_valid_.push_back({config::blend_source_name(entry), entry.weight, valid, valid_options});
+    }
+    datasets.push_back(dataset);
+    weights.push_back(entry.weight);
+    options.push_back(o);
+  }
+  data::SamplerOptions common = options.front();
+  common.rank = layout.dp_rank;  // the blend state is global too: any dp degree resumes it
+  common.world_size = layout.dp;
+  try {
+    blend_sampler_ = std::make_unique<data::BlendedSampler>(datasets, weights, options, common);
+  } catch (const std::invalid_argument& e) {  // weights whose sum overflows
+    throw config::ConfigError("config", {{"data.blend", e.what()}});
+  }
+  std::string mixture;
+  for (size_t i = 0; i < blend.size(); ++i) {
+    mixture += fmt::format("{}{} {:.4f}", i ? ", " : "", config::blend_source_name(blend[i]),
+                           blend_sampler_->weights()[i]);
+  }
+  info("data: blend of " + std::to_string(blend.size()) + " sources (normalised weights): " + mixture);
+  if (!config_.data.valid_prefix.empty()) {
+    valid_dataset_ = std::make_shared<const data::IndexedDataset>(config_.data.valid_prefix);
+    valid_options_ = common;
+  }
+}
+
+data::Batch Trainer::next_train_batch() {
+  return blend_sampler_ ? blend_sampler_->next_batch() : train_sampler_->next_batch();
+}
+
 void Trainer::resume_or_initialise() {
   const Resumed restored = checkpoints_->restore(*model_, *optimizer_);
   for (const std::string& note : restored.notes) info("note: " + note);
   if (restored.kind == Resumed::Kind::kResumed) {
-    train_sampler_->set_state(restored.progress.sampler);
+    if (blend_sampler_) {
+      if (!restored.progress.blend) {
+        throw config::ConfigError("config", {{"data.blend", "is set, but " + restored.dir.string() + " was written by "
+                                                            "a run on data.train_prefix: a blend cannot continue its "
+                                                            "sampler (use a new run dir, or train.init_from)"}});
+      }
+      try {
+        blend_sampler_->set_state(*restored.progress.blend);
+      } catch (const std::invalid_argument& e) {
+        throw config::ConfigError("config", {{"data.blend", "does not fit the sampler state of " +
+                                                                restored.dir.string() + ": " + e.what()}});
+      }
+    } else {
+      if (restored.progress.blend) {
+        throw config::ConfigError("config", {{"data.train_prefix", "is set, but " + restored.dir.string() +
+                                                                       " was written by a run on data.blend: set the "
+                                                                       "same data.blend to continue it"}});
+      }
+      train_sampler_->set_state(restored.progress.sampler);
+    }
     progress_ = restored.progress;
     info("resumed from " + restored.dir.string() + " at step " + std::to_string(progress_.step));
   } else if (restored.kind == Resumed::Kind::kFineTune) {
@@ -164,49 +280,86 @@ void Trainer::resume_or_initialise() {
 
 EvalResult Trainer::evaluate_and_log() {
   // Data-parallel ranks split the eval micro-batches (the sampler interleaves them by rank);
-  // the stages pass activations forward; sums are reduced over the world.
+  // the stages pass activations forward; sums are reduced over the world. Every rank runs every
+  // split in the same order (collectives).
   const parallel::ParallelLayout& layout = parallel_.layout();
-  data::SamplerOptions options = valid_options_;
-  options.rank = layout.dp_rank;
-  options.world_size = layout.dp;
   const int64_t steps = (config_.train.eval_steps + layout.dp - 1) / layout.dp;
   model_->eval();
   for (const model::Moe& layer : model_->moe_layers()) layer->gate->take_eval_stats();  // sums start at zero
-  EvalResult result = evaluate(
-      [&](const data::Batch& batch) { return pipeline_forward(*model_, parallel_, batch, config_.train.precision); },
-      valid_dataset_, options, steps);
+  const auto evaluate_split = [&](const std::shared_ptr<const data::IndexedDataset>& dataset,
+                                  data::SamplerOptions options) {
+    options.rank = layout.dp_rank;
+    options.world_size = layout.dp;
+    EvalResult result = evaluate(
+        [&](const data::Batch& batch) { return pipeline_forward(*model_, parallel_, batch, config_.train.precision); },
+        dataset, options, steps);
+    Tensor sums = torch::tensor({layout.last_stage() ? result.loss_sum : 0.0,
+                                 layout.last_stage() ? static_cast<double>(result.tokens) : 0.0},
+                                torch::kDouble);
+    parallel_.world_group.all_reduce_sum(sums);
+    result.loss_sum = sums[0].item<double>();
+    result.tokens = static_cast<int64_t>(sums[1].item<double>());
+    result.routed_pairs_LE = step_->global_moe_rows(result.routed_pairs_LE, config_.moe.num_experts, torch::kLong);
+    result.finish();
+    return result;
+  };
+  // Every router's eval statistics since the last call, [MoE layers of this stage, (entropy sum,
+  // tokens)] fp64, placed at the model's MoE layers (a collective: every rank takes part).
+  const auto router_statistics = [&] {
+    const std::vector<model::Moe> layers = model_->moe_layers();
+    Tensor stage_L2;
+    if (!layers.empty()) {
+      stage_L2 = torch::zeros({static_cast<int64_t>(layers.size()), 2}, torch::kDouble);
+      for (size_t l = 0; l < layers.size(); ++l) {
+        const model::RouterEvalStats stats = layers[l]->gate->take_eval_stats();
+        stage_L2[static_cast<int64_t>(l)][0] = stats.entropy_sum;
+        stage_L2[static_cast<int64_t>(l)][1] = static_cast<double>(stats.tokens);
+      }
+    }
+    return step_->global_moe_rows(stage_L2, 2, torch::kDouble);
+  };
+  EvalResult result;
+  Tensor router_L2;
+  if (valid_dataset_) {
+    result = evaluate_split(valid_dataset_, valid_options_);
+    router_L2 = router_statistics();
+  }
+  // data.blend entries with a valid_prefix: a loss each; without data.valid_prefix the headline
+  // loss is their blend-weighted mean (docs/data.md, "Blends").
+  std::vector<EvalResult> sources;
+  std::vector<double> source_weights;
+  for (const BlendValidSplit& split : blend_valid_) {
+    sources.push_back(evaluate_split(split.dataset, split.options));
+    source_weights.push_back(split.weight);
+  }
+  if (!valid_dataset_) {
+    result = blend_eval_result(sources, source_weights);
+    router_L2 = router_statistics();
+  }
   model_->train();
-  Tensor sums = torch::tensor({layout.last_stage() ? result.loss_sum : 0.0,
-                               layout.last_stage() ? static_cast<double>(result.tokens) : 0.0},
-                              torch::kDouble);
-  parallel_.world_group.all_reduce_sum(sums);
-  result.loss_sum = sums[0].item<double>();
-  result.tokens = static_cast<int64_t>(sums[1].item<double>());
-  result.routed_pairs_LE = step_->global_moe_rows(result.routed_pairs_LE, config_.moe.num_experts, torch::kLong);
-  result.finish();
-
-  // Every router's eval statistics, [MoE layers of this stage, (entropy sum, tokens)] fp64,
-  // placed at the model's MoE layers (a collective: every rank takes part).
-  const std::vector<model::Moe> layers = model_->moe_layers();
-  Tensor stage_L2;
-  if (!layers.empty()) {
-    stage_L2 = torch::zeros({static_cast<int64_t>(layers.size()), 2}, torch::kDouble);
-    for (size_t l = 0; l < layers.size(); ++l) {
-      const model::RouterEvalStats stats = layers[l]->gate->take_eval_stats();
-      stage_L2[static_cast<int64_t>(l)][0] = stats.entropy_sum;
-      stage_L2[static_cast<int64_t>(l)][1] = static_cast<double>(stats.tokens);
+  if (!is_logging_rank()) return result;
+  nlohmann::ordered_json line = eval_line(progress_.step, result, router_L2);
+  std::string per_source;
+  if (!sources.empty()) {
+    std::vector<std::string> names;
+    for (const BlendValidSplit& split : blend_valid_) names.push_back(split.name);
+    line["sources"] = eval_sources_json(names, sources);
+    for (size_t i = 0; i < sources.size(); ++i) {
+      per_source += fmt::format("{}{} {:.4f}", i ? ", " : " | sources: ", names[i], sources[i].loss);
     }
   }
-  const Tensor router_L2 = step_->global_moe_rows(stage_L2, 2, torch::kDouble);
-  if (!is_logging_rank()) return result;
-  metrics_->write(eval_line(progress_.step, result, router_L2));
-  info(fmt::format("eval step {} | valid loss {:.4f} | perplexity {:.2f} | {} tokens", progress_.step, result.loss,
-                   result.perplexity, result.tokens));
+  metrics_->write(line);
+  info(fmt::format("eval step {} | valid loss {:.4f} | perplexity {:.2f} | {} tokens{}", progress_.step, result.loss,
+                   result.perplexity, result.tokens, per_source));
   return result;
 }
 
 fs::path Trainer::save() {
-  progress_.sampler = train_sampler_->state();
+  if (blend_sampler_) {
+    progress_.blend = blend_sampler_->state();
+  } else {
+    progress_.sampler = train_sampler_->state();
+  }
   const fs::path dir = checkpoints_->save(progress_, *model_, *optimizer_);
   info("checkpoint " + dir.string());
   return dir;
@@ -252,7 +405,7 @@ TrainSummary Trainer::run() {
       plots_enabled_ = false;  // warn once
     }
   };
-  const bool evaluating = valid_dataset_ != nullptr;
+  const bool evaluating = this->evaluating();
   if (evaluating && progress_.step == 0) {
     summary.first_eval = evaluate_and_log();  // the baseline every later evaluation is read against
     summary.last_eval = summary.first_eval;
@@ -267,7 +420,7 @@ TrainSummary Trainer::run() {
   while (progress_.step < stop_step) {
     const auto start = std::chrono::steady_clock::now();
     const parallel::ExpertParallelTimes expert_times_before = expert_times ? *expert_times : parallel::ExpertParallelTimes{};
-    const StepResult result = step_->run(progress_.step, [&] { return train_sampler_->next_batch(); });
+    const StepResult result = step_->run(progress_.step, [&] { return next_train_batch(); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (expert_times) {  // training steps only, not the evaluations between them
       expert_step_times.all_to_all += expert_times->all_to_all - expert_times_before.all_to_all;

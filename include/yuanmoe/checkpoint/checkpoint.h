@@ -23,6 +23,7 @@
 
 #include "yuanmoe/checkpoint/safetensors.h"
 #include "yuanmoe/config/config.h"
+#include "yuanmoe/data/blend.h"
 #include "yuanmoe/data/sampler.h"
 
 namespace yuanmoe::checkpoint {
@@ -36,6 +37,8 @@ struct TrainingProgress {
   int64_t step = 0;         // optimizer steps completed
   int64_t tokens_seen = 0;  // training tokens consumed, all ranks
   data::SamplerState sampler;
+  /// The blend's state when data.blend is set (manifest key "blend_sampler", in place of "sampler").
+  std::optional<data::BlendState> blend;
 };
 
 /// The parallel layout a checkpoint was written at.

@@ -96,6 +96,21 @@ struct TrainConfig {
   int64_t eval_steps = 10;
 };
 
+/// One source of a weighted training mixture (data.blend; docs/data.md, "Blends").
+struct BlendEntry {
+  std::string prefix;        ///< Megatron indexed dataset (.bin/.idx) of this source's training data
+  double weight = 0.0;       ///< > 0; normalised over the blend
+  std::string valid_prefix;  ///< this source's validation split (a loss of its own); empty = none
+  std::string name;          ///< label in logs and metrics; empty = the prefix's file name
+
+  bool operator==(const BlendEntry& o) const {
+    return prefix == o.prefix && weight == o.weight && valid_prefix == o.valid_prefix && name == o.name;
+  }
+};
+
+/// The label of a blend source: its name, else the file name of its prefix ("data/web_train" -> "web_train").
+std::string blend_source_name(const BlendEntry& entry);
+
 struct DataConfig {
   std::string train_prefix;
   std::string valid_prefix;
@@ -105,6 +120,8 @@ struct DataConfig {
   /// LFA); needs reset_position_ids (docs/data.md).
   bool reset_attention_mask = false;
   int64_t eod_id = -1;  ///< -1 = take it from the tokenizer
+  /// Weighted training mixture (Megatron's --data-path w1 p1 w2 p2 ...); absent = train_prefix alone.
+  std::optional<std::vector<BlendEntry>> blend;
 };
 
 struct ParallelConfig {

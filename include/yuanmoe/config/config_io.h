@@ -36,6 +36,11 @@ nlohmann::json read_json_file(const std::string& path);
 /// Missing objects on the path are created; unknown keys are then reported by parse_config.
 void apply_override(nlohmann::json& root, const std::string& assignment);
 
+/// cxxopts splits the values of a repeated string option at commas, so `--set
+/// 'data.blend=[0.7,"a",0.3,"b"]'` arrives as four pieces: every piece that does not begin with
+/// KEY= is joined back onto the one before it (check_config does this to its overrides).
+std::vector<std::string> join_override_pieces(const std::vector<std::string>& pieces);
+
 /// Parses the tree into typed structs: unknown keys, missing required keys, wrong types and
 /// unknown enum values are collected, not thrown.
 struct ParseResult {

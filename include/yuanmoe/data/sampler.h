@@ -78,6 +78,8 @@ class GptSampler {
   /// Samples in one epoch: (tokens - 1) / seq_length; the stream's tail shorter than a sample is
   /// not used in that epoch (it is in others, where the order differs).
   int64_t samples_per_epoch() const { return samples_per_epoch_; }
+  /// The dataset's prefix (for messages).
+  const std::string& prefix() const { return dataset_->prefix(); }
   /// The seq_length + 1 tokens of sample `index` (in shuffled order) of `epoch`, into `out`.
   void sample_tokens(int64_t epoch, int64_t index, int64_t* out);
 

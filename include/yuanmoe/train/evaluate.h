@@ -51,6 +51,12 @@ EvalResult evaluate(model::TransformerImpl& model,
                     config::Precision precision,
                     const std::function<void(const data::Batch&, const Tensor& logits_BSV)>& on_first_batch = {});
 
+/// The evaluation of a blend from its sources' (data.blend entries with a valid_prefix, each
+/// finished): loss = sum_j w_j loss_j / sum_j w_j over the sources' weights (as Megatron's blended
+/// validation set weighs them), perplexity = exp(loss); tokens, batches, loss_sum and routed pairs
+/// are the sums.
+EvalResult blend_eval_result(const std::vector<EvalResult>& sources, const std::vector<double>& weights);
+
 /// routed_pairs_LE (int64 counts) -> each expert's share of its layer's routed pairs (rows sum to 1).
 Tensor expert_share(const Tensor& routed_pairs_LE);
 

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "yuanmoe/core/types.h"
 #include "yuanmoe/train/evaluate.h"
@@ -39,6 +40,10 @@ class StepInterval {
 /// The metrics.jsonl object of an evaluation at `step`; `router_L2` [MoE layers, (entropy sum,
 /// routed tokens)] gives each layer's mean routing entropy and active experts per token.
 nlohmann::ordered_json eval_line(int64_t step, const EvalResult& result, const Tensor& router_L2);
+
+/// The "sources" object of an evaluation line (data.blend entries with a valid_prefix):
+/// {name: {"loss", "perplexity", "tokens"}, ...} in blend order.
+nlohmann::ordered_json eval_sources_json(const std::vector<std::string>& names, const std::vector<EvalResult>& results);
 
 class MetricsLog {
  public:
