@@ -55,6 +55,7 @@ struct ForwardState {
 struct RecomputeContext : torch::CustomClassHolder {
   TransformerBlockImpl* block = nullptr;
   ForwardState state;
+  Tensor balance_record;  // the MoE's global-batch statistics of the first run (MoeImpl::last_balance_record)
 };
 
 struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
@@ -62,8 +63,10 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
                                c10::IValue context) {
     ctx->saved_data["context"] = context;
     ctx->save_for_backward({x_BSD, position_ids_BS});
-    auto& block = *static_cast<RecomputeContext*>(context.toCapsule().get())->block;
+    auto* recompute = static_cast<RecomputeContext*>(context.toCapsule().get());
+    auto& block = *recompute->block;
     const BlockOutput out = block.forward(x_BSD, position_ids_BS);  // grad mode is off here
+    if (block.moe) recompute->balance_record = block.moe->last_balance_record();
     const Tensor aux = out.aux_loss.defined() ? out.aux_loss : torch::zeros({}, x_BSD.options());
     const Tensor pairs_E = out.routed_pairs_E.defined()
                                ? out.routed_pairs_E
@@ -75,13 +78,15 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor x_BSD = saved[0].detach().requires_grad_(true);
-    const auto* context = static_cast<RecomputeContext*>(ctx->saved_data["context"].toCapsule().get());
+    auto* context = static_cast<RecomputeContext*>(ctx->saved_data["context"].toCapsule().get());
 
     const ForwardState now = ForwardState::capture(x_BSD.device());
     context->state.apply();
     BlockOutput out;
     {
       torch::AutoGradMode grad_mode(true);
+      // The rerun balances with the first run's statistics and adds none (model/moe.h).
+      if (context->block->moe) context->block->moe->rerun_next_forward(context->balance_record);
       out = context->block->forward(x_BSD, saved[1]);
     }
     now.apply();
