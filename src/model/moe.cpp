@@ -47,14 +47,29 @@ Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_
   return static_cast<double>(experts) * (fraction_routed_E * mean_probability_E).sum();
 }
 
-Tensor counted_routed_pairs(const Tensor& expert_ids_TK, const Tensor& counted_T, int64_t experts) {
+namespace {
+
+/// 1 for each counted token, 0 for the others, as `sequences` rows: [B, S] in `options`.
+Tensor counted_weights(const Tensor& counted_T, int64_t tokens, int64_t sequences, const torch::TensorOptions& options) {
+  return (counted_T.defined() ? counted_T.to(options) : torch::ones({tokens}, options)).view({sequences, -1});
+}
+
+/// Routed pairs of the counted tokens per sequence and expert, weight_BS as counted_weights: [B, E], no grad.
+Tensor sequence_pairs(const Tensor& expert_ids_TK, const Tensor& weight_BS, int64_t experts) {
   torch::NoGradGuard no_grad;
-  const int64_t tokens = expert_ids_TK.size(0), k = expert_ids_TK.size(1);
+  const int64_t sequences = weight_BS.size(0), length = weight_BS.size(1), k = expert_ids_TK.size(1);
+  const Tensor weight_BSK = weight_BS.unsqueeze(2).expand({sequences, length, k});  // each token's K pairs
+  return torch::zeros({sequences, experts}, weight_BS.options())
+      .scatter_add_(1, expert_ids_TK.reshape({sequences, length * k}), weight_BSK.reshape({sequences, length * k}));
+}
+
+}  // namespace
+
+Tensor counted_routed_pairs(const Tensor& expert_ids_TK, const Tensor& counted_T, int64_t experts) {
   const auto options = torch::dtype(torch::kDouble).device(expert_ids_TK.device());
-  const Tensor weight_T = counted_T.defined() ? counted_T.to(options) : torch::ones({tokens}, options);  // [T]
-  const Tensor pairs_E = torch::zeros({experts}, options)
-                             .scatter_add_(0, expert_ids_TK.reshape(-1), weight_T.unsqueeze(1).expand({tokens, k}).reshape(-1));
-  return torch::cat({pairs_E, weight_T.sum().unsqueeze(0)});  // [E + 1]
+  const Tensor weight_1T = counted_weights(counted_T, expert_ids_TK.size(0), 1, options);  // [1, T]
+  const Tensor pairs_E = sequence_pairs(expert_ids_TK, weight_1T, experts)[0];
+  return torch::cat({pairs_E, weight_1T.sum().unsqueeze(0)});  // [E + 1]
 }
 
 Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const Tensor& counted_T) {
@@ -75,18 +90,10 @@ Tensor sequence_load_balancing_loss(const Tensor& logits_TE, const Tensor& exper
   TORCH_CHECK(sequences > 0 && tokens % sequences == 0, "sequence balance loss: ", tokens, " tokens are not ",
               sequences, " sequences of equal length");
   const int64_t length = tokens / sequences;
-  const Tensor weight_BS = (counted_T.defined() ? counted_T.to(logits_TE.options())
-                                                : torch::ones({tokens}, logits_TE.options()))
-                               .view({sequences, length});  // [B, S]
+  const Tensor weight_BS = counted_weights(counted_T, tokens, sequences, logits_TE.options());  // [B, S]
   const Tensor tokens_B = weight_BS.sum(1).clamp_min(1.0);  // counted tokens per sequence (0 -> 1: f = P = 0)
-  Tensor fraction_BE;
-  {
-    torch::NoGradGuard no_grad;
-    fraction_BE = torch::zeros({sequences, experts}, logits_TE.options())
-                      .scatter_add_(1, expert_ids_TK.reshape({sequences, length * k}),
-                                    weight_BS.unsqueeze(2).expand({sequences, length, k}).reshape({sequences, length * k})) /
-                  (tokens_B.unsqueeze(1) * static_cast<double>(k));
-  }
+  const Tensor fraction_BE =
+      sequence_pairs(expert_ids_TK, weight_BS, experts) / (tokens_B.detach().unsqueeze(1) * static_cast<double>(k));
   const Tensor probability_BE =
       (torch::softmax(logits_TE, -1).view({sequences, length, experts}) * weight_BS.unsqueeze(2)).sum(1) /
       tokens_B.unsqueeze(1);
@@ -573,7 +580,8 @@ Tensor MoeImpl::global_statistics(const Tensor& local_E1, bool rerun) {
   if (balance_reducer) balance_reducer->sum(global_E1);  // this micro-batch over the data-parallel ranks
   step_global_counts_ = step_global_counts_.defined() ? step_global_counts_ + global_E1 : global_E1;
   const Tensor step_tokens = step_global_counts_[experts].clamp_min(1.0);
-  const Tensor fraction_E = step_global_counts_.narrow(0, 0, experts) / (step_tokens * static_cast<double>(config.top_k));
+  const Tensor fraction_E =
+      step_global_counts_.narrow(0, 0, experts) / (step_tokens * static_cast<double>(config.top_k));
   const double ranks = balance_reducer ? static_cast<double>(balance_reducer->size()) : 1.0;
   const Tensor tokens_per_rank = global_E1[experts].clamp_min(1.0) / ranks;
   balance_record_ = torch::cat({fraction_E, tokens_per_rank.unsqueeze(0)});
@@ -585,16 +593,9 @@ void MoeImpl::add_bias_statistics(const Tensor& expert_ids_TK, const BalanceInpu
   const int64_t experts = config.num_experts;
   Tensor statistics_E1;
   if (config.balance_scope == config::BalanceScope::kSequence) {
-    const int64_t tokens = expert_ids_TK.size(0), k = expert_ids_TK.size(1);
-    const int64_t length = tokens / balance.sequences;
     const auto options = torch::dtype(torch::kDouble).device(expert_ids_TK.device());
-    const Tensor weight_BS = (balance.counted_T.defined() ? balance.counted_T.to(options) : torch::ones({tokens}, options))
-                                 .view({balance.sequences, length});
-    const Tensor pairs_BE =
-        torch::zeros({balance.sequences, experts}, options)
-            .scatter_add_(1, expert_ids_TK.reshape({balance.sequences, length * k}),
-                          weight_BS.unsqueeze(2).expand({balance.sequences, length, k}).reshape({balance.sequences, length * k}));
-    statistics_E1 = sequence_load_error_signs(pairs_BE);
+    const Tensor weight_BS = counted_weights(balance.counted_T, expert_ids_TK.size(0), balance.sequences, options);
+    statistics_E1 = sequence_load_error_signs(sequence_pairs(expert_ids_TK, weight_BS, experts));
   } else {
     statistics_E1 = counted_routed_pairs(expert_ids_TK, balance.counted_T, experts);
   }

@@ -105,7 +105,9 @@ TEST_F(BalanceScopeTest, IgnoredTokensChangeNeitherFNorP) {
       const auto [aux_kept, grads_kept] = aux_and_gradients(moe, x.index({counted}));
       const std::string name = config::to_string(router) + " " + config::to_string(scope);
       EXPECT_LT(max_abs_diff(aux_masked, aux_kept), 1e-14) << name;
-      for (const auto& [key, grad] : grads_kept) EXPECT_LT(max_abs_diff(grads_masked.at(key), grad), 1e-14) << name << key;
+      for (const auto& [key, grad] : grads_kept) {
+        EXPECT_LT(max_abs_diff(grads_masked.at(key), grad), 1e-14) << name << key;
+      }
     }
     // sequence: each sequence's kept tokens alone are one sequence; the loss is their mean, and
     // a sequence with no counted token is left out of it.
@@ -244,7 +246,7 @@ TEST_F(BalanceScopeTest, GlobalBatchOverTwoRanksEqualsOneProcessOverTheWholeBatc
     EXPECT_GT(std::abs(losses[0] - losses[1]), 1e-6) << name << ": the ranks' shares differ";
     for (const auto& [key, grad] : want) {
       EXPECT_GT(grad.abs().max().item<double>(), 1e-6) << name << key;
-      for (int64_t r = 0; r < ranks; ++r) EXPECT_LT(max_abs_diff(got[static_cast<size_t>(r)].at(key), grad), 1e-12) << name << key;
+      for (const auto& rank_grads : got) EXPECT_LT(max_abs_diff(rank_grads.at(key), grad), 1e-12) << name << key;
     }
   }
 }
@@ -299,7 +301,9 @@ TEST_F(BalanceScopeTest, RecomputeRerunsWithTheFirstRunsStatistics) {
     const Run plain = run(false), recomputed = run(true);
     const std::string name = config::to_string(scope);
     EXPECT_NEAR(recomputed.loss, plain.loss, 1e-12) << name;
-    for (const auto& [key, grad] : plain.grads) EXPECT_LT(max_abs_diff(recomputed.grads.at(key), grad), 1e-10) << name << key;
+    for (const auto& [key, grad] : plain.grads) {
+      EXPECT_LT(max_abs_diff(recomputed.grads.at(key), grad), 1e-10) << name << key;
+    }
     ASSERT_EQ(recomputed.bias_statistics.size(), plain.bias_statistics.size());
     for (size_t l = 0; l < plain.bias_statistics.size(); ++l) {
       EXPECT_TRUE(torch::equal(recomputed.bias_statistics[l], plain.bias_statistics[l])) << name << " layer " << l;
@@ -334,7 +338,8 @@ TEST_F(BalanceScopeTest, BiasRuleOfEachScope) {
     stats.bias_statistics_E =
         scope == BalanceScope::kSequence ? signs_E1 : torch::tensor({10., 0., 5., 5., 10.}, torch::kDouble);
     router->update_after_step(stats);
-    const Tensor want = scope == BalanceScope::kSequence ? delta : expert_bias_delta(torch::tensor({10, 0, 5, 5}), 1e-3);
+    const Tensor want =
+        scope == BalanceScope::kSequence ? delta : expert_bias_delta(torch::tensor({10, 0, 5, 5}), 1e-3);
     EXPECT_TRUE(torch::equal(dynamic_cast<TopKRouterImpl&>(*router).expert_bias, want)) << config::to_string(scope);
   }
 }
