@@ -41,6 +41,14 @@ const std::vector<std::pair<ExpertGemm, const char*>>& enum_names<ExpertGemm>() 
 }
 
 template <>
+const std::vector<std::pair<BalanceScope, const char*>>& enum_names<BalanceScope>() {
+  static const std::vector<std::pair<BalanceScope, const char*>> names{{BalanceScope::kMicroBatch, "micro_batch"},
+                                                                      {BalanceScope::kSequence, "sequence"},
+                                                                      {BalanceScope::kGlobalBatch, "global_batch"}};
+  return names;
+}
+
+template <>
 const std::vector<std::pair<LrSchedule, const char*>>& enum_names<LrSchedule>() {
   static const std::vector<std::pair<LrSchedule, const char*>> names{
       {LrSchedule::kCosine, "cosine"},
@@ -90,6 +98,7 @@ template std::string to_string(RouterKind);
 template std::string to_string(RopeTables);
 template std::string to_string(AttentionKernel);
 template std::string to_string(ExpertGemm);
+template std::string to_string(BalanceScope);
 template std::string to_string(LrSchedule);
 template std::string to_string(Precision);
 template std::string to_string(PipelineSchedule);

@@ -74,6 +74,10 @@ void visit(V& v, MoeConfig& c) {
           "ST-MoE router z-loss coefficient (top-k routers; 1e-3 is usual).", kKnob);
   v.field("bias_balancing_rate", c.bias_balancing_rate, kOptional,
           "DeepSeek-V3 aux-loss-free expert-bias update rate per step (top-k routers); 0 = off.", kKnob);
+  v.field("balance_scope", c.balance_scope, kOptional,
+          "Tokens the aux loss and the bias update balance over (top-k routers; docs/routers.md): "
+          "micro_batch (each micro-batch), sequence (each sequence, DeepSeek-V3), global_batch "
+          "(expert counts summed over data-parallel ranks and the step's micro-batches, Qwen).", kKnob);
   v.field("relu_l1_init", c.relu_l1_init, kOptional, "ReMoE initial L1 coefficient lambda_0.", kKnob);
   v.field("relu_l1_alpha", c.relu_l1_alpha, kOptional,
           "ReMoE lambda multiplier per optimizer step (> 1).", kKnob);

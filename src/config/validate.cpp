@@ -228,6 +228,9 @@ std::vector<ConfigIssue> config_warnings(const RunConfig& config) {
     if (m.aux_loss_coeff > 0) warnings.push_back({"moe.aux_loss_coeff", why});
     if (m.z_loss_coeff > 0) warnings.push_back({"moe.z_loss_coeff", why});
     if (m.bias_balancing_rate > 0) warnings.push_back({"moe.bias_balancing_rate", why});
+    if (m.balance_scope != BalanceScope::kMicroBatch) warnings.push_back({"moe.balance_scope", why});
+  } else if (m.balance_scope != BalanceScope::kMicroBatch && m.aux_loss_coeff == 0 && m.bias_balancing_rate == 0) {
+    warnings.push_back({"moe.balance_scope", "has no effect without moe.aux_loss_coeff or moe.bias_balancing_rate"});
   }
   if (m.router == RouterKind::kDense && m.top_k != m.num_experts) {
     warnings.push_back({"moe.top_k", "has no effect with the dense router: every expert runs"});

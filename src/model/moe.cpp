@@ -5,6 +5,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <utility>
 #include <torch/csrc/autograd/custom_function.h>
 
 namespace yuanmoe::model {
@@ -46,6 +47,72 @@ Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_
   return static_cast<double>(experts) * (fraction_routed_E * mean_probability_E).sum();
 }
 
+namespace {
+
+/// 1 for each counted token, 0 for the others, as `sequences` rows: [B, S] in `options`.
+Tensor counted_weights(const Tensor& counted_T, int64_t tokens, int64_t sequences, const torch::TensorOptions& options) {
+  return (counted_T.defined() ? counted_T.to(options) : torch::ones({tokens}, options)).view({sequences, -1});
+}
+
+/// Routed pairs of the counted tokens per sequence and expert, weight_BS as counted_weights: [B, E], no grad.
+Tensor sequence_pairs(const Tensor& expert_ids_TK, const Tensor& weight_BS, int64_t experts) {
+  torch::NoGradGuard no_grad;
+  const int64_t sequences = weight_BS.size(0), length = weight_BS.size(1), k = expert_ids_TK.size(1);
+  const Tensor weight_BSK = weight_BS.unsqueeze(2).expand({sequences, length, k});  // each token's K pairs
+  return torch::zeros({sequences, experts}, weight_BS.options())
+      .scatter_add_(1, expert_ids_TK.reshape({sequences, length * k}), weight_BSK.reshape({sequences, length * k}));
+}
+
+}  // namespace
+
+Tensor counted_routed_pairs(const Tensor& expert_ids_TK, const Tensor& counted_T, int64_t experts) {
+  const auto options = torch::dtype(torch::kDouble).device(expert_ids_TK.device());
+  const Tensor weight_1T = counted_weights(counted_T, expert_ids_TK.size(0), 1, options);  // [1, T]
+  const Tensor pairs_E = sequence_pairs(expert_ids_TK, weight_1T, experts)[0];
+  return torch::cat({pairs_E, weight_1T.sum().unsqueeze(0)});  // [E + 1]
+}
+
+Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const Tensor& counted_T) {
+  if (!counted_T.defined()) return switch_load_balancing_loss(logits_TE, expert_ids_TK);
+  const int64_t experts = logits_TE.size(1), k = expert_ids_TK.size(1);
+  const Tensor weight_T = counted_T.to(logits_TE.options());  // [T], 1 = counted
+  const Tensor tokens = weight_T.sum().clamp_min(1.0);       // no counted token: f = P = 0
+  const Tensor fraction_routed_E =
+      counted_routed_pairs(expert_ids_TK, counted_T, experts).narrow(0, 0, experts).to(logits_TE.scalar_type()) /
+      (tokens.detach() * static_cast<double>(k));
+  const Tensor mean_probability_E = (torch::softmax(logits_TE, -1) * weight_T.unsqueeze(1)).sum(0) / tokens;
+  return static_cast<double>(experts) * (fraction_routed_E * mean_probability_E).sum();
+}
+
+Tensor sequence_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const Tensor& counted_T,
+                                    int64_t sequences) {
+  const int64_t tokens = logits_TE.size(0), experts = logits_TE.size(1), k = expert_ids_TK.size(1);
+  TORCH_CHECK(sequences > 0 && tokens % sequences == 0, "sequence balance loss: ", tokens, " tokens are not ",
+              sequences, " sequences of equal length");
+  const int64_t length = tokens / sequences;
+  const Tensor weight_BS = counted_weights(counted_T, tokens, sequences, logits_TE.options());  // [B, S]
+  const Tensor tokens_B = weight_BS.sum(1).clamp_min(1.0);  // counted tokens per sequence (0 -> 1: f = P = 0)
+  const Tensor fraction_BE =
+      sequence_pairs(expert_ids_TK, weight_BS, experts) / (tokens_B.detach().unsqueeze(1) * static_cast<double>(k));
+  const Tensor probability_BE =
+      (torch::softmax(logits_TE, -1).view({sequences, length, experts}) * weight_BS.unsqueeze(2)).sum(1) /
+      tokens_B.unsqueeze(1);
+  const Tensor loss_B = static_cast<double>(experts) * (fraction_BE * probability_BE).sum(1);  // [B]
+  const Tensor counted_sequences = (weight_BS.sum(1) > 0).sum().clamp_min(1).to(logits_TE.scalar_type());
+  return loss_B.sum() / counted_sequences;
+}
+
+Tensor global_batch_load_balancing_loss(const Tensor& logits_TE, const Tensor& counted_T, const Tensor& fraction_E,
+                                        const Tensor& tokens_per_rank) {
+  const int64_t experts = logits_TE.size(1);
+  Tensor probability_TE = torch::softmax(logits_TE, -1);
+  if (counted_T.defined()) probability_TE = probability_TE * counted_T.to(logits_TE.options()).unsqueeze(1);
+  const Tensor probability_sum_E = probability_TE.sum(0);  // [E] over this rank's counted tokens
+  return static_cast<double>(experts) *
+         (fraction_E.detach().to(logits_TE.scalar_type()) * probability_sum_E).sum() /
+         tokens_per_rank.detach().to(logits_TE.scalar_type());
+}
+
 Tensor router_z_loss(const Tensor& logits_TE) {
   return torch::logsumexp(logits_TE, -1).pow(2).mean();
 }
@@ -76,7 +143,9 @@ Tensor every_expert_TK(const Tensor& logits_TE) {
 }
 }  // namespace
 
-Routing RouterImpl::forward(const Tensor& x_TD) {
+Routing RouterImpl::forward(const Tensor& x_TD) { return forward(x_TD, BalanceInput{}); }
+
+Routing RouterImpl::forward(const Tensor& x_TD, const BalanceInput& balance) {
   // Routers run in fp32 at least: "compute gate in float32 to help stability of expert load
   // balancing" (torchtitan); Yuan uses --use-fp32-router.
   const Tensor logits_TE = score(x_TD.to(at_least_fp32(x_TD)));
@@ -87,7 +156,7 @@ Routing RouterImpl::forward(const Tensor& x_TD) {
     eval_entropy_sum_ = eval_entropy_sum_.defined() ? eval_entropy_sum_ + entropy : entropy;
     eval_tokens_ += logits_TE.size(0);
   }
-  return gate(logits_TE);
+  return gate(logits_TE, balance);
 }
 
 RouterEvalStats RouterImpl::take_eval_stats() {
@@ -109,7 +178,7 @@ TopKRouterImpl::TopKRouterImpl(const config::MoeConfig& config) : RouterImpl(con
   expert_bias = register_buffer("expert_bias", torch::zeros({config.num_experts}));
 }
 
-Routing TopKRouterImpl::gate(const Tensor& logits_TE) {
+Routing TopKRouterImpl::gate(const Tensor& logits_TE, const BalanceInput& balance) {
   const bool use_bias = config.bias_balancing_rate > 0;
   TopKGates top = top_k_gates(logits_TE, config.top_k, use_bias ? expert_bias : Tensor());
   Routing routing;
@@ -118,7 +187,32 @@ Routing TopKRouterImpl::gate(const Tensor& logits_TE) {
   if (is_training()) {
     Tensor aux;
     if (config.aux_loss_coeff > 0) {
-      aux = config.aux_loss_coeff * switch_load_balancing_loss(logits_TE, top.expert_ids_TK);
+      Tensor balance_loss;
+      switch (config.balance_scope) {
+        case config::BalanceScope::kMicroBatch:
+          balance_loss = switch_load_balancing_loss(logits_TE, top.expert_ids_TK, balance.counted_T);
+          break;
+        case config::BalanceScope::kSequence:
+          balance_loss =
+              sequence_load_balancing_loss(logits_TE, top.expert_ids_TK, balance.counted_T, balance.sequences);
+          break;
+        case config::BalanceScope::kGlobalBatch: {
+          const int64_t experts = config.num_experts;
+          const Tensor local_E1 = counted_routed_pairs(top.expert_ids_TK, balance.counted_T, experts);
+          Tensor statistics_E1;  // f_E, then the counted tokens per rank
+          if (balance.global_statistics) {
+            statistics_E1 = balance.global_statistics(local_E1);
+          } else {  // this micro-batch alone
+            const Tensor tokens = local_E1[experts].clamp_min(1.0);
+            statistics_E1 = torch::cat({local_E1.narrow(0, 0, experts) / (tokens * static_cast<double>(config.top_k)),
+                                        tokens.unsqueeze(0)});
+          }
+          balance_loss = global_batch_load_balancing_loss(logits_TE, balance.counted_T,
+                                                          statistics_E1.narrow(0, 0, experts), statistics_E1[experts]);
+          break;
+        }
+      }
+      aux = config.aux_loss_coeff * balance_loss;
     }
     if (config.z_loss_coeff > 0) {
       Tensor z = config.z_loss_coeff * router_z_loss(logits_TE);
@@ -132,8 +226,16 @@ Routing TopKRouterImpl::gate(const Tensor& logits_TE) {
 void TopKRouterImpl::update_after_step(const RouterStepStats& stats) {
   if (config.bias_balancing_rate <= 0) return;
   torch::NoGradGuard no_grad;
-  expert_bias.add_(expert_bias_delta(stats.routed_pairs_E, config.bias_balancing_rate)
-                       .to(expert_bias.options()));
+  const int64_t experts = config.num_experts;
+  Tensor delta;
+  if (!stats.bias_statistics_E.defined()) {
+    delta = expert_bias_delta(stats.routed_pairs_E, config.bias_balancing_rate);
+  } else if (config.balance_scope == config::BalanceScope::kSequence) {
+    delta = sequence_expert_bias_delta(stats.bias_statistics_E, config.bias_balancing_rate);
+  } else {  // micro_batch, global_batch: the step's counted pairs (today's rule)
+    delta = expert_bias_delta(stats.bias_statistics_E.narrow(0, 0, experts), config.bias_balancing_rate);
+  }
+  expert_bias.add_(delta.to(expert_bias.options()));
 }
 
 AttentionRouterImpl::AttentionRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
@@ -169,7 +271,7 @@ ReluRouterImpl::ReluRouterImpl(const config::MoeConfig& config, int64_t hidden_s
 
 Tensor ReluRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
 
-Routing ReluRouterImpl::gate(const Tensor& logits_TE) {
+Routing ReluRouterImpl::gate(const Tensor& logits_TE, const BalanceInput& /*balance*/) {
   const Tensor gates_TE = relu_gates(logits_TE);
   Routing routing;
   routing.gates_TK = gates_TE;
@@ -203,7 +305,7 @@ DenseRouterImpl::DenseRouterImpl(const config::MoeConfig& config, int64_t hidden
 
 Tensor DenseRouterImpl::score(const Tensor& x_TD) { return linear_scores(x_TD, weight); }
 
-Routing DenseRouterImpl::gate(const Tensor& logits_TE) {
+Routing DenseRouterImpl::gate(const Tensor& logits_TE, const BalanceInput& /*balance*/) {
   Routing routing;
   routing.gates_TK = dense_gates(logits_TE);
   routing.expert_ids_TK = every_expert_TK(logits_TE);
@@ -231,6 +333,21 @@ double next_relu_l1_coeff(double coeff, double active_fraction, double target_ac
 Tensor expert_bias_delta(const Tensor& routed_pairs_E, double rate) {
   const Tensor counts = routed_pairs_E.to(torch::kFloat);
   const Tensor delta = rate * torch::sign(counts.mean() - counts);
+  return delta - delta.mean();
+}
+
+Tensor sequence_load_error_signs(const Tensor& pairs_SE) {
+  const Tensor counts = pairs_SE.to(torch::kDouble);
+  const Tensor has_pairs_S = counts.sum(1) > 0;
+  const Tensor signs_SE = torch::sign(counts.mean(1, /*keepdim=*/true) - counts) * has_pairs_S.unsqueeze(1);
+  return torch::cat({signs_SE.sum(0), has_pairs_S.sum().to(torch::kDouble).unsqueeze(0)});  // [E + 1]
+}
+
+Tensor sequence_expert_bias_delta(const Tensor& sign_sums_E1, double rate) {
+  const int64_t experts = sign_sums_E1.size(0) - 1;
+  const Tensor sums = sign_sums_E1.to(torch::kDouble);
+  // No sequence: no step (a zero delta; the mean of no signs would be 0/0).
+  const Tensor delta = (rate * sums.narrow(0, 0, experts) / sums[experts].clamp_min(1.0)).to(torch::kFloat);
   return delta - delta.mean();
 }
 
@@ -409,15 +526,80 @@ MoeImpl::MoeImpl(const config::MoeConfig& config, int64_t hidden_size) : config(
       "experts", GroupedExperts(config.num_experts, hidden_size, config.ffn_hidden_size));
 }
 
-MoeOutput MoeImpl::forward(const Tensor& x) {
+MoeOutput MoeImpl::forward(const Tensor& x, const Tensor& counted) {
   const Tensor x_TD = x.reshape({-1, x.size(-1)});
-  const Routing routing = gate->forward(x_TD);
+  const bool rerun = std::exchange(rerun_, false);
+  if (!rerun) balance_record_ = Tensor();
+  BalanceInput balance;
+  if (counted.defined()) {
+    TORCH_CHECK(counted.sizes() == x.sizes().slice(0, x.dim() - 1), "MoE: counted tokens ", counted.sizes(),
+                " do not match the input ", x.sizes());
+    balance.counted_T = counted.reshape({-1}).to(torch::dtype(torch::kBool).device(x.device()));  // [T]
+  }
+  balance.sequences = x.dim() == 3 ? x.size(0) : 1;
+  if (config.balance_scope == config::BalanceScope::kGlobalBatch) {
+    balance.global_statistics = [this, rerun](const Tensor& local_E1) { return global_statistics(local_E1, rerun); };
+  }
+  const Routing routing = gate->forward(x_TD, balance);
+  const bool has_bias = config.bias_balancing_rate > 0 && dynamic_cast<const TopKRouterImpl*>(gate.get()) != nullptr;
+  if (is_training() && !rerun && has_bias) add_bias_statistics(routing.expert_ids_TK, balance);
   // The all-to-all's split sizes live on the host: expert parallelism reads the counts back.
   const bool host_rows = expert_exchange != nullptr || !uses_grouped_mm(x_TD);
   const DispatchPlan dispatch = plan(routing, x_TD.size(0), host_rows);
   const Tensor xs_ND = gather(x_TD, dispatch);
   const Tensor ys_ND = run_experts(xs_ND, dispatch);
   return {combine(ys_ND, dispatch).view(x.sizes()), routing.aux_loss, dispatch.routed_pairs_E};
+}
+
+void MoeImpl::begin_step() {
+  step_global_counts_ = Tensor();
+  step_bias_statistics_ = Tensor();
+}
+
+Tensor MoeImpl::step_bias_statistics() const {
+  return step_bias_statistics_.defined() ? step_bias_statistics_
+                                         : torch::zeros({config.num_experts + 1}, torch::kDouble);
+}
+
+void MoeImpl::rerun_next_forward(const Tensor& record) {
+  rerun_ = true;
+  rerun_record_ = record;
+}
+
+Tensor MoeImpl::global_statistics(const Tensor& local_E1, bool rerun) {
+  torch::NoGradGuard no_grad;
+  if (rerun) {
+    // The first run's f: the step's counts have moved on since (later micro-batches), and
+    // reducing again would count this micro-batch twice.
+    TORCH_CHECK(rerun_record_.defined(), "MoE: a recomputed forward has no global-batch statistics of its first run");
+    balance_record_ = std::exchange(rerun_record_, Tensor());
+    return balance_record_;
+  }
+  const int64_t experts = config.num_experts;
+  Tensor global_E1 = local_E1.clone();
+  if (balance_reducer) balance_reducer->sum(global_E1);  // this micro-batch over the data-parallel ranks
+  step_global_counts_ = step_global_counts_.defined() ? step_global_counts_ + global_E1 : global_E1;
+  const Tensor step_tokens = step_global_counts_[experts].clamp_min(1.0);
+  const Tensor fraction_E =
+      step_global_counts_.narrow(0, 0, experts) / (step_tokens * static_cast<double>(config.top_k));
+  const double ranks = balance_reducer ? static_cast<double>(balance_reducer->size()) : 1.0;
+  const Tensor tokens_per_rank = global_E1[experts].clamp_min(1.0) / ranks;
+  balance_record_ = torch::cat({fraction_E, tokens_per_rank.unsqueeze(0)});
+  return balance_record_;
+}
+
+void MoeImpl::add_bias_statistics(const Tensor& expert_ids_TK, const BalanceInput& balance) {
+  torch::NoGradGuard no_grad;
+  const int64_t experts = config.num_experts;
+  Tensor statistics_E1;
+  if (config.balance_scope == config::BalanceScope::kSequence) {
+    const auto options = torch::dtype(torch::kDouble).device(expert_ids_TK.device());
+    const Tensor weight_BS = counted_weights(balance.counted_T, expert_ids_TK.size(0), balance.sequences, options);
+    statistics_E1 = sequence_load_error_signs(sequence_pairs(expert_ids_TK, weight_BS, experts));
+  } else {
+    statistics_E1 = counted_routed_pairs(expert_ids_TK, balance.counted_T, experts);
+  }
+  step_bias_statistics_ = step_bias_statistics_.defined() ? step_bias_statistics_ + statistics_E1 : statistics_E1;
 }
 
 Tensor MoeImpl::run_experts(const Tensor& xs_ND, const DispatchPlan& plan) {

@@ -58,14 +58,17 @@ struct RecomputeContext : torch::CustomClassHolder {
   // The rerun sees the first run's positions, document ids and counted tokens. Held here, not as
   // inputs of the Function: its inputs must be defined tensors, and these may be undefined.
   TokenLayout tokens;
+  Tensor balance_record;  // the MoE's global-batch statistics of the first run (MoeImpl::last_balance_record)
 };
 
 struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x_BSD, c10::IValue context) {
     ctx->saved_data["context"] = context;
     ctx->save_for_backward({x_BSD});
-    const auto& first_run = *static_cast<RecomputeContext*>(context.toCapsule().get());
-    const BlockOutput out = first_run.block->forward(x_BSD, first_run.tokens);  // grad mode is off here
+    auto* first_run = static_cast<RecomputeContext*>(context.toCapsule().get());
+    TransformerBlockImpl& block = *first_run->block;
+    const BlockOutput out = block.forward(x_BSD, first_run->tokens);  // grad mode is off here
+    if (block.moe) first_run->balance_record = block.moe->last_balance_record();
     const Tensor aux = out.aux_loss.defined() ? out.aux_loss : torch::zeros({}, x_BSD.options());
     const Tensor pairs_E = out.routed_pairs_E.defined()
                                ? out.routed_pairs_E
@@ -77,13 +80,15 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor x_BSD = saved[0].detach().requires_grad_(true);
-    const auto* context = static_cast<RecomputeContext*>(ctx->saved_data["context"].toCapsule().get());
+    auto* context = static_cast<RecomputeContext*>(ctx->saved_data["context"].toCapsule().get());
 
     const ForwardState now = ForwardState::capture(x_BSD.device());
     context->state.apply();
     BlockOutput out;
     {
       torch::AutoGradMode grad_mode(true);
+      // The rerun balances with the first run's statistics and adds none (model/moe.h).
+      if (context->block->moe) context->block->moe->rerun_next_forward(context->balance_record);
       out = context->block->forward(x_BSD, context->tokens);
     }
     now.apply();

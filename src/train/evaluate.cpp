@@ -11,6 +11,15 @@
 
 namespace yuanmoe::train {
 
+namespace {
+
+/// Labels that count in the loss (kIgnoredLabel ones do not): the tokens an eval line reports.
+int64_t counted_labels(const data::Batch& batch) {
+  return (batch.labels != kIgnoredLabel).sum().item<int64_t>();
+}
+
+}  // namespace
+
 data::SamplerOptions sampler_options(const config::RunConfig& run, const std::string& prefix) {
   data::SamplerOptions options;
   options.seq_length = run.train.seq_length;
@@ -54,10 +63,10 @@ EvalResult evaluate(const EvalForward& forward,
     const model::ModelOutput out = forward(batch);
     if (out.out.defined()) {
       const Tensor labels = batch.labels.to(out.out.device());
-      result.loss_sum += language_model_loss(out.out, labels).item<double>() * static_cast<double>(labels.numel());
+      result.loss_sum += language_model_loss(out.out, labels).item<double>() * static_cast<double>(counted_labels(batch));
       if (i == 0 && on_first_batch) on_first_batch(batch, out.out);
     }
-    result.tokens += batch.labels.numel();
+    result.tokens += counted_labels(batch);
     if (out.routed_pairs_LE.defined()) {
       const Tensor pairs = out.routed_pairs_LE.to(torch::kCPU);
       result.routed_pairs_LE = result.routed_pairs_LE.defined() ? result.routed_pairs_LE + pairs : pairs;

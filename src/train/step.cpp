@@ -23,6 +23,7 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   result.lr = lr_at(completed, config_.train);
   optimizer_.set_learning_rate(result.lr);
   model_.zero_grad(/*set_to_none=*/true);
+  for (model::Moe moe : model_.moe_layers()) moe->begin_step();  // the step's balancing statistics
 
   // Each micro-batch's loss is scaled by 1/m (m: this rank's micro-batches) and the data-parallel
   // ranks average their gradients: the gradient of the mean over the global batch (Megatron).
@@ -45,6 +46,13 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   result.loss = sums[0].item<double>() / micro_batches;
   result.aux_loss = sums[1].item<double>() / micro_batches;
   result.routed_pairs_LE = global_moe_rows(pipeline.routed_pairs_LE, config_.moe.num_experts, torch::kLong);
+  if (config_.moe.bias_balancing_rate > 0) {
+    // Every rank's statistics of every layer, so that the bias stays the same on every rank.
+    std::vector<Tensor> rows;
+    for (const model::Moe& moe : model_.moe_layers()) rows.push_back(moe->step_bias_statistics().to(torch::kCPU));
+    result.bias_statistics_LE =
+        global_moe_rows(rows.empty() ? Tensor() : torch::stack(rows), config_.moe.num_experts + 1, torch::kDouble);
+  }
   result.grad_norm = optimizer_.gradient_norm();
   return result;
 }
@@ -70,7 +78,8 @@ void OptimizerStep::apply(int64_t completed, StepResult& result) {
   }
   consecutive_skips_ = 0;
   optimizer_.step(config_.train.grad_clip, result.grad_norm);
-  update_routers(result.routed_pairs_LE, config_.train.global_batch_size * config_.train.seq_length);
+  update_routers(result.routed_pairs_LE, result.bias_statistics_LE,
+                 config_.train.global_batch_size * config_.train.seq_length);
 }
 
 Tensor OptimizerStep::global_moe_rows(const Tensor& stage_rows_LX, int64_t width, torch::Dtype dtype) const {
@@ -81,7 +90,8 @@ Tensor OptimizerStep::global_moe_rows(const Tensor& stage_rows_LX, int64_t width
   return all;
 }
 
-void OptimizerStep::update_routers(const Tensor& routed_pairs_LE, int64_t tokens) const {
+void OptimizerStep::update_routers(const Tensor& routed_pairs_LE, const Tensor& bias_statistics_LE,
+                                   int64_t tokens) const {
   const std::vector<model::Moe> layers = model_.moe_layers();
   if (layers.empty() || !routed_pairs_LE.defined()) return;
   model::RouterStepStats stats;
@@ -93,6 +103,9 @@ void OptimizerStep::update_routers(const Tensor& routed_pairs_LE, int64_t tokens
   const torch::Device device = parameters_.front().device();
   for (size_t l = 0; l < layers.size(); ++l) {
     stats.routed_pairs_E = routed_pairs_LE[moe_layers_before_stage_ + static_cast<int64_t>(l)].to(device);
+    if (bias_statistics_LE.defined()) {
+      stats.bias_statistics_E = bias_statistics_LE[moe_layers_before_stage_ + static_cast<int64_t>(l)].to(device);
+    }
     layers[l]->gate->update_after_step(stats);
   }
 }

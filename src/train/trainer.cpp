@@ -14,6 +14,7 @@
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/param_count.h"
 #include "yuanmoe/model/recompute.h"
+#include "yuanmoe/parallel/balance_reducer.h"
 #include "yuanmoe/parallel/expert_parallel.h"
 #include "yuanmoe/parallel/memory_plan.h"
 #include "yuanmoe/train/mfu.h"
@@ -74,6 +75,7 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
                                                     config_.parallel.last_stage_layers));
   model::init_weights(*model_, config_.model, static_cast<uint64_t>(train.seed));
   parallel::ExpertSharding experts = parallel::apply_expert_parallel(*model_, parallel_);
+  parallel::apply_balance_reducer(*model_, parallel_);  // moe.balance_scope = global_batch
   model::apply_recompute(*model_, train.recompute);
   model_->to(device_);
   // fp64: the fp32 initial values, widened (equivalence checks, docs/parallelism.md).

@@ -108,7 +108,8 @@ TEST(ConfigTest, DifferencesCarryTheKeysRole) {
             (std::set<std::string>{"model.rope_base", "model.rope_tables", "model.max_seq_length", "model.init_std",
                                    "model.attention_dropout", "model.attention", "moe.aux_loss_coeff",
                                    "moe.z_loss_coeff", "moe.bias_balancing_rate", "moe.relu_l1_init",
-                                   "moe.relu_l1_alpha", "moe.capacity_factor", "moe.expert_gemm"}));
+                                   "moe.relu_l1_alpha", "moe.capacity_factor", "moe.expert_gemm",
+                                   "moe.balance_scope"}));
 }
 
 TEST(ConfigTest, TrainingRulesNeedTheDataParallelSize) {
@@ -241,6 +242,22 @@ TEST(ConfigTest, WarnsWhenAnOptionHasNoEffect) {
   const auto warnings = config_warnings(parse_config(root).config);
   EXPECT_TRUE(has_issue(warnings, "moe.aux_loss_coeff", "no effect with the dense router"));
   EXPECT_TRUE(has_issue(warnings, "moe.top_k", "no effect with the dense router"));
+}
+
+TEST(ConfigTest, BalanceScopeParsesRejectsUnknownValuesAndWarnsWhenIdle) {
+  auto root = minimal_config();
+  EXPECT_EQ(parse_config(root).config.moe.balance_scope, BalanceScope::kMicroBatch);  // the default
+  root["moe"]["balance_scope"] = "global_batch";
+  root["moe"]["aux_loss_coeff"] = 0.01;
+  const ParseResult parsed = parse_config(root);
+  EXPECT_TRUE(parsed.issues.empty());
+  EXPECT_EQ(parsed.config.moe.balance_scope, BalanceScope::kGlobalBatch);
+  EXPECT_EQ(to_json(parsed.config)["moe"]["balance_scope"], "global_batch");
+  EXPECT_TRUE(config_warnings(parsed.config).empty());
+  root["moe"]["aux_loss_coeff"] = 0.0;  // nothing to balance
+  EXPECT_TRUE(has_issue(config_warnings(parse_config(root).config), "moe.balance_scope", "no effect"));
+  root["moe"]["balance_scope"] = "per_token";
+  EXPECT_TRUE(has_issue(parse_config(root).issues, "moe.balance_scope", "per_token"));
 }
 
 std::vector<std::filesystem::path> shipped_configs() {

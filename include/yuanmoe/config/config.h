@@ -19,6 +19,8 @@ enum class RopeTables { kExact, kHfBf16, kMegatronBf16 };
 enum class AttentionKernel { kSdpa, kMaterialised };
 /// How the experts' GEMMs run (model/moe.h): auto = at::_grouped_mm on CUDA in bf16, else the loop.
 enum class ExpertGemm { kAuto, kLoop, kGroupedMm };
+/// Over which tokens the balancing statistics are taken (docs/routers.md, "Balancing scope").
+enum class BalanceScope { kMicroBatch, kSequence, kGlobalBatch };
 enum class LrSchedule { kCosine, kConstant, kLinear };
 enum class Precision { kFp32, kBf16, kFp64 };
 enum class PipelineSchedule { k1F1B, kGPipe };
@@ -56,6 +58,7 @@ struct MoeConfig {
   double aux_loss_coeff = 0.0;       ///< Switch load-balancing loss (top-k routers)
   double z_loss_coeff = 0.0;         ///< ST-MoE router z-loss (top-k routers)
   double bias_balancing_rate = 0.0;  ///< DeepSeek-V3 aux-loss-free bias update rate, 0 = off
+  BalanceScope balance_scope = BalanceScope::kMicroBatch;  ///< aux loss and bias statistics scope
   double relu_l1_init = 1e-8;        ///< ReMoE lambda_0
   double relu_l1_alpha = 1.2;        ///< ReMoE lambda multiplier per optimizer step
   double capacity_factor = 0.0;      ///< 0 = dropless

@@ -5,6 +5,7 @@
 // Sections in reading order; each keeps the comment of what it was.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -39,6 +40,40 @@ Tensor dense_gates(const Tensor& logits_TE);
 /// Equals 1 at perfect balance; the caller multiplies by aux_loss_coeff.
 Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK);
 
+/// What the balancing terms of one micro-batch see besides the logits (docs/routers.md,
+/// "Balancing scope").
+struct BalanceInput {
+  Tensor counted_T;       // bool [T]: tokens whose label counts; undefined = every token counts
+  int64_t sequences = 1;  // the T rows are this many sequences of T / sequences tokens, in order
+  // moe.balance_scope = global_batch: this micro-batch's counted routed pairs per expert and its
+  // counted tokens, fp64 [E + 1] -> the step's fractions f_E and the counted tokens per rank of
+  // this micro-batch, fp64 [E + 1] (MoeImpl reduces over the data-parallel ranks and
+  // accumulates over the step's micro-batches). Empty: this micro-batch alone.
+  std::function<Tensor(const Tensor&)> global_statistics;
+};
+
+/// Routed pairs per expert of the counted tokens (undefined counted_T: all), then the number of
+/// counted tokens: fp64 [E + 1], no grad.
+Tensor counted_routed_pairs(const Tensor& expert_ids_TK, const Tensor& counted_T, int64_t experts);
+
+/// The Switch loss above over the counted tokens only (bool [T]): f from their pairs, P their
+/// mean probability. 0 when no token counts.
+Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const Tensor& counted_T);
+
+/// DeepSeek-V3 sequence-wise balance loss (arXiv 2412.19437 §2.1.2, eq. 17-20) with softmax
+/// probabilities: per sequence s, E * sum_i f_si P_si with f_si = (1/(T_s k)) sum_t 1{i in S_t}
+/// (no grad) and P_si = (1/T_s) sum_t softmax_i over its T_s counted tokens; the mean over the
+/// sequences that have a counted token. The rows are `sequences` sequences of equal length, in order.
+Tensor sequence_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const Tensor& counted_T,
+                                    int64_t sequences);
+
+/// Global-batch balance loss (Megatron-Core's global_aux_loss; docs/routers.md): this rank's
+/// share E * sum_i f_i * (sum_t softmax_ti) / tokens_per_rank, the sum over its counted tokens,
+/// with f_E the step's global fractions (no grad) and tokens_per_rank the micro-batch's counted
+/// tokens over all ranks divided by the ranks: the mean over the ranks is the one-process loss.
+Tensor global_batch_load_balancing_loss(const Tensor& logits_TE, const Tensor& counted_T, const Tensor& fraction_E,
+                                        const Tensor& tokens_per_rank);
+
 /// ST-MoE router z-loss (docs/routers.md): mean_t (logsumexp_j logits_tj)^2.
 Tensor router_z_loss(const Tensor& logits_TE);
 
@@ -70,6 +105,9 @@ struct Routing {
 /// active over all MoE layers of the model (ReMoE's 1 - S_i, docs/routers.md).
 struct RouterStepStats {
   Tensor routed_pairs_E;
+  // The step's bias statistics summed over the world (MoeImpl::step_bias_statistics), fp64
+  // [E + 1]; undefined: the bias reads routed_pairs_E.
+  Tensor bias_statistics_E;
   int64_t tokens = 0;
   double active_fraction_all_layers = 0.0;
 };
@@ -86,6 +124,8 @@ class RouterImpl : public torch::nn::Module {
   /// x_TD -> Routing. Computed in fp32 (or double when x is double, for gradient checks).
   /// In eval mode it also adds to the entropy statistics (no grad, no host sync).
   Routing forward(const Tensor& x_TD);
+  /// The same with the micro-batch's balancing context (counted tokens, sequences, global statistics).
+  Routing forward(const Tensor& x_TD, const BalanceInput& balance);
   /// Once per optimizer step, by whoever trains; updates the router's buffers (if any).
   virtual void update_after_step(const RouterStepStats& stats) {}
   /// The eval-mode statistics so far; resets them.
@@ -101,7 +141,7 @@ class RouterImpl : public torch::nn::Module {
   explicit RouterImpl(const config::MoeConfig& config) : config(config) {}
   /// x_TD (already promoted) -> logits_TE.
   virtual Tensor score(const Tensor& x_TD) = 0;
-  virtual Routing gate(const Tensor& logits_TE) = 0;
+  virtual Routing gate(const Tensor& logits_TE, const BalanceInput& balance) = 0;
   /// W x for the routers that score with one [E, D] matrix.
   static Tensor linear_scores(const Tensor& x_TD, const Tensor& weight_ED);
 
@@ -120,7 +160,7 @@ class TopKRouterImpl : public RouterImpl {
 
  protected:
   TopKRouterImpl(const config::MoeConfig& config);
-  Routing gate(const Tensor& logits_TE) override;
+  Routing gate(const Tensor& logits_TE, const BalanceInput& balance) override;
 };
 
 /// Yuan 2.0-M32 attention router (arXiv 2405.17976): q, k, v = Wq x, Wk x, Wv x in R^E,
@@ -160,7 +200,7 @@ class ReluRouterImpl final : public RouterImpl {
 
  protected:
   Tensor score(const Tensor& x_TD) override;
-  Routing gate(const Tensor& logits_TE) override;
+  Routing gate(const Tensor& logits_TE, const BalanceInput& balance) override;
 };
 
 /// Jacobs et al. (1991) dense softmax gate: every expert runs on every token.
@@ -171,7 +211,7 @@ class DenseRouterImpl final : public RouterImpl {
 
  protected:
   Tensor score(const Tensor& x_TD) override;
-  Routing gate(const Tensor& logits_TE) override;
+  Routing gate(const Tensor& logits_TE, const BalanceInput& balance) override;
 };
 
 /// The router selected by config.router.
@@ -184,6 +224,15 @@ double next_relu_l1_coeff(double coeff, double active_fraction, double target_ac
 /// Aux-loss-free bias step (docs/routers.md, torchtitan's centred form):
 /// delta = rate * sign(mean(c) - c), minus its mean. [E].
 Tensor expert_bias_delta(const Tensor& routed_pairs_E, double rate);
+
+/// Per sequence, the sign of its load error: sign(mean_i c_si - c_si) for the rows of
+/// pairs_SE (routed pairs per sequence and expert) that have pairs, summed over those rows;
+/// then their number: fp64 [E + 1] (moe.balance_scope = sequence, docs/routers.md).
+Tensor sequence_load_error_signs(const Tensor& pairs_SE);
+
+/// The bias step of moe.balance_scope = sequence: delta = rate * (the mean over sequences of
+/// their load-error signs), minus its mean. sign_sums_E1 as sequence_load_error_signs; [E].
+Tensor sequence_expert_bias_delta(const Tensor& sign_sums_E1, double rate);
 
 // ================================================================================================
 // mlp: SwiGLU feed-forward math shared by the experts and the dense layers (Shazeer 2020, arXiv 2002.05202):
@@ -268,11 +317,26 @@ class ExpertExchange {
                          const std::vector<int64_t>& recv_rows) const = 0;
 };
 
+/// The ranks whose balancing statistics a router sums (moe.balance_scope = global_batch,
+/// docs/routers.md): every data-parallel rank of the stage, expert-parallel ones included (for
+/// the router they are data-parallel). Implemented over a c10d group by
+/// parallel/balance_reducer.h; the model sees only this interface; none: one process.
+class BalanceReducer {
+ public:
+  virtual ~BalanceReducer() = default;
+  virtual int64_t size() const = 0;
+  /// Element-wise sum over the ranks, in place; every rank calls it with the same shape.
+  virtual void sum(Tensor& tensor) const = 0;
+};
+
 class MoeImpl : public torch::nn::Module {
  public:
   MoeImpl(const config::MoeConfig& config, int64_t hidden_size);
   /// x [..., D] -> out [..., D]: route, plan, gather, experts (here, or on their ranks), combine.
-  MoeOutput forward(const Tensor& x);
+  /// counted: bool with x's leading shape ([B, S] for x [B, S, D], [T] for x [T, D]), the tokens
+  /// whose label counts: only they enter the balancing statistics; undefined = all. The
+  /// sequence scope reads the sequences from x's [B, S, D] shape ([T, D]: one sequence).
+  MoeOutput forward(const Tensor& x, const Tensor& counted = {});
 
   // The stages of forward(), public so that `yuanmoe bench` can time each one.
   /// host_rows: also copy the row counts to the host (the loop's GEMMs need them; a sync).
@@ -294,8 +358,31 @@ class MoeImpl : public torch::nn::Module {
   GroupedExperts experts{nullptr};   // HF names: mlp.experts.{e}.w1 / w2 (this rank's experts)
   /// Set by parallel::apply_expert_parallel; null: this rank holds all moe.num_experts experts.
   std::shared_ptr<const ExpertExchange> expert_exchange;
+  /// Set by parallel::apply_balance_reducer (global_batch scope); null: one rank.
+  std::shared_ptr<const BalanceReducer> balance_reducer;
+
+  /// The optimizer step's balancing statistics (docs/routers.md, "Balancing scope") start
+  /// again: called before the step's first micro-batch (train/step.cpp).
+  void begin_step();
+  /// What this rank's training forwards of the step gave the bias update, fp64 [E + 1]: counted
+  /// routed pairs per expert and counted tokens (sequence scope: sequence_load_error_signs
+  /// summed); zeros before any. Kept only when moe.bias_balancing_rate > 0.
+  Tensor step_bias_statistics() const;
+  /// Activation recompute (model/recompute.h): the global-batch statistics the last forward
+  /// used (undefined when it used none), and the rerun of a forward: the next forward reuses
+  /// `record` instead of reducing (no collective) and adds nothing to the step's statistics, so
+  /// a rerun sees the f of its first run and counts nothing twice.
+  Tensor last_balance_record() const { return balance_record_; }
+  void rerun_next_forward(const Tensor& record);
 
  private:
+  Tensor global_statistics(const Tensor& local_E1, bool rerun);
+  void add_bias_statistics(const Tensor& expert_ids_TK, const BalanceInput& balance);
+  Tensor step_global_counts_;  // fp64 [E + 1]: counted pairs per expert and tokens, all ranks, the step so far
+  Tensor step_bias_statistics_;  // fp64 [E + 1], this rank
+  Tensor balance_record_;        // fp64 [E + 1]: f_E and tokens per rank of the last forward
+  bool rerun_ = false;
+  Tensor rerun_record_;
   Tensor run_local_experts(const Tensor& xs_ND, const std::vector<int64_t>& rows_per_expert,
                            const Tensor& expert_offsets_E);
   Tensor run_experts_across_ranks(const Tensor& xs_ND, const DispatchPlan& plan);

@@ -31,6 +31,9 @@ struct StepResult {
   bool skipped = false;          // non-finite and train.on_nonfinite = skip: nothing applied
   std::string nonfinite;         // when skipped: what was not finite
   Tensor routed_pairs_LE;        // routed (token, expert) pairs per MoE layer of the whole model, int64 CPU
+  // The bias statistics per MoE layer of the whole model (model::MoeImpl::step_bias_statistics
+  // summed over the world), fp64 CPU [L, E + 1]; undefined unless moe.bias_balancing_rate > 0.
+  Tensor bias_statistics_LE;
 };
 
 class OptimizerStep {
@@ -63,7 +66,7 @@ class OptimizerStep {
   std::function<void(int64_t step, const std::vector<Tensor>& parameters)> after_backward;
 
  private:
-  void update_routers(const Tensor& routed_pairs_LE, int64_t tokens) const;
+  void update_routers(const Tensor& routed_pairs_LE, const Tensor& bias_statistics_LE, int64_t tokens) const;
 
   const config::RunConfig& config_;
   model::TransformerImpl& model_;

@@ -1,0 +1,373 @@
+// moe.balance_scope (docs/routers.md, "Balancing scope"): the micro-batch loss unchanged, the
+// sequence-wise loss against a per-sequence loop and finite differences, the global-batch loss
+// over two data-parallel ranks (Gloo, ranks as threads) against one process holding the whole
+// batch, ignored tokens out of f and P, activation recompute reusing its first run's
+// statistics, the bias rule of each scope, and the language-model loss's ignored label.
+#include <numeric>
+
+#include "support/fixtures.h"
+#include "support/gradcheck.h"
+#include "support/on_ranks.h"
+#include "yuanmoe/model/init.h"
+#include "yuanmoe/model/moe.h"
+#include "yuanmoe/model/recompute.h"
+#include "yuanmoe/model/transformer.h"
+#include "yuanmoe/parallel/balance_reducer.h"
+#include "yuanmoe/train/gradient_sync.h"
+#include "yuanmoe/train/loss.h"
+
+namespace yuanmoe::model {
+namespace {
+
+using config::BalanceScope;
+using config::RouterKind;
+using testing::max_abs_diff;
+using BalanceScopeTest = testing::SeededTest;
+
+constexpr int64_t kHidden = 12;
+
+config::MoeConfig balance_config(RouterKind router, BalanceScope scope) {
+  config::MoeConfig moe = testing::small_moe_config(router);
+  moe.aux_loss_coeff = 0.1;
+  moe.balance_scope = scope;
+  return moe;
+}
+
+/// A layer in fp64 with weights large enough that the routing is uneven.
+Moe make_layer(const config::MoeConfig& config, uint64_t seed = 11) {
+  torch::manual_seed(seed);
+  Moe moe(config, kHidden);
+  moe->to(torch::kDouble);
+  torch::NoGradGuard no_grad;
+  for (auto& p : moe->parameters()) p.normal_(0.0, 0.4);
+  return moe;
+}
+
+std::map<std::string, Tensor> router_gradients(const Moe& moe) {
+  std::map<std::string, Tensor> grads;
+  for (const auto& p : moe->gate->named_parameters()) grads[p.key()] = p.value().grad().clone();
+  return grads;
+}
+
+/// The router's aux loss of x (counted: as MoeImpl::forward) and its router gradients.
+std::pair<Tensor, std::map<std::string, Tensor>> aux_and_gradients(Moe& moe, const Tensor& x,
+                                                                  const Tensor& counted = {}) {
+  moe->zero_grad();
+  moe->begin_step();
+  const Tensor aux = moe->forward(x, counted).aux_loss;
+  aux.backward();
+  return {aux.detach(), router_gradients(moe)};
+}
+
+/// Explicit loops of the Switch formula over the listed tokens (docs/routers.md): E sum_i f_i P_i.
+double switch_loss_loop(const Tensor& logits_TE, const Tensor& ids_TK, const std::vector<int64_t>& tokens) {
+  const int64_t experts = logits_TE.size(1), k = ids_TK.size(1);
+  if (tokens.empty()) return 0.0;
+  const Tensor p = torch::softmax(logits_TE.to(torch::kDouble), -1);
+  double loss = 0;
+  for (int64_t i = 0; i < experts; ++i) {
+    double f = 0, mean_p = 0;
+    for (const int64_t t : tokens) {
+      for (int64_t s = 0; s < k; ++s) f += ids_TK[t][s].item<int64_t>() == i ? 1.0 : 0.0;
+      mean_p += p[t][i].item<double>();
+    }
+    f /= static_cast<double>(tokens.size() * k);
+    mean_p /= static_cast<double>(tokens.size());
+    loss += static_cast<double>(experts) * f * mean_p;
+  }
+  return loss;
+}
+
+// micro_batch, the default: without counted tokens the loss is today's function of the linear
+// router's logits, bit for bit, and that function is the formula written out.
+TEST_F(BalanceScopeTest, MicroBatchIsTodaysLossBitForBit) {
+  Moe moe = make_layer(balance_config(RouterKind::kLinear, BalanceScope::kMicroBatch));
+  const Tensor x = torch::randn({2, 5, kHidden}, torch::kDouble);
+  const Tensor aux = moe->forward(x).aux_loss;
+  const auto& linear = dynamic_cast<LinearRouterImpl&>(*moe->gate);
+  const Tensor logits_TE = torch::matmul(x.reshape({10, kHidden}), linear.weight.t());
+  const Tensor ids_TK = std::get<1>(logits_TE.topk(2, -1));
+  EXPECT_TRUE(torch::equal(aux, 0.1 * switch_load_balancing_loss(logits_TE, ids_TK)));
+  std::vector<int64_t> all(10);
+  std::iota(all.begin(), all.end(), 0);
+  EXPECT_NEAR(aux.item<double>(), 0.1 * switch_loss_loop(logits_TE, ids_TK, all), 1e-14);
+}
+
+// Ignored tokens (counted = false) change neither f nor P: in every scope, the loss and the
+// router gradients of a batch with ignored tokens equal those of the batch without them.
+TEST_F(BalanceScopeTest, IgnoredTokensChangeNeitherFNorP) {
+  for (const RouterKind router : {RouterKind::kAttention, RouterKind::kLinear}) {
+    for (const BalanceScope scope : {BalanceScope::kMicroBatch, BalanceScope::kGlobalBatch}) {
+      Moe moe = make_layer(balance_config(router, scope));
+      const Tensor x = torch::randn({12, kHidden}, torch::kDouble);
+      const Tensor counted = torch::tensor({1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1}, torch::kBool);
+      const auto [aux_masked, grads_masked] = aux_and_gradients(moe, x, counted);
+      const auto [aux_kept, grads_kept] = aux_and_gradients(moe, x.index({counted}));
+      const std::string name = config::to_string(router) + " " + config::to_string(scope);
+      EXPECT_LT(max_abs_diff(aux_masked, aux_kept), 1e-14) << name;
+      for (const auto& [key, grad] : grads_kept) {
+        EXPECT_LT(max_abs_diff(grads_masked.at(key), grad), 1e-14) << name << key;
+      }
+    }
+    // sequence: each sequence's kept tokens alone are one sequence; the loss is their mean, and
+    // a sequence with no counted token is left out of it.
+    Moe moe = make_layer(balance_config(router, BalanceScope::kSequence));
+    const Tensor x_BSD = torch::randn({3, 5, kHidden}, torch::kDouble);
+    const Tensor counted_BS = torch::tensor({1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 1}, torch::kBool).view({3, 5});
+    const auto [aux_masked, grads_masked] = aux_and_gradients(moe, x_BSD, counted_BS);
+    moe->zero_grad();
+    Tensor mean_aux = torch::zeros({}, torch::kDouble);
+    for (const int64_t b : {0, 2}) {
+      const Tensor aux = moe->forward(x_BSD[b].index({counted_BS[b]})).aux_loss / 2.0;  // [T_b, D]: one sequence
+      aux.backward();
+      mean_aux += aux.detach();
+    }
+    EXPECT_LT(max_abs_diff(aux_masked, mean_aux), 1e-14) << config::to_string(router);
+    for (const auto& [key, grad] : router_gradients(moe)) {
+      EXPECT_LT(max_abs_diff(grads_masked.at(key), grad), 1e-14) << config::to_string(router) << key;
+    }
+  }
+}
+
+// The bias statistics skip ignored tokens too.
+TEST_F(BalanceScopeTest, BiasStatisticsCountOnlyCountedTokens) {
+  config::MoeConfig config = balance_config(RouterKind::kLinear, BalanceScope::kMicroBatch);
+  config.bias_balancing_rate = 1e-3;
+  Moe moe = make_layer(config);
+  const Tensor x = torch::randn({10, kHidden}, torch::kDouble);
+  const Tensor counted = torch::tensor({1, 0, 1, 1, 0, 1, 1, 1, 0, 1}, torch::kBool);
+  moe->begin_step();
+  moe->forward(x, counted);
+  const Tensor masked = moe->step_bias_statistics();
+  moe->begin_step();
+  moe->forward(x.index({counted}));
+  EXPECT_TRUE(torch::equal(masked, moe->step_bias_statistics()));
+  EXPECT_EQ(masked[config.num_experts].item<double>(), 7.0);  // counted tokens
+  EXPECT_EQ(masked.narrow(0, 0, config.num_experts).sum().item<double>(), 14.0);  // their k = 2 pairs each
+}
+
+/// DeepSeek-V3 eq. 17-20 by loops over the counted tokens of each sequence, averaged over the
+/// sequences with one (softmax probabilities, docs/routers.md).
+double sequence_loss_loop(const Tensor& logits_TE, const Tensor& ids_TK, const Tensor& counted_BS) {
+  const int64_t sequences = counted_BS.size(0), length = counted_BS.size(1);
+  double total = 0;
+  int64_t used = 0;
+  for (int64_t b = 0; b < sequences; ++b) {
+    std::vector<int64_t> tokens;
+    for (int64_t s = 0; s < length; ++s) {
+      if (counted_BS[b][s].item<bool>()) tokens.push_back(b * length + s);
+    }
+    if (tokens.empty()) continue;
+    total += switch_loss_loop(logits_TE, ids_TK, tokens);
+    ++used;
+  }
+  return total / static_cast<double>(used);
+}
+
+TEST_F(BalanceScopeTest, SequenceLossIsThePerSequenceFormulaAndItsGradientsMatchFiniteDifferences) {
+  const Tensor logits_TE = torch::randn({12, 8}, torch::kDouble) * 2;
+  const Tensor ids_TK = std::get<1>(logits_TE.topk(2, -1));
+  const Tensor counted_BS = torch::tensor({1, 1, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0}, torch::kBool).view({3, 4});
+  const double want = sequence_loss_loop(logits_TE, ids_TK, counted_BS);
+  EXPECT_NEAR(sequence_load_balancing_loss(logits_TE, ids_TK, counted_BS.reshape(-1), 3).item<double>(), want, 1e-14);
+  const Tensor all_BS = torch::ones({3, 4}, torch::kBool);
+  EXPECT_NEAR(sequence_load_balancing_loss(logits_TE, ids_TK, Tensor(), 3).item<double>(),
+              sequence_loss_loop(logits_TE, ids_TK, all_BS), 1e-14);
+  // One sequence is the micro-batch loss.
+  EXPECT_NEAR(sequence_load_balancing_loss(logits_TE, ids_TK, Tensor(), 1).item<double>(),
+              switch_load_balancing_loss(logits_TE, ids_TK).item<double>(), 1e-14);
+
+  // The whole MoE layer with the sequence scope, in double, against finite differences.
+  for (const RouterKind router : {RouterKind::kAttention, RouterKind::kLinear}) {
+    config::MoeConfig config = balance_config(router, BalanceScope::kSequence);
+    Moe moe = make_layer(config);
+    const Tensor x = torch::randn({3, 4, kHidden}, torch::kDouble).requires_grad_(true);
+    const Tensor projection = torch::randn({3, 4, kHidden}, torch::kDouble);
+    const auto loss = [&] {
+      const MoeOutput out = moe->forward(x, counted_BS);
+      return (out.out * projection).sum() + out.aux_loss;
+    };
+    std::vector<testing::NamedTensor> inputs{{"x", x}};
+    for (const auto& item : moe->gate->named_parameters()) inputs.push_back({item.key(), item.value()});
+    testing::expect_gradients_match(loss, inputs);
+  }
+}
+
+// Global batch at dp = 2, two micro-batches per rank, ignored tokens on one rank (so the ranks
+// count different numbers of tokens): the mean over the ranks of the loss, and the router
+// gradients after the data-parallel mean, equal one process whose micro-batch i holds both
+// ranks' micro-batch i. Without the factor ranks / (counted tokens of all ranks) of
+// global_batch_load_balancing_loss the gradient would be half (Megatron-LM issue 3769).
+TEST_F(BalanceScopeTest, GlobalBatchOverTwoRanksEqualsOneProcessOverTheWholeBatch) {
+  for (const RouterKind router : {RouterKind::kAttention, RouterKind::kLinear}) {
+    const config::MoeConfig config = balance_config(router, BalanceScope::kGlobalBatch);
+    const int64_t ranks = 2, micro_batches = 2, tokens = 6;
+    Moe whole = make_layer(config);
+    const Tensor x = torch::randn({micro_batches, ranks, tokens, kHidden}, torch::kDouble);  // [m, rank, T, D]
+    Tensor counted = torch::ones({micro_batches, ranks, tokens}, torch::kBool);
+    counted.index_put_({torch::indexing::Slice(), 0, torch::indexing::Slice(0, 3)}, false);  // rank 0 ignores 3
+    counted[1][1][5] = false;
+
+    whole->zero_grad();
+    whole->begin_step();
+    double whole_loss = 0;
+    for (int64_t i = 0; i < micro_batches; ++i) {
+      const Tensor aux = whole->forward(x[i].reshape({ranks * tokens, kHidden}), counted[i].reshape(-1)).aux_loss;
+      (aux / static_cast<double>(micro_batches)).backward();
+      whole_loss += aux.item<double>() / static_cast<double>(micro_batches);
+    }
+    const std::map<std::string, Tensor> want = router_gradients(whole);
+
+    std::vector<std::map<std::string, Tensor>> got(ranks);
+    std::vector<double> losses(ranks);
+    std::vector<Moe> layers{make_layer(config), make_layer(config)};  // the seed is global: not in the threads
+    testing::on_ranks(ranks, 1, [&](parallel::ParallelContext& context) {
+      const int64_t r = context.layout().dp_rank;
+      Transformer holder(testing::small_model_config(), config);  // apply_balance_reducer takes a model
+      parallel::apply_balance_reducer(*holder, context);
+      Moe& layer = layers[static_cast<size_t>(r)];
+      layer->balance_reducer = holder->moe_layers().front()->balance_reducer;
+      ASSERT_TRUE(layer->balance_reducer != nullptr);
+      layer->begin_step();
+      double loss = 0;
+      for (int64_t i = 0; i < micro_batches; ++i) {
+        const Tensor aux = layer->forward(x[i][r], counted[i][r]).aux_loss;
+        (aux / static_cast<double>(micro_batches)).backward();
+        loss += aux.item<double>() / static_cast<double>(micro_batches);
+      }
+      std::vector<Tensor> parameters;
+      for (const auto& p : layer->gate->parameters()) parameters.push_back(p);
+      train::synchronize_gradients(parameters, Tensor(), context);  // the trainer's data-parallel mean
+      got[static_cast<size_t>(r)] = router_gradients(layer);
+      losses[static_cast<size_t>(r)] = loss;
+    });
+    const std::string name = config::to_string(router);
+    EXPECT_NEAR((losses[0] + losses[1]) / 2.0, whole_loss, 1e-12) << name;
+    EXPECT_GT(std::abs(losses[0] - losses[1]), 1e-6) << name << ": the ranks' shares differ";
+    for (const auto& [key, grad] : want) {
+      EXPECT_GT(grad.abs().max().item<double>(), 1e-6) << name << key;
+      for (const auto& rank_grads : got) EXPECT_LT(max_abs_diff(rank_grads.at(key), grad), 1e-12) << name << key;
+    }
+  }
+}
+
+// One process, one micro-batch: the global batch is the micro-batch.
+TEST_F(BalanceScopeTest, GlobalBatchOfOneMicroBatchIsTheMicroBatchLoss) {
+  Moe global = make_layer(balance_config(RouterKind::kAttention, BalanceScope::kGlobalBatch));
+  Moe micro = make_layer(balance_config(RouterKind::kAttention, BalanceScope::kMicroBatch));
+  const Tensor x = torch::randn({2, 5, kHidden}, torch::kDouble);
+  const auto [aux_global, grads_global] = aux_and_gradients(global, x);
+  const auto [aux_micro, grads_micro] = aux_and_gradients(micro, x);
+  EXPECT_LT(max_abs_diff(aux_global, aux_micro), 1e-14);
+  for (const auto& [key, grad] : grads_micro) EXPECT_LT(max_abs_diff(grads_global.at(key), grad), 1e-14) << key;
+}
+
+// train.recompute reruns each block in backward. When every forward of the step runs before any
+// backward (GPipe on several stages), the step's counts have moved on when a block reruns. The
+// rerun must balance with its first run's f and count nothing again: the step's gradients,
+// losses and bias statistics equal those without recompute.
+TEST_F(BalanceScopeTest, RecomputeRerunsWithTheFirstRunsStatistics) {
+  const config::ModelConfig model_config = testing::small_model_config();
+  for (const BalanceScope scope : {BalanceScope::kGlobalBatch, BalanceScope::kSequence}) {
+    config::MoeConfig moe_config = balance_config(RouterKind::kLinear, scope);
+    moe_config.bias_balancing_rate = 1e-3;
+    torch::manual_seed(4);
+    std::vector<Tensor> streams;
+    for (int i = 0; i < 3; ++i) streams.push_back(torch::randint(model_config.vocab_size, {2, 9}));
+    struct Run {
+      std::map<std::string, Tensor> grads;
+      double loss = 0;
+      std::vector<Tensor> bias_statistics;
+    };
+    const auto run = [&](bool recompute) {
+      Transformer model(model_config, moe_config);
+      init_weights(*model, model_config, 7);
+      model->to(torch::kDouble);
+      apply_recompute(*model, recompute);
+      model->train();
+      for (Moe moe : model->moe_layers()) moe->begin_step();
+      Run result;
+      std::vector<Tensor> losses;
+      for (const Tensor& stream : streams) {  // every forward first
+        const ModelOutput out = model->forward(stream.narrow(1, 0, 8), default_position_ids(2, 8));
+        losses.push_back((train::language_model_loss(out.out, stream.narrow(1, 1, 8)) + out.aux_loss) / 3.0);
+        result.loss += losses.back().item<double>();
+      }
+      for (const Tensor& loss : losses) loss.backward();  // then the backwards, with their reruns
+      for (const auto& p : model->named_parameters()) result.grads[p.key()] = p.value().grad().clone();
+      for (const Moe& moe : model->moe_layers()) result.bias_statistics.push_back(moe->step_bias_statistics());
+      return result;
+    };
+    const Run plain = run(false), recomputed = run(true);
+    const std::string name = config::to_string(scope);
+    EXPECT_NEAR(recomputed.loss, plain.loss, 1e-12) << name;
+    for (const auto& [key, grad] : plain.grads) {
+      EXPECT_LT(max_abs_diff(recomputed.grads.at(key), grad), 1e-10) << name << key;
+    }
+    ASSERT_EQ(recomputed.bias_statistics.size(), plain.bias_statistics.size());
+    for (size_t l = 0; l < plain.bias_statistics.size(); ++l) {
+      EXPECT_TRUE(torch::equal(recomputed.bias_statistics[l], plain.bias_statistics[l])) << name << " layer " << l;
+    }
+    // Sequence scope: 3 micro-batches of 2 sequences; global: 48 counted tokens.
+    const double expected = scope == BalanceScope::kSequence ? 6.0 : 48.0;
+    EXPECT_EQ(plain.bias_statistics.front()[moe_config.num_experts].item<double>(), expected) << name;
+  }
+}
+
+// The bias rule of each scope (docs/routers.md): micro_batch and global_batch step on the sign
+// of the step's load error (today's rule), sequence on the mean of each sequence's sign.
+TEST_F(BalanceScopeTest, BiasRuleOfEachScope) {
+  // Sequence 0: loads {3, 1, 0, 0} (mean 1): signs {-1, 0, +1, +1}; sequence 1: {0, 0, 2, 2}
+  // (mean 1): {+1, +1, -1, -1}; sequence 2 has no pairs and is left out.
+  const Tensor pairs_SE = torch::tensor({3., 1., 0., 0., 0., 0., 2., 2., 0., 0., 0., 0.}, torch::kDouble).view({3, 4});
+  const Tensor signs_E1 = sequence_load_error_signs(pairs_SE);
+  EXPECT_TRUE(torch::equal(signs_E1, torch::tensor({0., 1., 0., 0., 2.}, torch::kDouble)));
+  const Tensor delta = sequence_expert_bias_delta(signs_E1, 1e-3);
+  // Mean sign {0, 0.5, 0, 0} * rate, centred: {-1/8, 3/8, -1/8, -1/8} * 1e-3.
+  EXPECT_LT(max_abs_diff(delta, torch::tensor({-0.125, 0.375, -0.125, -0.125}) * 1e-3), 1e-9);
+  EXPECT_TRUE(torch::equal(sequence_expert_bias_delta(torch::zeros({5}, torch::kDouble), 1e-3), torch::zeros({4})));
+
+  for (const BalanceScope scope : {BalanceScope::kMicroBatch, BalanceScope::kSequence, BalanceScope::kGlobalBatch}) {
+    config::MoeConfig config = testing::small_moe_config(RouterKind::kLinear);
+    config.num_experts = 4;
+    config.bias_balancing_rate = 1e-3;
+    config.balance_scope = scope;
+    auto router = make_router(config, 16);
+    RouterStepStats stats;
+    stats.routed_pairs_E = torch::tensor({9, 9, 9, 9}, torch::kLong);  // not read: the bias statistics are
+    stats.bias_statistics_E =
+        scope == BalanceScope::kSequence ? signs_E1 : torch::tensor({10., 0., 5., 5., 10.}, torch::kDouble);
+    router->update_after_step(stats);
+    const Tensor want =
+        scope == BalanceScope::kSequence ? delta : expert_bias_delta(torch::tensor({10, 0, 5, 5}), 1e-3);
+    EXPECT_TRUE(torch::equal(dynamic_cast<TopKRouterImpl&>(*router).expert_bias, want)) << config::to_string(scope);
+  }
+}
+
+// Labels equal to -100 (train::kIgnoredLabel) do not count: the mean is over the others.
+TEST(LanguageModelLossTest, IgnoredLabelsAreLeftOutOfTheMean) {
+  torch::manual_seed(2);
+  const Tensor logits = torch::randn({2, 4, 7}, torch::kDouble).requires_grad_(true);
+  const Tensor labels = torch::tensor({3, -100, 6, 0, -100, -100, 1, 2}, torch::kLong).view({2, 4});
+  const Tensor loss = train::language_model_loss(logits, labels);
+  double want = 0;
+  int64_t counted = 0;
+  for (int64_t t = 0; t < 8; ++t) {
+    const int64_t label = labels.view(-1)[t].item<int64_t>();
+    if (label == train::kIgnoredLabel) continue;
+    want -= torch::log_softmax(logits.view({8, 7})[t], -1)[label].item<double>();
+    ++counted;
+  }
+  EXPECT_NEAR(loss.item<double>(), want / static_cast<double>(counted), 1e-14);
+  loss.backward();
+  EXPECT_EQ(logits.grad()[0][1].abs().max().item<double>(), 0.0);  // an ignored position gets no gradient
+
+  const Tensor none = train::language_model_loss(logits, torch::full({2, 4}, train::kIgnoredLabel, torch::kLong));
+  EXPECT_EQ(none.item<double>(), 0.0);
+  logits.mutable_grad() = Tensor();
+  none.backward();
+  EXPECT_EQ(logits.grad().abs().max().item<double>(), 0.0);
+}
+
+}  // namespace
+}  // namespace yuanmoe::model
