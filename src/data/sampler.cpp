@@ -8,6 +8,7 @@
 #include <limits>
 #include <numeric>
 #include <stdexcept>
+#include <utility>
 
 namespace yuanmoe::data {
 
@@ -182,42 +183,44 @@ Batch GptSampler::next_batch() {
   return Batch{tokens, labels, positions, documents};
 }
 
-torch::Tensor reset_position_ids(const torch::Tensor& tokens, int64_t eod_id) {
-  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kLong,
-              "reset_position_ids: expected int64 tokens [B, S], got ", tokens.sizes());
-  const torch::Tensor t = tokens.contiguous();
-  const int64_t B = t.size(0);
-  const int64_t S = t.size(1);
-  torch::Tensor positions = torch::empty({B, S}, torch::kLong);
-  const int64_t* in = t.data_ptr<int64_t>();
-  int64_t* out = positions.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t position = 0;
-    for (int64_t i = 0; i < S; ++i) {
-      out[b * S + i] = position;
-      position = in[b * S + i] == eod_id ? 0 : position + 1;
-    }
-  }
-  return positions;
-}
+namespace {
 
-torch::Tensor document_ids(const torch::Tensor& tokens, int64_t eod_id) {
-  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kLong,
-              "document_ids: expected int64 tokens [B, S], got ", tokens.sizes());
+/// One scan over each row: the document of every token (0 from the row's first token, one more
+/// after each EOD, so an EOD belongs to the document it ends) and its position in that document.
+/// Both [B, S] int64.
+std::pair<torch::Tensor, torch::Tensor> documents_and_positions(const torch::Tensor& tokens, int64_t eod_id,
+                                                                 const char* caller) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kLong, caller,
+              ": expected int64 tokens [B, S], got ", tokens.sizes());
   const torch::Tensor t = tokens.contiguous();
   const int64_t B = t.size(0);
   const int64_t S = t.size(1);
   torch::Tensor documents = torch::empty({B, S}, torch::kLong);
+  torch::Tensor positions = torch::empty({B, S}, torch::kLong);
   const int64_t* in = t.data_ptr<int64_t>();
-  int64_t* out = documents.data_ptr<int64_t>();
+  int64_t* document_out = documents.data_ptr<int64_t>();
+  int64_t* position_out = positions.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    int64_t document = 0;
+    int64_t document = 0, position = 0;
     for (int64_t i = 0; i < S; ++i) {
-      out[b * S + i] = document;
-      if (in[b * S + i] == eod_id) ++document;  // the next token starts the next document
+      document_out[b * S + i] = document;
+      position_out[b * S + i] = position;
+      const bool eod = in[b * S + i] == eod_id;  // the next token starts the next document
+      document += eod ? 1 : 0;
+      position = eod ? 0 : position + 1;
     }
   }
-  return documents;
+  return {documents, positions};
+}
+
+}  // namespace
+
+torch::Tensor reset_position_ids(const torch::Tensor& tokens, int64_t eod_id) {
+  return documents_and_positions(tokens, eod_id, "reset_position_ids").second;
+}
+
+torch::Tensor document_ids(const torch::Tensor& tokens, int64_t eod_id) {
+  return documents_and_positions(tokens, eod_id, "document_ids").first;
 }
 
 }  // namespace yuanmoe::data
