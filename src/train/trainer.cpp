@@ -10,7 +10,6 @@
 
 #include "yuanmoe/config/config_io.h"
 #include "yuanmoe/config/validate.h"
-#include "yuanmoe/data/prepare.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/param_count.h"
 #include "yuanmoe/model/recompute.h"
@@ -64,7 +63,7 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
   if (auto issues = config::validate_training(config_, layout.dp); !issues.empty()) {
     throw config::ConfigError("config", issues);
   }
-  open_data();
+  data_ = std::make_unique<TrainingData>(config_, layout, [this](const std::string& line) { info(line); });
 
   // Each parameter's initial value depends only on the seed and its name (init.h), so every
   // layout starts from the same model. Other randomness (dropout) differs per rank.
@@ -125,152 +124,11 @@ void Trainer::log_memory_per_rank() const {
                              parameter_bytes, optimizer_->state_bytes(), planned));
 }
 
-void Trainer::open_data() {
-  const parallel::ParallelLayout& layout = parallel_.layout();
-  if (config_.data.blend) {
-    open_blend();
-    return;
-  }
-  const std::string& prefix = config_.data.train_prefix;
-  auto train_dataset = std::make_shared<const data::IndexedDataset>(prefix);
-  if (auto meta = data::load_dataset_meta(prefix); meta && meta->vocab_size > config_.model.vocab_size) {
-    throw config::ConfigError("config", {{"model.vocab_size", "is " + std::to_string(config_.model.vocab_size) +
-                                                                  ", smaller than the vocabulary of " + prefix + " (" +
-                                                                  std::to_string(meta->vocab_size) + ")"}});
-  }
-  data::SamplerOptions train_options = sampler_options(config_, prefix);
-  train_options.rank = layout.dp_rank;  // the sampler state is global: any dp degree resumes it
-  train_options.world_size = layout.dp;
-  if ((train_options.reset_position_ids || train_options.reset_attention_mask) && train_options.eod_id < 0) {
-    throw config::ConfigError("config", {{"data.eod_id", "unknown: set it or data.tokenizer, or prepare the data "
-                                                         "with yuanmoe prepare-data (its .meta.json names it), or "
-                                                         "set data.reset_position_ids (and data.reset_attention_mask) "
-                                                         "to false"}});
-  }
-  train_sampler_ = std::make_unique<data::GptSampler>(train_dataset, train_options);
-  if (!config_.data.valid_prefix.empty()) {
-    valid_dataset_ = std::make_shared<const data::IndexedDataset>(config_.data.valid_prefix);
-    valid_options_ = train_options;  // the train split's EOD: both come from one tokenizer
-  }
-}
-
-void Trainer::open_blend() {
-  // Every problem with an entry is one line naming it: data.blend[i]: ...
-  const parallel::ParallelLayout& layout = parallel_.layout();
-  const std::vector<config::BlendEntry>& blend = *config_.data.blend;
-  std::vector<std::shared_ptr<const data::IndexedDataset>> datasets;
-  std::vector<double> weights;
-  std::vector<data::SamplerOptions> options;
-  std::optional<data::DatasetMeta> first_meta;  // of the first entry that has a .meta.json
-  size_t first_meta_entry = 0;
-  for (size_t i = 0; i < blend.size(); ++i) {
-    const config::BlendEntry& entry = blend[i];
-    const std::string at = "data.blend[" + std::to_string(i) + "]";
-    const auto bad = [&](const std::string& message, const std::string& key = "") {
-      return config::ConfigError("config", {{at + key, message}});
-    };
-    std::shared_ptr<const data::IndexedDataset> dataset;
-    std::optional<data::DatasetMeta> meta;
-    try {
-      dataset = std::make_shared<const data::IndexedDataset>(entry.prefix);
-      meta = data::load_dataset_meta(entry.prefix);
-    } catch (const std::exception& e) {
-      throw bad(std::string("prefix: ") + e.what());
-    }
-    if (dataset->num_tokens() < config_.train.seq_length + 1) {
-      throw bad(entry.prefix + " has " + std::to_string(dataset->num_tokens()) +
-                " tokens, fewer than train.seq_length + 1 = " + std::to_string(config_.train.seq_length + 1));
-    }
-    if (meta && meta->vocab_size > config_.model.vocab_size) {
-      throw bad("the vocabulary of " + entry.prefix + " (" + std::to_string(meta->vocab_size) +
-                ", its .meta.json) is larger than model.vocab_size (" + std::to_string(config_.model.vocab_size) + ")");
-    }
-    if (meta && first_meta && meta->vocab_size != first_meta->vocab_size) {
-      throw bad(entry.prefix + " was tokenized with a vocabulary of " + std::to_string(meta->vocab_size) +
-                ", data.blend[" + std::to_string(first_meta_entry) + "] with " + std::to_string(first_meta->vocab_size) +
-                ": every source of a blend must come from one tokenizer");
-    }
-    data::SamplerOptions o = sampler_options(config_, entry.prefix);
-    if (meta && config_.data.eod_id >= 0 && meta->eod_id >= 0 && meta->eod_id != config_.data.eod_id) {
-      throw bad("the EOD id of " + entry.prefix + " is " + std::to_string(meta->eod_id) +
-                " (its .meta.json), but data.eod_id is " + std::to_string(config_.data.eod_id));
-    }
-    if (o.reset_position_ids && o.eod_id < 0) {
-      throw bad("the EOD id of " + entry.prefix + " is unknown: set data.eod_id or data.tokenizer, or prepare the "
-                "data with yuanmoe prepare-data (its .meta.json names it), or set data.reset_position_ids to false");
-    }
-    if (!options.empty() && o.eod_id != options.front().eod_id) {
-      throw bad("the EOD id of " + entry.prefix + " is " + std::to_string(o.eod_id) + ", data.blend[0]'s is " +
-                std::to_string(options.front().eod_id) + ": every source of a blend must come from one tokenizer");
-    }
-    if (!first_meta && meta) {
-      first_meta = meta;
-      first_meta_entry = i;
-    }
-    if (!entry.valid_prefix.empty()) {
-      std::shared_ptr<const data::IndexedDataset> valid;
-      try {
-        valid = std::make_shared<const data::IndexedDataset>(entry.valid_prefix);
-      } catch (const std::exception& e) {
-        throw bad(e.what(), ".valid_prefix");
-      }
-      data::SamplerOptions valid_options = o;
-      valid_options.rank = layout.dp_rank;
-      valid_options.world_size = layout.dp;
-      blend_valid_.push_back({config::blend_source_name(entry), entry.weight, valid, valid_options});
-    }
-    datasets.push_back(dataset);
-    weights.push_back(entry.weight);
-    options.push_back(o);
-  }
-  data::SamplerOptions common = options.front();
-  common.rank = layout.dp_rank;  // the blend state is global too: any dp degree resumes it
-  common.world_size = layout.dp;
-  try {
-    blend_sampler_ = std::make_unique<data::BlendedSampler>(datasets, weights, options, common);
-  } catch (const std::invalid_argument& e) {  // weights whose sum overflows
-    throw config::ConfigError("config", {{"data.blend", e.what()}});
-  }
-  std::string mixture;
-  for (size_t i = 0; i < blend.size(); ++i) {
-    mixture += fmt::format("{}{} {:.4f}", i ? ", " : "", config::blend_source_name(blend[i]),
-                           blend_sampler_->weights()[i]);
-  }
-  info("data: blend of " + std::to_string(blend.size()) + " sources (normalised weights): " + mixture);
-  if (!config_.data.valid_prefix.empty()) {
-    valid_dataset_ = std::make_shared<const data::IndexedDataset>(config_.data.valid_prefix);
-    valid_options_ = common;
-  }
-}
-
-data::Batch Trainer::next_train_batch() {
-  return blend_sampler_ ? blend_sampler_->next_batch() : train_sampler_->next_batch();
-}
-
 void Trainer::resume_or_initialise() {
   const Resumed restored = checkpoints_->restore(*model_, *optimizer_);
   for (const std::string& note : restored.notes) info("note: " + note);
   if (restored.kind == Resumed::Kind::kResumed) {
-    if (blend_sampler_) {
-      if (!restored.progress.blend) {
-        throw config::ConfigError("config", {{"data.blend", "is set, but " + restored.dir.string() + " was written by "
-                                                            "a run on data.train_prefix: a blend cannot continue its "
-                                                            "sampler (use a new run dir, or train.init_from)"}});
-      }
-      try {
-        blend_sampler_->set_state(*restored.progress.blend);
-      } catch (const std::invalid_argument& e) {
-        throw config::ConfigError("config", {{"data.blend", "does not fit the sampler state of " +
-                                                                restored.dir.string() + ": " + e.what()}});
-      }
-    } else {
-      if (restored.progress.blend) {
-        throw config::ConfigError("config", {{"data.train_prefix", "is set, but " + restored.dir.string() +
-                                                                       " was written by a run on data.blend: set the "
-                                                                       "same data.blend to continue it"}});
-      }
-      train_sampler_->set_state(restored.progress.sampler);
-    }
+    data_->restore(restored.progress, restored.dir);
     progress_ = restored.progress;
     info("resumed from " + restored.dir.string() + " at step " + std::to_string(progress_.step));
   } else if (restored.kind == Resumed::Kind::kFineTune) {
@@ -322,19 +180,19 @@ EvalResult Trainer::evaluate_and_log() {
   };
   EvalResult result;
   Tensor router_L2;
-  if (valid_dataset_) {
-    result = evaluate_split(valid_dataset_, valid_options_);
+  if (data_->valid()) {
+    result = evaluate_split(data_->valid()->dataset, data_->valid()->options);
     router_L2 = router_statistics();
   }
   // data.blend entries with a valid_prefix: a loss each; without data.valid_prefix the headline
   // loss is their blend-weighted mean (docs/data.md, "Blends").
   std::vector<EvalResult> sources;
   std::vector<double> source_weights;
-  for (const BlendValidSplit& split : blend_valid_) {
+  for (const ValidationSplit& split : data_->blend_valid()) {
     sources.push_back(evaluate_split(split.dataset, split.options));
     source_weights.push_back(split.weight);
   }
-  if (!valid_dataset_) {
+  if (!data_->valid()) {
     result = blend_eval_result(sources, source_weights);
     router_L2 = router_statistics();
   }
@@ -344,7 +202,7 @@ EvalResult Trainer::evaluate_and_log() {
   std::string per_source;
   if (!sources.empty()) {
     std::vector<std::string> names;
-    for (const BlendValidSplit& split : blend_valid_) names.push_back(split.name);
+    for (const ValidationSplit& split : data_->blend_valid()) names.push_back(split.name);
     line["sources"] = eval_sources_json(names, sources);
     for (size_t i = 0; i < sources.size(); ++i) {
       per_source += fmt::format("{}{} {:.4f}", i ? ", " : " | sources: ", names[i], sources[i].loss);
@@ -357,11 +215,7 @@ EvalResult Trainer::evaluate_and_log() {
 }
 
 fs::path Trainer::save() {
-  if (blend_sampler_) {
-    progress_.blend = blend_sampler_->state();
-  } else {
-    progress_.sampler = train_sampler_->state();
-  }
+  data_->save(progress_);
   const fs::path dir = checkpoints_->save(progress_, *model_, *optimizer_);
   info("checkpoint " + dir.string());
   return dir;
@@ -407,7 +261,7 @@ TrainSummary Trainer::run() {
       plots_enabled_ = false;  // warn once
     }
   };
-  const bool evaluating = this->evaluating();
+  const bool evaluating = data_->has_validation();
   if (evaluating && progress_.step == 0) {
     summary.first_eval = evaluate_and_log();  // the baseline every later evaluation is read against
     summary.last_eval = summary.first_eval;
@@ -422,7 +276,7 @@ TrainSummary Trainer::run() {
   while (progress_.step < stop_step) {
     const auto start = std::chrono::steady_clock::now();
     const parallel::ExpertParallelTimes expert_times_before = expert_times ? *expert_times : parallel::ExpertParallelTimes{};
-    const StepResult result = step_->run(progress_.step, [&] { return next_train_batch(); });
+    const StepResult result = step_->run(progress_.step, [&] { return data_->next_batch(); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (expert_times) {  // training steps only, not the evaluations between them
       expert_step_times.all_to_all += expert_times->all_to_all - expert_times_before.all_to_all;

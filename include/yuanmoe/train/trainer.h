@@ -15,14 +15,13 @@
 #include <spdlog/logger.h>
 
 #include "yuanmoe/config/config.h"
-#include "yuanmoe/data/blend.h"
-#include "yuanmoe/data/sampler.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/process_groups.h"
 #include "yuanmoe/train/checkpointer.h"
 #include "yuanmoe/train/evaluate.h"
 #include "yuanmoe/train/metrics.h"
 #include "yuanmoe/train/step.h"
+#include "yuanmoe/train/training_data.h"
 
 namespace yuanmoe::train {
 
@@ -61,10 +60,6 @@ class Trainer {
   int64_t step() const { return progress_.step; }
 
  private:
-  void open_data();
-  void open_blend();                // data.blend: the blended sampler and the sources' validation splits
-  data::Batch next_train_batch();   // from the blend when there is one
-  bool evaluating() const { return valid_dataset_ != nullptr || !blend_valid_.empty(); }
   void log_memory_per_rank() const;
   void resume_or_initialise();
   EvalResult evaluate_and_log();
@@ -83,19 +78,7 @@ class Trainer {
   std::unique_ptr<DistributedOptimizer> optimizer_;
   std::unique_ptr<OptimizerStep> step_;
   std::unique_ptr<CheckpointManager> checkpoints_;
-  std::unique_ptr<data::GptSampler> train_sampler_;
-  std::shared_ptr<const data::IndexedDataset> valid_dataset_;
-  data::SamplerOptions valid_options_;
-  /// data.blend: the training mixture (train_sampler_ stays null) and the entries' own validation
-  /// splits, each evaluated on its own (docs/data.md, "Blends").
-  std::unique_ptr<data::BlendedSampler> blend_sampler_;
-  struct BlendValidSplit {
-    std::string name;
-    double weight = 0.0;
-    std::shared_ptr<const data::IndexedDataset> dataset;
-    data::SamplerOptions options;
-  };
-  std::vector<BlendValidSplit> blend_valid_;
+  std::unique_ptr<TrainingData> data_;  // the training batches and the validation splits
   std::unique_ptr<MetricsLog> metrics_;
   checkpoint::TrainingProgress progress_;  // step, tokens seen; the sampler state at each save
   double peak_flops_ = 0.0;
