@@ -310,6 +310,7 @@ def plot(studies, rows, out):
             gnuplot("\n".join([
                 "set terminal pngcairo size 900,%d" % (160 + 40 * layers) if has_cairo() else
                 "set terminal png size 900,%d" % (160 + 40 * layers),
+                "set termoption noenhanced",  # variant names keep their underscores
                 "set output '%s'" % png,
                 "set title \"%s: share of routed pairs per expert, final evaluation, mean over %d seeds (uniform = %.3f)\"" %
                 (v["name"], len(summaries), 1.0 / max(experts, 1)),
@@ -320,6 +321,7 @@ def plot(studies, rows, out):
         png = os.path.abspath(os.path.join(out, "%s_valid_loss.png" % study["name"]))
         gnuplot("\n".join([
             "set terminal pngcairo size 900,560" if has_cairo() else "set terminal png size 900,560",
+            "set termoption noenhanced",  # variant names keep their underscores
             "set output '%s'" % png,
             "set title 'study %s: valid loss, mean over %d seeds (bars: std)'" % (study["name"], study["seeds"]),
             "set xlabel 'step'", "set ylabel 'valid loss'", "set key top right", "set grid",
