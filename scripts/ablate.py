@@ -265,15 +265,23 @@ def paired_differences(study, rows):
         return []
     critical = T_95[min(len(seeds) - 1, len(T_95)) - 1]
     lines = ["Final valid loss minus `%s`'s, paired by seed (mean ± std of the %d differences); |t| > %.2f is a "
-             "difference beyond the seed noise at 95%% (two-sided, %d degrees of freedom):" %
-             (first, len(seeds), critical, len(seeds) - 1), "",
-             "| variant | per seed | mean ± std | t | beyond noise |", "|---|---|---|---|---|"]
+             "difference beyond the seed noise at 95%% (two-sided, %d degrees of freedom), and the 95%% interval "
+             "is mean ± %.2f std / √%d:" % (first, len(seeds), critical, len(seeds) - 1, critical, len(seeds)), "",
+             "| variant | per seed | mean ± std | 95% interval | t | beyond noise |", "|---|---|---|---|---|---|"]
+    half_widths = []
     for v in study["variants"][1:]:
         diffs = [final[v["name"]][seed] - final[first][seed] for seed in seeds]
         m, s = mean_std(diffs)
         t = m / (s / math.sqrt(len(diffs))) if s > 0 else float("inf") * (1 if m >= 0 else -1)
-        lines.append("| %s | %s | %+.4f ± %.4f | %+.2f | %s |" % (
-            v["name"], ", ".join("%+.3f" % d for d in diffs), m, s, t, "yes" if abs(t) > critical else "no"))
+        half = critical * s / math.sqrt(len(diffs))
+        half_widths.append(half)
+        lines.append("| %s | %s | %+.4f ± %.4f | [%+.3f, %+.3f] | %+.2f | %s |" % (
+            v["name"], ", ".join("%+.3f" % d for d in diffs), m, s, m - half, m + half, t,
+            "yes" if abs(t) > critical else "no"))
+    # The seed-noise floor: a difference smaller than the interval's half-width cannot be told from noise.
+    half_widths.sort()
+    lines += ["", "Seed-noise floor of this study (half-width of the 95%% interval; median over variants, "
+              "range): %.3f nats (%.3f to %.3f)." % (half_widths[len(half_widths) // 2], half_widths[0], half_widths[-1])]
     return lines + [""]
 
 
