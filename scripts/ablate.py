@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -279,9 +280,8 @@ def paired_differences(study, rows):
             v["name"], ", ".join("%+.3f" % d for d in diffs), m, s, m - half, m + half, t,
             "yes" if abs(t) > critical else "no"))
     # The seed-noise floor: a difference smaller than the interval's half-width cannot be told from noise.
-    half_widths.sort()
     lines += ["", "Seed-noise floor of this study (half-width of the 95%% interval; median over variants, "
-              "range): %.3f nats (%.3f to %.3f)." % (half_widths[len(half_widths) // 2], half_widths[0], half_widths[-1])]
+              "range): %.3f nats (%.3f to %.3f)." % (statistics.median(half_widths), min(half_widths), max(half_widths))]
     return lines + [""]
 
 

@@ -12,9 +12,10 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
 cmake --build build --target yuanmoe -j "$(nproc)"
 
 ./scripts/get-corpus.sh "${YUANMOE_CORPUS:-kjv}"
-if [ ! -f data/corpus_train.idx ] || [ ! -f data/corpus.model ]; then
-  build/yuanmoe prepare-data --input data/corpus.txt --output data/corpus --train-tokenizer 8192
-fi
-if [ ! -f data/corpus2k_train.idx ] || [ ! -f data/corpus2k.model ]; then
-  build/yuanmoe prepare-data --input data/corpus.txt --output data/corpus2k --train-tokenizer 2048
-fi
+prepare() {  # prepare NAME PIECES: data/NAME.model and data/NAME_{train,valid}, unless present
+  if [ ! -f "data/$1_train.idx" ] || [ ! -f "data/$1.model" ]; then
+    build/yuanmoe prepare-data --input data/corpus.txt --output "data/$1" --train-tokenizer "$2"
+  fi
+}
+prepare corpus 8192
+prepare corpus2k 2048
