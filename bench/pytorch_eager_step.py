@@ -72,8 +72,10 @@ def hf_config(run):
 
 
 def random_state_dict(c, gen, device):
-    """Every tensor YuanReference.__init__ get()s, as fp32 leaves. Its get() does t.to(fp32),
-    which returns the same tensor, so gradients land on these leaves."""
+    """Every tensor YuanReference.__init__ get()s, as fp32 leaves on `device`, drawn there from
+    `gen` (a generator of that device: a 5B-parameter model takes seconds on a GPU, a minute on the
+    CPU; the values then differ from a CPU draw, the distribution does not). Its get() does
+    t.to(fp32), which returns the same tensor, so gradients land on these leaves."""
     H, P, E, Fw, V = c.hidden, c.proj, c.experts, c.ffn, c.vocab
     shapes = {"model.embed_tokens.weight": [V, H], "model.norm.weight": [H]}
     if not c.tie:
@@ -101,8 +103,11 @@ def random_state_dict(c, gen, device):
     # layer's signal ~50x, leaving the routers and LFA convs with vanishing gradients.
     sd = {}
     for name, s in shapes.items():
-        t = torch.ones(s) if name.endswith("norm.weight") else torch.empty(s).normal_(0.0, 0.02, generator=gen)
-        sd[name] = t.to(device).requires_grad_()
+        if name.endswith("norm.weight"):
+            t = torch.ones(s, device=device)
+        else:
+            t = torch.empty(s, device=device).normal_(0.0, 0.02, generator=gen)
+        sd[name] = t.requires_grad_()
     return sd
 
 
@@ -135,7 +140,7 @@ def main():
     cfg = yuan2_reference.Config(hf_config(run))
     device = torch.device(args.device)
     bf16 = train.get("precision", "fp32") == "bf16"
-    sd = random_state_dict(cfg, gen, device)
+    sd = random_state_dict(cfg, torch.Generator(device=device).manual_seed(args.seed), device)
     model = yuan2_reference.YuanReference(cfg, sd, dtype=torch.float32)
     # forward is wrapped in torch.no_grad(); functools.wraps keeps the plain function here.
     forward = yuan2_reference.YuanReference.forward.__wrapped__

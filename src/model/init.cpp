@@ -23,14 +23,21 @@ uint64_t seed_for(uint64_t seed, const std::string& name) {
 
 }  // namespace
 
-void init_weights(torch::nn::Module& model, const config::ModelConfig& config, uint64_t seed) {
+void init_weights(torch::nn::Module& model, const config::ModelConfig& config, uint64_t seed, InitDraw draw) {
   torch::NoGradGuard no_grad;
   const double output_std = config.init_std / std::sqrt(2.0 * static_cast<double>(config.num_layers));
   for (const auto& item : model.named_parameters()) {
     const std::string& name = item.key();
     Tensor param = item.value();
-    at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed_for(seed, name));
-    Tensor value = torch::empty(param.sizes(), torch::kFloat);  // drawn on the CPU in fp32 everywhere
+    const torch::Device device = draw == InitDraw::kCpu ? torch::Device(torch::kCPU) : param.device();
+    at::Generator generator;
+    if (device.is_cpu()) {
+      generator = at::make_generator<at::CPUGeneratorImpl>(seed_for(seed, name));
+    } else {  // a copy of the device's generator, reseeded: the global one stays untouched
+      generator = at::globalContext().defaultGenerator(device).clone();
+      generator.set_current_seed(seed_for(seed, name));
+    }
+    Tensor value = torch::empty(param.sizes(), torch::dtype(torch::kFloat).device(device));  // fp32
     if (name.find("layernorm.") != std::string::npos || name == "norm.weight") {
       value.fill_(1.0);
     } else if (name.find("lf_gate.conv") != std::string::npos) {

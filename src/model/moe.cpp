@@ -292,10 +292,12 @@ Tensor ReluRouterImpl::routing_distribution(const Tensor& logits_TE) const {
 void ReluRouterImpl::update_after_step(const RouterStepStats& stats) {
   const double target_active =
       static_cast<double>(config.top_k) / static_cast<double>(config.num_experts);
-  const double next = next_relu_l1_coeff(l1_coeff.item<double>(), stats.active_fraction_all_layers,
-                                         target_active, config.relu_l1_alpha);
+  // next_relu_l1_coeff on the device (reading the coefficient back would make the host wait):
+  // the fp32 value times or over alpha in double, then rounded to fp32, as on the host.
+  const double factor = next_relu_l1_coeff(1.0, stats.active_fraction_all_layers, target_active, config.relu_l1_alpha);
+  const Tensor wide = l1_coeff.to(torch::kDouble);
   torch::NoGradGuard no_grad;
-  l1_coeff.fill_(next);
+  l1_coeff.copy_(factor >= 1.0 ? wide * config.relu_l1_alpha : wide / config.relu_l1_alpha);
 }
 
 DenseRouterImpl::DenseRouterImpl(const config::MoeConfig& config, int64_t hidden_size)
@@ -557,8 +559,9 @@ void MoeImpl::begin_step() {
 }
 
 Tensor MoeImpl::step_bias_statistics() const {
-  return step_bias_statistics_.defined() ? step_bias_statistics_
-                                         : torch::zeros({config.num_experts + 1}, torch::kDouble);
+  return step_bias_statistics_.defined()
+             ? step_bias_statistics_
+             : torch::zeros({config.num_experts + 1}, torch::dtype(torch::kDouble).device(experts->w1.device()));
 }
 
 void MoeImpl::rerun_next_forward(const Tensor& record) {

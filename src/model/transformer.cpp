@@ -216,6 +216,14 @@ AttentionImpl::AttentionImpl(const config::ModelConfig& config) : config(config)
   inverse_frequencies_ = rope_inverse_frequencies(config.rotary_dim, config.rope_base, config.rope_tables);
 }
 
+const Tensor& AttentionImpl::inverse_frequencies_on(const torch::Device& device) {
+  if (!device_inverse_frequencies_.defined() || device_inverse_frequencies_.device() != device) {
+    // Asynchronous: from pageable memory CUDA stages the bytes before the call returns.
+    device_inverse_frequencies_ = inverse_frequencies_.to(device, /*non_blocking=*/true);
+  }
+  return device_inverse_frequencies_;
+}
+
 Tensor AttentionImpl::forward(const Tensor& a_BSD,
                               const TokenLayout& tokens,
                               LayerCache* cache) {
@@ -231,7 +239,8 @@ Tensor AttentionImpl::forward(const Tensor& a_BSD,
   // [B, S, 2P] viewed per head as [q(Dh) | k(Dh)] (docs/model.md §4.1).
   const Tensor qk_BSH2 = torch::cat({q_proj(qk_input_BSD), k_proj(qk_input_BSD)}, -1)
                              .view({batch, seq, heads, 2 * head_dim});
-  const RopeAngles angles = rope_angles(inverse_frequencies_, tokens.position_ids_BS, config.rope_tables);
+  const RopeAngles angles =
+      rope_angles(inverse_frequencies_on(a_BSD.device()), tokens.position_ids_BS, config.rope_tables);
   const Tensor q_BSHDh = apply_rope(qk_BSH2.narrow(-1, 0, head_dim), angles, config.rotary_dim);
   const Tensor k_BSHDh =
       apply_rope(qk_BSH2.narrow(-1, head_dim, head_dim), angles, config.rotary_dim);

@@ -44,7 +44,7 @@ struct ParallelContext::Rendezvous {
 };
 
 void Group::all_reduce_sum(Tensor& tensor) const {
-  if (size_ == 1) return;
+  if (!impl_) return;
   std::vector<Tensor> tensors{tensor};
   c10d::AllreduceOptions options;
   options.reduceOp = c10d::ReduceOp::SUM;
@@ -52,7 +52,7 @@ void Group::all_reduce_sum(Tensor& tensor) const {
 }
 
 void Group::broadcast(Tensor& tensor, int64_t root) const {
-  if (size_ == 1) return;
+  if (!impl_) return;
   std::vector<Tensor> tensors{tensor};
   c10d::BroadcastOptions options;
   options.rootRank = root;
@@ -61,7 +61,7 @@ void Group::broadcast(Tensor& tensor, int64_t root) const {
 
 Tensor Group::all_to_all(const Tensor& rows, const std::vector<int64_t>& send_rows,
                          const std::vector<int64_t>& recv_rows) const {
-  if (size_ == 1) return rows;
+  if (!impl_) return rows;
   TORCH_CHECK(static_cast<int64_t>(send_rows.size()) == size_ && static_cast<int64_t>(recv_rows.size()) == size_,
               "all_to_all: one split per rank");
   std::vector<int64_t> output_shape = rows.sizes().vec();
@@ -75,7 +75,7 @@ Tensor Group::all_to_all(const Tensor& rows, const std::vector<int64_t>& send_ro
 }
 
 Tensor Group::reduce_scatter_sum(const Tensor& input) const {
-  if (size_ == 1) return input;
+  if (!impl_) return input;
   TORCH_CHECK(input.dim() == 1 && input.numel() % size_ == 0, "reduce_scatter_sum: [size * n] input");
   Tensor in = input.contiguous();
   Tensor out = torch::empty({input.numel() / size_}, input.options());
@@ -86,7 +86,7 @@ Tensor Group::reduce_scatter_sum(const Tensor& input) const {
 }
 
 Tensor Group::all_gather(const Tensor& shard) const {
-  if (size_ == 1) return shard;
+  if (!impl_) return shard;
   Tensor in = shard.contiguous();
   std::vector<int64_t> shape = shard.sizes().vec();
   shape[0] *= size_;
@@ -96,7 +96,7 @@ Tensor Group::all_gather(const Tensor& shard) const {
 }
 
 void Group::barrier() const {
-  if (size_ == 1) return;
+  if (!impl_) return;
   wait_for(impl_->pg->barrier(), "barrier", impl_->description);
 }
 
@@ -124,11 +124,11 @@ bool is_loopback(const std::string& host) {
 /// One group over `members` (global ranks, in group-rank order) if this rank is among them.
 Group make_group(const std::string& name, const std::vector<int64_t>& members, const WorldInfo& world,
                  const c10::intrusive_ptr<c10d::Store>& store, const config::ParallelConfig& options,
-                 bool use_nccl) {
+                 bool use_nccl, GroupsOfOne groups_of_one) {
   Group group;
   const auto it = std::find(members.begin(), members.end(), world.rank);
   TORCH_CHECK(it != members.end(), "rank ", world.rank, " is not in group ", name);
-  if (members.size() == 1) return group;
+  if (members.size() == 1 && groups_of_one == GroupsOfOne::kSkip) return group;
   const int rank = static_cast<int>(it - members.begin()), size = static_cast<int>(members.size());
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name, store);
   const auto timeout = std::chrono::milliseconds(options.timeout_s * 1000);
@@ -165,7 +165,8 @@ Group make_group(const std::string& name, const std::vector<int64_t>& members, c
 }  // namespace
 
 ParallelContext ParallelContext::connect(const WorldInfo& world, int64_t pipeline_stages,
-                                         const config::ParallelConfig& options, torch::Device device) {
+                                         const config::ParallelConfig& options, torch::Device device,
+                                         GroupsOfOne groups_of_one) {
   ParallelContext context;
   context.world_ = world;
   if (pipeline_stages < 1 || world.world_size % pipeline_stages != 0) {
@@ -183,7 +184,7 @@ ParallelContext ParallelContext::connect(const WorldInfo& world, int64_t pipelin
   }
   layout.ep = options.expert;
   layout.ep_rank = layout.dp_rank % layout.ep;
-  if (world.world_size == 1) return context;
+  if (world.world_size == 1 && groups_of_one == GroupsOfOne::kSkip) return context;
 
   const bool use_nccl = options.backend == config::Backend::kNccl ||
                         (options.backend == config::Backend::kAuto && device.is_cuda());
@@ -208,6 +209,9 @@ ParallelContext ParallelContext::connect(const WorldInfo& world, int64_t pipelin
     store = c10::make_intrusive<c10d::PrefixStore>("/worker/attempt_" + std::to_string(world.restart_count), store);
   }
   context.rendezvous_ = std::make_shared<Rendezvous>(Rendezvous{store});
+  const auto group = [&](const std::string& name, const std::vector<int64_t>& members, bool nccl) {
+    return make_group(name, members, world, store, options, nccl, groups_of_one);
+  };
 
   // Every rank builds its groups in the same order (world, dp, pp, embedding, ep, edp), so the
   // full-mesh connections in the constructors cannot wait on each other in a cycle.
@@ -216,13 +220,13 @@ ParallelContext ParallelContext::connect(const WorldInfo& world, int64_t pipelin
   for (int64_t d = 0; d < layout.dp; ++d) dp_members.push_back(layout.stage * layout.dp + d);
   for (int64_t s = 0; s < layout.pp; ++s) pp_members.push_back(s * layout.dp + layout.dp_rank);
   // World traffic (metrics, loads) is small and host-side: always Gloo.
-  context.world_group = make_group("world/", everyone, world, store, options, /*use_nccl=*/false);
-  context.dp = make_group("dp/" + std::to_string(layout.stage) + "/", dp_members, world, store, options, use_nccl);
-  context.pp = make_group("pp/" + std::to_string(layout.dp_rank) + "/", pp_members, world, store, options, use_nccl);
+  context.world_group = group("world/", everyone, /*nccl=*/false);
+  context.dp = group("dp/" + std::to_string(layout.stage) + "/", dp_members, use_nccl);
+  context.pp = group("pp/" + std::to_string(layout.dp_rank) + "/", pp_members, use_nccl);
   if (layout.pp > 1 && (layout.first_stage() || layout.last_stage())) {
     const std::vector<int64_t> ends{layout.dp_rank, (layout.pp - 1) * layout.dp + layout.dp_rank};
     context.embedding =
-        make_group("embedding/" + std::to_string(layout.dp_rank) + "/", ends, world, store, options, use_nccl);
+        group("embedding/" + std::to_string(layout.dp_rank) + "/", ends, use_nccl);
   }
   if (layout.ep > 1) {
     const int64_t block = layout.dp_rank / layout.ep;  // which ep group of the stage
@@ -232,9 +236,8 @@ ParallelContext ParallelContext::connect(const WorldInfo& world, int64_t pipelin
       edp_members.push_back(layout.stage * layout.dp + j * layout.ep + layout.ep_rank);
     }
     const std::string stage = std::to_string(layout.stage) + "/";
-    context.ep = make_group("ep/" + stage + std::to_string(block) + "/", ep_members, world, store, options, use_nccl);
-    context.edp = make_group("edp/" + stage + std::to_string(layout.ep_rank) + "/", edp_members, world, store,
-                             options, use_nccl);
+    context.ep = group("ep/" + stage + std::to_string(block) + "/", ep_members, use_nccl);
+    context.edp = group("edp/" + stage + std::to_string(layout.ep_rank) + "/", edp_members, use_nccl);
   } else {
     context.edp = context.dp;  // every rank holds every expert: experts reduce like any weight
   }

@@ -120,10 +120,11 @@ AttentionKernelTime measure_attention_kernel(const config::RunConfig& config, co
   return out;
 }
 
-data::Batch random_batch(int64_t batch, int64_t seq, int64_t vocab, const torch::Device& device) {
-  const Tensor stream = torch::randint(vocab, {batch, seq + 1}, torch::dtype(torch::kLong).device(device));
+/// Random tokens in host memory (one document per row).
+data::Batch random_batch(int64_t batch, int64_t seq, int64_t vocab) {
+  const Tensor stream = torch::randint(vocab, {batch, seq + 1}, torch::kLong);
   return {stream.narrow(1, 0, seq).contiguous(), stream.narrow(1, 1, seq).contiguous(),
-          model::default_position_ids(batch, seq, device), Tensor()};  // one document per row
+          model::default_position_ids(batch, seq, torch::kCPU).contiguous(), Tensor()};
 }
 
 /// The trainer's own step (train/step.h) in one process: zero grads, the pipeline schedule over
@@ -233,9 +234,12 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
 }
 
 /// Side-by-side pairs, forward + backward: MoE block vs the dense FFN of the same active FLOPs,
-/// libtorch's fused SDPA vs materialised attention.
+/// libtorch's fused SDPA vs materialised attention. Under the step's precision (bf16 autocast on
+/// a GPU), so each side runs the kernels the step runs: _grouped_mm's bf16 kernel, not its fp32
+/// fallback.
 void measure_pairs(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
                    const std::vector<data::Batch>& batches, const torch::Device& device, BenchReport& report) {
+  AutocastScope autocast(config.train.precision, device);
   const auto& m = config.model;
   const data::Batch& batch = batches.front();
   const int64_t mb = batch.tokens.size(0), seq = batch.tokens.size(1);
@@ -327,6 +331,7 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   }
   const torch::Dtype peak_dtype = config.train.precision == config::Precision::kBf16 ? torch::kBFloat16 : torch::kFloat;
   const MatmulRate rate_before = measure_matmul_rate(device, peak_dtype);
+  report.matmul_size = rate_before.size;
   report.peak_flops = rate_before.median;
   report.best_matmul_flops = rate_before.best;
   report.flops_per_token = training_flops_per_token(config);
@@ -335,13 +340,18 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   torch::manual_seed(config.train.seed);
   model::Transformer model(config.model, config.moe);
   model->to(device);
-  model::init_weights(*model, config.model, static_cast<uint64_t>(config.train.seed));
+  // On a GPU the draw happens there: a 5B-parameter model takes seconds instead of a CPU minute,
+  // with other values than the CPU's (model/init.h); the step's time does not depend on them.
+  model::init_weights(*model, config.model, static_cast<uint64_t>(config.train.seed),
+                      device.is_cuda() ? model::InitDraw::kParameterDevice : model::InitDraw::kCpu);
   // A fine-tune's step from trained weights can cost more than from random ones (a trained
   // router's uneven loads, docs/benchmarks.md): bench measures the weights train would start from.
   if (!config.train.init_from.empty()) report.init_from = load_init_from(*model, config).first.string();
   model::apply_recompute(*model, config.train.recompute);
   model->train();
-  std::vector<data::Batch> batches;
+  // The step takes its micro-batches from host memory, as the trainer's sampler gives them (their
+  // copies to the device are part of the step); the parts and pairs read device copies.
+  std::vector<data::Batch> batches, device_batches;
   std::unique_ptr<data::GptSampler> sampler;
   if (options.real_data) {
     sampler = std::make_unique<data::GptSampler>(std::make_shared<const data::IndexedDataset>(config.data.train_prefix),
@@ -349,13 +359,12 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
     report.data = config.data.train_prefix;
   }
   for (int64_t i = 0; i < config.train.global_batch_size / config.train.micro_batch_size; ++i) {
-    if (sampler) {
-      data::Batch batch = sampler->next_batch();
-      batches.push_back({batch.tokens.to(device), batch.labels.to(device), batch.position_ids.to(device),
-                         batch.document_ids.defined() ? batch.document_ids.to(device) : Tensor()});
-    } else {
-      batches.push_back(random_batch(config.train.micro_batch_size, config.train.seq_length, config.model.vocab_size, device));
-    }
+    batches.push_back(sampler ? sampler->next_batch()
+                              : random_batch(config.train.micro_batch_size, config.train.seq_length,
+                                             config.model.vocab_size));
+    const data::Batch& batch = batches.back();
+    device_batches.push_back({batch.tokens.to(device), batch.labels.to(device), batch.position_ids.to(device),
+                              batch.document_ids.defined() ? batch.document_ids.to(device) : Tensor()});
   }
 
   parallel::ParallelContext single_process;
@@ -371,11 +380,16 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   // A stated device peak (log.peak_tflops, e.g. a GPU's dense bf16 figure) is what MFU is quoted
   // against, as in the trainer; the measured matmul rates stay in the report beside it.
   report.measured_peak_flops = report.peak_flops;
-  if (config.log.peak_tflops > 0) report.peak_flops = config.log.peak_tflops * 1e12;
-  report.mfu = report.tokens_per_s * report.flops_per_token / report.peak_flops;
+  const double model_flops_per_s = report.tokens_per_s * report.flops_per_token;
+  report.mfu_measured_peak = model_flops_per_s / report.measured_peak_flops;
+  if (config.log.peak_tflops > 0) {
+    report.peak_flops = config.log.peak_tflops * 1e12;
+    report.mfu_stated_peak = model_flops_per_s / report.peak_flops;
+  }
+  report.mfu = model_flops_per_s / report.peak_flops;
   if (!options.step_only) {
-    measure_components(config, options, *model, step, batches, device, report);
-    measure_pairs(config, options, *model, batches, device, report);
+    measure_components(config, options, *model, step, device_batches, device, report);
+    measure_pairs(config, options, *model, device_batches, device, report);
   }
   report.peak_rss_bytes = peak_rss_bytes();
   if (device.is_cuda()) {
@@ -399,9 +413,11 @@ nlohmann::ordered_json to_json(const BenchReport& r, const config::RunConfig& co
     j["peak_rss_bytes"] = r.peak_rss_bytes;
     return j;
   }
+  j["precision"] = config::to_string(config.train.precision);
   j["peak_flops"] = r.peak_flops;
   j["measured_peak_flops"] = r.measured_peak_flops;
   j["best_matmul_flops"] = r.best_matmul_flops;
+  j["matmul_size"] = r.matmul_size;
   j["seq_length"] = config.train.seq_length;
   j["micro_batch_size"] = config.train.micro_batch_size;
   j["global_batch_size"] = config.train.global_batch_size;
@@ -414,6 +430,8 @@ nlohmann::ordered_json to_json(const BenchReport& r, const config::RunConfig& co
   j["median_step_seconds"] = r.step_median_seconds;
   j["tokens_per_s"] = r.tokens_per_s;
   j["mfu"] = r.mfu;
+  j["mfu_measured_peak"] = r.mfu_measured_peak;
+  j["mfu_stated_peak"] = r.mfu_stated_peak;
   j["losses"] = r.losses;
   j["forward_seconds"] = r.forward_seconds;
   j["components"] = nlohmann::ordered_json::array();
@@ -439,8 +457,8 @@ std::string format_report(const BenchReport& r) {
     return out.str();
   }
   out << "device " << r.device << ", " << r.threads << " threads, libtorch " << r.torch_version
-      << ", matmul peak " << fixed(r.measured_peak_flops / 1e9, 1) << " GFLOP/s sustained (median; best single run "
-      << fixed(r.best_matmul_flops / 1e9, 1) << ")"
+      << ", " << r.matmul_size << "^3 matmul " << fixed(r.measured_peak_flops / 1e9, 1)
+      << " GFLOP/s sustained (median; best single run " << fixed(r.best_matmul_flops / 1e9, 1) << ")"
       << (r.peak_flops != r.measured_peak_flops ? ", MFU against the stated " + fixed(r.peak_flops / 1e12, 0) + " TFLOP/s"
                                                 : std::string())
       << "\n";
@@ -448,7 +466,9 @@ std::string format_report(const BenchReport& r) {
       << ", tokens: " << (r.data.empty() ? "random" : r.data) << "\n";
   out << "step: " << r.tokens_per_step << " tokens in " << fixed(r.step_median_seconds * 1e3, 1) << " ms (median of "
       << r.step_seconds.size() << "): " << fixed(r.tokens_per_s, 0) << " tokens/s, MFU "
-      << fixed(100.0 * r.mfu, 1) << "%\n";
+      << fixed(100.0 * r.mfu, 1) << "%";
+  if (r.mfu_stated_peak > 0) out << " (" << fixed(100.0 * r.mfu_measured_peak, 1) << "% of the measured matmul rate)";
+  out << "\n";
   if (!r.components.empty()) {
     double total = 0.0;
     for (const auto& c : r.components) total += c.seconds;

@@ -48,12 +48,10 @@ struct ReduceGroup {
   std::vector<Bucket> buckets;  // sharded only
 };
 
-/// `value` summed over `group`, through a tensor on `device` (NCCL reduces device tensors only).
-double sum_over(const parallel::Group& group, double value, torch::Device device) {
-  if (group.size() == 1) return value;
-  Tensor t = torch::tensor({value}, torch::kDouble).to(device);
-  group.all_reduce_sum(t);
-  return t.item<double>();
+/// `value` ([] on the parameters' device: NCCL reduces device tensors only) summed over `group`.
+Tensor sum_over(const parallel::Group& group, Tensor value) {
+  group.all_reduce_sum(value);
+  return value;
 }
 
 std::vector<Tensor> gradients_holders(const std::vector<Slot>& slots, const std::vector<size_t>& ids, bool norm_only) {
@@ -186,22 +184,24 @@ void DistributedOptimizer::reduce_gradients() {
   }
 }
 
-double DistributedOptimizer::gradient_norm() const {
+Tensor DistributedOptimizer::squared_gradient_norm() const {
   const Layout& layout = *layout_;
   // [dense, expert] sums of squares; each is complete once summed over the ranks that hold
   // disjoint parts of it: shards over their group, experts over the ep group.
   const torch::Device device = layout.slots.front().parameter.device();
-  double dense = 0.0, expert = 0.0;
+  Tensor dense, expert;
   if (!shard_) {
-    dense = squared_gradient_norm(gradients_holders(layout.slots, layout.dense.slots, true));
-    expert = squared_gradient_norm(gradients_holders(layout.slots, layout.expert.slots, true));
+    dense = squared_gradient_sum(gradients_holders(layout.slots, layout.dense.slots, true), device);
+    expert = squared_gradient_sum(gradients_holders(layout.slots, layout.expert.slots, true), device);
   } else {
-    dense = sum_over(parallel_.dp, squared_gradient_norm(layout.piece_values(layout.dense, true)), device);
-    expert = sum_over(parallel_.edp, squared_gradient_norm(layout.piece_values(layout.expert, true)), device);
+    dense = sum_over(parallel_.dp, squared_gradient_sum(layout.piece_values(layout.dense, true), device));
+    expert = sum_over(parallel_.edp, squared_gradient_sum(layout.piece_values(layout.expert, true), device));
   }
-  expert = sum_over(parallel_.ep, expert, device);
-  return std::sqrt(sum_over(parallel_.pp, dense + expert, device));
+  expert = sum_over(parallel_.ep, expert);
+  return sum_over(parallel_.pp, dense + expert);
 }
+
+double DistributedOptimizer::gradient_norm() const { return std::sqrt(squared_gradient_norm().item<double>()); }
 
 void DistributedOptimizer::step(double max_norm, double norm) {
   const Layout& layout = *layout_;

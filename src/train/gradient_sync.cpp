@@ -23,7 +23,7 @@ void synchronize_gradients(const std::vector<Tensor>& parameters, const Tensor& 
 
 void all_reduce_mean(const std::vector<Tensor>& parameters, const parallel::Group& group, int64_t divisor) {
   torch::NoGradGuard no_grad;
-  if (divisor == 1) return;
+  if (divisor == 1 && !group.connected()) return;
   // Gloo has no AVG: sum, then divide.
   constexpr int64_t kBucketBytes = 25 << 20;
   std::vector<Tensor> bucket;

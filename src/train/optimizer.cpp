@@ -93,13 +93,18 @@ void load_optimizer_state_by_name(const torch::nn::Module& model,
   }
 }
 
-double squared_gradient_norm(const std::vector<Tensor>& parameters) {
+Tensor squared_gradient_sum(const std::vector<Tensor>& parameters, const torch::Device& device) {
   torch::NoGradGuard no_grad;
-  std::vector<Tensor> squares;  // one device sync for the whole model, not one per parameter
+  std::vector<Tensor> squares;
   for (const auto& p : parameters) {
     if (p.grad().defined()) squares.push_back(p.grad().to(torch::kDouble).pow(2).sum());
   }
-  return squares.empty() ? 0.0 : torch::stack(squares).sum().item<double>();
+  return squares.empty() ? torch::zeros({}, torch::dtype(torch::kDouble).device(device))
+                         : torch::stack(squares).sum();
+}
+
+double squared_gradient_norm(const std::vector<Tensor>& parameters) {
+  return squared_gradient_sum(parameters, torch::kCPU).item<double>();  // one read for the whole model
 }
 
 void scale_gradients_to_norm(const std::vector<Tensor>& parameters, double max_norm, double norm) {

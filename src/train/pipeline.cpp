@@ -77,7 +77,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
       InFlight state;
       Tensor x;
       if (first) {
-        x = batch.tokens.to(device);
+        x = batch.tokens.to(device, /*non_blocking=*/true);
       } else {
         state.input = activation_buffer(batch, hidden, device, dtype);
         timed_wait([&] { pp.recv(state.input, layout.stage - 1, forward_tag(i)); });
@@ -91,7 +91,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
         result.routed_pairs_LE = result.routed_pairs_LE.defined() ? result.routed_pairs_LE + out.routed_pairs_LE : out.routed_pairs_LE;
       }
       if (last) {
-        const Tensor lm_loss = language_model_loss(out.out, batch.labels.to(device));
+        const Tensor lm_loss = language_model_loss(out.out, batch.labels.to(device, /*non_blocking=*/true));
         lm_sum += lm_loss.detach().to(torch::kDouble);
         state.output = out.aux_loss.defined() ? lm_loss + out.aux_loss.to(lm_loss.scalar_type()) : lm_loss;
       } else {
@@ -120,9 +120,9 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
   timed_wait([&] {
     for (auto& send : sends) send.wait();
   });
-  result.lm_loss_sum = lm_sum.item<double>();
-  result.aux_loss_sum = aux_sum.item<double>();
-  if (result.routed_pairs_LE.defined()) result.routed_pairs_LE = result.routed_pairs_LE.to(torch::kCPU);  // once per step
+  // Still on the device: the step reads them back with its other figures, once (train/step.cpp).
+  result.lm_loss_sum = lm_sum;
+  result.aux_loss_sum = aux_sum;
   result.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return result;
 }

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "yuanmoe/core/host_sync.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/train/lr_schedule.h"
 #include "yuanmoe/train/pipeline.h"
@@ -17,6 +18,24 @@ OptimizerStep::OptimizerStep(const config::RunConfig& config, model::Transformer
   micro_batches_per_rank_ =
       config_.train.global_batch_size / (config_.train.micro_batch_size * parallel_.layout().dp);
 }
+
+namespace {
+
+/// This stage's figures of the step in one fp64 vector on its device: [LM loss sum, router terms
+/// sum, squared gradient norm, routed pairs (L_stage x E), bias statistics (L_stage x (E + 1))];
+/// the pairs when the stage has MoE layers, the statistics when bias balancing is on.
+Tensor pack_stage_figures(const PipelineStepResult& pipeline, const Tensor& squared_norm,
+                          const Tensor& bias_statistics_LE) {
+  std::vector<Tensor> parts{pipeline.lm_loss_sum.reshape({1}), pipeline.aux_loss_sum.reshape({1}),
+                            squared_norm.reshape({1})};
+  if (pipeline.routed_pairs_LE.defined()) parts.push_back(pipeline.routed_pairs_LE.reshape(-1).to(torch::kDouble));
+  if (bias_statistics_LE.defined()) parts.push_back(bias_statistics_LE.reshape(-1));
+  const torch::Device device = squared_norm.device();
+  for (Tensor& part : parts) part = part.to(device, torch::kDouble);
+  return torch::cat(parts);
+}
+
+}  // namespace
 
 StepResult OptimizerStep::forward_backward(int64_t completed, const std::function<data::Batch()>& next_batch) {
   StepResult result;
@@ -35,25 +54,48 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   const PipelineStepResult pipeline = run_pipeline_step(model_, parallel_, options, next_batch);
   if (after_backward) after_backward(completed + 1, parameters_);
   optimizer_.reduce_gradients();
+  const Tensor squared_norm = optimizer_.squared_gradient_norm();
+  Tensor bias_statistics_LE;  // [L_stage, E + 1] on the device
+  const std::vector<model::Moe> layers = model_.moe_layers();
+  if (config_.moe.bias_balancing_rate > 0 && !layers.empty()) {
+    std::vector<Tensor> rows;
+    for (const model::Moe& moe : layers) rows.push_back(moe->step_bias_statistics());
+    bias_statistics_LE = torch::stack(rows);
+  }
+
+  // Up to here the step has only queued work on the device. Its figures come back in one copy,
+  // its one wait for the device (core/host_sync.h); the rest is host arithmetic and Gloo.
+  const ExpectedHostSync figures_read;
+  const Tensor stage = pack_stage_figures(pipeline, squared_norm, bias_statistics_LE).to(torch::kCPU);
+  const int64_t experts = config_.moe.num_experts, stage_layers = static_cast<int64_t>(layers.size());
+  int64_t offset = 3;
+  const auto take_rows = [&](int64_t width, torch::Dtype dtype) {
+    const Tensor rows = stage.narrow(0, offset, stage_layers * width).view({stage_layers, width}).to(dtype);
+    offset += stage_layers * width;
+    return rows;
+  };
+  const Tensor stage_pairs_LE = pipeline.routed_pairs_LE.defined() ? take_rows(experts, torch::kLong) : Tensor();
+  const Tensor stage_bias_LE = bias_statistics_LE.defined() ? take_rows(experts + 1, torch::kDouble) : Tensor();
 
   // Losses live on the last stages, router terms on every stage: one sum over the world. The
   // pipeline's waiting and total times give its measured bubble.
-  Tensor sums = torch::tensor(
-      {pipeline.lm_loss_sum, pipeline.aux_loss_sum, pipeline.wait_seconds, pipeline.wall_seconds}, torch::kDouble);
+  const double* figures = stage.data_ptr<double>();
+  Tensor sums = torch::tensor({figures[0], figures[1], pipeline.wait_seconds, pipeline.wall_seconds}, torch::kDouble);
   parallel_.world_group.all_reduce_sum(sums);
+  const double* summed = sums.data_ptr<double>();
   const double micro_batches = static_cast<double>(micro_batches_per_rank_ * parallel_.layout().dp);
-  result.pipeline_bubble = sums[3].item<double>() > 0 ? sums[2].item<double>() / sums[3].item<double>() : 0.0;
-  result.loss = sums[0].item<double>() / micro_batches;
-  result.aux_loss = sums[1].item<double>() / micro_batches;
-  result.routed_pairs_LE = global_moe_rows(pipeline.routed_pairs_LE, config_.moe.num_experts, torch::kLong);
-  if (config_.moe.bias_balancing_rate > 0) {
-    // Every rank's statistics of every layer, so that the bias stays the same on every rank.
-    std::vector<Tensor> rows;
-    for (const model::Moe& moe : model_.moe_layers()) rows.push_back(moe->step_bias_statistics().to(torch::kCPU));
-    result.bias_statistics_LE =
-        global_moe_rows(rows.empty() ? Tensor() : torch::stack(rows), config_.moe.num_experts + 1, torch::kDouble);
+  result.pipeline_bubble = summed[3] > 0 ? summed[2] / summed[3] : 0.0;
+  result.loss = summed[0] / micro_batches;
+  result.aux_loss = summed[1] / micro_batches;
+  result.grad_norm = std::sqrt(figures[2]);  // already summed over the groups that hold parts of it
+  result.routed_pairs_LE = global_moe_rows(stage_pairs_LE, experts, torch::kLong);
+  if (result.routed_pairs_LE.defined()) {
+    const double pairs = static_cast<double>(result.routed_pairs_LE.sum().data_ptr<int64_t>()[0]);
+    result.routed_fraction = pairs / static_cast<double>(config_.train.global_batch_size * config_.train.seq_length *
+                                                         experts * result.routed_pairs_LE.size(0));
   }
-  result.grad_norm = optimizer_.gradient_norm();
+  // Every rank's statistics of every layer, so that the bias stays the same on every rank.
+  if (config_.moe.bias_balancing_rate > 0) result.bias_statistics_LE = global_moe_rows(stage_bias_LE, experts + 1, torch::kDouble);
   return result;
 }
 
@@ -78,8 +120,7 @@ void OptimizerStep::apply(int64_t completed, StepResult& result) {
   }
   consecutive_skips_ = 0;
   optimizer_.step(config_.train.grad_clip, result.grad_norm);
-  update_routers(result.routed_pairs_LE, result.bias_statistics_LE,
-                 config_.train.global_batch_size * config_.train.seq_length);
+  update_routers(result, config_.train.global_batch_size * config_.train.seq_length);
 }
 
 Tensor OptimizerStep::global_moe_rows(const Tensor& stage_rows_LX, int64_t width, torch::Dtype dtype) const {
@@ -90,21 +131,21 @@ Tensor OptimizerStep::global_moe_rows(const Tensor& stage_rows_LX, int64_t width
   return all;
 }
 
-void OptimizerStep::update_routers(const Tensor& routed_pairs_LE, const Tensor& bias_statistics_LE,
-                                   int64_t tokens) const {
+void OptimizerStep::update_routers(const StepResult& result, int64_t tokens) const {
   const std::vector<model::Moe> layers = model_.moe_layers();
-  if (layers.empty() || !routed_pairs_LE.defined()) return;
+  if (layers.empty() || !result.routed_pairs_LE.defined()) return;
   model::RouterStepStats stats;
   stats.tokens = tokens;
   // ReMoE's L1 coefficient follows the sparsity of all layers together (docs/routers.md); the
   // counts are global, so every rank keeps the same router state.
-  stats.active_fraction_all_layers = routed_pairs_LE.sum().item<double>() /
-                                     static_cast<double>(tokens * config_.moe.num_experts * routed_pairs_LE.size(0));
+  stats.active_fraction_all_layers = result.routed_fraction;
   const torch::Device device = parameters_.front().device();
   for (size_t l = 0; l < layers.size(); ++l) {
-    stats.routed_pairs_E = routed_pairs_LE[moe_layers_before_stage_ + static_cast<int64_t>(l)].to(device);
-    if (bias_statistics_LE.defined()) {
-      stats.bias_statistics_E = bias_statistics_LE[moe_layers_before_stage_ + static_cast<int64_t>(l)].to(device);
+    const int64_t layer = moe_layers_before_stage_ + static_cast<int64_t>(l);
+    // Host to device without waiting: the routers' updates queue behind AdamW.
+    stats.routed_pairs_E = result.routed_pairs_LE[layer].to(device, /*non_blocking=*/true);
+    if (result.bias_statistics_LE.defined()) {
+      stats.bias_statistics_E = result.bias_statistics_LE[layer].to(device, /*non_blocking=*/true);
     }
     layers[l]->gate->update_after_step(stats);
   }

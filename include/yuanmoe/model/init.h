@@ -11,6 +11,14 @@
 
 namespace yuanmoe::model {
 
-void init_weights(torch::nn::Module& model, const config::ModelConfig& config, uint64_t seed = 1234);
+/// Where the values are drawn. kCpu: on the CPU in fp32 from a CPU generator, then copied: the
+/// same values on every device and machine (training, checkpoints, tests). kParameterDevice: on the
+/// device each parameter lives on, from that device's generator seeded the same way; on CUDA the
+/// values differ from the CPU's (another generator), and the draw takes seconds instead of the CPU's
+/// minute for a 5B-parameter model. `yuanmoe bench` draws there: it times steps, not values.
+enum class InitDraw { kCpu, kParameterDevice };
+
+void init_weights(torch::nn::Module& model, const config::ModelConfig& config, uint64_t seed = 1234,
+                  InitDraw draw = InitDraw::kCpu);
 
 }  // namespace yuanmoe::model

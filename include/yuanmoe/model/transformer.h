@@ -185,7 +185,12 @@ class AttentionImpl : public torch::nn::Module {
   LocalizedFiltering lf_gate{nullptr};  // only with config.lfa
 
  private:
-  Tensor inverse_frequencies_;  // [rotary_dim / 2] fp32, not a parameter (HF: non-persistent)
+  /// inverse_frequencies_ on `device`, copied there once and kept: a copy per forward from host
+  /// memory would make every attention layer wait for the transfer (core/host_sync.h).
+  const Tensor& inverse_frequencies_on(const torch::Device& device);
+
+  Tensor inverse_frequencies_;         // [rotary_dim / 2] fp32 on the CPU, not a parameter (HF: non-persistent)
+  Tensor device_inverse_frequencies_;  // the same values on the device of the last forward
 };
 TORCH_MODULE(Attention);
 

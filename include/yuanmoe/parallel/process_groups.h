@@ -42,9 +42,11 @@ class PendingSend {
 
 class Group {
  public:
-  Group() = default;  // this process alone
+  Group() = default;  // this process alone, no process group: every collective is the identity
   int64_t rank() const { return rank_; }
   int64_t size() const { return size_; }
+  /// Whether a c10d process group stands behind it (also one of a single rank, GroupsOfOne::kBuild).
+  bool connected() const { return impl_ != nullptr; }
 
   /// Element-wise sum over the group, in place (one tensor, or a list of one dtype/device).
   void all_reduce_sum(Tensor& tensor) const;
@@ -81,15 +83,23 @@ struct ParallelLayout {
   bool last_stage() const { return stage == pp - 1; }
 };
 
+/// What connect() does for a group that holds this rank alone: nothing (kSkip: the group is the
+/// no-op Group(), and a world of one makes no rendezvous), or a real c10d process group of one
+/// rank (kBuild: the collectives run through Gloo or NCCL, which a test of the backend on one
+/// machine and one GPU needs).
+enum class GroupsOfOne { kSkip, kBuild };
+
 class ParallelContext {
  public:
   ParallelContext() = default;  // single process
 
   /// Rendezvous and build every group this rank belongs to; world.world_size must be a
   /// multiple of pipeline_stages and options.expert divide the data-parallel size. Throws
-  /// naming the problem (store unreachable, timeout, ...).
+  /// naming the problem (store unreachable, timeout, ...). A world.master_port of 0 lets rank 0's
+  /// store pick a free port (one process only: the others could not find it).
   static ParallelContext connect(const WorldInfo& world, int64_t pipeline_stages,
-                                 const config::ParallelConfig& options, torch::Device device);
+                                 const config::ParallelConfig& options, torch::Device device,
+                                 GroupsOfOne groups_of_one = GroupsOfOne::kSkip);
 
   const WorldInfo& world() const { return world_; }
   const ParallelLayout& layout() const { return layout_; }

@@ -2,12 +2,14 @@
 // so that every figure is comparable with the others of the same run (docs/benchmarks.md).
 //
 //   step        the trainer's own step functions (run_pipeline_step, gradient clipping, AdamW)
-//               on random tokens: tokens/s and MFU against a matmul peak measured in the run
+//               on random tokens from host memory: tokens/s, and MFU against a matmul peak measured
+//               in the run (n^3 in the step's dtype, n = 8192 on CUDA) and against log.peak_tflops
 //   components  each forward stage timed alone on the shapes of one micro-batch, with autograd
 //               recording as in training, scaled to one optimizer step (x layers x micro-batches);
 //               backward = (forward + backward) - forward; optimizer = clip + AdamW
-//   pairs       side by side, interleaved A B A B: the MoE block vs a dense SwiGLU FFN of the same
-//               active FLOPs (width top_k x F), and SDPA vs materialised attention, fwd + bwd
+//   pairs       side by side, interleaved A B A B, under the step's precision (bf16 autocast on a
+//               GPU): the MoE block vs a dense SwiGLU FFN of the same active FLOPs (width top_k x F),
+//               _grouped_mm vs the per-expert loop, and SDPA vs materialised attention, fwd + bwd
 //   memory      the process's peak resident set (getrusage)
 // Medians of repeated runs; no figure here is a test threshold.
 #pragma once
@@ -62,13 +64,18 @@ struct BenchReport {
   std::string data;                  ///< the dataset the batches came from; empty = random tokens
   double peak_flops = 0.0;           ///< MFU denominator: log.peak_tflops if set, else measured_peak_flops
   double best_matmul_flops = 0.0;    ///< the fastest single matmul seen (for reference; MFU does not use it)
-  double measured_peak_flops = 0.0;  ///< sustained 2048^3 matmul rate (mfu.h), the higher of before / after the steps
+  /// Sustained rate of n^3 matmuls in the step's dtype (n = matmul_size, mfu.h), the higher of before
+  /// and after the steps.
+  double measured_peak_flops = 0.0;
+  int64_t matmul_size = 0;
   double flops_per_token = 0.0;      ///< training: 3 x forward (mfu.h)
   int64_t tokens_per_step = 0;
   std::vector<double> step_seconds;  ///< timed steps
   double step_median_seconds = 0.0;
   double tokens_per_s = 0.0;
-  double mfu = 0.0;
+  double mfu = 0.0;                  ///< against peak_flops
+  double mfu_measured_peak = 0.0;    ///< against measured_peak_flops
+  double mfu_stated_peak = 0.0;      ///< against log.peak_tflops; 0 when the key is not set
   std::vector<double> losses;        ///< every step's loss, warm-up included
   std::vector<ComponentTime> components;
   double forward_seconds = 0.0;      ///< measured whole forward (+ loss) per step

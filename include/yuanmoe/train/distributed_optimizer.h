@@ -44,8 +44,11 @@ class DistributedOptimizer {
   /// After the backward passes: the tied embedding's copies summed, then every gradient
   /// reduced to the data-parallel mean (in place, or this rank's chunks when sharded).
   void reduce_gradients();
-  /// The L2 norm of the whole model's reduced gradient: every stage, every expert once, the
-  /// last stage's tied copy left out (fp64 sums). A collective.
+  /// The square of the L2 norm of the whole model's reduced gradient: every stage, every expert
+  /// once, the last stage's tied copy left out (fp64 sums). [] fp64 on the parameters' device,
+  /// not read back (the step reads it with its other figures). A collective.
+  Tensor squared_gradient_norm() const;
+  /// Its square root, read back to the host.
   double gradient_norm() const;
   /// Scales the gradients when max_norm > 0 and norm exceeds it, AdamW, and when sharded the
   /// updated chunks all-gathered into the parameters.

@@ -49,6 +49,9 @@ double clip_gradients(const std::vector<Tensor>& parameters, double max_norm);
 /// The two halves of clip_gradients, for a norm summed across pipeline stages in between:
 /// the sum of squared gradient entries (fp64), and the scaling given the global norm.
 double squared_gradient_norm(const std::vector<Tensor>& parameters);
+/// The same sum left on the gradients' device, unread: [] fp64 (zero on `device` when no
+/// parameter has a gradient).
+Tensor squared_gradient_sum(const std::vector<Tensor>& parameters, const torch::Device& device);
 void scale_gradients_to_norm(const std::vector<Tensor>& parameters, double max_norm, double norm);
 
 }  // namespace yuanmoe::train

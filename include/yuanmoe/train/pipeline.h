@@ -30,10 +30,11 @@ struct PipelineStepOptions {
   config::Precision precision = config::Precision::kFp32;
 };
 
+/// The sums and counts stay on the stage's device: reading them is the step's one wait for it.
 struct PipelineStepResult {
-  double lm_loss_sum = 0.0;   // sum of the micro-batches' mean LM losses (last stage, else 0)
-  double aux_loss_sum = 0.0;  // this stage's router terms summed over micro-batches
-  Tensor routed_pairs_LE;            // this stage's MoE layers [L_stage, E], int64 CPU; undefined if none
+  Tensor lm_loss_sum;      // [] fp64: sum of the micro-batches' mean LM losses (last stage, else 0)
+  Tensor aux_loss_sum;     // [] fp64: this stage's router terms summed over micro-batches
+  Tensor routed_pairs_LE;  // this stage's MoE layers [L_stage, E], int64; undefined if none
   double wall_seconds = 0.0;  // the whole schedule
   double wait_seconds = 0.0;  // blocked on other stages (receives, outstanding sends): the bubble
 };

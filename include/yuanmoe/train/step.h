@@ -1,10 +1,11 @@
 // One optimizer step, top to bottom, the same for `yuanmoe train` and `yuanmoe bench`:
 //   learning rate -> zero grads -> the pipeline schedule over this rank's micro-batches
 //   (train/pipeline.h; one stage: plain gradient accumulation) -> gradients reduced (tied
-//   copies summed, data-parallel mean; train/distributed_optimizer.h) -> loss, router terms and
-//   routed-pair counts reduced over the world -> global gradient norm -> the non-finite policy ->
-//   clip -> AdamW (sharded or not) -> the routers' balancing updates (ReMoE's L1 coefficient, the
-//   aux-loss-free bias; docs/routers.md).
+//   copies summed, data-parallel mean; train/distributed_optimizer.h) -> global gradient norm ->
+//   the step's figures read back from the device in one copy, its one wait for the device
+//   (core/host_sync.h) -> loss, router terms and routed-pair counts reduced over the world ->
+//   the non-finite policy -> clip -> AdamW (sharded or not) -> the routers' balancing updates
+//   (ReMoE's L1 coefficient, the aux-loss-free bias; docs/routers.md).
 // Every rank reaches the same decision at every branch: what it branches on is reduced first.
 #pragma once
 
@@ -31,6 +32,7 @@ struct StepResult {
   bool skipped = false;          // non-finite and train.on_nonfinite = skip: nothing applied
   std::string nonfinite;         // when skipped: what was not finite
   Tensor routed_pairs_LE;        // routed (token, expert) pairs per MoE layer of the whole model, int64 CPU
+  double routed_fraction = 0.0;  // routed pairs / (tokens x experts x MoE layers): ReMoE's sparsity
   // The bias statistics per MoE layer of the whole model (model::MoeImpl::step_bias_statistics
   // summed over the world), fp64 CPU [L, E + 1]; undefined unless moe.bias_balancing_rate > 0.
   Tensor bias_statistics_LE;
@@ -66,7 +68,7 @@ class OptimizerStep {
   std::function<void(int64_t step, const std::vector<Tensor>& parameters)> after_backward;
 
  private:
-  void update_routers(const Tensor& routed_pairs_LE, const Tensor& bias_statistics_LE, int64_t tokens) const;
+  void update_routers(const StepResult& result, int64_t tokens) const;
 
   const config::RunConfig& config_;
   model::TransformerImpl& model_;
