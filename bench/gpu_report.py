@@ -140,7 +140,9 @@ def headline(stage, logs, report):
         return text
     if name == "eager":
         e = report["eager"]
-        return "%.0f tokens/s" % e["tokens_per_s"] if e and e.get("tokens_per_s") else first_error(log) or "no eager.json"
+        if e and e.get("tokens_per_s"):
+            return "%.0f tokens/s" % e["tokens_per_s"]
+        return first_error(log) or "no eager.json"
     if name == "ctest":
         passed, skipped, failed = counts(report["ctest"])
         return "%d passed, %d skipped, %d failed%s" % (passed, skipped, len(failed),
@@ -204,7 +206,8 @@ def main():
     b, e = report["bench"], report["eager"]
     md += ["", "## `yuanmoe bench --config %s`" % config, ""]
     if b:
-        md += ["| tokens/step | median step ms | tokens/s | MFU | against | MFU vs measured matmul | peak GPU memory MiB |",
+        md += ["| tokens/step | median step ms | tokens/s | MFU | against | MFU vs measured matmul "
+               "| peak GPU memory MiB |",
                "|---|---|---|---|---|---|---|",
                "| %d | %.1f | %.0f | %.1f %% | %.0f TFLOP/s | %.1f %% of %.0f TFLOP/s (%d^3, %s) | %.0f |" % (
                    b["tokens_per_step"], b["median_step_seconds"] * 1e3, b["tokens_per_s"], 100 * b["mfu"],
@@ -241,7 +244,8 @@ def main():
     if problems:
         md += ["", "## Logs of the stages that did not pass (last lines)"]
         for s in problems:
-            md += ["", "### %s (%s)" % (s["stage"], s["status"]), "", "```", tail(read(logs, s["stage"] + ".log")), "```"]
+            md += ["", "### %s (%s)" % (s["stage"], s["status"]), "", "```", tail(read(logs, s["stage"] + ".log")),
+                   "```"]
 
     with open(os.path.join(out, ".report.json.part"), "w") as f:
         json.dump(report, f, indent=2)

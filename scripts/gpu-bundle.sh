@@ -27,7 +27,10 @@ rm -rf "$bundle"
 mkdir -p "$bundle"
 for library in "${!libraries[@]}"; do
   for package in ${libraries[$library]}; do
-    dpkg -s "$package" > /dev/null 2>&1 || { echo "gpu-bundle: $package is not installed (run ./scripts/setup.sh)" >&2; exit 1; }
+    if ! dpkg -s "$package" > /dev/null 2>&1; then
+      echo "gpu-bundle: $package is not installed (run ./scripts/setup.sh)" >&2
+      exit 1
+    fi
     # Regular files and symbolic links, not directories or docs.
     dpkg -L "$package" | while read -r path; do
       case "$path" in /usr/share/doc/* | /usr/share/lintian/*) continue ;; esac

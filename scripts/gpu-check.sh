@@ -142,8 +142,10 @@ print("wheel nccl.h:", wheel if os.path.exists(wheel) else "absent")
 PY
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
     --format=csv,noheader
+  local tool version
   for tool in nvcc g++ cmake ninja; do
-    printf '%s: %s (%s)\n' "$tool" "$(command -v $tool || echo 'not found')" "$($tool --version 2> /dev/null | grep -m1 -iE 'release|version|[0-9]+\.[0-9]+' || true)"
+    version=$($tool --version 2> /dev/null | grep -m1 -iE 'release|version|[0-9]+\.[0-9]+' || true)
+    printf '%s: %s (%s)\n' "$tool" "$(command -v $tool || echo 'not found')" "$version"
   done
   local nccl=""
   for dir in /usr/include /usr/local/include /usr/local/cuda/include; do
@@ -151,7 +153,8 @@ PY
   done
   echo "system nccl.h:${nccl:- none (the build takes the one of the torch wheel)}"
   echo "gnuplot: $(command -v gnuplot || echo 'not found (Plots.* and python.ablate are left to CI)')"
-  echo ".gpu-bundle: $([ -d "$repo/.gpu-bundle" ] && ls "$repo/.gpu-bundle" | tr '\n' ' ' || echo 'absent: the build needs the packages on this machine')"
+  if [ -d "$repo/.gpu-bundle" ]; then echo ".gpu-bundle: $(ls "$repo/.gpu-bundle" | tr '\n' ' ')"
+  else echo ".gpu-bundle: absent (the build needs every package on this machine)"; fi
   [ "$device" = cpu ] || "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
     { echo "GPU_CHECK_DEVICE=$device but torch sees no GPU"; return 1; }
 }

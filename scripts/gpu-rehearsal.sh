@@ -74,8 +74,8 @@ command=(unshare --mount --propagation private --pid --fork --kill-child bash -c
 if [ -n "$kill_after" ]; then
   status=0
   timeout -s KILL "$kill_after" "${command[@]}" || status=$?
-  echo "gpu-rehearsal: killed after $kill_after s (exit $status); $out holds $(ls -A "$out" | wc -l) files: $(ls -A "$out" | tr '\n' ' ')"
+  echo "gpu-rehearsal: killed after $kill_after s (exit $status)"
 else
   "${command[@]}"
-  echo "gpu-rehearsal: $out holds $(ls -A "$out" | wc -l) files: $(ls -A "$out" | tr '\n' ' ')"
 fi
+echo "gpu-rehearsal: $out holds $(ls -A "$out" | wc -l) files: $(ls -A "$out" | tr '\n' ' ')"

@@ -321,6 +321,7 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   const torch::Device device = training_device();
   BenchReport report;
   report.device = device.is_cuda() ? "cuda" : "cpu";
+  report.precision = config::to_string(config.train.precision);
   report.threads = at::get_num_threads();
   report.torch_version = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                          std::to_string(TORCH_VERSION_PATCH);
@@ -413,7 +414,7 @@ nlohmann::ordered_json to_json(const BenchReport& r, const config::RunConfig& co
     j["peak_rss_bytes"] = r.peak_rss_bytes;
     return j;
   }
-  j["precision"] = config::to_string(config.train.precision);
+  j["precision"] = r.precision;
   j["peak_flops"] = r.peak_flops;
   j["measured_peak_flops"] = r.measured_peak_flops;
   j["best_matmul_flops"] = r.best_matmul_flops;
@@ -480,6 +481,7 @@ std::string format_report(const BenchReport& r) {
     }
     out << "  (sum " << fixed(total * 1e3, 1) << " ms vs step " << fixed(r.step_median_seconds * 1e3, 1) << " ms)\n";
   }
+  if (!r.pairs.empty()) out << "\nside by side, " << r.precision << (r.precision == "bf16" ? " autocast" : "") << ":\n";
   for (const auto& p : r.pairs) {
     out << "\n" << p.name << ":\n  " << p.a << ": " << fixed(p.a_seconds * 1e3, 2) << " ms\n  " << p.b << ": "
         << fixed(p.b_seconds * 1e3, 2) << " ms\n  ratio " << fixed(p.a_seconds / p.b_seconds, 2) << "\n";

@@ -59,6 +59,8 @@ MatmulRate measure_matmul_rate(torch::Device device, torch::Dtype dtype, int run
   return {rates[rates.size() / 2], rates.back(), n};
 }
 
-double measure_peak_flops(torch::Device device, torch::Dtype dtype) { return measure_matmul_rate(device, dtype).median; }
+double measure_peak_flops(torch::Device device, torch::Dtype dtype) {
+  return measure_matmul_rate(device, dtype).median;
+}
 
 }  // namespace yuanmoe::train

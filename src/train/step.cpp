@@ -90,12 +90,14 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   result.grad_norm = std::sqrt(figures[2]);  // already summed over the groups that hold parts of it
   result.routed_pairs_LE = global_moe_rows(stage_pairs_LE, experts, torch::kLong);
   if (result.routed_pairs_LE.defined()) {
-    const double pairs = static_cast<double>(result.routed_pairs_LE.sum().data_ptr<int64_t>()[0]);
-    result.routed_fraction = pairs / static_cast<double>(config_.train.global_batch_size * config_.train.seq_length *
-                                                         experts * result.routed_pairs_LE.size(0));
+    const int64_t slots = config_.train.global_batch_size * config_.train.seq_length * experts *
+                          result.routed_pairs_LE.size(0);  // (token, expert) pairs of all MoE layers
+    result.routed_fraction = result.routed_pairs_LE.sum().item<double>() / static_cast<double>(slots);
   }
   // Every rank's statistics of every layer, so that the bias stays the same on every rank.
-  if (config_.moe.bias_balancing_rate > 0) result.bias_statistics_LE = global_moe_rows(stage_bias_LE, experts + 1, torch::kDouble);
+  if (config_.moe.bias_balancing_rate > 0) {
+    result.bias_statistics_LE = global_moe_rows(stage_bias_LE, experts + 1, torch::kDouble);
+  }
   return result;
 }
 

@@ -46,6 +46,11 @@ check(math.isclose(r["tokens_per_s"], r["tokens_per_step"] / r["median_step_seco
       "tokens/s = tokens per step / median step")
 check(math.isclose(r["mfu"], r["tokens_per_s"] * r["flops_per_token"] / r["peak_flops"], rel_tol=1e-9),
       "MFU = tokens/s x FLOPs per token / peak")
+check(r.get("matmul_size") == 2048 and r.get("precision") == "fp32",
+      "peak from 2048^3 fp32 products on the CPU (%s, %s)" % (r.get("matmul_size"), r.get("precision")))
+check(math.isclose(r.get("mfu_measured_peak", 0), r["tokens_per_s"] * r["flops_per_token"] / r["measured_peak_flops"],
+                   rel_tol=1e-9) and r.get("mfu_stated_peak") == 0,
+      "MFU against the measured matmul rate; none against an unset log.peak_tflops")
 check(abs(r["losses"][0] - math.log(8192)) < 0.5, "first loss %.3f near ln(8192)" % r["losses"][0])
 check(all(math.isfinite(x) for x in r["losses"]), "losses finite")
 names = [c["name"] for c in r["components"]]
@@ -65,9 +70,14 @@ check(all(pp["a_seconds"] > 0 and pp["b_seconds"] > 0 and
 check(r["peak_rss_bytes"] > 50 * 2**20, "peak RSS reported (%d MiB)" % (r["peak_rss_bytes"] >> 20))
 
 p = run([BIN, "bench", "--config", "configs/tiny-m32.json"] + SMALL + ["--step-only", "--steps", "1", "--warmup", "0",
-                                                                       "--json", out])
+                                                                       "--set", "log.peak_tflops=2", "--json", out])
 r = json.load(open(out))
 check(p.returncode == 0 and r["components"] == [] and r["pairs"] == [], "--step-only skips the breakdown")
+model_flops = r["tokens_per_s"] * r["flops_per_token"]
+check(r["peak_flops"] == 2e12 and math.isclose(r["mfu"], model_flops / 2e12, rel_tol=1e-9)
+      and math.isclose(r["mfu_stated_peak"], r["mfu"], rel_tol=1e-9)
+      and math.isclose(r["mfu_measured_peak"], model_flops / r["measured_peak_flops"], rel_tol=1e-9),
+      "log.peak_tflops: MFU against it and against the measured rate, both")
 
 # --- one attention kernel alone ---
 for kernel in ("sdpa", "materialised"):

@@ -92,7 +92,8 @@ TEST(PipelineStepTest, TwoStagesGiveTheOneProcessGradients) {
     }
   }
   EXPECT_EQ(per_stage[0].size() + per_stage[1].size() - 1, expected.size());  // the tied embedding twice
-  EXPECT_NEAR(stage_steps[1].lm_loss_sum.item<double>(), whole_step.lm_loss_sum.item<double>(), 1e-6);      // losses on the last stage
+  // The losses live on the last stage.
+  EXPECT_NEAR(stage_steps[1].lm_loss_sum.item<double>(), whole_step.lm_loss_sum.item<double>(), 1e-6);
   EXPECT_EQ(stage_steps[0].lm_loss_sum.item<double>(), 0.0);
 }
 

@@ -27,19 +27,27 @@ const std::set<std::string>& waiting_operators() {
   return names;
 }
 
-/// Records, while alive, every waiting operator called outside an ExpectedHostSync scope.
+/// Records, while alive, every waiting operator called outside an ExpectedHostSync scope. The
+/// reads inside `_grouped_mm` are left out: its CPU fallback loops over the experts' offsets on the
+/// host, while on CUDA the step runs it in bf16, where the sm_90 kernel reads them on the device.
 class WaitRecorder {
  public:
   WaitRecorder() {
-    handle_ = at::addGlobalCallback(at::RecordFunctionCallback(
-                                        [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
-                                          if (!ExpectedHostSync::active() && waiting_operators().count(fn.name())) {
-                                            std::lock_guard<std::mutex> lock(mutex());
-                                            seen().insert(fn.name());
-                                          }
-                                          return nullptr;
-                                        })
-                                        .scopes({at::RecordScope::FUNCTION}));
+    handle_ = at::addGlobalCallback(
+        at::RecordFunctionCallback(
+            [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+              const std::string name = fn.name();
+              if (name == "aten::_grouped_mm") ++grouped_mm_depth();
+              if (grouped_mm_depth() == 0 && !ExpectedHostSync::active() && waiting_operators().count(name)) {
+                std::lock_guard<std::mutex> lock(mutex());
+                seen().insert(name);
+              }
+              return nullptr;
+            },
+            [](const at::RecordFunction& fn, at::ObserverContext*) {
+              if (std::string(fn.name()) == "aten::_grouped_mm") --grouped_mm_depth();
+            })
+            .scopes({at::RecordScope::FUNCTION}));
   }
   ~WaitRecorder() { at::removeCallback(handle_); }
   std::set<std::string> take() {
@@ -48,6 +56,10 @@ class WaitRecorder {
   }
 
  private:
+  static int& grouped_mm_depth() {
+    thread_local int depth = 0;
+    return depth;
+  }
   static std::mutex& mutex() {
     static std::mutex m;
     return m;

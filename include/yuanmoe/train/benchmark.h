@@ -60,6 +60,7 @@ struct BenchReport {
   std::string device;
   int threads = 0;
   std::string torch_version;
+  std::string precision;             ///< train.precision: the step's, the parts' and the pairs'
   std::string init_from;             ///< checkpoint whose weights were measured (train.init_from); empty = random init
   std::string data;                  ///< the dataset the batches came from; empty = random tokens
   double peak_flops = 0.0;           ///< MFU denominator: log.peak_tflops if set, else measured_peak_flops
