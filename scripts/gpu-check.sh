@@ -12,6 +12,8 @@
 #   GPU_CHECK_DEVICE    cuda (default), or cpu for a rehearsal on a machine without a GPU
 #   GPU_CHECK_CONFIG    the bench config (default configs/gpu-bench.json)
 #   GPU_CHECK_JOBS      build jobs (default: nproc)
+#   GPU_CHECK_CAP_SCALE every stage's own time cap times this (default 1: caps sized for 16 cores;
+#                       a rehearsal on 2 cores gives 10)
 #
 # Stages, most informative first, each skipped with its reason when one it needs did not pass:
 #   preflight      python, torch, CUDA, GPU, nvcc, g++, cmake, ninja, nccl.h
@@ -36,6 +38,7 @@ deadline_s=${GPU_CHECK_DEADLINE:-480}
 device=${GPU_CHECK_DEVICE:-cuda}
 config=${GPU_CHECK_CONFIG:-configs/gpu-bench.json}
 jobs=${GPU_CHECK_JOBS:-$(nproc)}
+cap_scale=${GPU_CHECK_CAP_SCALE:-1}
 reserve_s=15   # kept back for the last report and archive
 start=$(date +%s)
 build=$repo/build-gpu
@@ -96,6 +99,7 @@ stage() {
   done
   local budget
   budget=$(left)
+  cap=$((cap * cap_scale))
   [ "$budget" -gt "$cap" ] && budget=$cap
   if [ "$budget" -lt 10 ]; then
     record "$name" skipped 0 "no time left of the ${deadline_s} s deadline"

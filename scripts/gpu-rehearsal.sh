@@ -9,8 +9,9 @@
 #   - torch, cmake and ninja from another Python environment at another path, as on the GPU
 #     machine (GPU_REHEARSAL_VENV, default /opt/torch/.venv; made here on first use, about 3 GB
 #     from PyPI);
+#   - the toolkit's nccl.h hidden too, so the build takes the wheel's, as where a toolkit lacks it;
 #   - GPU_CHECK_DEVICE=cpu and GPU_CHECK_CONFIG=configs/tiny-m32.json (no GPU here), and a
-#     deadline sized for 2 cores (GPU_CHECK_DEADLINE, default 5400 s).
+#     deadline and stage caps sized for 2 cores (GPU_CHECK_DEADLINE 5400 s, GPU_CHECK_CAP_SCALE 10).
 # usage: scripts/gpu-rehearsal.sh OUT_DIR [KILL_AFTER_S]
 #   KILL_AFTER_S: kill the whole check that many seconds in, as a device run cut off at its limit
 #   would be, to see the report it leaves.
@@ -50,6 +51,8 @@ while read -r file; do
   hide "/usr/${file#*/usr/}"
 done < <(find .gpu-bundle -path '*/usr/*' \( -type f -o -type l \))
 hide /usr/bin/cmake /usr/bin/ctest /usr/bin/cpack /usr/bin/ninja /usr/bin/gnuplot
+[ -e /usr/local/cuda ] && hide "$(readlink -f /usr/local/cuda)/include/nccl.h"
+hide /usr/local/include/nccl.h /usr/include/nccl.h
 project_venv=$(scripts/venv.sh)
 echo "gpu-rehearsal: $hidden files hidden from /usr; $project_venv hidden; python $venv/bin/python3"
 
@@ -63,7 +66,7 @@ for gone in /usr/include/spdlog/spdlog.h /usr/include/cxxopts.hpp /usr/bin/cmake
 done
 echo "gpu-rehearsal: cmake is $(command -v cmake), ninja $(command -v ninja)"
 GPU_CHECK_DEVICE=cpu GPU_CHECK_CONFIG=configs/tiny-m32.json GPU_CHECK_DEADLINE=${GPU_CHECK_DEADLINE:-5400} \
-  scripts/gpu-check.sh "$out" "$venv/bin/python3"
+  GPU_CHECK_CAP_SCALE=${GPU_CHECK_CAP_SCALE:-10} scripts/gpu-check.sh "$out" "$venv/bin/python3"
 EOF
 )
 export layer project_venv venv out
