@@ -106,7 +106,9 @@ stage() {
     say "$name: skipped (no time left)"
     return
   fi
-  echo "\$ $* (limit ${budget} s)" > "$logs/$name.log"
+  local shown="$*"
+  [ ${#shown} -gt 300 ] && shown="${shown:0:300}..."
+  echo "\$ $shown (limit ${budget} s)" > "$logs/$name.log"
   printf '%s\trunning\t0\tlimit %s s\n' "$name" "$budget" > "$logs/current.tsv"
   say "$name (limit ${budget} s) ..."
   local began rc seconds result
@@ -163,6 +165,11 @@ PY
     { echo "GPU_CHECK_DEVICE=$device but torch sees no GPU"; return 1; }
 }
 
+# Left to CI: tests that force the CPU (their processes hide the GPU), need gnuplot where it is
+# missing, or only replay fuzz inputs; the device tests run in their own stage.
+left_to_ci='^python\.(parallel|expert_parallel)$'
+command -v gnuplot > /dev/null || left_to_ci="$left_to_ci|^Plots\.|^python\.ablate$"
+printf '%s\n' "$left_to_ci" > "$logs/left-to-ci.txt"
 heartbeat &
 heartbeat_pid=$!
 trap 'kill $heartbeat_pid 2> /dev/null' EXIT
@@ -175,7 +182,7 @@ command -v ninja > /dev/null && generator=(-G Ninja)
 stage configure 90 "" cmake -S "$repo" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DYUANMOE_BUILD_TESTS=ON -DYUANMOE_PYTHON="$python"
 stage build-device 300 configure cmake --build "$build" -j "$jobs" --target yuanmoe yuanmoe_device_tests
-stage device-tests 150 build-device env OMP_NUM_THREADS=4 "$build/tests/yuanmoe_device_tests" \
+stage device-tests 150 build-device env OMP_NUM_THREADS="$jobs" "$build/tests/yuanmoe_device_tests" \
   --gtest_output="xml:$logs/device-tests.xml"
 stage bench 180 build-device "$build/yuanmoe" bench --config "$config" --steps 5 --warmup 2 --repeats 5 \
   --json "$logs/bench.json"
@@ -183,11 +190,6 @@ stage eager 150 preflight env PYTHONUNBUFFERED=1 "$python" bench/pytorch_eager_s
   --steps 3 --warmup 1 --device "$device" --json "$logs/eager.json"
 stage build-rest 400 build-device cmake --build "$build" -j "$jobs"
 
-# Left to CI: tests that force the CPU (their processes hide the GPU), need gnuplot where it is
-# missing, or only replay fuzz inputs; the device tests ran above.
-left_to_ci='^python\.(parallel|expert_parallel)$'
-command -v gnuplot > /dev/null || left_to_ci="$left_to_ci|^Plots\.|^python\.ablate$"
-printf '%s\n' "$left_to_ci" > "$logs/left-to-ci.txt"
 ctest_jobs=$((jobs >= 16 ? 8 : (jobs >= 2 ? jobs : 1)))
 stage ctest 900 build-rest env OMP_NUM_THREADS=$((jobs / ctest_jobs > 0 ? jobs / ctest_jobs : 1)) \
   ctest --test-dir "$build" -j "$ctest_jobs" --timeout 240 --output-on-failure -LE '^(device|fuzz)$' -E "$left_to_ci"
