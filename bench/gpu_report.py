@@ -71,7 +71,9 @@ def gtest_results(logs):
                 status = "failed" if failure is not None else ("skipped" if skipped else "passed")
                 message = (failure.get("message") or "").splitlines()[:3] if failure is not None else []
                 if skipped and case.find("skipped") is not None:
-                    message = [(case.find("skipped").get("message") or "").strip()]
+                    message = (case.find("skipped").get("message") or "").splitlines()
+                # gtest prefixes "file:line" lines; the words are what matter
+                message = [m.strip() for m in message if m.strip() and not re.match(r"^\S+:\d+$", m.strip())]
                 tests.append({"test": name, "status": status, "message": " / ".join(m for m in message if m)})
             return tests
         except ET.ParseError:
@@ -133,10 +135,9 @@ def headline(stage, logs, report):
         b = report["bench"]
         if not b:
             return first_error(log) or "no bench.json"
-        text = "%.0f tokens/s, MFU %.1f%%" % (b["tokens_per_s"], 100 * b["mfu"])
+        text = "%.0f tokens/s, MFU %.1f%% of %s" % (b["tokens_per_s"], 100 * b["mfu"], rate(b["peak_flops"]))
         if b.get("mfu_stated_peak"):
-            text += " of %.0f TFLOP/s (%.1f%% of the measured %.0f)" % (
-                b["peak_flops"] / 1e12, 100 * b["mfu_measured_peak"], b["measured_peak_flops"] / 1e12)
+            text += " (%.1f%% of the measured %s)" % (100 * b["mfu_measured_peak"], rate(b["measured_peak_flops"]))
         return text
     if name == "eager":
         e = report["eager"]
@@ -148,6 +149,11 @@ def headline(stage, logs, report):
         return "%d passed, %d skipped, %d failed%s" % (passed, skipped, len(failed),
                                                       (": " + ", ".join(failed[:3])) if failed else "")
     return stage["note"]
+
+
+def rate(flops_per_s):
+    """A FLOP rate in the unit that suits it (a CPU's GFLOP/s, a GPU's TFLOP/s)."""
+    return "%.1f GFLOP/s" % (flops_per_s / 1e9) if flops_per_s < 1e12 else "%.0f TFLOP/s" % (flops_per_s / 1e12)
 
 
 def tail(text, lines=15):
@@ -209,9 +215,9 @@ def main():
         md += ["| tokens/step | median step ms | tokens/s | MFU | against | MFU vs measured matmul "
                "| peak GPU memory MiB |",
                "|---|---|---|---|---|---|---|",
-               "| %d | %.1f | %.0f | %.1f %% | %.0f TFLOP/s | %.1f %% of %.0f TFLOP/s (%d^3, %s) | %.0f |" % (
+               "| %d | %.1f | %.0f | %.1f %% | %s | %.1f %% of %s (%d^3, %s) | %.0f |" % (
                    b["tokens_per_step"], b["median_step_seconds"] * 1e3, b["tokens_per_s"], 100 * b["mfu"],
-                   b["peak_flops"] / 1e12, 100 * b.get("mfu_measured_peak", 0), b.get("measured_peak_flops", 0) / 1e12,
+                   rate(b["peak_flops"]), 100 * b.get("mfu_measured_peak", 0), rate(b.get("measured_peak_flops", 0)),
                    b.get("matmul_size", 0), b.get("precision", "?"), b.get("peak_device_bytes", 0) / 2**20)]
         if b.get("components"):
             md += ["", "| part | ms / step |", "|---|---|"]
@@ -225,8 +231,9 @@ def main():
         md.append("no result (bench.log)")
     md += ["", "## Eager PyTorch reference, same config and device", ""]
     if e and e.get("tokens_per_s"):
-        md.append("%.0f tokens/s (median of %d steps), peak CUDA memory %.0f MiB" % (
-            e["tokens_per_s"], len(e["step_seconds"]), e.get("peak_cuda_bytes", 0) / 2**20))
+        md.append("%.0f tokens/s (median of %d steps) on %s%s" % (
+            e["tokens_per_s"], len(e["step_seconds"]), e.get("device", "?"),
+            ", peak CUDA memory %.0f MiB" % (e["peak_cuda_bytes"] / 2**20) if "peak_cuda_bytes" in e else ""))
         if b:
             md += ["", "yuanmoe / eager = **%.2fx** tokens/s" % (b["tokens_per_s"] / e["tokens_per_s"])]
     else:
