@@ -39,9 +39,10 @@ def stages(logs):
         if len(parts) == 4:
             rows.append({"stage": parts[0], "status": parts[1], "seconds": int(parts[2]), "note": parts[3]})
     current = (read(logs, "current.tsv") or "").strip().split("\t")
-    if len(current) == 4:
-        began = os.path.getmtime(os.path.join(logs, "current.tsv"))
-        rows.append({"stage": current[0], "status": "running", "seconds": int(time.time() - began),
+    if len(current) == 4:  # a stage still running: its seconds up to its log's last line
+        log = os.path.join(logs, current[0] + ".log")
+        last = os.path.getmtime(log) if os.path.exists(log) else time.time()
+        rows.append({"stage": current[0], "status": "running", "seconds": max(0, int(last) - int(current[2])),
                      "note": current[3]})
     return rows
 
@@ -249,7 +250,7 @@ def main():
 
     problems = [s for s in report["stages"] if s["status"] in ("failed", "timeout", "running")]
     if problems:
-        md += ["", "## Logs of the stages that did not pass (last lines)"]
+        md += ["", "## Logs of the stages that failed, ran out of time or were still running (last lines)"]
         for s in problems:
             md += ["", "### %s (%s)" % (s["stage"], s["status"]), "", "```", tail(read(logs, s["stage"] + ".log")),
                    "```"]

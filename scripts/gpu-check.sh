@@ -109,7 +109,7 @@ stage() {
   local shown="$*"
   [ ${#shown} -gt 300 ] && shown="${shown:0:300}..."
   echo "\$ $shown (limit ${budget} s)" > "$logs/$name.log"
-  printf '%s\trunning\t0\tlimit %s s\n' "$name" "$budget" > "$logs/current.tsv"
+  printf '%s\trunning\t%s\tlimit %s s\n' "$name" "$(date +%s)" "$budget" > "$logs/current.tsv"  # its start
   say "$name (limit ${budget} s) ..."
   local began rc seconds result
   began=$(date +%s)
