@@ -15,8 +15,6 @@ namespace {
 using Shape = std::vector<int64_t>;
 using config::RouterKind;
 
-bool is_top_k(RouterKind router) { return router == RouterKind::kAttention || router == RouterKind::kLinear; }
-
 /// One tensor of our state and the HF tensors it becomes: one with the same data, or (grouped
 /// experts) one per expert along dim 0.
 struct Slot {
@@ -72,7 +70,7 @@ std::vector<Slot> layout(const config::ModelConfig& model, const config::MoeConf
     } else {
       plain(m + "gate.weight", {E, D});
     }
-    if (is_top_k(moe.router)) {
+    if (config::is_top_k_router(moe.router)) {
       Slot bias{m + "gate.expert_bias", {E}, {"model." + m + "gate.expert_bias"}};
       bias.exported = moe.bias_balancing_rate > 0;
       bias.optional_on_import = true;
@@ -127,7 +125,7 @@ nlohmann::ordered_json make_hf_config(const config::RunConfig& run, int64_t eod_
                      {"moe_top_k", moe.top_k},
                      {"ffn_hidden_size", moe.ffn_hidden_size},
                      {"gated_linear_unit", true},
-                     {"norm_topk_prob", is_top_k(moe.router)}};
+                     {"norm_topk_prob", config::is_top_k_router(moe.router)}};
   c["output_router_logits"] = true;
   c["use_flash_attention"] = false;  // the eager path runs anywhere (docs/model.md §8.3)
   c["causal_mask"] = true;
@@ -270,7 +268,7 @@ config::MoeConfig read_hf_moe(HfConfigReader& r) {
       r.issues.push_back({"router_type", "expected \"attention\", \"linear\", \"relu\" or \"dense\", got " + router->dump()});
     }
   }
-  if (is_top_k(moe.router) && !r.flag("moe_config.norm_topk_prob", true)) {
+  if (config::is_top_k_router(moe.router) && !r.flag("moe_config.norm_topk_prob", true)) {
     r.issues.push_back({"moe_config.norm_topk_prob", "only renormalised top-k gates (true) are supported"});
   }
   moe.bias_balancing_rate = r.find("router_bias_balancing_rate") ? r.number("router_bias_balancing_rate", 0.0) : 0.0;

@@ -33,10 +33,6 @@ class Checker {
   std::vector<ConfigIssue>* issues_;
 };
 
-bool is_top_k_router(RouterKind kind) {
-  return kind == RouterKind::kAttention || kind == RouterKind::kLinear;
-}
-
 void validate_model(const ModelConfig& m, Checker& c) {
   c.positive(m.num_layers, "model.num_layers");
   c.positive(m.hidden_size, "model.hidden_size");

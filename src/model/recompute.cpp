@@ -58,7 +58,7 @@ struct RecomputeContext : torch::CustomClassHolder {
   // The rerun sees the first run's positions, document ids and counted tokens. Held here, not as
   // inputs of the Function: its inputs must be defined tensors, and these may be undefined.
   TokenLayout tokens;
-  Tensor balance_record;  // the MoE's global-batch statistics of the first run (MoeImpl::last_balance_record)
+  Tensor rerun_record;  // what the first run's router balanced with (TransformerBlockImpl::rerun_record)
 };
 
 struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
@@ -68,7 +68,7 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
     auto* first_run = static_cast<RecomputeContext*>(context.toCapsule().get());
     TransformerBlockImpl& block = *first_run->block;
     const BlockOutput out = block.forward(x_BSD, first_run->tokens);  // grad mode is off here
-    if (block.moe) first_run->balance_record = block.moe->last_balance_record();
+    first_run->rerun_record = block.rerun_record();
     const Tensor aux = out.aux_loss.defined() ? out.aux_loss : torch::zeros({}, x_BSD.options());
     const Tensor pairs_E = out.routed_pairs_E.defined()
                                ? out.routed_pairs_E
@@ -87,8 +87,7 @@ struct BlockRecompute : public torch::autograd::Function<BlockRecompute> {
     BlockOutput out;
     {
       torch::AutoGradMode grad_mode(true);
-      // The rerun balances with the first run's statistics and adds none (model/moe.h).
-      if (context->block->moe) context->block->moe->rerun_next_forward(context->balance_record);
+      context->block->rerun_next_forward(context->rerun_record);  // the first run's balancing statistics
       out = context->block->forward(x_BSD, context->tokens);
     }
     now.apply();

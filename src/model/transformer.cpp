@@ -307,6 +307,12 @@ BlockOutput TransformerBlockImpl::forward(const Tensor& x_BSD,
 // ================================================================================================
 // transformer
 
+Tensor TransformerBlockImpl::rerun_record() const { return moe ? moe->gate->rerun_record() : Tensor(); }
+
+void TransformerBlockImpl::rerun_next_forward(const Tensor& record) {
+  if (moe) moe->gate->rerun_next_forward(record);
+}
+
 TransformerImpl::TransformerImpl(const config::ModelConfig& model,
                                  const config::MoeConfig& moe,
                                  StageSpec stage)

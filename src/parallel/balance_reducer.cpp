@@ -4,9 +4,9 @@ namespace yuanmoe::parallel {
 
 namespace {
 
-class GroupBalanceReducer final : public model::BalanceReducer {
+class GroupStatisticsReducer final : public model::StatisticsReducer {
  public:
-  explicit GroupBalanceReducer(Group group) : group_(std::move(group)) {}
+  explicit GroupStatisticsReducer(Group group) : group_(std::move(group)) {}
   int64_t size() const override { return group_.size(); }
   void sum(Tensor& tensor) const override { group_.all_reduce_sum(tensor); }
 
@@ -16,11 +16,15 @@ class GroupBalanceReducer final : public model::BalanceReducer {
 
 }  // namespace
 
+std::shared_ptr<const model::StatisticsReducer> make_balance_reducer(const ParallelContext& parallel) {
+  if (parallel.dp.size() == 1) return nullptr;
+  return std::make_shared<const GroupStatisticsReducer>(parallel.dp);
+}
+
 void apply_balance_reducer(model::TransformerImpl& model, const ParallelContext& parallel) {
-  std::shared_ptr<const model::BalanceReducer> reducer;
-  if (parallel.dp.size() > 1) reducer = std::make_shared<const GroupBalanceReducer>(parallel.dp);
-  for (model::Moe moe : model.moe_layers()) {
-    moe->balance_reducer = moe->config.balance_scope == config::BalanceScope::kGlobalBatch ? reducer : nullptr;
+  const std::shared_ptr<const model::StatisticsReducer> reducer = make_balance_reducer(parallel);
+  for (const model::Moe& moe : model.moe_layers()) {
+    if (auto* router = dynamic_cast<model::TopKRouterImpl*>(moe->gate.get())) router->balancer().set_reducer(reducer);
   }
 }
 

@@ -184,20 +184,19 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
   out.push_back({"RMSNorms (2 per layer + final)",
                  per_step(time([&] { block.input_layernorm(x_BSD); }), 2 * m.num_layers + 1)});
   if (moe_layers > 0) {
+    // Through the layer's own router, dispatcher and experts, with the kernel the step picks.
     model::MoeImpl& moe = *block.moe;
+    model::TokenDispatcher& dispatcher = *moe.dispatcher;
+    const bool grouped_mm = moe.experts->uses_grouped_mm(m_TD);
     const model::Routing routing = moe.gate->forward(m_TD);
-    const model::DispatchPlan plan = moe.plan(routing, m_TD.size(0));
-    const Tensor xs_ND = model::MoeImpl::gather(m_TD, plan);
-    const Tensor ys_ND = moe.experts->forward(xs_ND, plan.rows_per_expert).detach().requires_grad_(true);
+    const model::ExpertInput input = dispatcher.dispatch(m_TD, routing, /*host_counts=*/!grouped_mm);
+    const Tensor ys_MD = moe.experts->forward(input).detach().requires_grad_(true);
     out.push_back({"router", per_step(time([&] { moe.gate->forward(m_TD); }), moe_layers)});
-    out.push_back({"dispatch (sort, counts, gather)", per_step(time([&] {
-                                                       model::MoeImpl::gather(m_TD, moe.plan(routing, m_TD.size(0)));
-                                                     }),
-                                                     moe_layers)});
-    out.push_back({"experts (grouped SwiGLU GEMMs)",
-                   per_step(time([&] { moe.experts->forward(xs_ND, plan.rows_per_expert); }), moe_layers)});
-    out.push_back({"combine (gates, scatter, slot sum)",
-                   per_step(time([&] { model::MoeImpl::combine(ys_ND, plan); }), moe_layers)});
+    out.push_back({"dispatch (sort, counts, gather)",
+                   per_step(time([&] { dispatcher.dispatch(m_TD, routing, /*host_counts=*/!grouped_mm); }), moe_layers)});
+    out.push_back({grouped_mm ? "experts (at::_grouped_mm)" : "experts (grouped SwiGLU GEMMs)",
+                   per_step(time([&] { moe.experts->forward(input); }), moe_layers)});
+    out.push_back({"combine (gates, scatter, slot sum)", per_step(time([&] { dispatcher.combine(ys_MD); }), moe_layers)});
   }
   if (dense_layers > 0) {
     model::DenseMlp dense(m.hidden_size, config.moe.dense_layer_ffn_size());
@@ -262,27 +261,31 @@ void measure_pairs(const config::RunConfig& config, const BenchOptions& options,
                             moe_s, dense_s});
     // The MoE block's two big parts alone against the same dense FFN: the grouped expert GEMMs
     // (same FLOPs as the dense FFN) and the router.
-    const model::DispatchPlan plan = block.moe->plan(block.moe->gate->forward(m_TD), m_TD.size(0));
-    const Tensor xs_ND = model::MoeImpl::gather(m_TD, plan).detach().requires_grad_(true);
-    const auto [experts_s, dense2_s] = interleaved_medians(
-        forward_backward([&] { return block.moe->experts->forward(xs_ND, plan.rows_per_expert); }),
-        forward_backward([&] { return dense(m_TD); }), options.repeats, device);
+    model::MoeImpl& moe = *block.moe;
+    const bool grouped_mm = moe.experts->uses_grouped_mm(m_TD);
+    // Both kernels' inputs: the row counts on the host and the offsets on the device.
+    model::ExpertInput input = moe.dispatcher->dispatch(m_TD, moe.gate->forward(m_TD), /*host_counts=*/true);
+    input.xs_MD = input.xs_MD.detach().requires_grad_(true);
+    const auto [experts_s, dense2_s] = interleaved_medians(forward_backward([&] { return moe.experts->forward(input); }),
+                                                           forward_backward([&] { return dense(m_TD); }),
+                                                           options.repeats, device);
     report.pairs.push_back({"expert GEMMs alone vs the dense FFN (fwd+bwd, same FLOPs)",
-                            "grouped SwiGLU, " + std::to_string(xs_ND.size(0)) + " rows", "dense FFN", experts_s,
-                            dense2_s});
+                            std::string(grouped_mm ? "at::_grouped_mm" : "grouped SwiGLU loop") + ", " +
+                                std::to_string(input.xs_MD.size(0)) + " rows",
+                            "dense FFN", experts_s, dense2_s});
     // The two expert paths of moe.expert_gemm side by side; skipped where _grouped_mm has no
     // kernel for these operands (fp64, strides that are not multiples of 16 bytes).
     try {
       const auto [grouped_s, loop_s] = interleaved_medians(
-          forward_backward([&] { return block.moe->experts->forward_grouped_mm(xs_ND, plan.expert_offsets_E); }),
-          forward_backward([&] { return block.moe->experts->forward(xs_ND, plan.rows_per_expert); }),
+          forward_backward([&] { return moe.experts->forward_grouped_mm(input.xs_MD, input.expert_offsets_E); }),
+          forward_backward([&] { return moe.experts->forward_loop(input.xs_MD, input.rows_per_expert); }),
           options.repeats, device);
       report.pairs.push_back({"expert GEMMs: at::_grouped_mm vs our loop (fwd+bwd)", "at::_grouped_mm",
                               "loop (hand-written backward)", grouped_s, loop_s});
     } catch (const c10::Error&) {
     }
     const auto [router_s, dense3_s] =
-        interleaved_medians(forward_backward([&] { return block.moe->gate->forward(m_TD).gates_TK; }),
+        interleaved_medians(forward_backward([&] { return moe.gate->forward(m_TD).gates_TK; }),
                             forward_backward([&] { return dense(m_TD); }), options.repeats, device);
     report.pairs.push_back({"router alone vs the dense FFN (fwd+bwd)", config::to_string(config.moe.router) + " router",
                             "dense FFN", router_s, dense3_s});

@@ -12,9 +12,12 @@ namespace yuanmoe::train {
 
 OptimizerStep::OptimizerStep(const config::RunConfig& config, model::TransformerImpl& model,
                              DistributedOptimizer& optimizer, parallel::ParallelContext& parallel)
-    : config_(config), model_(model), optimizer_(optimizer), parallel_(parallel), parameters_(model.parameters()) {
-  total_moe_layers_ = model::count_moe_layers(config_.moe, 0, config_.model.num_layers);
-  moe_layers_before_stage_ = model::count_moe_layers(config_.moe, 0, model_.stage.first_layer);
+    : config_(config),
+      model_(model),
+      optimizer_(optimizer),
+      parallel_(parallel),
+      router_balancing_(config, model, parallel),
+      parameters_(model.parameters()) {
   micro_batches_per_rank_ =
       config_.train.global_batch_size / (config_.train.micro_batch_size * parallel_.layout().dp);
 }
@@ -42,7 +45,7 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   result.lr = lr_at(completed, config_.train);
   optimizer_.set_learning_rate(result.lr);
   model_.zero_grad(/*set_to_none=*/true);
-  for (model::Moe moe : model_.moe_layers()) moe->begin_step();  // the step's balancing statistics
+  router_balancing_.begin_step();
 
   // Each micro-batch's loss is scaled by 1/m (m: this rank's micro-batches) and the data-parallel
   // ranks average their gradients: the gradient of the mean over the global batch (Megatron).
@@ -55,19 +58,14 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   if (after_backward) after_backward(completed + 1, parameters_);
   optimizer_.reduce_gradients();
   const Tensor squared_norm = optimizer_.squared_gradient_norm();
-  Tensor bias_statistics_LE;  // [L_stage, E + 1] on the device
-  const std::vector<model::Moe> layers = model_.moe_layers();
-  if (config_.moe.bias_balancing_rate > 0 && !layers.empty()) {
-    std::vector<Tensor> rows;
-    for (const model::Moe& moe : layers) rows.push_back(moe->step_bias_statistics());
-    bias_statistics_LE = torch::stack(rows);
-  }
+  const Tensor bias_statistics_LE = router_balancing_.stage_bias_statistics();  // [L_stage, E + 1] on the device
 
   // Up to here the step has only queued work on the device. Its figures come back in one copy,
   // its one wait for the device (core/host_sync.h); the rest is host arithmetic and Gloo.
   const ExpectedHostSync figures_read;
   const Tensor stage = pack_stage_figures(pipeline, squared_norm, bias_statistics_LE).to(torch::kCPU);
-  const int64_t experts = config_.moe.num_experts, stage_layers = static_cast<int64_t>(layers.size());
+  const int64_t experts = config_.moe.num_experts;
+  const auto stage_layers = static_cast<int64_t>(model_.moe_layers().size());
   int64_t offset = 3;
   const auto take_rows = [&](int64_t width, torch::Dtype dtype) {
     const Tensor rows = stage.narrow(0, offset, stage_layers * width).view({stage_layers, width}).to(dtype);
@@ -88,15 +86,15 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   result.loss = summed[0] / micro_batches;
   result.aux_loss = summed[1] / micro_batches;
   result.grad_norm = std::sqrt(figures[2]);  // already summed over the groups that hold parts of it
-  result.routed_pairs_LE = global_moe_rows(stage_pairs_LE, experts, torch::kLong);
+  result.routed_pairs_LE = router_balancing_.world_rows(stage_pairs_LE, experts, torch::kLong);
   if (result.routed_pairs_LE.defined()) {
     const int64_t slots = config_.train.global_batch_size * config_.train.seq_length * experts *
                           result.routed_pairs_LE.size(0);  // (token, expert) pairs of all MoE layers
     result.routed_fraction = result.routed_pairs_LE.sum().item<double>() / static_cast<double>(slots);
   }
   // Every rank's statistics of every layer, so that the bias stays the same on every rank.
-  if (config_.moe.bias_balancing_rate > 0) {
-    result.bias_statistics_LE = global_moe_rows(stage_bias_LE, experts + 1, torch::kDouble);
+  if (router_balancing_.has_bias()) {
+    result.bias_statistics_LE = router_balancing_.world_rows(stage_bias_LE, experts + 1, torch::kDouble);
   }
   return result;
 }
@@ -121,36 +119,8 @@ void OptimizerStep::apply(int64_t completed, StepResult& result) {
     return;
   }
   consecutive_skips_ = 0;
+  router_balancing_.update_routers(result.routed_pairs_LE, result.bias_statistics_LE, result.routed_fraction);
   optimizer_.step(config_.train.grad_clip, result.grad_norm);
-  update_routers(result, config_.train.global_batch_size * config_.train.seq_length);
-}
-
-Tensor OptimizerStep::global_moe_rows(const Tensor& stage_rows_LX, int64_t width, torch::Dtype dtype) const {
-  if (total_moe_layers_ == 0) return Tensor();
-  Tensor all = torch::zeros({total_moe_layers_, width}, dtype);  // [total MoE layers, width]
-  if (stage_rows_LX.defined()) all.narrow(0, moe_layers_before_stage_, stage_rows_LX.size(0)).copy_(stage_rows_LX);
-  parallel_.world_group.all_reduce_sum(all);
-  return all;
-}
-
-void OptimizerStep::update_routers(const StepResult& result, int64_t tokens) const {
-  const std::vector<model::Moe> layers = model_.moe_layers();
-  if (layers.empty() || !result.routed_pairs_LE.defined()) return;
-  model::RouterStepStats stats;
-  stats.tokens = tokens;
-  // ReMoE's L1 coefficient follows the sparsity of all layers together (docs/routers.md); the
-  // counts are global, so every rank keeps the same router state.
-  stats.active_fraction_all_layers = result.routed_fraction;
-  const torch::Device device = parameters_.front().device();
-  for (size_t l = 0; l < layers.size(); ++l) {
-    const int64_t layer = moe_layers_before_stage_ + static_cast<int64_t>(l);
-    // Host to device without waiting: the routers' updates queue behind AdamW.
-    stats.routed_pairs_E = result.routed_pairs_LE[layer].to(device, /*non_blocking=*/true);
-    if (result.bias_statistics_LE.defined()) {
-      stats.bias_statistics_E = result.bias_statistics_LE[layer].to(device, /*non_blocking=*/true);
-    }
-    layers[l]->gate->update_after_step(stats);
-  }
 }
 
 }  // namespace yuanmoe::train

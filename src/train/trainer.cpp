@@ -159,7 +159,7 @@ EvalResult Trainer::evaluate_and_log() {
     parallel_.world_group.all_reduce_sum(sums);
     result.loss_sum = sums[0].item<double>();
     result.tokens = static_cast<int64_t>(sums[1].item<double>());
-    result.routed_pairs_LE = step_->global_moe_rows(result.routed_pairs_LE, config_.moe.num_experts, torch::kLong);
+    result.routed_pairs_LE = step_->router_balancing().world_rows(result.routed_pairs_LE, config_.moe.num_experts, torch::kLong);
     result.finish();
     return result;
   };
@@ -176,7 +176,7 @@ EvalResult Trainer::evaluate_and_log() {
         stage_L2[static_cast<int64_t>(l)][1] = static_cast<double>(stats.tokens);
       }
     }
-    return step_->global_moe_rows(stage_L2, 2, torch::kDouble);
+    return step_->router_balancing().world_rows(stage_L2, 2, torch::kDouble);
   };
   EvalResult result;
   Tensor router_L2;

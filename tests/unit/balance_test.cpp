@@ -53,7 +53,7 @@ std::map<std::string, Tensor> router_gradients(const Moe& moe) {
 std::pair<Tensor, std::map<std::string, Tensor>> aux_and_gradients(Moe& moe, const Tensor& x,
                                                                   const Tensor& counted = {}) {
   moe->zero_grad();
-  moe->begin_step();
+  moe->gate->begin_step();
   const Tensor aux = moe->forward(x, counted).aux_loss;
   aux.backward();
   return {aux.detach(), router_gradients(moe)};
@@ -136,12 +136,12 @@ TEST_F(BalanceScopeTest, BiasStatisticsCountOnlyCountedTokens) {
   Moe moe = make_layer(config);
   const Tensor x = torch::randn({10, kHidden}, torch::kDouble);
   const Tensor counted = torch::tensor({1, 0, 1, 1, 0, 1, 1, 1, 0, 1}, torch::kBool);
-  moe->begin_step();
+  moe->gate->begin_step();
   moe->forward(x, counted);
-  const Tensor masked = moe->step_bias_statistics();
-  moe->begin_step();
+  const Tensor masked = moe->gate->step_bias_statistics();
+  moe->gate->begin_step();
   moe->forward(x.index({counted}));
-  EXPECT_TRUE(torch::equal(masked, moe->step_bias_statistics()));
+  EXPECT_TRUE(torch::equal(masked, moe->gate->step_bias_statistics()));
   EXPECT_EQ(masked[config.num_experts].item<double>(), 7.0);  // counted tokens
   EXPECT_EQ(masked.narrow(0, 0, config.num_experts).sum().item<double>(), 14.0);  // their k = 2 pairs each
 }
@@ -209,7 +209,7 @@ TEST_F(BalanceScopeTest, GlobalBatchOverTwoRanksEqualsOneProcessOverTheWholeBatc
     counted[1][1][5] = false;
 
     whole->zero_grad();
-    whole->begin_step();
+    whole->gate->begin_step();
     double whole_loss = 0;
     for (int64_t i = 0; i < micro_batches; ++i) {
       const Tensor aux = whole->forward(x[i].reshape({ranks * tokens, kHidden}), counted[i].reshape(-1)).aux_loss;
@@ -223,12 +223,11 @@ TEST_F(BalanceScopeTest, GlobalBatchOverTwoRanksEqualsOneProcessOverTheWholeBatc
     std::vector<Moe> layers{make_layer(config), make_layer(config)};  // the seed is global: not in the threads
     testing::on_ranks(ranks, 1, [&](parallel::ParallelContext& context) {
       const int64_t r = context.layout().dp_rank;
-      Transformer holder(testing::small_model_config(), config);  // apply_balance_reducer takes a model
-      parallel::apply_balance_reducer(*holder, context);
       Moe& layer = layers[static_cast<size_t>(r)];
-      layer->balance_reducer = holder->moe_layers().front()->balance_reducer;
-      ASSERT_TRUE(layer->balance_reducer != nullptr);
-      layer->begin_step();
+      const auto reducer = parallel::make_balance_reducer(context);
+      ASSERT_TRUE(reducer != nullptr);
+      dynamic_cast<TopKRouterImpl&>(*layer->gate).balancer().set_reducer(reducer);
+      layer->gate->begin_step();
       double loss = 0;
       for (int64_t i = 0; i < micro_batches; ++i) {
         const Tensor aux = layer->forward(x[i][r], counted[i][r]).aux_loss;
@@ -285,7 +284,7 @@ TEST_F(BalanceScopeTest, RecomputeRerunsWithTheFirstRunsStatistics) {
       model->to(torch::kDouble);
       apply_recompute(*model, recompute);
       model->train();
-      for (Moe moe : model->moe_layers()) moe->begin_step();
+      for (Moe moe : model->moe_layers()) moe->gate->begin_step();
       Run result;
       std::vector<Tensor> losses;
       for (const Tensor& stream : streams) {  // every forward first
@@ -295,7 +294,7 @@ TEST_F(BalanceScopeTest, RecomputeRerunsWithTheFirstRunsStatistics) {
       }
       for (const Tensor& loss : losses) loss.backward();  // then the backwards, with their reruns
       for (const auto& p : model->named_parameters()) result.grads[p.key()] = p.value().grad().clone();
-      for (const Moe& moe : model->moe_layers()) result.bias_statistics.push_back(moe->step_bias_statistics());
+      for (const Moe& moe : model->moe_layers()) result.bias_statistics.push_back(moe->gate->step_bias_statistics());
       return result;
     };
     const Run plain = run(false), recomputed = run(true);
@@ -335,7 +334,7 @@ TEST_F(BalanceScopeTest, BiasRuleOfEachScope) {
     auto router = make_router(config, 16);
     RouterStepStats stats;
     stats.routed_pairs_E = torch::tensor({9, 9, 9, 9}, torch::kLong);  // not read: the bias statistics are
-    stats.bias_statistics_E =
+    stats.bias_statistics_E1 =
         scope == BalanceScope::kSequence ? signs_E1 : torch::tensor({10., 0., 5., 5., 10.}, torch::kDouble);
     router->update_after_step(stats);
     const Tensor want =

@@ -83,7 +83,7 @@ TEST_F(CudaTest, GroupedMmMoeLayerNeverSynchronisesWithTheHost) {
   moe->to(device, torch::kBFloat16);
   const Tensor x = torch::randn({256, 64}, torch::dtype(torch::kBFloat16).device(device)).requires_grad_(true);
   const Tensor d_out = torch::randn_like(x);
-  ASSERT_TRUE(moe->uses_grouped_mm(x));
+  ASSERT_TRUE(moe->experts->uses_grouped_mm(x));
   torch::cuda::synchronize();
   c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
   std::string error;

@@ -126,7 +126,7 @@ TEST(OptimizerStepBalanceTest, TheBiasStepUsesEveryRanksStatisticsInEveryScope) 
         return data::Batch{stream.narrow(1, 0, 8).contiguous(), stream.narrow(1, 1, 8).contiguous(),
                            model::default_position_ids(2, 8)};
       });
-      statistics[static_cast<size_t>(r)] = model->moe_layers().front()->step_bias_statistics().clone();
+      statistics[static_cast<size_t>(r)] = model->moe_layers().front()->gate->step_bias_statistics().clone();
       step.apply(0, result);
       biases[static_cast<size_t>(r)] =
           dynamic_cast<model::TopKRouterImpl&>(*model->moe_layers().front()->gate).expert_bias.clone();

@@ -85,9 +85,9 @@ TEST(ExpertParallelTest, MoeLayerOverTwoRanksEqualsTheWholeLayerInDouble) {
           const int64_t local = moe.num_experts / 2;
           for (Tensor* w : {&layer->experts->w1, &layer->experts->w2}) w->set_data(w->narrow(0, r * local, local).clone());
         }
-        // The exchange apply_expert_parallel installs, taken from a model's MoE layer.
+        // The dispatcher apply_expert_parallel installs, taken from a model's MoE layer.
         apply_expert_parallel(*holder, context);
-        layer->expert_exchange = holder->moe_layers().front()->expert_exchange;
+        layer->dispatcher = holder->moe_layers().front()->dispatcher;
         const Tensor x_rank = x.narrow(0, r * tokens_per_rank, tokens_per_rank).clone().requires_grad_(true);
         const Tensor out = layer->forward(x_rank).out;
         (out * probe.narrow(0, r * tokens_per_rank, tokens_per_rank)).sum().backward();

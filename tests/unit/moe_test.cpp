@@ -122,7 +122,7 @@ TEST_P(GroupedExpertsTest, ValuesAndGradientsEqualPerExpertSwiGLUInDouble) {
   const auto xs = torch::randn({20, 8}, torch::dtype(torch::kDouble).requires_grad(true));
   const auto d_ys = torch::randn({20, 8}, torch::kDouble);
 
-  const auto actual = experts->forward(xs, rows);
+  const auto actual = experts->forward_loop(xs, rows);
   const auto actual_grads = torch::autograd::grad({actual}, {xs, experts->w1, experts->w2}, {d_ys});
   std::vector<torch::Tensor> pieces;
   int64_t first = 0;
@@ -175,8 +175,8 @@ TEST_P(GroupedMmTest, ExpertsThroughGroupedMmEqualTheLoop) {
       const double scale = std::max(1.0, a[i].abs().max().item<double>());
       EXPECT_LT(max_abs_diff(a[i], b[i]), 1e-6 * scale) << i << " cf " << capacity_factor << " scale " << scale;
     }
-    EXPECT_TRUE(grouped->uses_grouped_mm(x));
-    EXPECT_TRUE(grouped->plan(grouped->gate->forward(x), 24, /*host_rows=*/false).rows_per_expert.empty());
+    EXPECT_TRUE(grouped->experts->uses_grouped_mm(x));
+    EXPECT_TRUE(plan_dispatch(grouped->gate->forward(x), 24, grouped->config, /*host_counts=*/false).rows_per_expert.empty());
   }
 }
 
@@ -184,19 +184,19 @@ INSTANTIATE_TEST_SUITE_P(AllRouters, GroupedMmTest, ::testing::ValuesIn(testing:
 
 TEST_F(MoeTest, AutoPicksGroupedMmOnlyOnCudaInBf16) {
   const Moe moe(testing::small_moe_config(), 16);  // expert_gemm = auto
-  EXPECT_FALSE(moe->uses_grouped_mm(torch::randn({4, 16})));
-  EXPECT_FALSE(moe->uses_grouped_mm(torch::randn({4, 16}).to(torch::kBFloat16)));  // on the CPU: the loop
+  EXPECT_FALSE(moe->experts->uses_grouped_mm(torch::randn({4, 16})));
+  EXPECT_FALSE(moe->experts->uses_grouped_mm(torch::randn({4, 16}).to(torch::kBFloat16)));  // on the CPU: the loop
 }
 
-// gather()'s backward writes each pair's gradient to its own (token, slot) row and sums the slots
+// gather_pairs()'s backward writes each pair's gradient to its own (token, slot) row and sums the slots
 // (no index_add over duplicate token ids, whose float atomics on CUDA sum in a varying order); it
 // equals index_select's autograd backward.
 TEST_F(MoeTest, GatherBackwardEqualsIndexSelectWithoutAtomics) {
   const Moe moe = make_moe(testing::small_moe_config(RouterKind::kDense), 16);  // 8 slots per token
   const Tensor x = torch::randn({10, 16}, torch::dtype(torch::kDouble).requires_grad(true));
-  const DispatchPlan plan = moe->plan(moe->gate->forward(x.to(torch::kFloat)), 10);
+  const DispatchPlan plan = plan_dispatch(moe->gate->forward(x.to(torch::kFloat)), 10, moe->config, /*host_counts=*/true);
   const Tensor d_xs = torch::randn({plan.pair_ids_N.size(0), 16}, torch::kDouble);
-  const Tensor ours = torch::autograd::grad({MoeImpl::gather(x, plan)}, {x}, {d_xs})[0];
+  const Tensor ours = torch::autograd::grad({gather_pairs(x, plan)}, {x}, {d_xs})[0];
   const Tensor token_ids = torch::div(plan.pair_ids_N, plan.slots, "floor");
   const Tensor reference = torch::autograd::grad({x.index_select(0, token_ids)}, {x}, {d_xs})[0];
   EXPECT_LT(max_abs_diff(ours, reference), 1e-12);

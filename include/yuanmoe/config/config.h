@@ -13,6 +13,9 @@
 namespace yuanmoe::config {
 
 enum class RouterKind { kAttention, kLinear, kRelu, kDense };
+/// The routers that select k experts per token with softmax gates (and so balance with the aux
+/// loss, the z-loss and the selection bias): attention and linear.
+inline bool is_top_k_router(RouterKind kind) { return kind == RouterKind::kAttention || kind == RouterKind::kLinear; }
 /// How RoPE cos/sin tables are computed (docs/interop.md: the HF and Megatron references round them in bf16): exact fp32 from integer positions,
 /// or reproducing a reference's bf16 rounding for parity checks.
 enum class RopeTables { kExact, kHfBf16, kMegatronBf16 };

@@ -221,6 +221,11 @@ class TransformerBlockImpl : public torch::nn::Module {
   BlockOutput forward(const Tensor& x_BSD,
                       const TokenLayout& tokens,
                       LayerCache* cache = nullptr);
+  /// Activation recompute (model/recompute.h): what a rerun of the last forward must reuse (its
+  /// router's global-batch statistics; undefined when none), and the rerun, which reuses it and
+  /// adds nothing to the step's balancing statistics.
+  Tensor rerun_record() const;
+  void rerun_next_forward(const Tensor& record);
 
   const int64_t layer_index;  // global index: the parameter names use it
   RmsNorm input_layernorm{nullptr};
@@ -236,7 +241,7 @@ TORCH_MODULE(TransformerBlock);
 // their global index, so a stage holding layers 12..23 has the same parameter names as the whole
 // model and checkpoints load under any pipeline layout.
 //
-// Parameter names (HF name = "model." + ours, except the grouped experts, see mlp.h):
+// Parameter names (HF name = "model." + ours, except the grouped experts, see model/experts.h):
 //   embed_tokens.weight                [V, D]
 //   layers.{l}.input_layernorm.weight  [D]
 //   layers.{l}.self_attn.{v,q,k}_proj.weight [P, D], o_proj.weight [D, P]

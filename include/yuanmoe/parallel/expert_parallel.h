@@ -42,7 +42,8 @@ struct ExpertSharding {
 ExpertSharding expert_weights(const model::TransformerImpl& model);
 
 /// Keeps this rank's experts in every MoE layer of `model` (initialised in full beforehand, so
-/// every layout starts from the same weights) and routes their tokens through `parallel.ep`.
+/// every layout starts from the same weights) and swaps in an all-to-all token dispatcher over
+/// `parallel.ep` (Megatron-Core's MoEAlltoAllTokenDispatcher; model/token_dispatcher.h).
 /// Returns the sharding; a no-op (ranks = 1) when parallel.expert is 1.
 ExpertSharding apply_expert_parallel(model::TransformerImpl& model, const ParallelContext& parallel);
 

@@ -4,8 +4,8 @@
 //   copies summed, data-parallel mean; train/distributed_optimizer.h) -> global gradient norm ->
 //   the step's figures read back from the device in one copy, its one wait for the device
 //   (core/host_sync.h) -> loss, router terms and routed-pair counts reduced over the world ->
-//   the non-finite policy -> clip -> AdamW (sharded or not) -> the routers' balancing updates
-//   (ReMoE's L1 coefficient, the aux-loss-free bias; docs/routers.md).
+//   the non-finite policy -> the routers' balancing updates (ReMoE's L1 coefficient, the
+//   aux-loss-free bias; train/router_balancing.h) -> clip -> AdamW (sharded or not).
 // Every rank reaches the same decision at every branch: what it branches on is reduced first.
 #pragma once
 
@@ -19,6 +19,7 @@
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/process_groups.h"
 #include "yuanmoe/train/distributed_optimizer.h"
+#include "yuanmoe/train/router_balancing.h"
 
 namespace yuanmoe::train {
 
@@ -33,7 +34,7 @@ struct StepResult {
   std::string nonfinite;         // when skipped: what was not finite
   Tensor routed_pairs_LE;        // routed (token, expert) pairs per MoE layer of the whole model, int64 CPU
   double routed_fraction = 0.0;  // routed pairs / (tokens x experts x MoE layers): ReMoE's sparsity
-  // The bias statistics per MoE layer of the whole model (model::MoeImpl::step_bias_statistics
+  // The bias statistics per MoE layer of the whole model (model::RouterImpl::step_bias_statistics
   // summed over the world), fp64 CPU [L, E + 1]; undefined unless moe.bias_balancing_rate > 0.
   Tensor bias_statistics_LE;
 };
@@ -56,9 +57,8 @@ class OptimizerStep {
   /// ... and from the non-finite policy to the routers' updates.
   void apply(int64_t completed, StepResult& result);
 
-  /// This stage's rows [L_stage, width] placed at its global MoE layers and summed over the world
-  /// (stages fill their rows, data-parallel ranks add): [total MoE layers, width]. A collective.
-  Tensor global_moe_rows(const Tensor& stage_rows_LX, int64_t width, torch::Dtype dtype) const;
+  /// The routers' balancing around the step (train/router_balancing.h).
+  const RouterBalancing& router_balancing() const { return router_balancing_; }
 
   int64_t micro_batches_per_rank() const { return micro_batches_per_rank_; }
 
@@ -68,15 +68,12 @@ class OptimizerStep {
   std::function<void(int64_t step, const std::vector<Tensor>& parameters)> after_backward;
 
  private:
-  void update_routers(const StepResult& result, int64_t tokens) const;
-
   const config::RunConfig& config_;
   model::TransformerImpl& model_;
   DistributedOptimizer& optimizer_;
   parallel::ParallelContext& parallel_;
+  RouterBalancing router_balancing_;
   std::vector<Tensor> parameters_;
-  int64_t moe_layers_before_stage_ = 0;  // global index of this stage's first MoE layer
-  int64_t total_moe_layers_ = 0;
   int64_t micro_batches_per_rank_ = 1;
   int64_t consecutive_skips_ = 0;
 };

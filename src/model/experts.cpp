@@ -1,0 +1,193 @@
+#include "yuanmoe/model/experts.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <functional>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace yuanmoe::model {
+
+Tensor swiglu(const Tensor& x_TD, const Tensor& w1_2FD, const Tensor& w2_DF) {
+  const Tensor u_T2F = torch::matmul(x_TD, w1_2FD.t());
+  const int64_t ffn = w1_2FD.size(0) / 2;
+  const Tensor h_TF = torch::silu(u_T2F.narrow(-1, 0, ffn)) * u_T2F.narrow(-1, ffn, ffn);
+  return torch::matmul(h_TF, w2_DF.t());
+}
+
+DenseMlpImpl::DenseMlpImpl(int64_t hidden_size, int64_t ffn_hidden_size) {
+  w1 = register_module(
+      "w1", linear_without_bias(hidden_size, 2 * ffn_hidden_size));
+  w2 = register_module(
+      "w2", linear_without_bias(ffn_hidden_size, hidden_size));
+}
+
+Tensor DenseMlpImpl::forward(const Tensor& x) { return swiglu(x, w1->weight, w2->weight); }
+
+GroupedExpertsImpl::GroupedExpertsImpl(int64_t num_experts, int64_t hidden_size, int64_t ffn_hidden_size,
+                                       config::ExpertGemm gemm)
+    : gemm_(gemm) {
+  // Values are written by init_weights(); empty() would leave garbage, so start from zeros.
+  w1 = register_parameter("w1", torch::zeros({num_experts, 2 * ffn_hidden_size, hidden_size}));
+  w2 = register_parameter("w2", torch::zeros({num_experts, hidden_size, ffn_hidden_size}));
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+/// out = a b, written into `out` (a slice of a larger tensor, hence by value).
+void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
+
+/// The first row of each expert's block: the prefix sums of rows_per_expert.
+std::vector<int64_t> row_starts(const std::vector<int64_t>& rows_per_expert) {
+  std::vector<int64_t> starts(rows_per_expert.size() + 1, 0);
+  for (size_t e = 0; e < rows_per_expert.size(); ++e) starts[e + 1] = starts[e] + rows_per_expert[e];
+  return starts;
+}
+
+/// Calls fn(e, first_row, rows) for every expert with rows. On CPU the experts are spread over the
+/// intra-op threads in contiguous groups of about equal rows, and each GEMM runs on one thread
+/// (OpenBLAS does inside an OpenMP region): for GEMMs of ~64 rows this beats splitting each GEMM
+/// over the threads (docs/benchmarks.md). Callers write disjoint rows and disjoint experts.
+void for_each_expert(const std::vector<int64_t>& rows_per_expert, bool on_cpu,
+                     const std::function<void(int64_t, int64_t, int64_t)>& fn) {
+  const std::vector<int64_t> starts = row_starts(rows_per_expert);
+  const auto experts = static_cast<int64_t>(rows_per_expert.size());
+  const int64_t total = starts.back();
+  const int64_t groups = on_cpu ? std::min<int64_t>(at::get_num_threads(), experts) : 1;
+  if (groups <= 1 || total == 0) {
+    for (int64_t e = 0; e < experts; ++e) {
+      if (rows_per_expert[e] > 0) fn(e, starts[e], rows_per_expert[e]);
+    }
+    return;
+  }
+  // Expert e joins the group its middle row falls in: monotone in e, so groups are contiguous.
+  std::vector<int64_t> group_begin(groups + 1, experts);
+  for (int64_t e = experts - 1; e >= 0; --e) {
+    const int64_t group = std::min(groups - 1, (2 * starts[e] + rows_per_expert[e]) * groups / (2 * total));
+    for (int64_t g = 0; g <= group; ++g) group_begin[g] = std::min(group_begin[g], e);
+  }
+  group_begin[0] = 0;
+  at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t end_group) {
+    torch::NoGradGuard no_grad;  // worker threads start with grad mode on
+    for (int64_t g = first_group; g < end_group; ++g) {
+      for (int64_t e = group_begin[g]; e < group_begin[g + 1]; ++e) {
+        if (rows_per_expert[e] > 0) fn(e, starts[e], rows_per_expert[e]);
+      }
+    }
+  });
+}
+
+/// The experts' SwiGLU over rows grouped by expert, with a hand-written backward: GEMMs write
+/// straight into slices of one output (no per-expert tensors, no cat, no per-expert gradient
+/// stacks), the activation and its derivative run once over all rows, and only x and the
+/// pre-activation u are kept for backward. Megatron's GroupedMLP does the same with grouped GEMM
+/// kernels.
+struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& xs_MD, const Tensor& w1_E2FD, const Tensor& w2_EDF,
+                               const std::vector<int64_t>& rows_per_expert) {
+    const Tensor xs = xs_MD.detach().contiguous(), w1 = w1_E2FD.detach(), w2 = w2_EDF.detach();
+    const int64_t rows = xs.size(0), ffn = w2.size(2);
+    const bool on_cpu = xs.device().is_cpu();
+    Tensor u_M2F = torch::empty({rows, 2 * ffn}, xs.options());
+    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+      mm_into(u_M2F.narrow(0, first, n), xs.narrow(0, first, n), w1[e].t());
+    });
+    const Tensor h_MF = torch::silu(u_M2F.narrow(1, 0, ffn)).mul_(u_M2F.narrow(1, ffn, ffn));
+    Tensor ys_MD = torch::empty({rows, w2.size(1)}, xs.options());
+    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+      mm_into(ys_MD.narrow(0, first, n), h_MF.narrow(0, first, n), w2[e].t());
+    });
+    ctx->save_for_backward({xs, w1, w2, u_M2F});
+    ctx->saved_data["rows"] = rows_per_expert;
+    return {ys_MD};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &xs = saved[0], &w1 = saved[1], &w2 = saved[2], &u_M2F = saved[3];
+    const std::vector<int64_t> rows_per_expert = ctx->saved_data["rows"].toIntVector();
+    const Tensor d_ys = grad_outputs[0].contiguous();
+    const int64_t ffn = w2.size(2);
+    const bool on_cpu = xs.device().is_cpu();
+
+    // h = silu(a) * b with a, b the halves of u; silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
+    const Tensor a = u_M2F.narrow(1, 0, ffn), b = u_M2F.narrow(1, ffn, ffn);
+    const Tensor sigmoid_a = torch::sigmoid(a), silu_a = a * sigmoid_a;
+    const Tensor h_MF = silu_a * b;
+    // Weight gradients start empty: every expert with rows writes its whole slice, the rest are
+    // zeroed (a full zero-fill would be one more pass over all experts' weights).
+    Tensor d_h = torch::empty_like(h_MF), d_w1 = torch::empty_like(w1), d_w2 = torch::empty_like(w2);
+    for (size_t e = 0; e < rows_per_expert.size(); ++e) {
+      if (rows_per_expert[e] == 0) {
+        d_w1[static_cast<int64_t>(e)].zero_();
+        d_w2[static_cast<int64_t>(e)].zero_();
+      }
+    }
+    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+      const Tensor d_ys_e = d_ys.narrow(0, first, n);
+      mm_into(d_h.narrow(0, first, n), d_ys_e, w2[e]);
+      mm_into(d_w2[e], d_ys_e.t(), h_MF.narrow(0, first, n));
+    });
+    Tensor d_u = torch::empty_like(u_M2F);
+    d_u.narrow(1, 0, ffn).copy_(d_h * b * sigmoid_a * (1 + a * (1 - sigmoid_a)));
+    d_u.narrow(1, ffn, ffn).copy_(d_h * silu_a);
+    Tensor d_xs = torch::empty_like(xs);
+    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+      const Tensor d_u_e = d_u.narrow(0, first, n);
+      mm_into(d_xs.narrow(0, first, n), d_u_e, w1[e]);
+      mm_into(d_w1[e], d_u_e.t(), xs.narrow(0, first, n));
+    });
+    return {d_xs, d_w1, d_w2, Tensor()};
+  }
+};
+
+}  // namespace
+
+Tensor GroupedExpertsImpl::forward(const ExpertInput& input) {
+  return uses_grouped_mm(input.xs_MD) ? forward_grouped_mm(input.xs_MD, input.expert_offsets_E)
+                                      : forward_loop(input.xs_MD, input.rows_per_expert);
+}
+
+bool GroupedExpertsImpl::uses_grouped_mm(const Tensor& xs) const {
+  switch (gemm_) {
+    case config::ExpertGemm::kLoop:
+      return false;
+    case config::ExpertGemm::kGroupedMm:
+      return true;
+    case config::ExpertGemm::kAuto:
+      break;
+  }
+  const c10::DeviceType device = xs.device().type();
+  const torch::Dtype dtype =
+      at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device) : xs.scalar_type();
+  return xs.is_cuda() && dtype == torch::kBFloat16;
+}
+
+Tensor GroupedExpertsImpl::forward_loop(const Tensor& xs_MD, const std::vector<int64_t>& rows_per_expert) {
+  TORCH_CHECK(static_cast<int64_t>(rows_per_expert.size()) == w1.size(0), "GroupedExperts: ", rows_per_expert.size(),
+              " row counts for ", w1.size(0), " experts");
+  // Under autocast the GEMMs take the autocast dtype, as torch::matmul would; the casts are
+  // differentiable outside the function.
+  torch::Dtype dtype = xs_MD.scalar_type();
+  const c10::DeviceType device_type = xs_MD.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
+  return GroupedSwiGLU::apply(xs_MD.to(dtype), w1.to(dtype), w2.to(dtype), rows_per_expert)[0];
+}
+
+Tensor GroupedExpertsImpl::forward_grouped_mm(const Tensor& xs_MD, const Tensor& expert_offsets_E) {
+  TORCH_CHECK(expert_offsets_E.size(0) == w1.size(0), "GroupedExperts: ", expert_offsets_E.size(0), " offsets for ",
+              w1.size(0), " experts");
+  torch::Dtype dtype = xs_MD.scalar_type();
+  const c10::DeviceType device_type = xs_MD.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
+  // _grouped_mm multiplies row block e of the first operand by matrix e of the second: the
+  // weights as [E, D, 2F] and [E, F, D] views (transposes, no copies).
+  const int64_t ffn = w2.size(2);
+  const Tensor u_M2F = at::_grouped_mm(xs_MD.to(dtype).contiguous(), w1.to(dtype).transpose(1, 2), expert_offsets_E);
+  const Tensor h_MF = torch::silu(u_M2F.narrow(1, 0, ffn)) * u_M2F.narrow(1, ffn, ffn);
+  return at::_grouped_mm(h_MF, w2.to(dtype).transpose(1, 2), expert_offsets_E);
+}
+
+}  // namespace yuanmoe::model
