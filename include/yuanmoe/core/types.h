@@ -1,7 +1,9 @@
 // Shape-letter legend used in tensor names across the code base (docs/architecture.md, "Shape letters"):
 //   B batch, S sequence, T tokens (B*S flattened), D model dim (hidden_size),
 //   H heads, Dh head dim, P attention width (H*Dh), F expert FFN width, E experts,
-//   K routing slots per token, N routed (token, expert) pairs, V vocabulary.
+//   K routing slots per token, N routed (token, expert) pairs, M rows one rank's experts compute
+//   (N after the expert-parallel dispatch), L MoE layers, V vocabulary. E1 is [E + 1]: a value
+//   per expert, then a count.
 // So x_BSD is [batch, seq, hidden] and gates_TK is [tokens, slots].
 #pragma once
 #include <torch/torch.h>
