@@ -246,7 +246,8 @@ def main():
                "%d passed, %d skipped, %d failed%s" % (passed, skipped, len(failed),
                                                      (": " + ", ".join(failed)) if failed else "")]
     md += ["", "Left to CI (CPU machines): the tests matching `%s` (they force the CPU or need gnuplot) and the "
-           "label `fuzz` (replays of fuzz inputs); the device tests run in their own stage." % report["left_to_ci"]]
+           "label `fuzz` (replays of fuzz inputs), label `golden` (exact CPU losses of the CI machine's kind); "
+           "the device tests run in their own stage." % report["left_to_ci"]]
 
     problems = [s for s in report["stages"] if s["status"] in ("failed", "timeout", "running")]
     if problems:

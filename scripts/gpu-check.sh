@@ -166,7 +166,8 @@ PY
 }
 
 # Left to CI: tests that force the CPU (their processes hide the GPU), need gnuplot where it is
-# missing, or only replay fuzz inputs; the device tests run in their own stage.
+# missing, or only replay fuzz inputs; the golden losses are this CPU kind's bits (CI runs them); the
+# device tests run in their own stage.
 left_to_ci='^python\.(parallel|expert_parallel)$'
 command -v gnuplot > /dev/null || left_to_ci="$left_to_ci|^Plots\.|^python\.ablate$"
 printf '%s\n' "$left_to_ci" > "$logs/left-to-ci.txt"
@@ -192,7 +193,7 @@ stage build-rest 400 build-device cmake --build "$build" -j "$jobs"
 
 ctest_jobs=$((jobs >= 16 ? 8 : (jobs >= 2 ? jobs : 1)))
 stage ctest 900 build-rest env OMP_NUM_THREADS=$((jobs / ctest_jobs > 0 ? jobs / ctest_jobs : 1)) \
-  ctest --test-dir "$build" -j "$ctest_jobs" --timeout 240 --output-on-failure -LE '^(device|fuzz)$' -E "$left_to_ci"
+  ctest --test-dir "$build" -j "$ctest_jobs" --timeout 240 --output-on-failure -LE '^(device|fuzz|golden)$' -E "$left_to_ci"
 
 kill $heartbeat_pid 2> /dev/null
 wait $heartbeat_pid 2> /dev/null

@@ -4,8 +4,7 @@ namespace yuanmoe::train {
 
 RouterBalancing::RouterBalancing(const config::RunConfig& config, model::TransformerImpl& model,
                                  const parallel::ParallelContext& parallel)
-    : config_(config),
-      model_(model),
+    : model_(model),
       parallel_(parallel),
       moe_layers_before_stage_(model::count_moe_layers(config.moe, 0, model.stage.first_layer)),
       total_moe_layers_(model::count_moe_layers(config.moe, 0, config.model.num_layers)),
@@ -36,7 +35,6 @@ void RouterBalancing::update_routers(const Tensor& routed_pairs_LE, const Tensor
   const std::vector<model::Moe> layers = model_.moe_layers();
   if (layers.empty() || !routed_pairs_LE.defined()) return;
   model::RouterStepStats stats;
-  stats.tokens = config_.train.global_batch_size * config_.train.seq_length;
   // ReMoE's L1 coefficient follows the sparsity of all layers together (docs/routers.md); the
   // counts are global, so every rank keeps the same router state.
   stats.active_fraction_all_layers = routed_fraction;

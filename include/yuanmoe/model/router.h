@@ -34,7 +34,6 @@ struct RouterStepStats {
   // step_bias_statistics() summed over the world, fp64 [E + 1]; undefined: the bias reads
   // routed_pairs_E.
   Tensor bias_statistics_E1;
-  int64_t tokens = 0;
   double active_fraction_all_layers = 0.0;
 };
 

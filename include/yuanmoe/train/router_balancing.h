@@ -34,7 +34,6 @@ class RouterBalancing {
   void update_routers(const Tensor& routed_pairs_LE, const Tensor& bias_statistics_LE1, double routed_fraction) const;
 
  private:
-  const config::RunConfig& config_;
   model::TransformerImpl& model_;
   const parallel::ParallelContext& parallel_;
   int64_t moe_layers_before_stage_ = 0;  // global index of this stage's first MoE layer
