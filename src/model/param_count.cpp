@@ -52,8 +52,7 @@ ParameterCounts stage_parameters(const config::ModelConfig& model, const config:
     counts.expert += layer.expert;
   }
   const int64_t embedding = model.vocab_size * model.hidden_size;
-  // The same rule as TransformerImpl's constructor: a tied last stage keeps its own copy.
-  if (stage.has_embedding || (stage.has_head && model.tie_embeddings)) counts.non_expert += embedding;
+  if (stage.holds_embedding(model.tie_embeddings)) counts.non_expert += embedding;
   if (stage.has_head) {
     counts.non_expert += model.hidden_size;  // final norm
     if (!model.tie_embeddings) counts.non_expert += embedding;  // lm_head [V, D]

@@ -317,8 +317,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& model,
                                  const config::MoeConfig& moe,
                                  StageSpec stage)
     : config(model), stage(stage) {
-  if (stage.has_embedding || (stage.has_head && model.tie_embeddings)) {
-    // The last stage of a tied pipeline keeps its own copy, summed with the first's (Megatron).
+  if (stage.holds_embedding(model.tie_embeddings)) {
     embed_tokens = register_module("embed_tokens",
                                    torch::nn::Embedding(model.vocab_size, model.hidden_size));
   }

@@ -22,7 +22,6 @@
 #include "yuanmoe/parallel/process_groups.h"
 #include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/mfu.h"
-#include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/pipeline.h"
 #include "yuanmoe/train/precision.h"
 #include "yuanmoe/train/checkpointer.h"

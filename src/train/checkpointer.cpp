@@ -49,10 +49,9 @@ checkpoint::NamedTensors for_stage(const checkpoint::NamedTensors& all, const to
 /// What a stage writes: its tensors without the last stage's copy of a tied embedding (the
 /// first stage's is the one).
 checkpoint::NamedTensors without_tied_copy(const checkpoint::NamedTensors& state, const model::StageSpec& stage) {
-  if (stage.has_embedding) return state;
   checkpoint::NamedTensors out;
   for (const auto& [name, t] : state) {
-    if (name.rfind("embed_tokens.", 0) != 0) out.emplace_back(name, t);
+    if (!stage.holds_tied_copy(name)) out.emplace_back(name, t);
   }
   return out;
 }

@@ -17,7 +17,6 @@
 #include "yuanmoe/parallel/expert_parallel.h"
 #include "yuanmoe/parallel/memory_plan.h"
 #include "yuanmoe/train/mfu.h"
-#include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/pipeline.h"
 #include "yuanmoe/train/plots.h"
 #include "yuanmoe/train/precision.h"

@@ -1,5 +1,5 @@
-// safetensors files, checkpoints (round trip by name, pruning, atomicity, corruption named by
-// file) and optimizer state keyed by parameter name.
+// safetensors files and checkpoints (round trip by name, pruning, atomicity, corruption named
+// by file).
 #include <fstream>
 
 #include "support/fixtures.h"
@@ -9,7 +9,6 @@
 #include "yuanmoe/config/config_io.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/transformer.h"
-#include "yuanmoe/train/optimizer.h"
 
 namespace yuanmoe::checkpoint {
 namespace {
@@ -217,74 +216,6 @@ TEST_F(CheckpointTest, ModelStateLoadsByNameAndRejectsMismatches) {
   NamedTensors reshaped = state;
   reshaped.back().second = reshaped.back().second.reshape({-1});  // embed_tokens.weight
   EXPECT_NE(error_of([&] { load_model_state(*b, reshaped, "src"); }).find("has shape"), std::string::npos);
-}
-
-TEST_F(CheckpointTest, OptimizerStateFollowsNamesNotPositions) {
-  const auto model_config = testing::small_model_config();
-  const auto moe_config = testing::small_moe_config(config::RouterKind::kLinear);
-  config::TrainConfig train;
-  train.lr = 1e-2;
-  model::Transformer a(model_config, moe_config);
-  model::init_weights(*a, model_config);
-  auto optimizer_a = train::make_optimizer(*a, train);
-  const auto ids = torch::randint(97, {2, 6});
-  const auto pos = model::default_position_ids(2, 6);
-  const auto step = [&](model::Transformer& m, torch::optim::Optimizer& opt) {
-    m->zero_grad(true);
-    m(ids, pos).out.pow(2).mean().backward();
-    opt.step();
-  };
-  step(a, *optimizer_a);
-
-  // B: same weights, parameters handed to AdamW in reverse order, one group.
-  model::Transformer b(model_config, moe_config);
-  load_model_state(*b, model_state(*a), "a");
-  std::vector<Tensor> reversed = b->parameters();
-  std::reverse(reversed.begin(), reversed.end());
-  torch::optim::AdamW optimizer_b(
-      reversed, torch::optim::AdamWOptions(1e-2).betas({train.adam_beta1, train.adam_beta2}).weight_decay(0.1));
-  train::load_optimizer_state_by_name(*b, optimizer_b, train::optimizer_state_by_name(*a, *optimizer_a), "a");
-  // Same state under every name. B decays its vectors too, so the next step matches A's on the
-  // matrices only.
-  const auto state_a = train::optimizer_state_by_name(*a, *optimizer_a);
-  const auto state_b = train::optimizer_state_by_name(*b, optimizer_b);
-  ASSERT_EQ(state_a.size(), state_b.size());
-  for (size_t i = 0; i < state_a.size(); ++i) {
-    EXPECT_EQ(state_a[i].first, state_b[i].first);
-    EXPECT_TRUE(torch::equal(state_a[i].second, state_b[i].second)) << state_a[i].first;
-  }
-  step(a, *optimizer_a);
-  step(b, optimizer_b);
-  EXPECT_TRUE(torch::equal(a->named_parameters()["layers.0.self_attn.q_proj.weight"],
-                           b->named_parameters()["layers.0.self_attn.q_proj.weight"]));
-}
-
-TEST(Optimizer, DecaysMatricesNotVectors) {
-  const auto model_config = testing::small_model_config();
-  model::Transformer m(model_config, testing::small_moe_config());
-  for (const auto& item : m->named_parameters()) {
-    const std::string& name = item.key();
-    const bool is_norm_or_bias = name.find("norm") != std::string::npos || name.size() > 5 && name.substr(name.size() - 5) == ".bias";
-    EXPECT_EQ(train::uses_weight_decay(item.value()), !is_norm_or_bias) << name;
-  }
-  config::TrainConfig train;
-  train.weight_decay = 0.1;
-  auto optimizer = train::make_optimizer(*m, train);
-  ASSERT_EQ(optimizer->param_groups().size(), 2u);
-  EXPECT_DOUBLE_EQ(static_cast<torch::optim::AdamWOptions&>(optimizer->param_groups()[0].options()).weight_decay(), 0.1);
-  EXPECT_DOUBLE_EQ(static_cast<torch::optim::AdamWOptions&>(optimizer->param_groups()[1].options()).weight_decay(), 0.0);
-  EXPECT_EQ(optimizer->param_groups()[0].params().size() + optimizer->param_groups()[1].params().size(),
-            m->parameters().size());
-}
-
-TEST(Optimizer, ClipScalesToTheMaxNormAndReportsTheNorm) {
-  Tensor a = torch::zeros({2}, torch::requires_grad()), b = torch::zeros({1}, torch::requires_grad());
-  a.mutable_grad() = torch::tensor({3.0f, 0.0f});
-  b.mutable_grad() = torch::tensor({4.0f});
-  EXPECT_DOUBLE_EQ(train::clip_gradients({a, b}, 0.0), 5.0);  // 0: report only
-  EXPECT_FLOAT_EQ(a.grad()[0].item<float>(), 3.0f);
-  EXPECT_NEAR(train::clip_gradients({a, b}, 1.0), 5.0, 1e-12);
-  EXPECT_NEAR(std::sqrt(a.grad().pow(2).sum().item<double>() + b.grad().pow(2).sum().item<double>()), 1.0, 1e-5);
 }
 
 }  // namespace

@@ -1,8 +1,7 @@
 // The step's collectives on real Gloo process groups, two ranks as two threads of this process
 // (the same c10d code as two processes, without the multi-process launch of python.parallel):
-// the data-parallel mean and the tied-embedding sum of synchronize_gradients, the global norm
-// over pipeline stages, run_pipeline_step over two stages against the one-process gradients, and
-// the expert bias of every moe.balance_scope kept the same on every rank.
+// run_pipeline_step over two stages against the one-process gradients, and the expert bias of
+// every moe.balance_scope kept the same on every rank.
 #include "support/fixtures.h"
 #include "support/on_ranks.h"
 #include "yuanmoe/model/init.h"
@@ -11,7 +10,6 @@
 #include "yuanmoe/parallel/expert_parallel.h"
 #include "yuanmoe/parallel/process_groups.h"
 #include "yuanmoe/train/distributed_optimizer.h"
-#include "yuanmoe/train/gradient_sync.h"
 #include "yuanmoe/train/pipeline.h"
 #include "yuanmoe/train/step.h"
 
@@ -19,35 +17,6 @@ namespace yuanmoe::train {
 namespace {
 
 using testing::on_ranks;
-
-TEST(GradientSyncTest, DataParallelRanksGetTheMeanGradient) {
-  on_ranks(2, 1, [](parallel::ParallelContext& context) {
-    const double rank = static_cast<double>(context.world().rank);
-    Tensor w = torch::zeros({3, 2}, torch::kDouble).requires_grad_(true);
-    Tensor b = torch::zeros({5}).requires_grad_(true);
-    w.mutable_grad() = torch::full({3, 2}, 1.0 + rank, torch::kDouble);
-    b.mutable_grad() = torch::arange(5, torch::kFloat) * (rank + 1);
-    Tensor never = torch::zeros({2}).requires_grad_(true);  // no gradient on either rank
-    synchronize_gradients({w, b, never}, Tensor(), context);
-    EXPECT_TRUE(torch::allclose(w.grad(), torch::full({3, 2}, 1.5, torch::kDouble)));
-    EXPECT_TRUE(torch::allclose(b.grad(), torch::arange(5, torch::kFloat) * 1.5));
-    EXPECT_TRUE(torch::equal(never.grad(), torch::zeros({2})));  // zeros, so every rank reduces one list
-  });
-}
-
-TEST(GradientSyncTest, TiedEmbeddingCopiesSumAndTheNormSpansTheStages) {
-  on_ranks(2, 2, [](parallel::ParallelContext& context) {
-    const double stage = static_cast<double>(context.layout().stage);
-    Tensor embedding = torch::zeros({4, 2}).requires_grad_(true);
-    embedding.mutable_grad() = torch::full({4, 2}, stage + 1.0);  // 1 on the first stage, 2 on the last
-    synchronize_gradients({embedding}, embedding, context);
-    EXPECT_TRUE(torch::equal(embedding.grad(), torch::full({4, 2}, 3.0)));
-    // Each stage counts its own parameters: the norm over both is sqrt(8 * 1^2 + 8 * 2^2).
-    Tensor own = torch::zeros({4, 2}).requires_grad_(true);
-    own.mutable_grad() = torch::full({4, 2}, stage + 1.0);
-    EXPECT_NEAR(global_gradient_norm({own}, context), std::sqrt(8.0 + 32.0), 1e-12);
-  });
-}
 
 TEST(PipelineStepTest, TwoStagesGiveTheOneProcessGradients) {
   const config::ModelConfig model_config = testing::small_model_config();
@@ -65,8 +34,8 @@ TEST(PipelineStepTest, TwoStagesGiveTheOneProcessGradients) {
   const auto gradients = [&](model::TransformerImpl& model, parallel::ParallelContext& context) {
     size_t next = 0;
     const PipelineStepResult step = run_pipeline_step(model, context, options, [&] { return batches[next++]; });
-    synchronize_gradients(model.parameters(), context.embedding.size() > 1 ? model.embed_tokens->weight : Tensor(),
-                          context);
+    DistributedOptimizer(model, config::TrainConfig{}, context, /*shard=*/false, parallel::expert_weights(model))
+        .reduce_gradients();
     std::map<std::string, Tensor> out;
     for (const auto& p : model.named_parameters()) out[p.key()] = p.value().grad().clone();
     return std::make_pair(out, step);

@@ -11,7 +11,8 @@
 #include "yuanmoe/data/sampler.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/transformer.h"
-#include "yuanmoe/train/gradient_sync.h"
+#include "yuanmoe/parallel/expert_parallel.h"
+#include "yuanmoe/train/distributed_optimizer.h"
 #include "yuanmoe/train/pipeline.h"
 #include "yuanmoe/train/token_layout.h"
 #include "yuanmoe/train/trainer.h"
@@ -142,8 +143,8 @@ TEST(ResetAttentionMaskPipeline, TwoStagesGiveTheOneProcessGradients) {
                              const std::vector<data::Batch>& micro_batches) {
     size_t next = 0;
     run_pipeline_step(model, context, options, [&] { return micro_batches[next++]; });
-    synchronize_gradients(model.parameters(), context.embedding.size() > 1 ? model.embed_tokens->weight : Tensor(),
-                          context);
+    DistributedOptimizer(model, config::TrainConfig{}, context, /*shard=*/false, parallel::expert_weights(model))
+        .reduce_gradients();
     std::map<std::string, Tensor> out;
     for (const auto& p : model.named_parameters()) out[p.key()] = p.value().grad().clone();
     return out;

@@ -1,14 +1,12 @@
-// Expert parallelism and the sharded optimizer on real Gloo groups, ranks as threads
-// (support/on_ranks.h): the collectives they add, one MoE layer split over two ranks against the
-// whole layer in fp64 (values and every gradient), and the sharded AdamW against the replicated
-// one (weights, state by name, state bytes, a save/load round trip).
+// Expert parallelism on real Gloo groups, ranks as threads (support/on_ranks.h): the collectives
+// it adds, and one MoE layer split over two ranks against the whole layer in fp64 (values and
+// every gradient).
 #include "support/fixtures.h"
 #include "support/on_ranks.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/moe.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/expert_parallel.h"
-#include "yuanmoe/train/distributed_optimizer.h"
 
 namespace yuanmoe::parallel {
 namespace {
@@ -107,58 +105,6 @@ TEST(ExpertParallelTest, MoeLayerOverTwoRanksEqualsTheWholeLayerInDouble) {
       }
     }
   }
-}
-
-TEST(DistributedOptimizerTest, ShardedEqualsReplicatedHoldsHalfTheStateAndRoundTrips) {
-  const config::ModelConfig model_config = testing::small_model_config();
-  const config::MoeConfig moe_config = testing::small_moe_config();
-  config::TrainConfig train;
-  train.lr = 1e-2;
-  train.weight_decay = 0.1;
-  on_ranks(2, 1, [&](ParallelContext& context) {
-    std::vector<model::Transformer> models;
-    std::vector<std::unique_ptr<train::DistributedOptimizer>> optimizers;
-    for (const bool shard : {false, true}) {
-      models.emplace_back(model_config, moe_config);
-      model::init_weights(*models.back(), model_config, 3);
-      optimizers.push_back(std::make_unique<train::DistributedOptimizer>(*models.back(), train, context, shard,
-                                                                          expert_weights(*models.back())));
-    }
-    for (int step = 0; step < 3; ++step) {
-      for (size_t m = 0; m < 2; ++m) {
-        // The same gradients for both optimizers; a generator per rank (the ranks are threads).
-        at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(100 * step + context.world().rank);
-        for (const Tensor& p : models[m]->parameters()) {
-          p.mutable_grad() = torch::randn(p.sizes(), generator, p.options());
-        }
-        optimizers[m]->reduce_gradients();
-        const double norm = optimizers[m]->gradient_norm();
-        optimizers[m]->step(/*max_norm=*/1.0, norm);
-      }
-    }
-    const auto a = models[0]->named_parameters(), b = models[1]->named_parameters();
-    for (const auto& p : a) EXPECT_LT(testing::max_abs_diff(p.value(), b[p.key()]), 1e-6) << p.key();
-    const checkpoint::NamedTensors replicated = optimizers[0]->state_by_name(), sharded = optimizers[1]->state_by_name();
-    ASSERT_EQ(replicated.size(), sharded.size());
-    for (size_t i = 0; i < replicated.size(); ++i) {
-      EXPECT_EQ(replicated[i].first, sharded[i].first);
-      EXPECT_LT(testing::max_abs_diff(replicated[i].second.to(torch::kDouble), sharded[i].second.to(torch::kDouble)),
-                1e-6)
-          << replicated[i].first;
-    }
-    const double ratio = static_cast<double>(optimizers[1]->state_bytes()) / optimizers[0]->state_bytes();
-    EXPECT_NEAR(ratio, 0.5, 0.01);
-
-    // Saved state loaded into a fresh sharded optimizer reads back the same.
-    model::Transformer fresh(model_config, moe_config);
-    model::init_weights(*fresh, model_config, 3);
-    train::DistributedOptimizer reloaded(*fresh, train, context, /*shard=*/true, expert_weights(*fresh));
-    reloaded.load_state_by_name(sharded, "test");
-    const checkpoint::NamedTensors again = reloaded.state_by_name();
-    ASSERT_EQ(again.size(), sharded.size());
-    for (size_t i = 0; i < again.size(); ++i) EXPECT_TRUE(torch::equal(again[i].second, sharded[i].second)) << again[i].first;
-    EXPECT_THROW(reloaded.load_state_by_name({{"nope/step", torch::tensor(1)}}, "test"), std::runtime_error);
-  });
 }
 
 }  // namespace

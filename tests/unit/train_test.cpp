@@ -9,10 +9,11 @@
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/recompute.h"
 #include "yuanmoe/model/transformer.h"
+#include "yuanmoe/parallel/expert_parallel.h"
+#include "yuanmoe/train/checkpointer.h"
+#include "yuanmoe/train/distributed_optimizer.h"
 #include "yuanmoe/train/lr_schedule.h"
 #include "yuanmoe/train/plots.h"
-#include "yuanmoe/train/checkpointer.h"
-#include "yuanmoe/train/optimizer.h"
 #include "yuanmoe/train/trainer.h"
 
 namespace yuanmoe::train {
@@ -425,16 +426,17 @@ TEST(CheckpointManagerTest, ResumesTheSingleFilesOfEarlierVersionsAndSavesTheSha
   config::RunConfig run = testing::tiny_run_config(dir.path().string());
   model::Transformer model(run.model, run.moe);
   model::init_weights(*model, run.model, 1);
-  auto optimizer = make_optimizer(*model, run.train);
+  parallel::ParallelContext single_process;
+  DistributedOptimizer optimizer(*model, run.train, single_process, /*shard=*/false, parallel::expert_weights(*model));
   model(torch::randint(run.model.vocab_size, {2, 8}), model::default_position_ids(2, 8)).out.sum().backward();
-  optimizer->step();
+  optimizer.step(/*max_norm=*/0.0, 0.0);
 
   checkpoint::Checkpoint old;
   old.config = run;
   old.progress.step = 3;
   const fs::path tmp = checkpoint::begin_checkpoint(checkpoints, 3);
   checkpoint::write_checkpoint_file(tmp, "model.safetensors", checkpoint::model_state(*model));
-  checkpoint::write_checkpoint_file(tmp, "optimizer.safetensors", optimizer_state_by_name(*model, *optimizer));
+  checkpoint::write_checkpoint_file(tmp, "optimizer.safetensors", optimizer.state_by_name());
   torch::manual_seed(42);
   const Tensor rng_state = at::detail::getDefaultCPUGenerator().get_state();
   const Tensor next_draw = torch::rand({4});
@@ -443,7 +445,6 @@ TEST(CheckpointManagerTest, ResumesTheSingleFilesOfEarlierVersionsAndSavesTheSha
 
   model::Transformer fresh(run.model, run.moe);
   model::init_weights(*fresh, run.model, 2);
-  parallel::ParallelContext single_process;
   DistributedOptimizer fresh_optimizer(*fresh, run.train, single_process, /*shard=*/false,
                                        parallel::expert_weights(*fresh));
   const CheckpointManager manager(run, checkpoints, single_process, torch::kCPU);
@@ -455,7 +456,7 @@ TEST(CheckpointManagerTest, ResumesTheSingleFilesOfEarlierVersionsAndSavesTheSha
   EXPECT_TRUE(torch::equal(torch::rand({4}), next_draw));  // the random stream continues
   const auto a = checkpoint::model_state(*model), b = checkpoint::model_state(*fresh);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
-  const auto sa = optimizer_state_by_name(*model, *optimizer), sb = fresh_optimizer.state_by_name();
+  const auto sa = optimizer.state_by_name(), sb = fresh_optimizer.state_by_name();
   ASSERT_EQ(sa.size(), sb.size());
   for (size_t i = 0; i < sa.size(); ++i) EXPECT_TRUE(torch::equal(sa[i].second, sb[i].second)) << sa[i].first;
 

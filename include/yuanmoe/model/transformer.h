@@ -6,6 +6,7 @@
 #pragma once
 
 #include <functional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -264,6 +265,15 @@ struct StageSpec {
   bool has_embedding = true;
   bool has_head = true;
   static StageSpec whole_model(int64_t num_layers) { return {0, num_layers, true, true}; }
+
+  /// Whether the stage holds an embedding matrix: the first stage's, or the last stage's own
+  /// copy of a tied one (its gradient summed with the first's, as in Megatron).
+  bool holds_embedding(bool tie_embeddings) const { return has_embedding || (has_head && tie_embeddings); }
+  /// Whether `parameter`, a name in this stage, is the last stage's copy of a tied embedding:
+  /// the first stage's counts once, in the gradient norm and in a checkpoint.
+  bool holds_tied_copy(const std::string& parameter) const {
+    return !has_embedding && parameter.rfind("embed_tokens.", 0) == 0;
+  }
 };
 
 /// Layers [first, end) of pipeline stage `stage` of `stages`: contiguous; the first and last

@@ -7,11 +7,13 @@
 //
 //   (*) an expert's gradient on one rank already sums the tokens of its whole ep group.
 //
-// parallel.shard_optimizer = false: gradients all-reduced in fp32 buckets, every rank runs AdamW
-// on all of its parameters. true (ZeRO-1, Megatron's distributed optimizer): each bucket is
-// reduce-scattered, so rank r of a group of g holds the reduced gradient of the bucket's chunk r;
-// AdamW updates that chunk only (its moments are the only ones the rank keeps: 1/g of them);
-// the chunks are all-gathered back into the parameters. Parameters stay fp32 on every rank:
+// Gradients are reduced in buckets of about 25 MB in the parameters' dtype, and each group's copies share the AdamW
+// work as parallel.shard_optimizer says (ZeRO-1, Megatron's distributed optimizer): sharded, each
+// bucket is reduce-scattered over the group, so rank r of a group of g holds the reduced gradient
+// of the bucket's chunk r, AdamW updates that chunk only (its moments are the only ones the rank
+// keeps: 1/g of them) and the chunks are all-gathered back into the parameters. Not sharded is
+// the same over a shard group of one: each bucket is all-reduced, its one chunk is the whole
+// bucket, and the reduced gradients are the parameters' own. Parameters stay fp32 on every rank:
 // under bf16 autocast they are the master weights, and every rank's forward reads them.
 //
 // The state is read and written by parameter name in the global layout (every expert by global
@@ -42,7 +44,8 @@ class DistributedOptimizer {
 
   void set_learning_rate(double lr);
   /// After the backward passes: the tied embedding's copies summed, then every gradient
-  /// reduced to the data-parallel mean (in place, or this rank's chunks when sharded).
+  /// reduced to the data-parallel mean: this rank's chunks when sharded, else the parameters'
+  /// .grad in place (a missing one becomes zeros first when there is anything to reduce).
   void reduce_gradients();
   /// The square of the L2 norm of the whole model's reduced gradient: every stage, every expert
   /// once, the last stage's tied copy left out (fp64 sums). [] fp64 on the parameters' device,
