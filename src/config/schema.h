@@ -23,7 +23,8 @@ constexpr KeyRole kKnob = KeyRole::kKnob;
 /// anything: read and ignored, so those files keep loading (docs/config.md, "Retired keys").
 inline bool is_retired_key(const std::string& path) {
   return path == "model.attention_block_size"  // the blockwise attention kernel, replaced by SDPA
-         || path == "moe.router_dtype";        // had one value (fp32) and no reader: routers are fp32
+         || path == "moe.router_dtype"         // had one value (fp32) and no reader: routers are fp32
+         || path == "parallel.num_microbatches";  // derived from the batch sizes, never read
 }
 
 template <class V>
@@ -144,8 +145,6 @@ template <class V>
 void visit(V& v, ParallelConfig& c) {
   v.field("pipeline_parallel_size", c.pipeline_parallel_size, kOptional, "Pipeline stages.");
   v.field("pipeline_schedule", c.pipeline_schedule, kOptional, "Pipeline schedule.");
-  v.field("num_microbatches", c.num_microbatches, kOptional,
-          "Micro-batches per step; null = global / (micro * data-parallel size).");
   v.field("first_stage_layers", c.first_stage_layers, kOptional,
           "Layers on the first stage (which also holds the embedding); 0 = balanced.");
   v.field("last_stage_layers", c.last_stage_layers, kOptional,

@@ -152,7 +152,6 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
             "parallel.pipeline_parallel_size",
             "must be <= model.num_layers (" + Checker::str(config.model.num_layers) +
                 "): every stage needs a layer");
-  if (p.num_microbatches) c.positive(*p.num_microbatches, "parallel.num_microbatches");
   c.non_negative(p.first_stage_layers, "parallel.first_stage_layers");
   c.non_negative(p.last_stage_layers, "parallel.last_stage_layers");
   {
@@ -205,12 +204,6 @@ std::vector<ConfigIssue> validate_training(const RunConfig& config, int64_t data
   c.require(divisible, "train.global_batch_size",
             "must be divisible by train.micro_batch_size x data-parallel size (" + Checker::str(t.micro_batch_size) +
                 " x " + Checker::str(data_parallel_size) + "), got " + Checker::str(t.global_batch_size));
-  const int64_t per_rank = t.global_batch_size / (t.micro_batch_size * data_parallel_size);
-  if (divisible && config.parallel.num_microbatches) {
-    c.require(*config.parallel.num_microbatches == per_rank, "parallel.num_microbatches",
-              "is " + Checker::str(*config.parallel.num_microbatches) +
-                  ", but global_batch_size / (micro_batch_size x data-parallel size) = " + Checker::str(per_rank));
-  }
   for (auto& issue : validate_layout(config, data_parallel_size)) issues.push_back(std::move(issue));
   return issues;
 }

@@ -149,9 +149,7 @@ Batch BlendedSampler::next_batch() {
   const int64_t S = options_.seq_length;
   const int64_t block = options_.world_size * B;
   const int64_t first = options_.rank * B;  // this rank's samples in the block
-  torch::Tensor tokens = torch::empty({B, S}, torch::kLong);    // [B, S]
-  torch::Tensor labels = torch::empty({B, S}, torch::kLong);    // [B, S]
-  torch::Tensor positions = torch::empty({B, S}, torch::kLong);  // [B, S]
+  BatchBuilder batch(B, S);
   std::vector<int64_t> sample(static_cast<size_t>(S) + 1);
   batch_sources_.assign(static_cast<size_t>(B), 0);
   // Every rank assigns the whole block (the rule is sequential) and reads only its own samples.
@@ -162,20 +160,7 @@ Batch BlendedSampler::next_batch() {
     if (t >= first && t < first + B) {
       const int64_t b = t - first;
       source.sample_tokens(stream.epoch, stream.cursor, sample.data());
-      const SamplerOptions& o = source_options_[static_cast<size_t>(j)];
-      if (o.vocab_size > 0) {
-        for (const int64_t token : sample) {
-          if (token < 0 || token >= o.vocab_size) {
-            throw std::runtime_error(source.prefix() + ": token id " + std::to_string(token) +
-                                     " is outside the model's vocabulary [0, " + std::to_string(o.vocab_size) +
-                                     ") (model.vocab_size): data tokenized for another model?");
-          }
-        }
-      }
-      std::copy(sample.begin(), sample.end() - 1, tokens.data_ptr<int64_t>() + b * S);
-      std::copy(sample.begin() + 1, sample.end(), labels.data_ptr<int64_t>() + b * S);
-      const torch::Tensor row = tokens.slice(0, b, b + 1);  // [1, S]
-      positions[b] = o.reset_position_ids ? reset_position_ids(row, o.eod_id)[0] : torch::arange(S, torch::kLong);
+      batch.set_row(b, sample, source_options_[static_cast<size_t>(j)], source.prefix());
       batch_sources_[static_cast<size_t>(b)] = j;
     }
     ++state_.counts[static_cast<size_t>(j)];
@@ -188,8 +173,7 @@ Batch BlendedSampler::next_batch() {
   }
   state_.samples += block;
   // Every source shares the EOD id (the trainer checks it), so the documents follow one rule.
-  torch::Tensor documents = options_.reset_attention_mask ? document_ids(tokens, options_.eod_id) : torch::Tensor();
-  return Batch{tokens, labels, positions, documents};
+  return batch.finish(options_);
 }
 
 }  // namespace yuanmoe::data

@@ -147,27 +147,44 @@ void GptSampler::sample_tokens(int64_t epoch, int64_t index, int64_t* out) {
   }
 }
 
+BatchBuilder::BatchBuilder(int64_t micro_batch_size, int64_t seq_length)
+    : seq_length_(seq_length),
+      tokens_BS_(torch::empty({micro_batch_size, seq_length}, torch::kLong)),
+      labels_BS_(torch::empty({micro_batch_size, seq_length}, torch::kLong)),
+      positions_BS_(torch::empty({micro_batch_size, seq_length}, torch::kLong)) {}
+
+void BatchBuilder::set_row(int64_t b, const std::vector<int64_t>& sample, const SamplerOptions& options,
+                           const std::string& prefix) {
+  if (options.vocab_size > 0) {
+    for (const int64_t token : sample) {
+      if (token < 0 || token >= options.vocab_size) {
+        throw std::runtime_error(prefix + ": token id " + std::to_string(token) +
+                                 " is outside the model's vocabulary [0, " + std::to_string(options.vocab_size) +
+                                 ") (model.vocab_size): data tokenized for another model?");
+      }
+    }
+  }
+  std::copy(sample.begin(), sample.end() - 1, tokens_BS_.data_ptr<int64_t>() + b * seq_length_);
+  std::copy(sample.begin() + 1, sample.end(), labels_BS_.data_ptr<int64_t>() + b * seq_length_);
+  positions_BS_[b] = options.reset_position_ids ? reset_position_ids(tokens_BS_.slice(0, b, b + 1), options.eod_id)[0]
+                                                : torch::arange(seq_length_, torch::kLong);
+}
+
+Batch BatchBuilder::finish(const SamplerOptions& options) const {
+  const torch::Tensor documents =
+      options.reset_attention_mask ? document_ids(tokens_BS_, options.eod_id) : torch::Tensor();
+  return Batch{tokens_BS_, labels_BS_, positions_BS_, documents};
+}
+
 Batch GptSampler::next_batch() {
   const int64_t B = options_.micro_batch_size;
-  const int64_t S = options_.seq_length;
   const int64_t N = samples_per_epoch_;
-  torch::Tensor tokens = torch::empty({B, S}, torch::kLong);
-  torch::Tensor labels = torch::empty({B, S}, torch::kLong);
-  std::vector<int64_t> sample(static_cast<size_t>(S) + 1);
+  BatchBuilder batch(B, options_.seq_length);
+  std::vector<int64_t> sample(static_cast<size_t>(options_.seq_length) + 1);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t global = state_.cursor + options_.rank * B + b;
     sample_tokens(state_.epoch + global / N, global % N, sample.data());
-    if (options_.vocab_size > 0) {
-      for (const int64_t token : sample) {
-        if (token < 0 || token >= options_.vocab_size) {
-          throw std::runtime_error(dataset_->prefix() + ": token id " + std::to_string(token) +
-                                   " is outside the model's vocabulary [0, " + std::to_string(options_.vocab_size) +
-                                   ") (model.vocab_size): data tokenized for another model?");
-        }
-      }
-    }
-    std::copy(sample.begin(), sample.end() - 1, tokens.data_ptr<int64_t>() + b * S);
-    std::copy(sample.begin() + 1, sample.end(), labels.data_ptr<int64_t>() + b * S);
+    batch.set_row(b, sample, options_, dataset_->prefix());
   }
   state_.cursor += options_.world_size * B;
   while (state_.cursor >= N) {
@@ -176,11 +193,7 @@ Batch GptSampler::next_batch() {
     spdlog::info("data: {} exhausted, starting epoch {} ({} samples per epoch)", dataset_->prefix(),
                  state_.epoch, N);
   }
-  torch::Tensor positions = options_.reset_position_ids
-                                ? reset_position_ids(tokens, options_.eod_id)
-                                : torch::arange(S, torch::kLong).unsqueeze(0).expand({B, S}).contiguous();
-  torch::Tensor documents = options_.reset_attention_mask ? document_ids(tokens, options_.eod_id) : torch::Tensor();
-  return Batch{tokens, labels, positions, documents};
+  return batch.finish(options_);
 }
 
 namespace {

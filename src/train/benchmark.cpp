@@ -13,18 +13,19 @@
 #include <optional>
 #include <sstream>
 
+#include "yuanmoe/config/derived.h"
 #include "yuanmoe/data/indexed_dataset.h"
 #include "yuanmoe/data/sampler.h"
-#include "yuanmoe/train/evaluate.h"
-#include "yuanmoe/model/transformer.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/recompute.h"
+#include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/process_groups.h"
+#include "yuanmoe/train/checkpointer.h"
+#include "yuanmoe/train/evaluate.h"
 #include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/mfu.h"
 #include "yuanmoe/train/pipeline.h"
 #include "yuanmoe/train/precision.h"
-#include "yuanmoe/train/checkpointer.h"
 #include "yuanmoe/train/step.h"
 #include "yuanmoe/train/token_layout.h"
 
@@ -332,13 +333,13 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
     report.peak_rss_bytes = peak_rss_bytes();
     return report;
   }
-  const torch::Dtype peak_dtype = config.train.precision == config::Precision::kBf16 ? torch::kBFloat16 : torch::kFloat;
-  const MatmulRate rate_before = measure_matmul_rate(device, peak_dtype);
+  const config::DerivedValues derived = config::resolve_derived(config, /*data_parallel_size=*/1);
+  const MatmulRate rate_before = measure_matmul_rate(device, compute_dtype(config.train.precision));
   report.matmul_size = rate_before.size;
   report.peak_flops = rate_before.median;
   report.best_matmul_flops = rate_before.best;
   report.flops_per_token = training_flops_per_token(config);
-  report.tokens_per_step = config.train.global_batch_size * config.train.seq_length;
+  report.tokens_per_step = derived.tokens_per_step;
 
   torch::manual_seed(config.train.seed);
   model::Transformer model(config.model, config.moe);
@@ -361,7 +362,7 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
                                                  sampler_options(config, config.data.train_prefix));
     report.data = config.data.train_prefix;
   }
-  for (int64_t i = 0; i < config.train.global_batch_size / config.train.micro_batch_size; ++i) {
+  for (int64_t i = 0; i < derived.micro_batches_per_step; ++i) {
     batches.push_back(sampler ? sampler->next_batch()
                               : random_batch(config.train.micro_batch_size, config.train.seq_length,
                                              config.model.vocab_size));
@@ -377,7 +378,7 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   measure_step(options, step, batches, device, report);
   // The VM's speed drifts (docs/benchmarks.md): measure again right after the steps and keep the
   // higher reading, so MFU is never flattered by a slow one.
-  const MatmulRate rate_after = measure_matmul_rate(device, peak_dtype);
+  const MatmulRate rate_after = measure_matmul_rate(device, compute_dtype(config.train.precision));
   report.peak_flops = std::max(report.peak_flops, rate_after.median);
   report.best_matmul_flops = std::max(report.best_matmul_flops, rate_after.best);
   // A stated device peak (log.peak_tflops, e.g. a GPU's dense bf16 figure) is what MFU is quoted

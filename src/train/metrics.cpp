@@ -63,26 +63,36 @@ StepInterval::Line StepInterval::take(int64_t step, int64_t max_steps, const Ste
   return line;
 }
 
-ordered_json eval_line(int64_t step, const EvalResult& result, const Tensor& router_L2) {
+ordered_json eval_line(int64_t step, const EvalReport& report) {
+  const EvalResult& result = report.headline;
   ordered_json line{{"step", step}, {"split", "valid"}, {"loss", result.loss},
                     {"perplexity", result.perplexity}, {"tokens", result.tokens}};
   if (result.expert_share_LE.defined()) {
     line["expert_load"] = json_rows(result.expert_share_LE);
     // Per MoE layer: mean routing entropy (nats) and routed (token, expert) pairs per token.
-    const Tensor routed_tokens_L = router_L2.select(1, 1).clamp_min(1.0);
-    line["router_entropy"] = json_vector(router_L2.select(1, 0) / routed_tokens_L);
+    const Tensor routed_tokens_L = report.router_sums.select(1, 1).clamp_min(1.0);
+    line["router_entropy"] = json_vector(report.router_sums.select(1, 0) / routed_tokens_L);
     line["active_experts"] = json_vector(result.routed_pairs_LE.to(torch::kDouble).sum(1) / routed_tokens_L);
+  }
+  if (!report.sources.empty()) {
+    ordered_json sources = ordered_json::object();
+    for (size_t i = 0; i < report.sources.size(); ++i) {
+      const EvalResult& source = report.sources[i];
+      sources[report.source_names[i]] = {
+          {"loss", source.loss}, {"perplexity", source.perplexity}, {"tokens", source.tokens}};
+    }
+    line["sources"] = sources;
   }
   return line;
 }
 
-ordered_json eval_sources_json(const std::vector<std::string>& names, const std::vector<EvalResult>& results) {
-  ordered_json sources = ordered_json::object();
-  for (size_t i = 0; i < names.size() && i < results.size(); ++i) {
-    sources[names[i]] = {{"loss", results[i].loss}, {"perplexity", results[i].perplexity},
-                         {"tokens", results[i].tokens}};
+std::string eval_text(int64_t step, const EvalReport& report) {
+  std::string per_source;
+  for (size_t i = 0; i < report.sources.size(); ++i) {
+    per_source += fmt::format("{}{} {:.4f}", i ? ", " : " | sources: ", report.source_names[i], report.sources[i].loss);
   }
-  return sources;
+  return fmt::format("eval step {} | valid loss {:.4f} | perplexity {:.2f} | {} tokens{}", step, report.headline.loss,
+                     report.headline.perplexity, report.headline.tokens, per_source);
 }
 
 MetricsLog::MetricsLog(std::filesystem::path path, int64_t resume_step) : path_(std::move(path)) {

@@ -7,12 +7,21 @@
 
 namespace yuanmoe::train {
 
+torch::Dtype compute_dtype(config::Precision precision) {
+  switch (precision) {
+    case config::Precision::kBf16: return torch::kBFloat16;
+    case config::Precision::kFp64: return torch::kDouble;
+    case config::Precision::kFp32: break;
+  }
+  return torch::kFloat;
+}
+
 AutocastScope::AutocastScope(config::Precision precision, torch::Device device)
-    : active_(precision == config::Precision::kBf16), device_type_(device.type()) {
+    : active_(compute_dtype(precision) == torch::kBFloat16), device_type_(device.type()) {
   if (!active_) return;
   previous_enabled_ = at::autocast::is_autocast_enabled(device_type_);
   previous_dtype_ = at::autocast::get_autocast_dtype(device_type_);
-  at::autocast::set_autocast_dtype(device_type_, torch::kBFloat16);
+  at::autocast::set_autocast_dtype(device_type_, compute_dtype(precision));
   at::autocast::set_autocast_enabled(device_type_, true);
   at::autocast::increment_nesting();
 }

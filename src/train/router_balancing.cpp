@@ -5,9 +5,7 @@ namespace yuanmoe::train {
 RouterBalancing::RouterBalancing(const config::RunConfig& config, model::TransformerImpl& model,
                                  const parallel::ParallelContext& parallel)
     : model_(model),
-      parallel_(parallel),
-      moe_layers_before_stage_(model::count_moe_layers(config.moe, 0, model.stage.first_layer)),
-      total_moe_layers_(model::count_moe_layers(config.moe, 0, config.model.num_layers)),
+      layer_rows_(config, model.stage, parallel),
       has_bias_(config.moe.bias_balancing_rate > 0 && config::is_top_k_router(config.moe.router)) {}
 
 void RouterBalancing::begin_step() const {
@@ -22,14 +20,6 @@ Tensor RouterBalancing::stage_bias_statistics() const {
   return torch::stack(rows);
 }
 
-Tensor RouterBalancing::world_rows(const Tensor& stage_rows_LX, int64_t width, torch::Dtype dtype) const {
-  if (total_moe_layers_ == 0) return Tensor();
-  Tensor all = torch::zeros({total_moe_layers_, width}, dtype);  // [total MoE layers, width]
-  if (stage_rows_LX.defined()) all.narrow(0, moe_layers_before_stage_, stage_rows_LX.size(0)).copy_(stage_rows_LX);
-  parallel_.world_group.all_reduce_sum(all);
-  return all;
-}
-
 void RouterBalancing::update_routers(const Tensor& routed_pairs_LE, const Tensor& bias_statistics_LE1,
                                      double routed_fraction) const {
   const std::vector<model::Moe> layers = model_.moe_layers();
@@ -40,7 +30,7 @@ void RouterBalancing::update_routers(const Tensor& routed_pairs_LE, const Tensor
   stats.active_fraction_all_layers = routed_fraction;
   const torch::Device device = layers.front()->experts->w1.device();
   for (size_t l = 0; l < layers.size(); ++l) {
-    const int64_t layer = moe_layers_before_stage_ + static_cast<int64_t>(l);
+    const int64_t layer = layer_rows_.first_stage_layer() + static_cast<int64_t>(l);
     // Host to device without waiting: the routers' updates queue behind the step's other work.
     stats.routed_pairs_E = routed_pairs_LE[layer].to(device, /*non_blocking=*/true);
     if (bias_statistics_LE1.defined()) stats.bias_statistics_E1 = bias_statistics_LE1[layer].to(device, /*non_blocking=*/true);

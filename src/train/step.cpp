@@ -17,10 +17,8 @@ OptimizerStep::OptimizerStep(const config::RunConfig& config, model::Transformer
       optimizer_(optimizer),
       parallel_(parallel),
       router_balancing_(config, model, parallel),
-      parameters_(model.parameters()) {
-  micro_batches_per_rank_ =
-      config_.train.global_batch_size / (config_.train.micro_batch_size * parallel_.layout().dp);
-}
+      derived_(config::resolve_derived(config, parallel.layout().dp)),
+      parameters_(model.parameters()) {}
 
 namespace {
 
@@ -51,8 +49,8 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   // ranks average their gradients: the gradient of the mean over the global batch (Megatron).
   PipelineStepOptions options;
   options.schedule = config_.parallel.pipeline_schedule;
-  options.micro_batches = micro_batches_per_rank_;
-  options.loss_scale = 1.0 / static_cast<double>(micro_batches_per_rank_);
+  options.micro_batches = derived_.micro_batches_per_rank;
+  options.loss_scale = 1.0 / static_cast<double>(derived_.micro_batches_per_rank);
   options.precision = config_.train.precision;
   const PipelineStepResult pipeline = run_pipeline_step(model_, parallel_, options, next_batch);
   if (after_backward) after_backward(completed + 1, parameters_);
@@ -81,12 +79,12 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   Tensor sums = torch::tensor({figures[0], figures[1], pipeline.wait_seconds, pipeline.wall_seconds}, torch::kDouble);
   parallel_.world_group.all_reduce_sum(sums);
   const double* summed = sums.data_ptr<double>();
-  const double micro_batches = static_cast<double>(micro_batches_per_rank_ * parallel_.layout().dp);
+  const double micro_batches = static_cast<double>(derived_.micro_batches_per_rank * parallel_.layout().dp);
   result.pipeline_bubble = summed[3] > 0 ? summed[2] / summed[3] : 0.0;
   result.loss = summed[0] / micro_batches;
   result.aux_loss = summed[1] / micro_batches;
   result.grad_norm = std::sqrt(figures[2]);  // already summed over the groups that hold parts of it
-  result.routed_pairs_LE = router_balancing_.world_rows(stage_pairs_LE, experts, torch::kLong);
+  result.routed_pairs_LE = router_balancing_.layer_rows().over_world(stage_pairs_LE, experts, torch::kLong);
   if (result.routed_pairs_LE.defined()) {
     const int64_t slots = config_.train.global_batch_size * config_.train.seq_length * experts *
                           result.routed_pairs_LE.size(0);  // (token, expert) pairs of all MoE layers
@@ -94,7 +92,7 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   }
   // Every rank's statistics of every layer, so that the bias stays the same on every rank.
   if (router_balancing_.has_bias()) {
-    result.bias_statistics_LE = router_balancing_.world_rows(stage_bias_LE, experts + 1, torch::kDouble);
+    result.bias_statistics_LE = router_balancing_.layer_rows().over_world(stage_bias_LE, experts + 1, torch::kDouble);
   }
   return result;
 }

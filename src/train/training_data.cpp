@@ -37,7 +37,8 @@ void TrainingData::open_prefix(const config::RunConfig& config, const parallel::
   sampler_ = std::make_unique<data::GptSampler>(train_dataset, train_options);
   if (!config.data.valid_prefix.empty()) {
     // The train split's EOD: both come from one tokenizer.
-    valid_ = ValidationSplit{"", 1.0, std::make_shared<const data::IndexedDataset>(config.data.valid_prefix), train_options};
+    validation_.push_back(
+        ValidationSplit{"", 1.0, std::make_shared<const data::IndexedDataset>(config.data.valid_prefix), train_options});
   }
 }
 
@@ -104,7 +105,7 @@ void TrainingData::open_blend(const config::RunConfig& config, const parallel::P
       data::SamplerOptions valid_options = o;
       valid_options.rank = layout.dp_rank;
       valid_options.world_size = layout.dp;
-      blend_valid_.push_back(ValidationSplit{config::blend_source_name(entry), entry.weight, valid, valid_options});
+      validation_.push_back(ValidationSplit{config::blend_source_name(entry), entry.weight, valid, valid_options});
     }
     datasets.push_back(dataset);
     weights.push_back(entry.weight);
@@ -125,7 +126,9 @@ void TrainingData::open_blend(const config::RunConfig& config, const parallel::P
   }
   info("data: blend of " + std::to_string(blend.size()) + " sources (normalised weights): " + mixture);
   if (!config.data.valid_prefix.empty()) {
-    valid_ = ValidationSplit{"", 1.0, std::make_shared<const data::IndexedDataset>(config.data.valid_prefix), common};
+    validation_.insert(validation_.begin(), ValidationSplit{"", 1.0, std::make_shared<const data::IndexedDataset>(
+                                                                        config.data.valid_prefix),
+                                                                    common});
   }
 }
 

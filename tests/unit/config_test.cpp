@@ -74,10 +74,13 @@ TEST(ConfigTest, RetiredKeysAreReadAndIgnored) {
   EXPECT_FALSE(to_json(parsed.config)["model"].contains("attention_block_size"));
 }
 
-TEST(ConfigTest, RetiredRouterDtypeStillLoads) {
+TEST(ConfigTest, RetiredKeysStillLoad) {
   auto root = minimal_config();
   root["moe"]["router_dtype"] = "fp32";
-  EXPECT_TRUE(parse_config(root).issues.empty());
+  root["parallel"]["num_microbatches"] = 3;  // whatever it says: the batch sizes decide
+  const ParseResult parsed = parse_config(root);
+  EXPECT_TRUE(parsed.issues.empty());
+  EXPECT_FALSE(to_json(parsed.config)["parallel"].contains("num_microbatches"));
 }
 
 // What a checkpoint's config may differ in comes from each key's role in the schema.
@@ -116,15 +119,12 @@ TEST(ConfigTest, TrainingRulesNeedTheDataParallelSize) {
   RunConfig run = parse_config(minimal_config()).config;
   run.train.micro_batch_size = 2;
   run.train.global_batch_size = 6;
-  run.parallel.num_microbatches = 2;
   const auto issues = validate_training(run, 2);  // 6 sequences do not split into 2 ranks x 2
   EXPECT_TRUE(has_issue(issues, "train.global_batch_size", "micro_batch_size x data-parallel size (2 x 2)"));
   EXPECT_TRUE(has_issue(issues, "data.train_prefix", "required for training"));
   run.train.global_batch_size = 8;
   run.data.train_prefix = "data/x";
   EXPECT_TRUE(validate_training(run, 2).empty());
-  run.parallel.num_microbatches = 3;
-  EXPECT_TRUE(has_issue(validate_training(run, 2), "parallel.num_microbatches", "is 3, but"));
 }
 
 TEST(ConfigTest, WrongTypesNameExpectedAndFound) {
@@ -225,13 +225,13 @@ TEST(ConfigTest, OverridesUseDottedPathsAndJsonValues) {
 
 TEST(ConfigTest, ResolvedJsonRoundTrips) {
   auto root = minimal_config();
-  root["parallel"] = {{"num_microbatches", 4}};
+  root["parallel"] = {{"first_stage_layers", 3}};
   const ParseResult parsed = parse_config(root);
   const json resolved = to_json(parsed.config);
   const ParseResult again = parse_config(resolved);
   ASSERT_TRUE(again.issues.empty());
   EXPECT_EQ(to_json(again.config), resolved);
-  EXPECT_EQ(resolved["parallel"]["num_microbatches"], 4);
+  EXPECT_EQ(resolved["parallel"]["first_stage_layers"], 3);
   EXPECT_EQ(resolved["moe"]["router"], "attention");
 }
 

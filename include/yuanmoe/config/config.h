@@ -133,7 +133,6 @@ struct DataConfig {
 struct ParallelConfig {
   int64_t pipeline_parallel_size = 1;
   PipelineSchedule pipeline_schedule = PipelineSchedule::k1F1B;
-  std::optional<int64_t> num_microbatches;  ///< absent = derived from the batch sizes
   int64_t first_stage_layers = 0;  ///< layers of the first stage; 0 = balanced (Megatron's
   int64_t last_stage_layers = 0;   ///< --decoder-first/last-pipeline-num-layers)
   /// Expert parallelism: the experts of each MoE layer split over this many data-parallel ranks

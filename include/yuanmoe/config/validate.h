@@ -17,8 +17,7 @@ std::vector<ConfigIssue> validate_layout(const RunConfig& config, int64_t data_p
 
 /// The rules a training run adds once its data-parallel size is known (every rank runs them
 /// and reports the same issues): data.train_prefix set, the global batch divisible into
-/// micro-batches per data-parallel rank, parallel.num_microbatches consistent with that, and
-/// validate_layout's.
+/// micro-batches per data-parallel rank, and validate_layout's.
 std::vector<ConfigIssue> validate_training(const RunConfig& config, int64_t data_parallel_size);
 
 /// Options that are set but have no effect with the other settings (logged, not fatal).

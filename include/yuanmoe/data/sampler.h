@@ -60,6 +60,24 @@ struct Batch {
   torch::Tensor document_ids;  ///< with reset_attention_mask only (else undefined): document_ids()
 };
 
+/// Assembles one micro-batch from samples of seq_length + 1 tokens, for both samplers (this one
+/// and blend.h's): tokens and labels from each sample, its ids checked against the vocabulary,
+/// position ids by the options of the dataset it came from, document ids for the whole batch.
+class BatchBuilder {
+ public:
+  BatchBuilder(int64_t micro_batch_size, int64_t seq_length);
+  /// Row b from `sample` (seq_length + 1 ids read from the dataset at `prefix` with `options`).
+  /// Throws std::runtime_error naming the prefix when an id is outside [0, options.vocab_size).
+  void set_row(int64_t b, const std::vector<int64_t>& sample, const SamplerOptions& options, const std::string& prefix);
+  /// The batch; document ids when `options.reset_attention_mask` (the rows' datasets share the
+  /// EOD id).
+  Batch finish(const SamplerOptions& options) const;
+
+ private:
+  int64_t seq_length_;
+  torch::Tensor tokens_BS_, labels_BS_, positions_BS_;
+};
+
 class GptSampler {
  public:
   /// Throws std::invalid_argument for bad options and when the dataset holds fewer than

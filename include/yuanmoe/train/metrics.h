@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "yuanmoe/core/types.h"
-#include "yuanmoe/train/evaluate.h"
+#include "yuanmoe/train/evaluator.h"
 #include "yuanmoe/train/step.h"
 
 namespace yuanmoe::train {
@@ -37,13 +37,12 @@ class StepInterval {
   Tensor routed_pairs_LE_;
 };
 
-/// The metrics.jsonl object of an evaluation at `step`; `router_L2` [MoE layers, (entropy sum,
-/// routed tokens)] gives each layer's mean routing entropy and active experts per token.
-nlohmann::ordered_json eval_line(int64_t step, const EvalResult& result, const Tensor& router_L2);
-
-/// The "sources" object of an evaluation line (data.blend entries with a valid_prefix):
-/// {name: {"loss", "perplexity", "tokens"}, ...} in blend order.
-nlohmann::ordered_json eval_sources_json(const std::vector<std::string>& names, const std::vector<EvalResult>& results);
+/// The metrics.jsonl object of an evaluation at `step`: the headline loss, each MoE layer's
+/// expert load, mean routing entropy and active experts per token, and a "sources" object
+/// {name: {"loss", "perplexity", "tokens"}, ...} in blend order when there are blend sources.
+nlohmann::ordered_json eval_line(int64_t step, const EvalReport& report);
+/// Its line for the terminal and train.log.
+std::string eval_text(int64_t step, const EvalReport& report);
 
 class MetricsLog {
  public:

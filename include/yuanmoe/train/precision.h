@@ -7,6 +7,10 @@
 
 namespace yuanmoe::train {
 
+/// The dtype of the matmuls under `precision`: bf16 (autocast over fp32 weights), fp32 or fp64.
+/// The peak FLOP/s that MFU divides by is measured in it.
+torch::Dtype compute_dtype(config::Precision precision);
+
 /// RAII: autocast to bf16 on `device` while alive when precision is bf16; a no-op for fp32.
 class AutocastScope {
  public:

@@ -9,6 +9,7 @@
 #include "yuanmoe/core/types.h"
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/process_groups.h"
+#include "yuanmoe/train/moe_layer_rows.h"
 
 namespace yuanmoe::train {
 
@@ -24,10 +25,8 @@ class RouterBalancing {
   /// This stage's bias statistics of the step, fp64 [L_stage, E + 1] on the device; undefined
   /// without bias or MoE layers on this stage.
   Tensor stage_bias_statistics() const;
-  /// This stage's rows [L_stage, width] placed at its global MoE layers and summed over the world
-  /// (stages fill their rows, data-parallel ranks add): [total MoE layers, width] on the CPU,
-  /// undefined without MoE layers. A collective.
-  Tensor world_rows(const Tensor& stage_rows_LX, int64_t width, torch::Dtype dtype) const;
+  /// The step's per-layer rows of the whole model, summed over the world (moe_layer_rows.h).
+  const MoeLayerRows& layer_rows() const { return layer_rows_; }
   /// Before the optimizer step, from the world's figures of the step (CPU): routed pairs
   /// [L, E], bias statistics [L, E + 1] (undefined without bias), and the fraction of
   /// (token, expert) pairs routed over all MoE layers.
@@ -35,9 +34,7 @@ class RouterBalancing {
 
  private:
   model::TransformerImpl& model_;
-  const parallel::ParallelContext& parallel_;
-  int64_t moe_layers_before_stage_ = 0;  // global index of this stage's first MoE layer
-  int64_t total_moe_layers_ = 0;
+  MoeLayerRows layer_rows_;
   bool has_bias_ = false;  // moe.bias_balancing_rate > 0 with a top-k router
 };
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "yuanmoe/config/config.h"
+#include "yuanmoe/config/derived.h"
 #include "yuanmoe/core/types.h"
 #include "yuanmoe/data/sampler.h"
 #include "yuanmoe/model/transformer.h"
@@ -60,7 +61,8 @@ class OptimizerStep {
   /// The routers' balancing around the step (train/router_balancing.h).
   const RouterBalancing& router_balancing() const { return router_balancing_; }
 
-  int64_t micro_batches_per_rank() const { return micro_batches_per_rank_; }
+  /// Micro-batches and tokens of a step, from the config and the data-parallel size.
+  const config::DerivedValues& derived() const { return derived_; }
 
   /// Test seam (tests/unit/train_test.cpp, docs/reliability.md): called after the backward
   /// passes of step `step` (1-based), before the gradients are reduced, with every parameter,
@@ -73,8 +75,8 @@ class OptimizerStep {
   DistributedOptimizer& optimizer_;
   parallel::ParallelContext& parallel_;
   RouterBalancing router_balancing_;
+  const config::DerivedValues derived_;
   std::vector<Tensor> parameters_;
-  int64_t micro_batches_per_rank_ = 1;
   int64_t consecutive_skips_ = 0;
 };
 

@@ -18,7 +18,7 @@
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/process_groups.h"
 #include "yuanmoe/train/checkpointer.h"
-#include "yuanmoe/train/evaluate.h"
+#include "yuanmoe/train/evaluator.h"
 #include "yuanmoe/train/metrics.h"
 #include "yuanmoe/train/step.h"
 #include "yuanmoe/train/training_data.h"
@@ -60,10 +60,16 @@ class Trainer {
   int64_t step() const { return progress_.step; }
 
  private:
-  void log_memory_per_rank() const;
   void resume_or_initialise();
-  EvalResult evaluate_and_log();
+  TrainSummary already_complete(TrainSummary summary) const;
+  void log_start(int64_t stop_step) const;
+  void log_memory_per_rank() const;
+  /// The warning of a skipped step; the memory per rank after the first applied one.
+  void log_step_outcome(const StepResult& result);
+  void log_interval(StepInterval& interval, const StepResult& result, const ProgressBar& bar);
+  EvalResult evaluate();
   fs::path save();
+  void redraw_plots();
   void info(const std::string& message) { console_->info(message); }
   bool is_logging_rank() const { return parallel_.world().rank == 0; }
 
@@ -79,11 +85,13 @@ class Trainer {
   std::unique_ptr<OptimizerStep> step_;
   std::unique_ptr<CheckpointManager> checkpoints_;
   std::unique_ptr<TrainingData> data_;  // the training batches and the validation splits
+  std::unique_ptr<Evaluator> evaluator_;
   std::unique_ptr<MetricsLog> metrics_;
   checkpoint::TrainingProgress progress_;  // step, tokens seen; the sampler state at each save
   double peak_flops_ = 0.0;
   double flops_per_token_ = 0.0;
   bool plots_enabled_ = true;
+  bool memory_logged_ = false;
 };
 
 }  // namespace yuanmoe::train

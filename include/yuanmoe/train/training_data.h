@@ -7,7 +7,6 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,11 +43,9 @@ class TrainingData {
   /// written on the other kind of data (a blend vs one prefix) or its blend does not fit.
   void restore(const checkpoint::TrainingProgress& progress, const std::filesystem::path& checkpoint_dir);
 
-  /// data.valid_prefix, if set: the headline validation loss.
-  const std::optional<ValidationSplit>& valid() const { return valid_; }
-  /// The blend entries that name a valid_prefix, each evaluated on its own.
-  const std::vector<ValidationSplit>& blend_valid() const { return blend_valid_; }
-  bool has_validation() const { return valid_.has_value() || !blend_valid_.empty(); }
+  /// The splits to evaluate: data.valid_prefix first when set (named ""), then the blend entries
+  /// that name a valid_prefix, in blend order (train/evaluator.h says what the headline is).
+  const std::vector<ValidationSplit>& validation() const { return validation_; }
 
  private:
   void open_prefix(const config::RunConfig& config, const parallel::ParallelLayout& layout);
@@ -57,8 +54,7 @@ class TrainingData {
 
   std::unique_ptr<data::GptSampler> sampler_;   // data.train_prefix
   std::unique_ptr<data::BlendedSampler> blend_;  // data.blend (then sampler_ is null)
-  std::optional<ValidationSplit> valid_;
-  std::vector<ValidationSplit> blend_valid_;
+  std::vector<ValidationSplit> validation_;
 };
 
 }  // namespace yuanmoe::train
