@@ -77,9 +77,9 @@ double switch_loss_loop(const Tensor& logits_TE, const Tensor& ids_TK, const std
   return loss;
 }
 
-// micro_batch, the default: without counted tokens the loss is today's function of the linear
+// micro_batch, the default: without counted tokens the loss is the plain function of the linear
 // router's logits, bit for bit, and that function is the formula written out.
-TEST_F(BalanceScopeTest, MicroBatchIsTodaysLossBitForBit) {
+TEST_F(BalanceScopeTest, MicroBatchIsThePlainLossBitForBit) {
   Moe moe = make_layer(balance_config(RouterKind::kLinear, BalanceScope::kMicroBatch));
   const Tensor x = torch::randn({2, 5, kHidden}, torch::kDouble);
   const Tensor aux = moe->forward(x).aux_loss;
@@ -315,12 +315,12 @@ TEST_F(BalanceScopeTest, RecomputeRerunsWithTheFirstRunsStatistics) {
 }
 
 // The bias rule of each scope (docs/routers.md): micro_batch and global_batch step on the sign
-// of the step's load error (today's rule), sequence on the mean of each sequence's sign.
+// of the step's load error (DeepSeek-V3's rule), sequence on the mean of each sequence's sign.
 TEST_F(BalanceScopeTest, BiasRuleOfEachScope) {
   // Sequence 0: loads {3, 1, 0, 0} (mean 1): signs {-1, 0, +1, +1}; sequence 1: {0, 0, 2, 2}
   // (mean 1): {+1, +1, -1, -1}; sequence 2 has no pairs and is left out.
-  const Tensor pairs_SE = torch::tensor({3., 1., 0., 0., 0., 0., 2., 2., 0., 0., 0., 0.}, torch::kDouble).view({3, 4});
-  const Tensor signs_E1 = sequence_load_error_signs(pairs_SE);
+  const Tensor pairs_BE = torch::tensor({3., 1., 0., 0., 0., 0., 2., 2., 0., 0., 0., 0.}, torch::kDouble).view({3, 4});
+  const Tensor signs_E1 = sequence_load_error_signs(pairs_BE);
   EXPECT_TRUE(torch::equal(signs_E1, torch::tensor({0., 1., 0., 0., 2.}, torch::kDouble)));
   const Tensor delta = sequence_expert_bias_delta(signs_E1, 1e-3);
   // Mean sign {0, 0.5, 0, 0} * rate, centred: {-1/8, 3/8, -1/8, -1/8} * 1e-3.

@@ -64,7 +64,7 @@ class OptimizerStep {
   /// Micro-batches and tokens of a step, from the config and the data-parallel size.
   const config::DerivedValues& derived() const { return derived_; }
 
-  /// Test seam (tests/unit/train_test.cpp, docs/reliability.md): called after the backward
+  /// Test seam (tests/integration/train_test.cpp, docs/reliability.md): called after the backward
   /// passes of step `step` (1-based), before the gradients are reduced, with every parameter,
   /// e.g. to poison the gradients.
   std::function<void(int64_t step, const std::vector<Tensor>& parameters)> after_backward;
