@@ -6,12 +6,21 @@
 #include <exception>
 #include <functional>
 #include <thread>
+#include <cstdlib>
 #include <unistd.h>
 #include <vector>
 
 #include "yuanmoe/parallel/process_groups.h"
 
 namespace yuanmoe::testing {
+
+// c10d's flight recorder is one per process, and its record() adds a process group's first entry
+// to a std::map before taking its mutex (torch/csrc/distributed/c10d/FlightRecorderDetail.hpp in
+// libtorch 2.11): ranks as threads, whose groups start their first collectives at the same time,
+// race on that map and crash about one run in fifteen. Separate processes (every real launch) do
+// not share it. A buffer of 0 entries turns it off; it reads the variable once, when first used,
+// so this is set before main.
+inline const bool kFlightRecorderOff = ::setenv("TORCH_FR_BUFFER_SIZE", "0", /*overwrite=*/1) == 0;
 
 /// body(context) on `world_size` threads (world = pipeline_stages x dp, parallel.expert =
 /// `expert`); rethrows the first failure.
