@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "yuanmoe/config/config.h"
+#include "yuanmoe/model/moe.h"
 
 namespace yuanmoe::testing {
 
@@ -49,6 +50,14 @@ class SeededTestWithParam : public ::testing::TestWithParam<Param> {
  protected:
   void SetUp() override { torch::manual_seed(0); }
 };
+
+/// An MoE block with weights ~ N(0, 0.3): large enough that the routing is uneven.
+inline model::Moe random_moe(const config::MoeConfig& config, int64_t hidden) {
+  model::Moe moe(config, hidden);
+  torch::NoGradGuard no_grad;
+  for (auto& p : moe->parameters()) p.normal_(0.0, 0.3);
+  return moe;
+}
 
 /// max |a - b|, for readable failure messages.
 inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {

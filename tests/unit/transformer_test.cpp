@@ -1,6 +1,10 @@
-// The whole decoder: stable parameter names, the block formula, causality, init policy,
-// and pipeline stages that reproduce the whole model when loaded by name.
+// The whole decoder: stable parameter names, the block formula, causality, init policy, the
+// layer partition into pipeline stages, and stages that reproduce the whole model (their initial
+// weights and their loaded weights) by name.
+#include <map>
+
 #include "support/fixtures.h"
+#include "yuanmoe/checkpoint/checkpoint.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/transformer.h"
 
@@ -174,6 +178,61 @@ TEST_F(TransformerTest, PipelineStagesLoadedByNameReproduceTheWholeModel) {
   const auto hidden = first(ids, positions).out;
   EXPECT_EQ(hidden.size(-1), model.hidden_size);
   EXPECT_TRUE(torch::equal(last(hidden, positions).out, whole(ids, positions).out));
+}
+
+TEST(Stages, BalancedPartitionCoversEveryLayerOnce) {
+  for (int64_t layers : {1, 4, 7, 24}) {
+    for (int64_t stages = 1; stages <= layers && stages <= 8; ++stages) {
+      int64_t next = 0;
+      for (int64_t s = 0; s < stages; ++s) {
+        const StageSpec spec = balanced_stage(layers, stages, s);
+        EXPECT_EQ(spec.first_layer, next);
+        EXPECT_GE(spec.end_layer - spec.first_layer, layers / stages);
+        EXPECT_LE(spec.end_layer - spec.first_layer, layers / stages + 1);
+        EXPECT_EQ(spec.has_embedding, s == 0);
+        EXPECT_EQ(spec.has_head, s == stages - 1);
+        next = spec.end_layer;
+      }
+      EXPECT_EQ(next, layers);
+    }
+  }
+}
+
+TEST(Stages, FirstAndLastStageSizesCanBeSet) {
+  const auto sizes = [](int64_t layers, int64_t stages, int64_t first, int64_t last) {
+    std::string out;
+    for (int64_t s = 0; s < stages; ++s) {
+      const StageSpec spec = balanced_stage(layers, stages, s, first, last);
+      out += std::to_string(spec.end_layer - spec.first_layer) + (s + 1 < stages ? " " : "");
+    }
+    return out;
+  };
+  EXPECT_EQ(sizes(4, 2, 0, 1), "3 1");  // the head's stage lighter
+  EXPECT_EQ(sizes(24, 8, 2, 2), "2 4 4 3 3 3 3 2");
+  EXPECT_EQ(sizes(7, 3, 0, 0), "3 2 2");
+  EXPECT_EQ(sizes(7, 3, 1, 0), "1 3 3");
+  EXPECT_EQ(sizes(5, 1, 0, 0), "5");
+}
+
+TEST(Stages, InitialWeightsDependOnNamesNotOnTheLayout) {
+  auto model_config = testing::small_model_config();
+  model_config.num_layers = 3;
+  const auto moe_config = testing::small_moe_config();
+  Transformer whole(model_config, moe_config);
+  init_weights(*whole, model_config, 7);
+  std::map<std::string, Tensor> reference;
+  for (const auto& [name, t] : checkpoint::model_state(*whole)) reference[name] = t;
+  for (int64_t s = 0; s < 2; ++s) {
+    Transformer stage(model_config, moe_config, balanced_stage(3, 2, s));
+    init_weights(*stage, model_config, 7);
+    for (const auto& [name, t] : checkpoint::model_state(*stage)) {
+      ASSERT_TRUE(reference.count(name)) << name;
+      EXPECT_TRUE(torch::equal(t, reference[name])) << name;  // the last stage's tied copy too
+    }
+  }
+  Transformer other_seed(model_config, moe_config);
+  init_weights(*other_seed, model_config, 8);
+  EXPECT_FALSE(torch::equal(other_seed->embed_tokens->weight, whole->embed_tokens->weight));
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
-// moe.balance_scope (docs/routers.md, "Balancing scope"): the micro-batch loss unchanged, the
-// sequence-wise loss against a per-sequence loop and finite differences, the global-batch loss
-// over two data-parallel ranks (Gloo, ranks as threads) against one process holding the whole
-// batch, ignored tokens out of f and P, activation recompute reusing its first run's
-// statistics, the bias rule of each scope, and the language-model loss's ignored label.
+// The balancing room. moe.balance_scope (docs/routers.md, "Balancing scope"): the micro-batch
+// loss unchanged, the sequence-wise loss against a per-sequence loop and finite differences, the
+// global-batch loss over two data-parallel ranks (Gloo, ranks as threads) against one process
+// holding the whole batch, ignored tokens out of f and P, activation recompute reusing its first
+// run's statistics, the bias rule of each scope. The gating and loss functions (top-k with and
+// without a selection bias, Switch, z-loss, ReMoE's L1 and its controller, the bias delta)
+// against their formulas.
 #include <numeric>
 
 #include "support/fixtures.h"
@@ -344,29 +346,83 @@ TEST_F(BalanceScopeTest, BiasRuleOfEachScope) {
   }
 }
 
-// Labels equal to -100 (train::kIgnoredLabel) do not count: the mean is over the others.
-TEST(LanguageModelLossTest, IgnoredLabelsAreLeftOutOfTheMean) {
-  torch::manual_seed(2);
-  const Tensor logits = torch::randn({2, 4, 7}, torch::kDouble).requires_grad_(true);
-  const Tensor labels = torch::tensor({3, -100, 6, 0, -100, -100, 1, 2}, torch::kLong).view({2, 4});
-  const Tensor loss = train::language_model_loss(logits, labels);
-  double want = 0;
-  int64_t counted = 0;
-  for (int64_t t = 0; t < 8; ++t) {
-    const int64_t label = labels.view(-1)[t].item<int64_t>();
-    if (label == train::kIgnoredLabel) continue;
-    want -= torch::log_softmax(logits.view({8, 7})[t], -1)[label].item<double>();
-    ++counted;
-  }
-  EXPECT_NEAR(loss.item<double>(), want / static_cast<double>(counted), 1e-14);
-  loss.backward();
-  EXPECT_EQ(logits.grad()[0][1].abs().max().item<double>(), 0.0);  // an ignored position gets no gradient
+// The gating and loss functions, each against its formula.
+using GatingAndLossTest = testing::SeededTest;
 
-  const Tensor none = train::language_model_loss(logits, torch::full({2, 4}, train::kIgnoredLabel, torch::kLong));
-  EXPECT_EQ(none.item<double>(), 0.0);
-  logits.mutable_grad() = Tensor();
-  none.backward();
-  EXPECT_EQ(logits.grad().abs().max().item<double>(), 0.0);
+TEST_F(GatingAndLossTest, TopOneGateIsTheRawProbabilityNotOne) {
+  // docs/routers.md k = 1 trap: a renormalised single gate is always 1 and gives no gradient.
+  const auto logits = torch::randn({6, 4}, torch::requires_grad());
+  const TopKGates top = top_k_gates(logits, 1, {});
+  const auto probs = torch::softmax(logits, -1);
+  EXPECT_LT(max_abs_diff(top.gates_TK.squeeze(1), std::get<0>(probs.max(-1))), 1e-7);
+  top.gates_TK.sum().backward();
+  EXPECT_GT(logits.grad().abs().sum().item<double>(), 0);
+}
+
+TEST_F(GatingAndLossTest, SelectionBiasChangesTheChoiceButNotTheGateValues) {
+  const auto logits = torch::tensor({{3.0f, 2.0f, 1.0f, 0.0f}});
+  const auto bias = torch::tensor({0.0f, 0.0f, 0.0f, 10.0f});
+  const TopKGates top = top_k_gates(logits, 2, bias);
+  EXPECT_EQ(top.expert_ids_TK[0][0].item<int64_t>(), 3);
+  EXPECT_EQ(top.expert_ids_TK[0][1].item<int64_t>(), 0);
+  // Gates from the unbiased logits 0 and 3.
+  const double e3 = std::exp(3.0), e0 = 1.0;
+  EXPECT_NEAR(top.gates_TK[0][0].item<double>(), e0 / (e0 + e3), 1e-6);
+  EXPECT_NEAR(top.gates_TK[0][1].item<double>(), e3 / (e0 + e3), 1e-6);
+}
+
+TEST_F(GatingAndLossTest, SwitchLossMatchesFormulaAndIsOneAtBalance) {
+  const int64_t T = 6, E = 3, k = 2;
+  const auto logits = torch::randn({T, E});
+  const auto ids = std::get<1>(logits.topk(k, -1));
+  double expected = 0;
+  const auto probs = torch::softmax(logits, -1);
+  for (int64_t e = 0; e < E; ++e) {
+    const double f = (ids == e).sum().item<double>() / (T * k);
+    const double p = probs.select(1, e).mean().item<double>();
+    expected += E * f * p;
+  }
+  EXPECT_NEAR(switch_load_balancing_loss(logits, ids).item<double>(), expected, 1e-6);
+  // Uniform probabilities and every expert chosen equally often.
+  const auto uniform = torch::zeros({3, 3});
+  const auto balanced = torch::tensor({0, 1, 1, 2, 2, 0}, torch::kLong).view({3, 2});
+  EXPECT_NEAR(switch_load_balancing_loss(uniform, balanced).item<double>(), 1.0, 1e-6);
+}
+
+TEST_F(GatingAndLossTest, ZLossIsMeanSquaredLogSumExp) {
+  const auto logits = torch::randn({5, 4});
+  double expected = 0;
+  for (int64_t t = 0; t < 5; ++t) {
+    double sum = 0;
+    for (int64_t e = 0; e < 4; ++e) sum += std::exp(logits[t][e].item<double>());
+    expected += std::pow(std::log(sum), 2) / 5;
+  }
+  EXPECT_NEAR(router_z_loss(logits).item<double>(), expected, 1e-5);
+}
+
+TEST_F(GatingAndLossTest, ReluL1MatchesReferenceCodeFormula) {
+  // ReMoE reference: E/(k T^2) * sum_e (sum_t R_te) * c_e, c_e = #tokens with R_te > 0.
+  const int64_t T = 10, E = 4, k = 1;
+  const auto gates = torch::relu(torch::randn({T, E}));
+  double expected = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    expected += gates.select(1, e).sum().item<double>() * (gates.select(1, e) > 0).sum().item<double>();
+  }
+  expected *= double(E) / (k * T * T);
+  EXPECT_NEAR(relu_load_balanced_l1(gates, k).item<double>(), expected, 1e-5);
+}
+
+TEST_F(GatingAndLossTest, ReluCoefficientStepsByAlphaTowardsTheTarget) {
+  EXPECT_DOUBLE_EQ(next_relu_l1_coeff(1.0, /*active*/ 0.5, /*target*/ 0.25, 1.2), 1.2);
+  EXPECT_DOUBLE_EQ(next_relu_l1_coeff(1.2, 0.1, 0.25, 1.2), 1.0);
+  EXPECT_DOUBLE_EQ(next_relu_l1_coeff(1.2, 0.25, 0.25, 1.2), 1.0);  // reference divides at equality
+}
+
+TEST_F(GatingAndLossTest, BiasDeltaRaisesUnderloadedExperts) {
+  const auto delta = expert_bias_delta(torch::tensor({10, 0, 5, 5}, torch::kLong), 1e-3);
+  EXPECT_LT(delta[0].item<double>(), 0);
+  EXPECT_GT(delta[1].item<double>(), 0);
+  EXPECT_NEAR(delta.sum().item<double>(), 0.0, 1e-9);  // centred
 }
 
 }  // namespace
