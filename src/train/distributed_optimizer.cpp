@@ -195,8 +195,6 @@ Tensor DistributedOptimizer::squared_gradient_norm() const {
   return sum_over(parallel_.pp, dense + sum_over(parallel_.ep, expert));
 }
 
-double DistributedOptimizer::gradient_norm() const { return std::sqrt(squared_gradient_norm().item<double>()); }
-
 void DistributedOptimizer::step(double max_norm, double norm) {
   const Layout& layout = *layout_;
   std::vector<Tensor> pieces = layout.piece_values(layout.dense, false);

@@ -1,5 +1,7 @@
 #include "yuanmoe/train/evaluator.h"
 
+#include <stdexcept>
+
 #include "yuanmoe/train/pipeline.h"
 
 namespace yuanmoe::train {
@@ -13,6 +15,7 @@ Evaluator::Evaluator(const config::RunConfig& config, model::TransformerImpl& mo
       layer_rows_(config, model.stage, parallel) {}
 
 EvalReport Evaluator::run() {
+  if (splits_.empty()) throw std::logic_error("Evaluator::run: no validation splits (ask has_splits() first)");
   model_.eval();
   for (const model::Moe& layer : model_.moe_layers()) layer->gate->take_eval_stats();  // the sums start at zero
   // With data.valid_prefix the headline is its split, first; else the blend of all the others.

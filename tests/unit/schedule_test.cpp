@@ -1,4 +1,7 @@
-// Pipeline schedules as action lists, and their simulated bubble against the formula.
+// Pipeline schedules as action lists, and their bubble, in an event-driven run of every stage's
+// list, against the formula.
+#include <algorithm>
+
 #include "support/fixtures.h"
 #include "yuanmoe/parallel/schedule.h"
 
@@ -6,6 +9,66 @@ namespace yuanmoe::parallel {
 namespace {
 
 using config::PipelineSchedule;
+
+// An event-driven run of all stages' lists with forward time `forward` and backward time
+// `backward` per micro-batch and stage, instant messages. Throws std::logic_error if the lists
+// deadlock or break a dependency. Returns the makespan and the idle fraction of the stages.
+struct PipelineTiming {
+  double step_time = 0.0;
+  double bubble_fraction = 0.0;      // 1 - busy / (stages * step_time)
+  int64_t max_in_flight = 0;         // most micro-batches whose activations a stage holds at once
+};
+
+PipelineTiming simulate_pipeline(PipelineSchedule schedule, int64_t stages, int64_t micro_batches, double forward,
+                                 double backward) {
+  std::vector<std::vector<PipelineAction>> lists;
+  for (int64_t s = 0; s < stages; ++s) lists.push_back(pipeline_schedule(schedule, stages, s, micro_batches));
+  // done_forward[s][i] / done_backward[s][i]: finish time, < 0 while pending.
+  std::vector<std::vector<double>> done_forward(stages, std::vector<double>(micro_batches, -1));
+  std::vector<std::vector<double>> done_backward(stages, std::vector<double>(micro_batches, -1));
+  std::vector<size_t> next(stages, 0);
+  std::vector<double> clock(stages, 0.0);
+  PipelineTiming timing;
+  std::vector<int64_t> in_flight(stages, 0);
+  double busy = 0.0;
+  for (bool progressed = true; progressed;) {
+    progressed = false;
+    for (int64_t s = 0; s < stages; ++s) {
+      while (next[s] < lists[s].size()) {
+        const PipelineAction a = lists[s][next[s]];
+        double ready;  // when the action's input is available, or < 0 if not yet
+        if (a.kind == PipelineAction::kForward) {
+          ready = s == 0 ? 0.0 : done_forward[s - 1][a.micro_batch];
+        } else {
+          if (done_forward[s][a.micro_batch] < 0) throw std::logic_error("backward before its forward");
+          ready = s == stages - 1 ? done_forward[s][a.micro_batch] : done_backward[s + 1][a.micro_batch];
+        }
+        if (ready < 0) break;  // waits for another stage
+        const double cost = a.kind == PipelineAction::kForward ? forward : backward;
+        clock[s] = std::max(clock[s], ready) + cost;
+        busy += cost;
+        if (a.kind == PipelineAction::kForward) {
+          done_forward[s][a.micro_batch] = clock[s];
+          timing.max_in_flight = std::max(timing.max_in_flight, ++in_flight[s]);
+        } else {
+          done_backward[s][a.micro_batch] = clock[s];
+          --in_flight[s];
+        }
+        ++next[s];
+        progressed = true;
+      }
+    }
+  }
+  for (int64_t s = 0; s < stages; ++s) {
+    if (next[s] != lists[s].size()) {
+      throw std::logic_error("pipeline deadlock: stage " + std::to_string(s) + " stuck at action " +
+                             std::to_string(next[s]) + " of " + to_string(lists[s]));
+    }
+  }
+  timing.step_time = *std::max_element(clock.begin(), clock.end());
+  timing.bubble_fraction = 1.0 - busy / (static_cast<double>(stages) * timing.step_time);
+  return timing;
+}
 
 TEST(PipelineSchedule, ListsForTwoStages) {
   EXPECT_EQ(to_string(pipeline_schedule(PipelineSchedule::k1F1B, 2, 0, 4)), "F0 F1 B0 F2 B1 F3 B2 B3");

@@ -67,7 +67,6 @@ class BlendedSampler {
   void set_state(const BlendState& state);
 
   const std::vector<double>& weights() const { return weights_; }  ///< normalised
-  int64_t num_sources() const { return static_cast<int64_t>(sources_.size()); }
 
  private:
   std::vector<std::unique_ptr<GptSampler>> sources_;

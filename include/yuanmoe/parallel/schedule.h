@@ -31,15 +31,4 @@ std::vector<PipelineAction> pipeline_schedule(config::PipelineSchedule schedule,
 /// "F0 F1 B0 F2 B1 B2" (for messages and tests).
 std::string to_string(const std::vector<PipelineAction>& actions);
 
-/// Event-driven run of all stages' lists with forward time `forward` and backward time
-/// `backward` per micro-batch and stage, instant messages. Throws std::logic_error if the lists
-/// deadlock or break a dependency. Returns the makespan and the idle fraction of the stages.
-struct PipelineTiming {
-  double step_time = 0.0;
-  double bubble_fraction = 0.0;      // 1 - busy / (stages * step_time)
-  int64_t max_in_flight = 0;         // most micro-batches whose activations a stage holds at once
-};
-PipelineTiming simulate_pipeline(config::PipelineSchedule schedule, int64_t stages, int64_t micro_batches,
-                                 double forward = 1.0, double backward = 2.0);
-
 }  // namespace yuanmoe::parallel

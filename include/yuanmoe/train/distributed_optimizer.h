@@ -51,8 +51,6 @@ class DistributedOptimizer {
   /// once, the last stage's tied copy left out (fp64 sums). [] fp64 on the parameters' device,
   /// not read back (the step reads it with its other figures). A collective.
   Tensor squared_gradient_norm() const;
-  /// Its square root, read back to the host.
-  double gradient_norm() const;
   /// Scales the gradients when max_norm > 0 and norm exceeds it, AdamW, and when sharded the
   /// updated chunks all-gathered into the parameters.
   void step(double max_norm, double norm);

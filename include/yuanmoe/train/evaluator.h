@@ -34,7 +34,8 @@ class Evaluator {
             std::vector<ValidationSplit> splits);
 
   bool has_splits() const { return !splits_.empty(); }
-  /// Evaluates every split in eval mode and returns the model to training mode. A collective.
+  /// Evaluates every split in eval mode and returns the model to training mode. A collective;
+  /// only with splits.
   EvalReport run();
 
  private:
