@@ -3,10 +3,10 @@
 #pragma once
 
 #include <atomic>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <thread>
-#include <cstdlib>
 #include <unistd.h>
 #include <vector>
 

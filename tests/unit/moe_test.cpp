@@ -1,7 +1,6 @@
 // The MoE block (route -> dispatch -> experts -> combine) against a naive loop over tokens, for
 // every router; capacity dropping; the routed pairs it reports per expert.
 #include "support/fixtures.h"
-#include "yuanmoe/model/init.h"
 #include "yuanmoe/model/moe.h"
 
 namespace yuanmoe::model {

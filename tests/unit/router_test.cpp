@@ -2,7 +2,6 @@
 // every router kind, and each router's once-per-step update (the ReLU coefficient, the bias).
 #include "support/fixtures.h"
 #include "yuanmoe/model/moe.h"
-#include "yuanmoe/model/init.h"
 
 namespace yuanmoe::model {
 namespace {
