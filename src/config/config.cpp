@@ -86,6 +86,19 @@ const std::vector<std::pair<NonfinitePolicy, const char*>>& enum_names<Nonfinite
   return names;
 }
 
+template <>
+const std::vector<std::pair<LossMask, const char*>>& enum_names<LossMask>() {
+  static const std::vector<std::pair<LossMask, const char*>> names{{LossMask::kNone, "none"}, {LossMask::kSft, "sft"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<LossAverage, const char*>>& enum_names<LossAverage>() {
+  static const std::vector<std::pair<LossAverage, const char*>> names{{LossAverage::kToken, "token"},
+                                                                      {LossAverage::kMicroBatch, "micro_batch"}};
+  return names;
+}
+
 template <class Enum>
 std::string to_string(Enum value) {
   for (const auto& [v, name] : enum_names<Enum>()) {
@@ -104,5 +117,7 @@ template std::string to_string(Precision);
 template std::string to_string(PipelineSchedule);
 template std::string to_string(Backend);
 template std::string to_string(NonfinitePolicy);
+template std::string to_string(LossMask);
+template std::string to_string(LossAverage);
 
 }  // namespace yuanmoe::config

@@ -153,8 +153,13 @@ class Reader {
             read(value, entry.valid_prefix, at + ".valid_prefix");
           } else if (key == "name") {
             read(value, entry.name, at + ".name");
+          } else if (key == "loss_mask") {
+            LossMask mask = LossMask::kNone;
+            read(value, mask, at + ".loss_mask");
+            entry.loss_mask = mask;
           } else {
-            issues_->push_back({at + "." + key, "unknown key (expected prefix, weight, valid_prefix, name)"});
+            issues_->push_back(
+                {at + "." + key, "unknown key (expected prefix, weight, valid_prefix, name, loss_mask)"});
           }
         }
         for (const char* key : {"prefix", "weight"}) {
@@ -177,7 +182,7 @@ class Reader {
           issues_->push_back({next, "expected a prefix (string) after weight " + j[i].dump() + ", got " +
                                         describe_json(j[i + 1])});
         } else {
-          entries.push_back({j[i + 1].get<std::string>(), j[i].get<double>(), "", ""});
+          entries.push_back({j[i + 1].get<std::string>(), j[i].get<double>(), "", "", std::nullopt});
         }
       }
     }
@@ -221,8 +226,9 @@ class Writer {
       if (value) {
         entries = json::array();
         for (const BlendEntry& e : *value) {
-          entries.push_back({{"prefix", e.prefix}, {"weight", e.weight}, {"valid_prefix", e.valid_prefix},
-                             {"name", e.name}});
+          json entry{{"prefix", e.prefix}, {"weight", e.weight}, {"valid_prefix", e.valid_prefix}, {"name", e.name}};
+          if (e.loss_mask) entry["loss_mask"] = to_string(*e.loss_mask);
+          entries.push_back(std::move(entry));
         }
       }
       (*out_)[key] = std::move(entries);

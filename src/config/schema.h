@@ -123,6 +123,10 @@ void visit(V& v, TrainConfig& c) {
           "With on_nonfinite = skip: this many non-finite steps in a row stop the run.");
   v.field("eval_interval", c.eval_interval, kOptional, "Steps between evaluations; 0 = at end.");
   v.field("eval_steps", c.eval_steps, kOptional, "Validation batches per evaluation.");
+  v.field("loss_average", c.loss_average, kOptional,
+          "token: the global batch's summed loss over its counted labels / their count (Megatron-Core's "
+          "--calculate-per-token-loss); micro_batch: the mean of the micro-batches' means (the official Yuan "
+          "code). Equal on data without a loss mask.");
 }
 
 template <class V>
@@ -136,9 +140,14 @@ void visit(V& v, DataConfig& c) {
           "A token attends only to earlier tokens of its own document in a packed sample (attention "
           "and LFA; Megatron's --reset-attention-mask); needs reset_position_ids.");
   v.field("eod_id", c.eod_id, kOptional, "End-of-document token id; -1 = from the tokenizer.");
+  v.field("loss_mask", c.loss_mask, kOptional,
+          "none, or sft: the LM loss ignores the labels of each sample's instruction (its tokens before "
+          "<sep>; the <sep> and EOD labels count), also in documents cut by the window (docs/data.md).");
+  v.field("sep_id", c.sep_id, kOptional,
+          "The <sep> token id for loss_mask = sft; -1 = from the dataset's .meta.json, else the tokenizer.");
   v.field("blend", c.blend, kOptional,
           "Weighted training mixture instead of train_prefix: [{\"prefix\", \"weight\", \"valid_prefix\", "
-          "\"name\"}, ...] or Megatron's flat [w1, p1, w2, p2, ...]; null = train_prefix alone (docs/data.md).");
+          "\"name\", \"loss_mask\"}, ...] or Megatron's flat [w1, p1, w2, p2, ...]; null = train_prefix alone (docs/data.md).");
 }
 
 template <class V>

@@ -123,6 +123,10 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
   c.require(d.eod_id >= -1 && d.eod_id < config.model.vocab_size, "data.eod_id",
             "must be -1 (from the tokenizer) or a token id below model.vocab_size, got " +
                 Checker::str(d.eod_id));
+  c.require(d.sep_id >= -1 && d.sep_id < config.model.vocab_size && (d.sep_id < 0 || d.sep_id != d.eod_id),
+            "data.sep_id",
+            "must be -1 (from the dataset or tokenizer) or a token id below model.vocab_size other than "
+            "data.eod_id, got " + Checker::str(d.sep_id));
   c.require(!d.reset_attention_mask || d.reset_position_ids, "data.reset_attention_mask",
             "needs data.reset_position_ids = true (a masked document's positions start at 0, as Megatron's)");
 

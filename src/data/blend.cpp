@@ -159,8 +159,8 @@ Batch BlendedSampler::next_batch() {
     GptSampler& source = *sources_[static_cast<size_t>(j)];
     if (t >= first && t < first + B) {
       const int64_t b = t - first;
-      source.sample_tokens(stream.epoch, stream.cursor, sample.data());
-      batch.set_row(b, sample, source_options_[static_cast<size_t>(j)], source.prefix());
+      const bool starts_in_instruction = source.sample_tokens(stream.epoch, stream.cursor, sample.data());
+      batch.set_row(b, sample, source_options_[static_cast<size_t>(j)], source.prefix(), starts_in_instruction);
       batch_sources_[static_cast<size_t>(b)] = j;
     }
     ++state_.counts[static_cast<size_t>(j)];

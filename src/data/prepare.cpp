@@ -403,6 +403,7 @@ std::optional<DatasetMeta> load_dataset_meta(const std::string& prefix) {
     meta.tokenizer = t.at("model").get<std::string>();
     meta.vocab_size = t.at("vocab_size").get<int64_t>();
     meta.eod_id = t.at("eod_id").get<int64_t>();
+    meta.sep_id = t.value("sep_id", int64_t{-1});
     meta.pad_id = t.at("pad_id").get<int64_t>();
     meta.unk_id = t.at("unk_id").get<int64_t>();
     meta.documents = j.at("documents").get<int64_t>();

@@ -93,6 +93,10 @@ GptSampler::GptSampler(std::shared_ptr<const IndexedDataset> dataset, const Samp
   if (o.reset_attention_mask && o.eod_id < 0) {
     throw std::invalid_argument("sampler: reset_attention_mask needs an EOD id");
   }
+  if (o.sft_loss_mask && (o.eod_id < 0 || o.sep_id < 0 || o.sep_id == o.eod_id)) {
+    throw std::invalid_argument("sampler: the SFT loss mask needs distinct EOD and <sep> ids, got " +
+                                std::to_string(o.eod_id) + " and " + std::to_string(o.sep_id));
+  }
   const int64_t tokens = dataset_->num_tokens();
   if (tokens < o.seq_length + 1) {
     throw std::invalid_argument(dataset_->prefix() + ": dataset has " + std::to_string(tokens) +
@@ -125,7 +129,7 @@ void GptSampler::build_epoch(int64_t epoch) {
   built_epoch_ = epoch;
 }
 
-void GptSampler::sample_tokens(int64_t epoch, int64_t index, int64_t* out) {
+bool GptSampler::sample_tokens(int64_t epoch, int64_t index, int64_t* out) {
   if (index < 0 || index >= samples_per_epoch_) {
     throw std::out_of_range("sampler: sample " + std::to_string(index) + " outside the epoch of " +
                             std::to_string(samples_per_epoch_));
@@ -136,6 +140,14 @@ void GptSampler::sample_tokens(int64_t epoch, int64_t index, int64_t* out) {
   // The last sequence whose first token is at or before `start` holds it (empty ones are skipped).
   auto j = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), start) - starts_.begin() - 1);
   int64_t offset = start - starts_[j];
+  bool in_instruction = false;
+  if (options_.sft_loss_mask) {
+    // The window may start inside a document: its tokens before the window say whether that is in
+    // the instruction or the response (documents of SFT data are short, so this read is too).
+    std::vector<int64_t> before(static_cast<size_t>(offset));
+    dataset_->read(order_[j], 0, offset, before.data());
+    in_instruction = instruction_state(before.data(), offset, true, options_.eod_id, options_.sep_id);
+  }
   while (need > 0) {
     const int64_t sequence = order_[j];
     const int64_t take = std::min(dataset_->sequence_length(sequence) - offset, need);
@@ -145,6 +157,7 @@ void GptSampler::sample_tokens(int64_t epoch, int64_t index, int64_t* out) {
     offset = 0;
     ++j;
   }
+  return in_instruction;
 }
 
 BatchBuilder::BatchBuilder(int64_t micro_batch_size, int64_t seq_length)
@@ -154,7 +167,7 @@ BatchBuilder::BatchBuilder(int64_t micro_batch_size, int64_t seq_length)
       positions_BS_(torch::empty({micro_batch_size, seq_length}, torch::kLong)) {}
 
 void BatchBuilder::set_row(int64_t b, const std::vector<int64_t>& sample, const SamplerOptions& options,
-                           const std::string& prefix) {
+                           const std::string& prefix, bool starts_in_instruction) {
   if (options.vocab_size > 0) {
     for (const int64_t token : sample) {
       if (token < 0 || token >= options.vocab_size) {
@@ -165,7 +178,11 @@ void BatchBuilder::set_row(int64_t b, const std::vector<int64_t>& sample, const 
     }
   }
   std::copy(sample.begin(), sample.end() - 1, tokens_BS_.data_ptr<int64_t>() + b * seq_length_);
-  std::copy(sample.begin() + 1, sample.end(), labels_BS_.data_ptr<int64_t>() + b * seq_length_);
+  int64_t* labels = labels_BS_.data_ptr<int64_t>() + b * seq_length_;
+  std::copy(sample.begin() + 1, sample.end(), labels);
+  if (options.sft_loss_mask) {
+    mask_instruction_labels(sample.data(), seq_length_, starts_in_instruction, options.eod_id, options.sep_id, labels);
+  }
   positions_BS_[b] = options.reset_position_ids ? reset_position_ids(tokens_BS_.slice(0, b, b + 1), options.eod_id)[0]
                                                 : torch::arange(seq_length_, torch::kLong);
 }
@@ -183,8 +200,8 @@ Batch GptSampler::next_batch() {
   std::vector<int64_t> sample(static_cast<size_t>(options_.seq_length) + 1);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t global = state_.cursor + options_.rank * B + b;
-    sample_tokens(state_.epoch + global / N, global % N, sample.data());
-    batch.set_row(b, sample, options_, dataset_->prefix());
+    const bool starts_in_instruction = sample_tokens(state_.epoch + global / N, global % N, sample.data());
+    batch.set_row(b, sample, options_, dataset_->prefix(), starts_in_instruction);
   }
   state_.cursor += options_.world_size * B;
   while (state_.cursor >= N) {
@@ -227,6 +244,38 @@ std::pair<torch::Tensor, torch::Tensor> documents_and_positions(const torch::Ten
 }
 
 }  // namespace
+
+namespace {
+
+/// One token of an SFT document: whether it is an instruction token, given whether its document is
+/// still in its instruction (`in_instruction`, updated past the token).
+bool is_instruction_token(int64_t token, bool& in_instruction, int64_t eod_id, int64_t sep_id) {
+  if (token == eod_id) {
+    in_instruction = true;  // the next document starts with its instruction
+    return false;
+  }
+  if (in_instruction && token == sep_id) {
+    in_instruction = false;
+    return false;
+  }
+  return in_instruction;
+}
+
+}  // namespace
+
+bool instruction_state(const int64_t* tokens, int64_t n, bool in_instruction, int64_t eod_id, int64_t sep_id) {
+  for (int64_t i = 0; i < n; ++i) is_instruction_token(tokens[i], in_instruction, eod_id, sep_id);
+  return in_instruction;
+}
+
+void mask_instruction_labels(const int64_t* sample, int64_t seq_length, bool starts_in_instruction, int64_t eod_id,
+                             int64_t sep_id, int64_t* labels) {
+  bool in_instruction = starts_in_instruction;
+  is_instruction_token(sample[0], in_instruction, eod_id, sep_id);  // an input only: its state carries on
+  for (int64_t i = 0; i < seq_length; ++i) {
+    if (is_instruction_token(sample[i + 1], in_instruction, eod_id, sep_id)) labels[i] = kIgnoredLabel;
+  }
+}
 
 torch::Tensor reset_position_ids(const torch::Tensor& tokens, int64_t eod_id) {
   return documents_and_positions(tokens, eod_id, "reset_position_ids").second;

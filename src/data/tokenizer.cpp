@@ -104,6 +104,11 @@ Tokenizer::Tokenizer(const std::string& path) : path_(path), sp_(module().create
   }
 }
 
+int32_t Tokenizer::sep_id() const {
+  const int sep = sp_->piece_to_id("<sep>");
+  return sp_->id_to_piece(sep) == "<sep>" ? sep : -1;
+}
+
 Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "yuanmoe/config/config_io.h"
 #include "yuanmoe/data/prepare.h"
 #include "yuanmoe/data/tokenizer.h"
 #include "yuanmoe/train/loss.h"
@@ -11,16 +12,8 @@
 
 namespace yuanmoe::train {
 
-namespace {
-
-/// Labels that count in the loss (kIgnoredLabel ones do not): the tokens an eval line reports.
-int64_t counted_labels(const data::Batch& batch) {
-  return (batch.labels != kIgnoredLabel).sum().item<int64_t>();
-}
-
-}  // namespace
-
-data::SamplerOptions sampler_options(const config::RunConfig& run, const std::string& prefix) {
+data::SamplerOptions sampler_options(const config::RunConfig& run, const std::string& prefix,
+                                     std::optional<config::LossMask> loss_mask) {
   data::SamplerOptions options;
   options.seq_length = run.train.seq_length;
   options.micro_batch_size = run.train.micro_batch_size;
@@ -39,6 +32,21 @@ data::SamplerOptions sampler_options(const config::RunConfig& run, const std::st
     options.eod_id = tokenizer.eod_id();
     spdlog::info("data.eod_id -1: {} has no .meta.json; using {} = {} of {}", prefix,
                  tokenizer.eod_id() == tokenizer.eos_id() ? "its EOS" : "<eod>", options.eod_id, run.data.tokenizer);
+  }
+  if (loss_mask.value_or(run.data.loss_mask) == config::LossMask::kSft) {
+    options.sft_loss_mask = true;
+    options.sep_id = run.data.sep_id;
+    if (options.sep_id < 0) {
+      if (auto meta = data::load_dataset_meta(prefix)) options.sep_id = meta->sep_id;
+    }
+    if (options.sep_id < 0 && !run.data.tokenizer.empty()) options.sep_id = data::Tokenizer(run.data.tokenizer).sep_id();
+    if (options.sep_id < 0 || options.eod_id < 0) {
+      throw config::ConfigError(
+          "config", {{options.sep_id < 0 ? "data.sep_id" : "data.eod_id",
+                      "unknown for " + prefix + ", whose instruction the SFT loss mask hides: set it, or data.tokenizer "
+                      "(a model with <sep> and <eod> pieces), or prepare the data with yuanmoe prepare-data --format "
+                      "sft-text or sft-jsonl (its .meta.json names them)"}});
+    }
   }
   return options;
 }
@@ -63,10 +71,11 @@ EvalResult evaluate(const EvalForward& forward,
     const model::ModelOutput out = forward(batch);
     if (out.out.defined()) {
       const Tensor labels = batch.labels.to(out.out.device());
-      result.loss_sum += language_model_loss(out.out, labels).item<double>() * static_cast<double>(counted_labels(batch));
+      result.loss_sum +=
+          language_model_loss(out.out, labels).item<double>() * static_cast<double>(counted_labels(batch.labels));
       if (i == 0 && on_first_batch) on_first_batch(batch, out.out);
     }
-    result.tokens += counted_labels(batch);
+    result.tokens += counted_labels(batch.labels);
     if (out.routed_pairs_LE.defined()) {
       const Tensor pairs = out.routed_pairs_LE.to(torch::kCPU);
       result.routed_pairs_LE = result.routed_pairs_LE.defined() ? result.routed_pairs_LE + pairs : pairs;

@@ -45,8 +45,10 @@ model::ModelOutput stage_forward(model::TransformerImpl& model, const Tensor& x,
 }  // namespace
 
 PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::ParallelContext& parallel,
-                                     const PipelineStepOptions& options,
-                                     const std::function<data::Batch()>& next_batch) {
+                                     const PipelineStepOptions& options, const std::vector<data::Batch>& batches) {
+  const auto micro_batches = static_cast<int64_t>(batches.size());
+  TORCH_CHECK(static_cast<int64_t>(options.lm_loss_scales.size()) == micro_batches, "run_pipeline_step: ",
+              options.lm_loss_scales.size(), " LM loss scales for ", micro_batches, " micro-batches");
   const parallel::ParallelLayout& layout = parallel.layout();
   parallel::Group& pp = parallel.pp;
   const torch::Device device = model.parameters().front().device();
@@ -62,18 +64,18 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
     blocking_call();
     result.wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
   };
-  Tensor lm_sum = torch::zeros({}, torch::dtype(torch::kDouble).device(device));
-  Tensor aux_sum = torch::zeros({}, torch::dtype(torch::kDouble).device(device));
-  std::vector<data::Batch> batches;
+  const auto fp64 = torch::dtype(torch::kDouble).device(device);
+  std::vector<Tensor> lm_losses;
+  Tensor aux_sum = torch::zeros({}, fp64);
   std::deque<InFlight> in_flight;  // forwards whose backward is pending, oldest first
   std::vector<parallel::PendingSend> sends;
 
   for (const parallel::PipelineAction& action :
-       parallel::pipeline_schedule(options.schedule, layout.pp, layout.stage, options.micro_batches)) {
+       parallel::pipeline_schedule(options.schedule, layout.pp, layout.stage, micro_batches)) {
     const int64_t i = action.micro_batch;
+    const double lm_scale = options.lm_loss_scales[static_cast<size_t>(i)];
     if (action.kind == parallel::PipelineAction::kForward) {
-      batches.push_back(next_batch());
-      const data::Batch& batch = batches.back();
+      const data::Batch& batch = batches[static_cast<size_t>(i)];
       InFlight state;
       Tensor x;
       if (first) {
@@ -92,8 +94,11 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
       }
       if (last) {
         const Tensor lm_loss = language_model_loss(out.out, batch.labels.to(device, /*non_blocking=*/true));
-        lm_sum += lm_loss.detach().to(torch::kDouble);
-        state.output = out.aux_loss.defined() ? lm_loss + out.aux_loss.to(lm_loss.scalar_type()) : lm_loss;
+        lm_losses.push_back(lm_loss.detach().to(torch::kDouble));
+        // The scalar whose backward seeds this micro-batch's gradients (kept apart: scales differ).
+        state.output = out.aux_loss.defined()
+                           ? lm_loss * lm_scale + out.aux_loss.to(lm_loss.scalar_type()) * options.aux_loss_scale
+                           : lm_loss * lm_scale;
       } else {
         state.output = out.out;
         sends.push_back(pp.send(out.out.detach().to(dtype), layout.stage + 1, forward_tag(i)));
@@ -103,14 +108,14 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
       InFlight state = std::move(in_flight.front());
       in_flight.pop_front();
       if (last) {
-        (state.output * options.loss_scale).backward();
+        state.output.backward();
       } else {
         Tensor grad = activation_buffer(batches[static_cast<size_t>(i)], hidden, device, dtype);
         timed_wait([&] { pp.recv(grad, layout.stage + 1, backward_tag(i)); });
         std::vector<Tensor> outputs{state.output}, grads{grad.to(state.output.scalar_type())};
         if (state.aux.defined()) {
           outputs.push_back(state.aux);
-          grads.push_back(torch::full_like(state.aux, options.loss_scale));
+          grads.push_back(torch::full_like(state.aux, options.aux_loss_scale));
         }
         torch::autograd::backward(outputs, grads);
       }
@@ -121,7 +126,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
     for (auto& send : sends) send.wait();
   });
   // Still on the device: the step reads them back with its other figures, once (train/step.cpp).
-  result.lm_loss_sum = lm_sum;
+  result.lm_losses_M = last ? torch::stack(lm_losses) : torch::zeros({micro_batches}, fp64);
   result.aux_loss_sum = aux_sum;
   result.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return result;

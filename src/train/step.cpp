@@ -2,9 +2,11 @@
 
 #include <cmath>
 #include <limits>
+#include <numeric>
 
 #include "yuanmoe/core/host_sync.h"
 #include "yuanmoe/model/transformer.h"
+#include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/lr_schedule.h"
 #include "yuanmoe/train/pipeline.h"
 
@@ -20,15 +22,41 @@ OptimizerStep::OptimizerStep(const config::RunConfig& config, model::Transformer
       derived_(config::resolve_derived(config, parallel.layout().dp)),
       parameters_(model.parameters()) {}
 
+LossWeights loss_weights(config::LossAverage average, const std::vector<int64_t>& counted,
+                         parallel::ParallelContext& parallel) {
+  const auto micro_batches = static_cast<int64_t>(counted.size());
+  const int64_t dp = parallel.layout().dp;
+  LossWeights weights;
+  if (average == config::LossAverage::kMicroBatch) {
+    weights.lm_loss_scales.assign(counted.size(), 1.0 / static_cast<double>(micro_batches));
+    weights.lm_report_weights.assign(counted.size(), 1.0);
+    weights.lm_report_divisor = static_cast<double>(micro_batches * dp);
+    return weights;
+  }
+  // Every stage of a data-parallel replica reads the same micro-batches: the world's sum counts
+  // each replica's labels once per stage. Gloo, on the host.
+  Tensor sum = torch::tensor({std::accumulate(counted.begin(), counted.end(), int64_t{0})}, torch::kLong);
+  parallel.world_group.all_reduce_sum(sum);
+  const int64_t global = std::max<int64_t>(sum.item<int64_t>() / parallel.layout().pp, 1);  // none: no LM loss
+  for (const int64_t n : counted) {
+    // The data-parallel mean of the gradients divides by dp again. Integers until the one
+    // division, so equal counts give exactly 1 / micro_batches.
+    weights.lm_loss_scales.push_back(static_cast<double>(n * dp) / static_cast<double>(global));
+    weights.lm_report_weights.push_back(static_cast<double>(n));
+  }
+  weights.lm_report_divisor = static_cast<double>(global);
+  return weights;
+}
+
 namespace {
 
-/// This stage's figures of the step in one fp64 vector on its device: [LM loss sum, router terms
-/// sum, squared gradient norm, routed pairs (L_stage x E), bias statistics (L_stage x (E + 1))];
-/// the pairs when the stage has MoE layers, the statistics when bias balancing is on.
+/// This stage's figures of the step in one fp64 vector on its device: [squared gradient norm,
+/// router terms sum, LM losses (M), routed pairs (L_stage x E), bias statistics
+/// (L_stage x (E + 1))]; the pairs when the stage has MoE layers, the statistics when bias
+/// balancing is on.
 Tensor pack_stage_figures(const PipelineStepResult& pipeline, const Tensor& squared_norm,
                           const Tensor& bias_statistics_LE) {
-  std::vector<Tensor> parts{pipeline.lm_loss_sum.reshape({1}), pipeline.aux_loss_sum.reshape({1}),
-                            squared_norm.reshape({1})};
+  std::vector<Tensor> parts{squared_norm.reshape({1}), pipeline.aux_loss_sum.reshape({1}), pipeline.lm_losses_M};
   if (pipeline.routed_pairs_LE.defined()) parts.push_back(pipeline.routed_pairs_LE.reshape(-1).to(torch::kDouble));
   if (bias_statistics_LE.defined()) parts.push_back(bias_statistics_LE.reshape(-1));
   const torch::Device device = squared_norm.device();
@@ -45,14 +73,23 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   model_.zero_grad(/*set_to_none=*/true);
   router_balancing_.begin_step();
 
-  // Each micro-batch's loss is scaled by 1/m (m: this rank's micro-batches) and the data-parallel
-  // ranks average their gradients: the gradient of the mean over the global batch (Megatron).
+  // The step's micro-batches first: their counted labels (on the host, no wait for the device)
+  // set each one's LM loss scale before any backward.
+  const int64_t micro_batches = derived_.micro_batches_per_rank;
+  std::vector<data::Batch> batches;
+  std::vector<int64_t> counted(static_cast<size_t>(micro_batches));
+  for (int64_t i = 0; i < micro_batches; ++i) {
+    batches.push_back(next_batch());
+    counted[static_cast<size_t>(i)] = counted_labels(batches.back().labels);
+  }
+  const LossWeights weights = loss_weights(config_.train.loss_average, counted, parallel_);
+
   PipelineStepOptions options;
   options.schedule = config_.parallel.pipeline_schedule;
-  options.micro_batches = derived_.micro_batches_per_rank;
-  options.loss_scale = 1.0 / static_cast<double>(derived_.micro_batches_per_rank);
+  options.lm_loss_scales = weights.lm_loss_scales;
+  options.aux_loss_scale = 1.0 / static_cast<double>(micro_batches);
   options.precision = config_.train.precision;
-  const PipelineStepResult pipeline = run_pipeline_step(model_, parallel_, options, next_batch);
+  const PipelineStepResult pipeline = run_pipeline_step(model_, parallel_, options, batches);
   if (after_backward) after_backward(completed + 1, parameters_);
   optimizer_.reduce_gradients();
   const Tensor squared_norm = optimizer_.squared_gradient_norm();
@@ -64,7 +101,10 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   const Tensor stage = pack_stage_figures(pipeline, squared_norm, bias_statistics_LE).to(torch::kCPU);
   const int64_t experts = config_.moe.num_experts;
   const auto stage_layers = static_cast<int64_t>(model_.moe_layers().size());
-  int64_t offset = 3;
+  const double* figures = stage.data_ptr<double>();
+  double lm_loss = 0.0;  // this rank's share of the step's LM loss, before the world sum
+  for (int64_t i = 0; i < micro_batches; ++i) lm_loss += figures[2 + i] * weights.lm_report_weights[static_cast<size_t>(i)];
+  int64_t offset = 2 + micro_batches;
   const auto take_rows = [&](int64_t width, torch::Dtype dtype) {
     const Tensor rows = stage.narrow(0, offset, stage_layers * width).view({stage_layers, width}).to(dtype);
     offset += stage_layers * width;
@@ -75,15 +115,13 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
 
   // Losses live on the last stages, router terms on every stage: one sum over the world. The
   // pipeline's waiting and total times give its measured bubble.
-  const double* figures = stage.data_ptr<double>();
-  Tensor sums = torch::tensor({figures[0], figures[1], pipeline.wait_seconds, pipeline.wall_seconds}, torch::kDouble);
+  Tensor sums = torch::tensor({lm_loss, figures[1], pipeline.wait_seconds, pipeline.wall_seconds}, torch::kDouble);
   parallel_.world_group.all_reduce_sum(sums);
   const double* summed = sums.data_ptr<double>();
-  const double micro_batches = static_cast<double>(derived_.micro_batches_per_rank * parallel_.layout().dp);
   result.pipeline_bubble = summed[3] > 0 ? summed[2] / summed[3] : 0.0;
-  result.loss = summed[0] / micro_batches;
-  result.aux_loss = summed[1] / micro_batches;
-  result.grad_norm = std::sqrt(figures[2]);  // already summed over the groups that hold parts of it
+  result.loss = summed[0] / weights.lm_report_divisor;
+  result.aux_loss = summed[1] / static_cast<double>(micro_batches * parallel_.layout().dp);
+  result.grad_norm = std::sqrt(figures[0]);  // already summed over the groups that hold parts of it
   result.routed_pairs_LE = router_balancing_.layer_rows().over_world(stage_pairs_LE, experts, torch::kLong);
   if (result.routed_pairs_LE.defined()) {
     const int64_t slots = config_.train.global_batch_size * config_.train.seq_length * experts *

@@ -78,7 +78,7 @@ void TrainingData::open_blend(const config::RunConfig& config, const parallel::P
                 ", data.blend[" + std::to_string(first_meta_entry) + "] with " + std::to_string(first_meta->vocab_size) +
                 ": every source of a blend must come from one tokenizer");
     }
-    data::SamplerOptions o = sampler_options(config, entry.prefix);
+    data::SamplerOptions o = sampler_options(config, entry.prefix, entry.loss_mask);
     if (meta && config.data.eod_id >= 0 && meta->eod_id >= 0 && meta->eod_id != config.data.eod_id) {
       throw bad("the EOD id of " + entry.prefix + " is " + std::to_string(meta->eod_id) +
                 " (its .meta.json), but data.eod_id is " + std::to_string(config.data.eod_id));
@@ -126,9 +126,14 @@ void TrainingData::open_blend(const config::RunConfig& config, const parallel::P
   }
   info("data: blend of " + std::to_string(blend.size()) + " sources (normalised weights): " + mixture);
   if (!config.data.valid_prefix.empty()) {
+    // data.loss_mask, not the first source's: the split is the run's own.
+    data::SamplerOptions valid_options = common;
+    const data::SamplerOptions masked = sampler_options(config, config.data.valid_prefix);
+    valid_options.sft_loss_mask = masked.sft_loss_mask;
+    valid_options.sep_id = masked.sep_id;
     validation_.insert(validation_.begin(), ValidationSplit{"", 1.0, std::make_shared<const data::IndexedDataset>(
                                                                         config.data.valid_prefix),
-                                                                    common});
+                                                                    valid_options});
   }
 }
 

@@ -29,6 +29,10 @@ enum class Precision { kFp32, kBf16, kFp64 };
 enum class PipelineSchedule { k1F1B, kGPipe };
 enum class Backend { kAuto, kGloo, kNccl };
 enum class NonfinitePolicy { kStop, kSkip };
+/// Which labels the LM loss ignores: none, or the instruction of every SFT sample (docs/data.md).
+enum class LossMask { kNone, kSft };
+/// How the LM loss averages its counted labels over a step (docs/training.md, "Loss").
+enum class LossAverage { kToken, kMicroBatch };
 
 /// Decoder architecture (Yuan 2.0, arXiv 2311.15786; Yuan 2.0-M32, arXiv 2405.17976).
 struct ModelConfig {
@@ -100,6 +104,10 @@ struct TrainConfig {
   int64_t max_consecutive_skips = 5;
   int64_t eval_interval = 0;  ///< 0 = evaluate only at the end
   int64_t eval_steps = 10;
+  /// token: the sum of the counted labels' losses over the global batch / their count
+  /// (Megatron-Core's --calculate-per-token-loss); micro_batch: the mean of the micro-batches'
+  /// means (the official Yuan code). Equal when every micro-batch counts as many labels.
+  LossAverage loss_average = LossAverage::kToken;
 };
 
 /// One source of a weighted training mixture (data.blend; docs/data.md, "Blends").
@@ -108,9 +116,11 @@ struct BlendEntry {
   double weight = 0.0;       ///< > 0; normalised over the blend
   std::string valid_prefix;  ///< this source's validation split (a loss of its own); empty = none
   std::string name;          ///< label in logs and metrics; empty = the prefix's file name
+  std::optional<LossMask> loss_mask;  ///< this source's mask; absent = data.loss_mask
 
   bool operator==(const BlendEntry& o) const {
-    return prefix == o.prefix && weight == o.weight && valid_prefix == o.valid_prefix && name == o.name;
+    return prefix == o.prefix && weight == o.weight && valid_prefix == o.valid_prefix && name == o.name &&
+           loss_mask == o.loss_mask;
   }
 };
 
@@ -126,6 +136,9 @@ struct DataConfig {
   /// LFA); needs reset_position_ids (docs/data.md).
   bool reset_attention_mask = false;
   int64_t eod_id = -1;  ///< -1 = take it from the tokenizer
+  /// kSft: labels of instruction tokens (before each sample's <sep>) are ignored by the LM loss.
+  LossMask loss_mask = LossMask::kNone;
+  int64_t sep_id = -1;  ///< the <sep> token id; -1 = from the dataset's .meta.json, else the tokenizer
   /// Weighted training mixture (Megatron's --data-path w1 p1 w2 p2 ...); absent = train_prefix alone.
   std::optional<std::vector<BlendEntry>> blend;
 };

@@ -102,6 +102,7 @@ struct DatasetMeta {
   std::string tokenizer;
   int64_t vocab_size = 0;
   int64_t eod_id = -1;
+  int64_t sep_id = -1;  ///< the tokenizer's <sep>; -1 when it has none
   int64_t pad_id = -1;
   int64_t unk_id = -1;
   int64_t documents = 0;

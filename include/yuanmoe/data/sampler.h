@@ -16,6 +16,10 @@
 
 namespace yuanmoe::data {
 
+/// The label of a token whose prediction does not count (PyTorch's and Hugging Face's
+/// ignore_index): the instruction of an SFT sample (SamplerOptions::sft_loss_mask).
+constexpr int64_t kIgnoredLabel = -100;
+
 /// Everything needed to resume exactly where a run stopped (saved in checkpoints). It does not
 /// depend on the data-parallel layout: `cursor` counts samples of the epoch consumed by all ranks.
 struct SamplerState {
@@ -46,6 +50,10 @@ struct SamplerOptions {
   /// earlier tokens of its own document (Megatron's --reset-attention-mask); needs eod_id.
   bool reset_attention_mask = false;
   int64_t eod_id = -1;
+  /// data.loss_mask = sft: the labels of instruction tokens are kIgnoredLabel (mask_instruction_labels
+  /// below; docs/data.md, "Loss masks"); needs eod_id and sep_id.
+  bool sft_loss_mask = false;
+  int64_t sep_id = -1;
   /// > 0: every token must be in [0, vocab_size); next_batch() throws naming the dataset, the
   /// value and the document otherwise (data tokenized for another model would index past the
   /// embedding).
@@ -55,7 +63,8 @@ struct SamplerOptions {
 /// One micro-batch, every tensor [B, S] int64 on the CPU.
 struct Batch {
   torch::Tensor tokens;        ///< model input
-  torch::Tensor labels;        ///< tokens shifted left by one: labels[b][i] = stream[i + 1]
+  /// tokens shifted left by one: labels[b][i] = stream[i + 1], or kIgnoredLabel where masked
+  torch::Tensor labels;
   torch::Tensor position_ids;  ///< 0..S-1, or reset after each EOD when requested
   torch::Tensor document_ids;  ///< with reset_attention_mask only (else undefined): document_ids()
 };
@@ -66,9 +75,11 @@ struct Batch {
 class BatchBuilder {
  public:
   BatchBuilder(int64_t micro_batch_size, int64_t seq_length);
-  /// Row b from `sample` (seq_length + 1 ids read from the dataset at `prefix` with `options`).
+  /// Row b from `sample` (seq_length + 1 ids read from the dataset at `prefix` with `options`);
+  /// `starts_in_instruction` as GptSampler::sample_tokens returns it (read with sft_loss_mask only).
   /// Throws std::runtime_error naming the prefix when an id is outside [0, options.vocab_size).
-  void set_row(int64_t b, const std::vector<int64_t>& sample, const SamplerOptions& options, const std::string& prefix);
+  void set_row(int64_t b, const std::vector<int64_t>& sample, const SamplerOptions& options, const std::string& prefix,
+               bool starts_in_instruction);
   /// The batch; document ids when `options.reset_attention_mask` (the rows' datasets share the
   /// EOD id).
   Batch finish(const SamplerOptions& options) const;
@@ -99,7 +110,9 @@ class GptSampler {
   /// The dataset's prefix (for messages).
   const std::string& prefix() const { return dataset_->prefix(); }
   /// The seq_length + 1 tokens of sample `index` (in shuffled order) of `epoch`, into `out`.
-  void sample_tokens(int64_t epoch, int64_t index, int64_t* out);
+  /// Returns, with options.sft_loss_mask, the instruction_state (below) of the tokens of its first
+  /// document before the window: whether that document is still in its instruction; else false.
+  bool sample_tokens(int64_t epoch, int64_t index, int64_t* out);
 
  private:
   void build_epoch(int64_t epoch);
@@ -114,6 +127,21 @@ class GptSampler {
   std::vector<int64_t> starts_;
   std::vector<int64_t> sample_order_;
 };
+
+/// SFT documents (docs/data.md, "Instruction data"): instruction tokens, <sep>, response tokens,
+/// EOD. A token is an instruction token when it precedes the first <sep> of its document and is
+/// neither <sep> nor EOD; a document starts after each EOD and at the start of each sequence.
+/// The document's state after `tokens[0, n)`: true while it is in its instruction (no <sep> of it
+/// yet), starting from `in_instruction` (true at a sequence start).
+bool instruction_state(const int64_t* tokens, int64_t n, bool in_instruction, int64_t eod_id, int64_t sep_id);
+
+/// The loss mask of data.loss_mask = sft: labels[i] (the label of input sample[i], i.e. sample[i + 1])
+/// becomes kIgnoredLabel when sample[i + 1] is an instruction token. `sample` holds
+/// seq_length + 1 ids; `starts_in_instruction` says whether sample[0] lies in an instruction
+/// (instruction_state of the ids before it), so a document cut by the window's start is masked
+/// as a whole document would be. The <sep> and EOD labels count (as in the official Yuan code).
+void mask_instruction_labels(const int64_t* sample, int64_t seq_length, bool starts_in_instruction, int64_t eod_id,
+                             int64_t sep_id, int64_t* labels);
 
 /// position_ids [B, S] for tokens [B, S] int64: 0, 1, 2, ... restarting at 0 on the token after
 /// each `eod_id`.

@@ -41,6 +41,8 @@ class Tokenizer {
   int64_t vocab_size() const;
   /// `<eod>` when the model has it, else the model's EOS (`</s>`, LLaMA-style models).
   int32_t eod_id() const { return eod_id_; }
+  /// The `<sep>` piece (instruction / response separator of SFT samples); -1 when the model has none.
+  int32_t sep_id() const;
   int32_t pad_id() const;  ///< -1 when the model has no pad piece
   int32_t unk_id() const;
   int32_t bos_id() const;  ///< -1 when disabled

@@ -38,8 +38,11 @@ EvalResult evaluate(const EvalForward& forward,
 
 /// Sampler options of `run` for the dataset at `prefix`: sequence length, micro-batch size, seed,
 /// position-id resetting, and the EOD id from data.eod_id, else from PREFIX.meta.json; -1 when
-/// neither names it (the caller decides whether that is an error).
-data::SamplerOptions sampler_options(const config::RunConfig& run, const std::string& prefix);
+/// neither names it (the caller decides whether that is an error). With `loss_mask` (absent:
+/// data.loss_mask) = sft, the SFT mask and the <sep> id from data.sep_id, else PREFIX.meta.json,
+/// else data.tokenizer; throws config::ConfigError naming data.sep_id when none has it.
+data::SamplerOptions sampler_options(const config::RunConfig& run, const std::string& prefix,
+                                     std::optional<config::LossMask> loss_mask = std::nullopt);
 
 /// Runs `model` (switched to eval mode, restored after) on up to `steps` micro-batches of
 /// `options.micro_batch_size` sequences; fewer when the split is shorter than that. The first

@@ -3,15 +3,19 @@
 #pragma once
 
 #include "yuanmoe/core/types.h"
+#include "yuanmoe/data/sampler.h"
 
 namespace yuanmoe::train {
 
-/// The label of a token whose prediction does not count (PyTorch's and Hugging Face's
-/// ignore_index): padding, prompt tokens of a fine-tune.
-constexpr int64_t kIgnoredLabel = -100;
+/// The label whose prediction does not count (ignore_index): an SFT sample's instruction.
+using data::kIgnoredLabel;
 
 /// logits_BSV (any float dtype), labels_BS int64 -> scalar fp32 (or fp64 for fp64 logits): the
 /// mean over the labels that are not kIgnoredLabel; 0 when every label is ignored.
 Tensor language_model_loss(const Tensor& logits_BSV, const Tensor& labels_BS);
+
+/// Labels that count (are not kIgnoredLabel), read from host memory: labels on the CPU, as the
+/// samplers make them (no wait for a device).
+int64_t counted_labels(const Tensor& labels);
 
 }  // namespace yuanmoe::train

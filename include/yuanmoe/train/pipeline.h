@@ -5,16 +5,17 @@
 // Per micro-batch i on stage s of p:
 //   forward:  x = tokens (s = 0) or recv(activation from s-1); out = stage(x)
 //             s = p-1: loss_i = CE(out) + aux_s;  else send(out -> s+1)
-//   backward: s = p-1: (scale * loss_i).backward()
-//             else   g = recv(grad from s+1); backward([out, aux_s], [g, scale])
+//   backward: s = p-1: (lm_scale_i * CE_i + aux_scale * aux_s).backward()
+//             else   g = recv(grad from s+1); backward([out, aux_s], [g, aux_scale])
 //             s > 0: send(x.grad -> s-1)
-// so every stage's router terms reach the loss with the same 1/M scale as the LM loss. Every
+// so every stage's router terms reach the loss with the same 1/M scale; the LM loss of micro-batch
+// i with the step's lm_scale_i (1/M, or its share of the step's counted labels). Every
 // stage reads the same micro-batches (its dp rank's): positions and document ids
 // (data.reset_attention_mask) are needed by every layer's RoPE, attention and LFA, tokens by the
 // first stage, labels by the last. Activations travel as fp32 [B, S, D].
 #pragma once
 
-#include <functional>
+#include <vector>
 
 #include "yuanmoe/config/config.h"
 #include "yuanmoe/data/sampler.h"
@@ -25,25 +26,25 @@ namespace yuanmoe::train {
 
 struct PipelineStepOptions {
   config::PipelineSchedule schedule = config::PipelineSchedule::k1F1B;
-  int64_t micro_batches = 1;  // on this data-parallel rank
-  double loss_scale = 1.0;    // 1 / micro_batches
+  /// Per micro-batch of this rank: the scale of its LM loss (the mean over its counted labels)
+  /// in the backward; one entry per micro-batch.
+  std::vector<double> lm_loss_scales;
+  double aux_loss_scale = 1.0;  // of every micro-batch's router terms: 1 / micro-batches
   config::Precision precision = config::Precision::kFp32;
 };
 
 /// The sums and counts stay on the stage's device: reading them is the step's one wait for it.
 struct PipelineStepResult {
-  Tensor lm_loss_sum;      // [] fp64: sum of the micro-batches' mean LM losses (last stage, else 0)
+  Tensor lm_losses_M;      // [M] fp64: each micro-batch's mean LM loss (last stage, else zeros)
   Tensor aux_loss_sum;     // [] fp64: this stage's router terms summed over micro-batches
   Tensor routed_pairs_LE;  // this stage's MoE layers [L_stage, E], int64; undefined if none
   double wall_seconds = 0.0;  // the whole schedule
   double wait_seconds = 0.0;  // blocked on other stages (receives, outstanding sends): the bubble
 };
 
-/// Runs the schedule; parameter gradients accumulate in .grad. `next_batch` is called once per
-/// micro-batch, in micro-batch order.
+/// Runs the schedule over this rank's micro-batches; parameter gradients accumulate in .grad.
 PipelineStepResult run_pipeline_step(model::TransformerImpl& stage_model, parallel::ParallelContext& parallel,
-                                     const PipelineStepOptions& options,
-                                     const std::function<data::Batch()>& next_batch);
+                                     const PipelineStepOptions& options, const std::vector<data::Batch>& batches);
 
 /// Forward only, one micro-batch through every stage: the logits on the last stage, an
 /// undefined tensor on the others (evaluation).

@@ -40,6 +40,21 @@ struct StepResult {
   Tensor bias_statistics_LE;
 };
 
+/// How the step weighs each micro-batch's LM loss (its mean over its counted labels).
+struct LossWeights {
+  std::vector<double> lm_loss_scales;     ///< per micro-batch: its scale in the backward
+  std::vector<double> lm_report_weights;  ///< per micro-batch: its weight in the reported loss ...
+  double lm_report_divisor = 1.0;         ///< ... whose world sum this divides
+};
+
+/// train.loss_average over this rank's micro-batches with `counted` labels each. token: scale
+/// n_i * dp / N, N the counted labels of the whole global batch (summed over the world), so the
+/// data-parallel mean of the gradients is that of (sum of every counted label's loss) / N
+/// (Megatron-Core's --calculate-per-token-loss); reported: sum n_i * mean_i / N. micro_batch: scale
+/// 1 / M; reported: the mean of the M * dp means (the official Yuan code).
+LossWeights loss_weights(config::LossAverage average, const std::vector<int64_t>& counted,
+                         parallel::ParallelContext& parallel);
+
 class OptimizerStep {
  public:
   OptimizerStep(const config::RunConfig& config, model::TransformerImpl& model, DistributedOptimizer& optimizer,
