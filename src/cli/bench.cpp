@@ -23,7 +23,8 @@ int run_bench(int argc, const char* const* argv) {
       ("warmup", "untimed steps first", cxxopts::value<int64_t>()->default_value("1"))
       ("repeats", "runs per component timing (median)", cxxopts::value<int64_t>()->default_value("7"))
       ("step-only", "only the training step and peak memory (no breakdown)")
-      ("data", "the step's micro-batches from data.train_prefix instead of random tokens")
+      ("data", "the step's micro-batches from the config's data (data.train_prefix or data.blend, with its masks) "
+       "instead of random tokens")
       ("attention-kernel", "only this causal attention kernel, fwd+bwd on one micro-batch, and its memory: "
        "sdpa or materialised", cxxopts::value<std::string>())
       ("json", "also write the figures as JSON to FILE", cxxopts::value<std::string>());

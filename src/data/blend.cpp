@@ -151,6 +151,7 @@ Batch BlendedSampler::next_batch() {
   const int64_t first = options_.rank * B;  // this rank's samples in the block
   BatchBuilder batch(B, S);
   std::vector<int64_t> sample(static_cast<size_t>(S) + 1);
+  std::vector<uint8_t> instruction;  // the SFT sources' flags (SamplerOptions::sft_loss_mask)
   batch_sources_.assign(static_cast<size_t>(B), 0);
   // Every rank assigns the whole block (the rule is sequential) and reads only its own samples.
   for (int64_t t = 0; t < block; ++t) {
@@ -159,8 +160,10 @@ Batch BlendedSampler::next_batch() {
     GptSampler& source = *sources_[static_cast<size_t>(j)];
     if (t >= first && t < first + B) {
       const int64_t b = t - first;
-      const bool starts_in_instruction = source.sample_tokens(stream.epoch, stream.cursor, sample.data());
-      batch.set_row(b, sample, source_options_[static_cast<size_t>(j)], source.prefix(), starts_in_instruction);
+      const SamplerOptions& options = source_options_[static_cast<size_t>(j)];
+      instruction.resize(options.sft_loss_mask ? sample.size() : 0);
+      source.sample_tokens(stream.epoch, stream.cursor, sample.data(), options.sft_loss_mask ? instruction.data() : nullptr);
+      batch.set_row(b, sample, options, source.prefix(), instruction);
       batch_sources_[static_cast<size_t>(b)] = j;
     }
     ++state_.counts[static_cast<size_t>(j)];

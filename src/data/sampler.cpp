@@ -129,7 +129,7 @@ void GptSampler::build_epoch(int64_t epoch) {
   built_epoch_ = epoch;
 }
 
-bool GptSampler::sample_tokens(int64_t epoch, int64_t index, int64_t* out) {
+void GptSampler::sample_tokens(int64_t epoch, int64_t index, int64_t* out, uint8_t* instruction) {
   if (index < 0 || index >= samples_per_epoch_) {
     throw std::out_of_range("sampler: sample " + std::to_string(index) + " outside the epoch of " +
                             std::to_string(samples_per_epoch_));
@@ -140,24 +140,30 @@ bool GptSampler::sample_tokens(int64_t epoch, int64_t index, int64_t* out) {
   // The last sequence whose first token is at or before `start` holds it (empty ones are skipped).
   auto j = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), start) - starts_.begin() - 1);
   int64_t offset = start - starts_[j];
-  bool in_instruction = false;
-  if (options_.sft_loss_mask) {
-    // The window may start inside a document: its tokens before the window say whether that is in
-    // the instruction or the response (documents of SFT data are short, so this read is too).
-    std::vector<int64_t> before(static_cast<size_t>(offset));
-    dataset_->read(order_[j], 0, offset, before.data());
-    in_instruction = instruction_state(before.data(), offset, true, options_.eod_id, options_.sep_id);
-  }
+  std::vector<int64_t> whole;
+  std::vector<uint8_t> flags;
   while (need > 0) {
     const int64_t sequence = order_[j];
-    const int64_t take = std::min(dataset_->sequence_length(sequence) - offset, need);
-    dataset_->read(sequence, offset, take, out);
+    const int64_t length = dataset_->sequence_length(sequence);
+    const int64_t take = std::min(length - offset, need);
+    if (instruction != nullptr) {
+      // A token's flag depends on where (and whether) its document has a <sep>, which may lie
+      // outside the window: the whole sequence is read (one memory-mapped copy).
+      whole.resize(static_cast<size_t>(length));
+      flags.resize(static_cast<size_t>(length));
+      dataset_->read(sequence, 0, length, whole.data());
+      instruction_tokens(whole.data(), length, options_.eod_id, options_.sep_id, flags.data());
+      std::copy_n(flags.begin() + offset, take, instruction);
+      std::copy_n(whole.begin() + offset, take, out);
+      instruction += take;
+    } else {
+      dataset_->read(sequence, offset, take, out);
+    }
     out += take;
     need -= take;
     offset = 0;
     ++j;
   }
-  return in_instruction;
 }
 
 BatchBuilder::BatchBuilder(int64_t micro_batch_size, int64_t seq_length)
@@ -167,7 +173,7 @@ BatchBuilder::BatchBuilder(int64_t micro_batch_size, int64_t seq_length)
       positions_BS_(torch::empty({micro_batch_size, seq_length}, torch::kLong)) {}
 
 void BatchBuilder::set_row(int64_t b, const std::vector<int64_t>& sample, const SamplerOptions& options,
-                           const std::string& prefix, bool starts_in_instruction) {
+                           const std::string& prefix, const std::vector<uint8_t>& instruction) {
   if (options.vocab_size > 0) {
     for (const int64_t token : sample) {
       if (token < 0 || token >= options.vocab_size) {
@@ -181,7 +187,11 @@ void BatchBuilder::set_row(int64_t b, const std::vector<int64_t>& sample, const 
   int64_t* labels = labels_BS_.data_ptr<int64_t>() + b * seq_length_;
   std::copy(sample.begin() + 1, sample.end(), labels);
   if (options.sft_loss_mask) {
-    mask_instruction_labels(sample.data(), seq_length_, starts_in_instruction, options.eod_id, options.sep_id, labels);
+    TORCH_CHECK(static_cast<int64_t>(instruction.size()) == seq_length_ + 1, "BatchBuilder: ", instruction.size(),
+                " instruction flags for a sample of ", seq_length_ + 1, " tokens");
+    for (int64_t i = 0; i < seq_length_; ++i) {
+      if (instruction[static_cast<size_t>(i) + 1]) labels[i] = kIgnoredLabel;
+    }
   }
   positions_BS_[b] = options.reset_position_ids ? reset_position_ids(tokens_BS_.slice(0, b, b + 1), options.eod_id)[0]
                                                 : torch::arange(seq_length_, torch::kLong);
@@ -198,10 +208,12 @@ Batch GptSampler::next_batch() {
   const int64_t N = samples_per_epoch_;
   BatchBuilder batch(B, options_.seq_length);
   std::vector<int64_t> sample(static_cast<size_t>(options_.seq_length) + 1);
+  std::vector<uint8_t> instruction(options_.sft_loss_mask ? sample.size() : 0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t global = state_.cursor + options_.rank * B + b;
-    const bool starts_in_instruction = sample_tokens(state_.epoch + global / N, global % N, sample.data());
-    batch.set_row(b, sample, options_, dataset_->prefix(), starts_in_instruction);
+    sample_tokens(state_.epoch + global / N, global % N, sample.data(),
+                  options_.sft_loss_mask ? instruction.data() : nullptr);
+    batch.set_row(b, sample, options_, dataset_->prefix(), instruction);
   }
   state_.cursor += options_.world_size * B;
   while (state_.cursor >= N) {
@@ -245,35 +257,18 @@ std::pair<torch::Tensor, torch::Tensor> documents_and_positions(const torch::Ten
 
 }  // namespace
 
-namespace {
-
-/// One token of an SFT document: whether it is an instruction token, given whether its document is
-/// still in its instruction (`in_instruction`, updated past the token).
-bool is_instruction_token(int64_t token, bool& in_instruction, int64_t eod_id, int64_t sep_id) {
-  if (token == eod_id) {
-    in_instruction = true;  // the next document starts with its instruction
-    return false;
-  }
-  if (in_instruction && token == sep_id) {
-    in_instruction = false;
-    return false;
-  }
-  return in_instruction;
-}
-
-}  // namespace
-
-bool instruction_state(const int64_t* tokens, int64_t n, bool in_instruction, int64_t eod_id, int64_t sep_id) {
-  for (int64_t i = 0; i < n; ++i) is_instruction_token(tokens[i], in_instruction, eod_id, sep_id);
-  return in_instruction;
-}
-
-void mask_instruction_labels(const int64_t* sample, int64_t seq_length, bool starts_in_instruction, int64_t eod_id,
-                             int64_t sep_id, int64_t* labels) {
-  bool in_instruction = starts_in_instruction;
-  is_instruction_token(sample[0], in_instruction, eod_id, sep_id);  // an input only: its state carries on
-  for (int64_t i = 0; i < seq_length; ++i) {
-    if (is_instruction_token(sample[i + 1], in_instruction, eod_id, sep_id)) labels[i] = kIgnoredLabel;
+void instruction_tokens(const int64_t* tokens, int64_t n, int64_t eod_id, int64_t sep_id, uint8_t* flags) {
+  int64_t begin = 0;  // of the current document
+  while (begin < n) {
+    int64_t end = begin;  // one past its EOD, or n
+    int64_t sep = -1;     // its first <sep>
+    while (end < n) {
+      const int64_t token = tokens[end++];
+      if (token == sep_id && sep < 0) sep = end - 1;
+      if (token == eod_id) break;
+    }
+    for (int64_t i = begin; i < end; ++i) flags[i] = sep >= 0 && i < sep ? 1 : 0;
+    begin = end;
   }
 }
 

@@ -40,65 +40,42 @@ Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_
 
 namespace {
 
-/// 1 for each counted token, 0 for the others, as `sequences` rows: [B, S] in `options`.
-Tensor counted_weights(const Tensor& counted_T, int64_t tokens, int64_t sequences, const torch::TensorOptions& options) {
-  return (counted_T.defined() ? counted_T.to(options) : torch::ones({tokens}, options)).view({sequences, -1});
-}
-
-/// Routed pairs of the counted tokens per sequence and expert, weight_BS as counted_weights: [B, E], no grad.
-Tensor sequence_pairs(const Tensor& expert_ids_TK, const Tensor& weight_BS, int64_t experts) {
+/// Routed pairs per sequence and expert: [B, E] in `options`, no grad. The T rows of expert_ids_TK
+/// are `sequences` sequences of equal length, in order.
+Tensor sequence_pairs(const Tensor& expert_ids_TK, int64_t sequences, int64_t experts,
+                      const torch::TensorOptions& options) {
   torch::NoGradGuard no_grad;
-  const int64_t sequences = weight_BS.size(0), length = weight_BS.size(1), k = expert_ids_TK.size(1);
-  const Tensor weight_BSK = weight_BS.unsqueeze(2).expand({sequences, length, k});  // each token's K pairs
-  return torch::zeros({sequences, experts}, weight_BS.options())
-      .scatter_add_(1, expert_ids_TK.reshape({sequences, length * k}), weight_BSK.reshape({sequences, length * k}));
+  const Tensor ids_BP = expert_ids_TK.reshape({sequences, -1});  // each sequence's S * K pairs
+  return torch::zeros({sequences, experts}, options).scatter_add_(1, ids_BP, torch::ones(ids_BP.sizes(), options));
 }
 
 }  // namespace
 
-Tensor counted_routed_pairs(const Tensor& expert_ids_TK, const Tensor& counted_T, int64_t experts) {
+Tensor routed_pairs_and_tokens(const Tensor& expert_ids_TK, int64_t experts) {
   const auto options = torch::dtype(torch::kDouble).device(expert_ids_TK.device());
-  const Tensor weight_1T = counted_weights(counted_T, expert_ids_TK.size(0), 1, options);  // [1, T]
-  const Tensor pairs_E = sequence_pairs(expert_ids_TK, weight_1T, experts)[0];
-  return torch::cat({pairs_E, weight_1T.sum().unsqueeze(0)});  // [E + 1]
+  const Tensor pairs_E = sequence_pairs(expert_ids_TK, 1, experts, options)[0];
+  const Tensor tokens = torch::full({1}, static_cast<double>(expert_ids_TK.size(0)), options);
+  return torch::cat({pairs_E, tokens});  // [E + 1]
 }
 
-Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const Tensor& counted_T) {
-  if (!counted_T.defined()) return switch_load_balancing_loss(logits_TE, expert_ids_TK);
-  const int64_t experts = logits_TE.size(1), k = expert_ids_TK.size(1);
-  const Tensor weight_T = counted_T.to(logits_TE.options());  // [T], 1 = counted
-  const Tensor tokens = weight_T.sum().clamp_min(1.0);       // no counted token: f = P = 0
-  const Tensor fraction_routed_E =
-      counted_routed_pairs(expert_ids_TK, counted_T, experts).narrow(0, 0, experts).to(logits_TE.scalar_type()) /
-      (tokens.detach() * static_cast<double>(k));
-  const Tensor mean_probability_E = (torch::softmax(logits_TE, -1) * weight_T.unsqueeze(1)).sum(0) / tokens;
-  return static_cast<double>(experts) * (fraction_routed_E * mean_probability_E).sum();
-}
-
-Tensor sequence_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const Tensor& counted_T,
-                                    int64_t sequences) {
+Tensor sequence_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, int64_t sequences) {
   const int64_t tokens = logits_TE.size(0), experts = logits_TE.size(1), k = expert_ids_TK.size(1);
   TORCH_CHECK(sequences > 0 && tokens % sequences == 0, "sequence balance loss: ", tokens, " tokens are not ",
               sequences, " sequences of equal length");
   const int64_t length = tokens / sequences;
-  const Tensor weight_BS = counted_weights(counted_T, tokens, sequences, logits_TE.options());  // [B, S]
-  const Tensor tokens_B = weight_BS.sum(1).clamp_min(1.0);  // counted tokens per sequence (0 -> 1: f = P = 0)
+  // The divisors as tensors: a scalar divisor may take another kernel path (and other bits).
+  const Tensor length_B1 = torch::full({sequences, 1}, static_cast<double>(length), logits_TE.options());
   const Tensor fraction_BE =
-      sequence_pairs(expert_ids_TK, weight_BS, experts) / (tokens_B.detach().unsqueeze(1) * static_cast<double>(k));
-  const Tensor probability_BE =
-      (torch::softmax(logits_TE, -1).view({sequences, length, experts}) * weight_BS.unsqueeze(2)).sum(1) /
-      tokens_B.unsqueeze(1);
+      sequence_pairs(expert_ids_TK, sequences, experts, logits_TE.options()) / (length_B1 * static_cast<double>(k));
+  const Tensor probability_BE = torch::softmax(logits_TE, -1).view({sequences, length, experts}).sum(1) / length_B1;
   const Tensor loss_B = static_cast<double>(experts) * (fraction_BE * probability_BE).sum(1);  // [B]
-  const Tensor counted_sequences = (weight_BS.sum(1) > 0).sum().clamp_min(1).to(logits_TE.scalar_type());
-  return loss_B.sum() / counted_sequences;
+  return loss_B.sum() / torch::full({}, static_cast<double>(sequences), logits_TE.options());
 }
 
-Tensor global_batch_load_balancing_loss(const Tensor& logits_TE, const Tensor& counted_T, const Tensor& fraction_E,
+Tensor global_batch_load_balancing_loss(const Tensor& logits_TE, const Tensor& fraction_E,
                                         const Tensor& tokens_per_rank) {
   const int64_t experts = logits_TE.size(1);
-  Tensor probability_TE = torch::softmax(logits_TE, -1);
-  if (counted_T.defined()) probability_TE = probability_TE * counted_T.to(logits_TE.options()).unsqueeze(1);
-  const Tensor probability_sum_E = probability_TE.sum(0);  // [E] over this rank's counted tokens
+  const Tensor probability_sum_E = torch::softmax(logits_TE, -1).sum(0);  // [E] over this rank's tokens
   return static_cast<double>(experts) *
          (fraction_E.detach().to(logits_TE.scalar_type()) * probability_sum_E).sum() /
          tokens_per_rank.detach().to(logits_TE.scalar_type());
@@ -149,11 +126,11 @@ Tensor sequence_expert_bias_delta(const Tensor& sign_sums_E1, double rate) {
 
 Tensor Balancer::bias_statistics(const Tensor& expert_ids_TK, const TokenGroups& tokens) const {
   torch::NoGradGuard no_grad;
-  return counted_routed_pairs(expert_ids_TK, tokens.counted_T, experts_);
+  return routed_pairs_and_tokens(expert_ids_TK, experts_);
 }
 
 Tensor Balancer::bias_delta(const Tensor& statistics_E1, double rate) const {
-  return expert_bias_delta(statistics_E1.narrow(0, 0, experts_), rate);  // the step's counted pairs
+  return expert_bias_delta(statistics_E1.narrow(0, 0, experts_), rate);  // the step's pairs
 }
 
 namespace {
@@ -162,8 +139,8 @@ namespace {
 class MicroBatchBalancer final : public Balancer {
  public:
   explicit MicroBatchBalancer(const config::MoeConfig& config) : Balancer(config) {}
-  Tensor loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const TokenGroups& tokens) override {
-    return switch_load_balancing_loss(logits_TE, expert_ids_TK, tokens.counted_T);
+  Tensor loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const TokenGroups& /*tokens*/) override {
+    return switch_load_balancing_loss(logits_TE, expert_ids_TK);
   }
 };
 
@@ -172,28 +149,25 @@ class SequenceBalancer final : public Balancer {
  public:
   explicit SequenceBalancer(const config::MoeConfig& config) : Balancer(config) {}
   Tensor loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const TokenGroups& tokens) override {
-    return sequence_load_balancing_loss(logits_TE, expert_ids_TK, tokens.counted_T, tokens.sequences);
+    return sequence_load_balancing_loss(logits_TE, expert_ids_TK, tokens.sequences);
   }
   Tensor bias_statistics(const Tensor& expert_ids_TK, const TokenGroups& tokens) const override {
-    torch::NoGradGuard no_grad;
     const auto options = torch::dtype(torch::kDouble).device(expert_ids_TK.device());
-    const Tensor weight_BS = counted_weights(tokens.counted_T, expert_ids_TK.size(0), tokens.sequences, options);
-    return sequence_load_error_signs(sequence_pairs(expert_ids_TK, weight_BS, experts_));
+    return sequence_load_error_signs(sequence_pairs(expert_ids_TK, tokens.sequences, experts_, options));
   }
   Tensor bias_delta(const Tensor& sign_sums_E1, double rate) const override {
     return sequence_expert_bias_delta(sign_sums_E1, rate);
   }
 };
 
-/// moe.balance_scope = global_batch: f from the counted pairs of the whole step so far, over
+/// moe.balance_scope = global_batch: f from the routed pairs of the whole step so far, over
 /// every data-parallel rank (Megatron-Core's global_aux_loss, docs/routers.md).
 class GlobalBatchBalancer final : public Balancer {
  public:
   explicit GlobalBatchBalancer(const config::MoeConfig& config) : Balancer(config) {}
   Tensor loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const TokenGroups& tokens) override {
-    const Tensor statistics_E1 = step_statistics(counted_routed_pairs(expert_ids_TK, tokens.counted_T, experts_));
-    return global_batch_load_balancing_loss(logits_TE, tokens.counted_T, statistics_E1.narrow(0, 0, experts_),
-                                            statistics_E1[experts_]);
+    const Tensor statistics_E1 = step_statistics(routed_pairs_and_tokens(expert_ids_TK, experts_));
+    return global_batch_load_balancing_loss(logits_TE, statistics_E1.narrow(0, 0, experts_), statistics_E1[experts_]);
   }
   void begin_step() override { step_counts_E1_ = Tensor(); }
   void set_reducer(std::shared_ptr<const StatisticsReducer> reducer) override { reducer_ = std::move(reducer); }
@@ -204,8 +178,8 @@ class GlobalBatchBalancer final : public Balancer {
   }
 
  private:
-  /// This micro-batch's counted pairs and tokens, fp64 [E + 1] -> f_E of the step so far and the
-  /// micro-batch's counted tokens per rank, [E + 1].
+  /// This micro-batch's routed pairs and tokens, fp64 [E + 1] -> f_E of the step so far and the
+  /// micro-batch's tokens per rank, [E + 1].
   Tensor step_statistics(const Tensor& local_E1) {
     torch::NoGradGuard no_grad;
     if (std::exchange(rerun_, false)) {
@@ -227,7 +201,7 @@ class GlobalBatchBalancer final : public Balancer {
   }
 
   std::shared_ptr<const StatisticsReducer> reducer_;
-  Tensor step_counts_E1_;  // counted pairs per expert and tokens, all ranks, the step so far
+  Tensor step_counts_E1_;  // routed pairs per expert and tokens, all ranks, the step so far
   Tensor record_;          // f_E and tokens per rank of the last forward
   bool rerun_ = false;
   Tensor rerun_record_;

@@ -55,7 +55,7 @@ struct ForwardState {
 struct RecomputeContext : torch::CustomClassHolder {
   TransformerBlockImpl* block = nullptr;
   ForwardState state;
-  // The rerun sees the first run's positions, document ids and counted tokens. Held here, not as
+  // The rerun sees the first run's positions and document ids. Held here, not as
   // inputs of the Function: its inputs must be defined tensors, and these may be undefined.
   TokenLayout tokens;
   Tensor rerun_record;  // what the first run's router balanced with (TransformerBlockImpl::rerun_record)

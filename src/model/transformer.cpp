@@ -298,7 +298,7 @@ BlockOutput TransformerBlockImpl::forward(const Tensor& x_BSD,
   Tensor x = x_BSD + self_attn(input_layernorm(x_BSD), tokens, cache);
   const Tensor m = post_attention_layernorm(x);
   if (moe) {
-    MoeOutput out = moe(m, tokens.counted_BS);
+    MoeOutput out = moe(m);
     return {x + out.out, out.aux_loss, out.routed_pairs_E};
   }
   return {x + dense_mlp(m), Tensor(), Tensor()};

@@ -1,7 +1,5 @@
 #include "yuanmoe/train/benchmark.h"
 
-#include <sys/resource.h>
-#include <unistd.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/version.h>
 
@@ -14,6 +12,7 @@
 #include <sstream>
 
 #include "yuanmoe/config/derived.h"
+#include "yuanmoe/core/memory.h"
 #include "yuanmoe/data/indexed_dataset.h"
 #include "yuanmoe/data/sampler.h"
 #include "yuanmoe/model/init.h"
@@ -28,6 +27,7 @@
 #include "yuanmoe/train/precision.h"
 #include "yuanmoe/train/step.h"
 #include "yuanmoe/train/token_layout.h"
+#include "yuanmoe/train/training_data.h"
 
 namespace yuanmoe::train {
 
@@ -80,21 +80,6 @@ std::function<void()> forward_backward(const std::function<Tensor()>& fn) {
     const Tensor out = fn();
     out.backward(torch::ones_like(out));
   };
-}
-
-int64_t peak_rss_bytes() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
-}
-
-int64_t current_rss_bytes() {
-  long pages = 0, resident = 0;
-  if (FILE* statm = std::fopen("/proc/self/statm", "r")) {
-    if (std::fscanf(statm, "%ld %ld", &pages, &resident) != 2) resident = 0;
-    std::fclose(statm);
-  }
-  return static_cast<int64_t>(resident) * sysconf(_SC_PAGESIZE);
 }
 
 AttentionKernelTime measure_attention_kernel(const config::RunConfig& config, const BenchOptions& options,
@@ -356,22 +341,21 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
   // The step takes its micro-batches from host memory, as the trainer's sampler gives them (their
   // copies to the device are part of the step); the parts and pairs read device copies.
   std::vector<data::Batch> batches, device_batches;
-  std::unique_ptr<data::GptSampler> sampler;
+  parallel::ParallelContext single_process;
+  std::unique_ptr<TrainingData> data;  // the trainer's batches: data.train_prefix or data.blend, masks and all
   if (options.real_data) {
-    sampler = std::make_unique<data::GptSampler>(std::make_shared<const data::IndexedDataset>(config.data.train_prefix),
-                                                 sampler_options(config, config.data.train_prefix));
-    report.data = config.data.train_prefix;
+    data = std::make_unique<TrainingData>(config, single_process.layout(), [](const std::string&) {});
+    report.data = config.data.blend ? "data.blend" : config.data.train_prefix;
   }
   for (int64_t i = 0; i < derived.micro_batches_per_step; ++i) {
-    batches.push_back(sampler ? sampler->next_batch()
-                              : random_batch(config.train.micro_batch_size, config.train.seq_length,
-                                             config.model.vocab_size));
+    batches.push_back(data ? data->next_batch()
+                           : random_batch(config.train.micro_batch_size, config.train.seq_length,
+                                          config.model.vocab_size));
     const data::Batch& batch = batches.back();
     device_batches.push_back({batch.tokens.to(device), batch.labels.to(device), batch.position_ids.to(device),
                               batch.document_ids.defined() ? batch.document_ids.to(device) : Tensor()});
   }
 
-  parallel::ParallelContext single_process;
   DistributedOptimizer optimizer(*model, config.train, single_process, /*shard=*/false,
                                  parallel::expert_weights(*model));
   OptimizerStep step(config, *model, optimizer, single_process);

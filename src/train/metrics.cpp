@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "yuanmoe/core/memory.h"
+
 namespace yuanmoe::train {
 
 namespace {
@@ -54,6 +56,7 @@ StepInterval::Line StepInterval::take(int64_t step, int64_t max_steps, const Ste
                {"tokens_seen", tokens_seen}};
   if (result.skipped) line.json["skipped"] = true;
   line.json["mfu"] = mfu;
+  line.json["peak_rss_mib"] = peak_rss_bytes() / (1024 * 1024);  // the process's, since it started
   if (pipelined) line.json["pipeline_bubble"] = result.pipeline_bubble;
   if (routed_pairs_LE_.defined()) line.json["expert_load"] = json_rows(expert_share(routed_pairs_LE_));
   line.text = fmt::format("step {}/{} | loss {:.4f} | aux {:.4f} | lr {:.3e} | grad_norm {:.3f} | {} tok/s | mfu {:.1f}% | ETA {}",

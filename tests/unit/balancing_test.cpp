@@ -1,7 +1,7 @@
 // The balancing room. moe.balance_scope (docs/routers.md, "Balancing scope"): the micro-batch
 // loss unchanged, the sequence-wise loss against a per-sequence loop and finite differences, the
 // global-batch loss over two data-parallel ranks (Gloo, ranks as threads) against one process
-// holding the whole batch, ignored tokens out of f and P, activation recompute reusing its first
+// holding the whole batch, activation recompute reusing its first
 // run's statistics, the bias rule of each scope. The gating and loss functions (top-k with and
 // without a selection bias, Switch, z-loss, ReMoE's L1 and its controller, the bias delta)
 // against their formulas.
@@ -50,12 +50,11 @@ std::map<std::string, Tensor> router_gradients(const Moe& moe) {
   return grads;
 }
 
-/// The router's aux loss of x (counted: as MoeImpl::forward) and its router gradients.
-std::pair<Tensor, std::map<std::string, Tensor>> aux_and_gradients(Moe& moe, const Tensor& x,
-                                                                  const Tensor& counted = {}) {
+/// The router's aux loss of x and its router gradients.
+std::pair<Tensor, std::map<std::string, Tensor>> aux_and_gradients(Moe& moe, const Tensor& x) {
   moe->zero_grad();
   moe->gate->begin_step();
-  const Tensor aux = moe->forward(x, counted).aux_loss;
+  const Tensor aux = moe->forward(x).aux_loss;
   aux.backward();
   return {aux.detach(), router_gradients(moe)};
 }
@@ -79,7 +78,7 @@ double switch_loss_loop(const Tensor& logits_TE, const Tensor& ids_TK, const std
   return loss;
 }
 
-// micro_batch, the default: without counted tokens the loss is the plain function of the linear
+// micro_batch, the default: the loss is the plain function of the linear
 // router's logits, bit for bit, and that function is the formula written out.
 TEST_F(BalanceScopeTest, MicroBatchIsThePlainLossBitForBit) {
   Moe moe = make_layer(balance_config(RouterKind::kLinear, BalanceScope::kMicroBatch));
@@ -94,88 +93,38 @@ TEST_F(BalanceScopeTest, MicroBatchIsThePlainLossBitForBit) {
   EXPECT_NEAR(aux.item<double>(), 0.1 * switch_loss_loop(logits_TE, ids_TK, all), 1e-14);
 }
 
-// Ignored tokens (counted = false) change neither f nor P: in every scope, the loss and the
-// router gradients of a batch with ignored tokens equal those of the batch without them.
-TEST_F(BalanceScopeTest, IgnoredTokensChangeNeitherFNorP) {
-  for (const RouterKind router : {RouterKind::kAttention, RouterKind::kLinear}) {
-    for (const BalanceScope scope : {BalanceScope::kMicroBatch, BalanceScope::kGlobalBatch}) {
-      Moe moe = make_layer(balance_config(router, scope));
-      const Tensor x = torch::randn({12, kHidden}, torch::kDouble);
-      const Tensor counted = torch::tensor({1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1}, torch::kBool);
-      const auto [aux_masked, grads_masked] = aux_and_gradients(moe, x, counted);
-      const auto [aux_kept, grads_kept] = aux_and_gradients(moe, x.index({counted}));
-      const std::string name = config::to_string(router) + " " + config::to_string(scope);
-      EXPECT_LT(max_abs_diff(aux_masked, aux_kept), 1e-14) << name;
-      for (const auto& [key, grad] : grads_kept) {
-        EXPECT_LT(max_abs_diff(grads_masked.at(key), grad), 1e-14) << name << key;
-      }
-    }
-    // sequence: each sequence's kept tokens alone are one sequence; the loss is their mean, and
-    // a sequence with no counted token is left out of it.
-    Moe moe = make_layer(balance_config(router, BalanceScope::kSequence));
-    const Tensor x_BSD = torch::randn({3, 5, kHidden}, torch::kDouble);
-    const Tensor counted_BS = torch::tensor({1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 1}, torch::kBool).view({3, 5});
-    const auto [aux_masked, grads_masked] = aux_and_gradients(moe, x_BSD, counted_BS);
-    moe->zero_grad();
-    Tensor mean_aux = torch::zeros({}, torch::kDouble);
-    for (const int64_t b : {0, 2}) {
-      const Tensor aux = moe->forward(x_BSD[b].index({counted_BS[b]})).aux_loss / 2.0;  // [T_b, D]: one sequence
-      aux.backward();
-      mean_aux += aux.detach();
-    }
-    EXPECT_LT(max_abs_diff(aux_masked, mean_aux), 1e-14) << config::to_string(router);
-    for (const auto& [key, grad] : router_gradients(moe)) {
-      EXPECT_LT(max_abs_diff(grads_masked.at(key), grad), 1e-14) << config::to_string(router) << key;
-    }
-  }
-}
-
-// The bias statistics skip ignored tokens too.
-TEST_F(BalanceScopeTest, BiasStatisticsCountOnlyCountedTokens) {
+// The bias statistics count every routed token and its k pairs.
+TEST_F(BalanceScopeTest, BiasStatisticsCountEveryRoutedToken) {
   config::MoeConfig config = balance_config(RouterKind::kLinear, BalanceScope::kMicroBatch);
   config.bias_balancing_rate = 1e-3;
   Moe moe = make_layer(config);
-  const Tensor x = torch::randn({10, kHidden}, torch::kDouble);
-  const Tensor counted = torch::tensor({1, 0, 1, 1, 0, 1, 1, 1, 0, 1}, torch::kBool);
   moe->gate->begin_step();
-  moe->forward(x, counted);
-  const Tensor masked = moe->gate->step_bias_statistics();
-  moe->gate->begin_step();
-  moe->forward(x.index({counted}));
-  EXPECT_TRUE(torch::equal(masked, moe->gate->step_bias_statistics()));
-  EXPECT_EQ(masked[config.num_experts].item<double>(), 7.0);  // counted tokens
-  EXPECT_EQ(masked.narrow(0, 0, config.num_experts).sum().item<double>(), 14.0);  // their k = 2 pairs each
+  moe->forward(torch::randn({10, kHidden}, torch::kDouble));
+  const Tensor statistics = moe->gate->step_bias_statistics();
+  EXPECT_EQ(statistics[config.num_experts].item<double>(), 10.0);                      // tokens
+  EXPECT_EQ(statistics.narrow(0, 0, config.num_experts).sum().item<double>(), 20.0);  // their k = 2 pairs each
 }
 
-/// DeepSeek-V3 eq. 17-20 by loops over the counted tokens of each sequence, averaged over the
-/// sequences with one (softmax probabilities, docs/routers.md).
-double sequence_loss_loop(const Tensor& logits_TE, const Tensor& ids_TK, const Tensor& counted_BS) {
-  const int64_t sequences = counted_BS.size(0), length = counted_BS.size(1);
+/// DeepSeek-V3 eq. 17-20 by loops over the tokens of each sequence, averaged over the sequences
+/// (softmax probabilities, docs/routers.md).
+double sequence_loss_loop(const Tensor& logits_TE, const Tensor& ids_TK, int64_t sequences) {
+  const int64_t length = logits_TE.size(0) / sequences;
   double total = 0;
-  int64_t used = 0;
   for (int64_t b = 0; b < sequences; ++b) {
-    std::vector<int64_t> tokens;
-    for (int64_t s = 0; s < length; ++s) {
-      if (counted_BS[b][s].item<bool>()) tokens.push_back(b * length + s);
-    }
-    if (tokens.empty()) continue;
+    std::vector<int64_t> tokens(static_cast<size_t>(length));
+    std::iota(tokens.begin(), tokens.end(), b * length);
     total += switch_loss_loop(logits_TE, ids_TK, tokens);
-    ++used;
   }
-  return total / static_cast<double>(used);
+  return total / static_cast<double>(sequences);
 }
 
 TEST_F(BalanceScopeTest, SequenceLossIsThePerSequenceFormulaAndItsGradientsMatchFiniteDifferences) {
   const Tensor logits_TE = torch::randn({12, 8}, torch::kDouble) * 2;
   const Tensor ids_TK = std::get<1>(logits_TE.topk(2, -1));
-  const Tensor counted_BS = torch::tensor({1, 1, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0}, torch::kBool).view({3, 4});
-  const double want = sequence_loss_loop(logits_TE, ids_TK, counted_BS);
-  EXPECT_NEAR(sequence_load_balancing_loss(logits_TE, ids_TK, counted_BS.reshape(-1), 3).item<double>(), want, 1e-14);
-  const Tensor all_BS = torch::ones({3, 4}, torch::kBool);
-  EXPECT_NEAR(sequence_load_balancing_loss(logits_TE, ids_TK, Tensor(), 3).item<double>(),
-              sequence_loss_loop(logits_TE, ids_TK, all_BS), 1e-14);
+  EXPECT_NEAR(sequence_load_balancing_loss(logits_TE, ids_TK, 3).item<double>(),
+              sequence_loss_loop(logits_TE, ids_TK, 3), 1e-14);
   // One sequence is the micro-batch loss.
-  EXPECT_NEAR(sequence_load_balancing_loss(logits_TE, ids_TK, Tensor(), 1).item<double>(),
+  EXPECT_NEAR(sequence_load_balancing_loss(logits_TE, ids_TK, 1).item<double>(),
               switch_load_balancing_loss(logits_TE, ids_TK).item<double>(), 1e-14);
 
   // The whole MoE layer with the sequence scope, in double, against finite differences.
@@ -185,7 +134,7 @@ TEST_F(BalanceScopeTest, SequenceLossIsThePerSequenceFormulaAndItsGradientsMatch
     const Tensor x = torch::randn({3, 4, kHidden}, torch::kDouble).requires_grad_(true);
     const Tensor projection = torch::randn({3, 4, kHidden}, torch::kDouble);
     const auto loss = [&] {
-      const MoeOutput out = moe->forward(x, counted_BS);
+      const MoeOutput out = moe->forward(x);
       return (out.out * projection).sum() + out.aux_loss;
     };
     std::vector<testing::NamedTensor> inputs{{"x", x}};
@@ -194,26 +143,26 @@ TEST_F(BalanceScopeTest, SequenceLossIsThePerSequenceFormulaAndItsGradientsMatch
   }
 }
 
-// Global batch at dp = 2, two micro-batches per rank, ignored tokens on one rank (so the ranks
-// count different numbers of tokens): the mean over the ranks of the loss, and the router
+// Global batch at dp = 2, two micro-batches per rank, fewer tokens on one rank: the mean over the ranks of the loss, and the router
 // gradients after the data-parallel mean, equal one process whose micro-batch i holds both
-// ranks' micro-batch i. Without the factor ranks / (counted tokens of all ranks) of
+// ranks' micro-batch i. Without the factor ranks / (tokens of all ranks) of
 // global_batch_load_balancing_loss the gradient would be half (Megatron-LM issue 3769).
 TEST_F(BalanceScopeTest, GlobalBatchOverTwoRanksEqualsOneProcessOverTheWholeBatch) {
   for (const RouterKind router : {RouterKind::kAttention, RouterKind::kLinear}) {
     const config::MoeConfig config = balance_config(router, BalanceScope::kGlobalBatch);
-    const int64_t ranks = 2, micro_batches = 2, tokens = 6;
+    const int64_t ranks = 2, micro_batches = 2;
+    const std::vector<std::vector<int64_t>> tokens{{3, 6}, {3, 5}};  // [micro-batch][rank]
     Moe whole = make_layer(config);
-    const Tensor x = torch::randn({micro_batches, ranks, tokens, kHidden}, torch::kDouble);  // [m, rank, T, D]
-    Tensor counted = torch::ones({micro_batches, ranks, tokens}, torch::kBool);
-    counted.index_put_({torch::indexing::Slice(), 0, torch::indexing::Slice(0, 3)}, false);  // rank 0 ignores 3
-    counted[1][1][5] = false;
+    std::vector<std::vector<Tensor>> x(micro_batches);  // [micro-batch][rank]: [T, D]
+    for (int64_t i = 0; i < micro_batches; ++i) {
+      for (int64_t r = 0; r < ranks; ++r) x[i].push_back(torch::randn({tokens[i][r], kHidden}, torch::kDouble));
+    }
 
     whole->zero_grad();
     whole->gate->begin_step();
     double whole_loss = 0;
     for (int64_t i = 0; i < micro_batches; ++i) {
-      const Tensor aux = whole->forward(x[i].reshape({ranks * tokens, kHidden}), counted[i].reshape(-1)).aux_loss;
+      const Tensor aux = whole->forward(torch::cat(x[i])).aux_loss;
       (aux / static_cast<double>(micro_batches)).backward();
       whole_loss += aux.item<double>() / static_cast<double>(micro_batches);
     }
@@ -231,7 +180,7 @@ TEST_F(BalanceScopeTest, GlobalBatchOverTwoRanksEqualsOneProcessOverTheWholeBatc
       layer->gate->begin_step();
       double loss = 0;
       for (int64_t i = 0; i < micro_batches; ++i) {
-        const Tensor aux = layer->forward(x[i][r], counted[i][r]).aux_loss;
+        const Tensor aux = layer->forward(x[i][r]).aux_loss;
         (aux / static_cast<double>(micro_batches)).backward();
         loss += aux.item<double>() / static_cast<double>(micro_batches);
       }

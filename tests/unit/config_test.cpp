@@ -260,6 +260,41 @@ TEST(ConfigTest, BalanceScopeParsesRejectsUnknownValuesAndWarnsWhenIdle) {
   EXPECT_TRUE(has_issue(parse_config(root).issues, "moe.balance_scope", "per_token"));
 }
 
+TEST(ConfigTest, LossMaskAndLossAverageParseRoundTripAndRejectUnknownValues) {
+  auto root = minimal_config();
+  ParseResult parsed = parse_config(root);
+  EXPECT_EQ(parsed.config.data.loss_mask, LossMask::kNone);  // the defaults
+  EXPECT_EQ(parsed.config.train.loss_average, LossAverage::kToken);
+  root["data"] = json::parse(R"({"loss_mask": "sft", "sep_id": 5, "blend": [
+    {"prefix": "long", "weight": 1},
+    {"prefix": "pairs", "weight": 1, "loss_mask": "none"},
+    {"prefix": "more_pairs", "weight": 2, "loss_mask": "sft"}]})");
+  root["train"]["loss_average"] = "micro_batch";
+  parsed = parse_config(root);
+  ASSERT_TRUE(parsed.issues.empty());
+  EXPECT_TRUE(validate(parsed.config).empty());
+  EXPECT_EQ(parsed.config.data.loss_mask, LossMask::kSft);
+  EXPECT_EQ(parsed.config.data.sep_id, 5);
+  EXPECT_EQ(parsed.config.train.loss_average, LossAverage::kMicroBatch);
+  const auto& blend = *parsed.config.data.blend;
+  EXPECT_FALSE(blend[0].loss_mask.has_value());  // absent: data.loss_mask
+  EXPECT_EQ(blend[1].loss_mask, LossMask::kNone);
+  EXPECT_EQ(blend[2].loss_mask, LossMask::kSft);
+  const json resolved = to_json(parsed.config);
+  EXPECT_FALSE(resolved["data"]["blend"][0].contains("loss_mask"));
+  EXPECT_EQ(resolved["data"]["blend"][2]["loss_mask"], "sft");
+  EXPECT_EQ(to_json(parse_config(resolved).config), resolved);
+
+  root["data"]["blend"][1]["loss_mask"] = "prompt";
+  root["train"]["loss_average"] = "sequence";
+  const auto issues = parse_config(root).issues;
+  EXPECT_TRUE(has_issue(issues, "data.blend[1].loss_mask", "prompt"));
+  EXPECT_TRUE(has_issue(issues, "train.loss_average", "sequence"));
+  root = minimal_config();
+  root["data"] = {{"sep_id", 0}, {"eod_id", 0}};
+  EXPECT_TRUE(has_issue(issues_of(root), "data.sep_id", "other than data.eod_id"));
+}
+
 std::vector<std::filesystem::path> shipped_configs() {
   std::vector<std::filesystem::path> paths;
   for (const auto& entry : std::filesystem::recursive_directory_iterator("configs")) {

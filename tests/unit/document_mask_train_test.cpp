@@ -72,13 +72,9 @@ TEST(TokenLayout, FromTheBatch) {
   model::TokenLayout layout = token_layout(batch, torch::kCPU);
   EXPECT_TRUE(torch::equal(layout.position_ids_BS, batch.position_ids));
   EXPECT_FALSE(layout.document_ids_BS.defined());  // off: plain causal
-  EXPECT_FALSE(layout.counted_BS.defined());       // every label counts
   batch.document_ids = data::document_ids(tokens, kEod);
-  batch.labels[0][2] = -100;  // ignored (PyTorch's ignore_index)
   layout = token_layout(batch, torch::kCPU);
   EXPECT_TRUE(torch::equal(layout.document_ids_BS, batch.document_ids));
-  ASSERT_TRUE(layout.counted_BS.defined());
-  EXPECT_TRUE(torch::equal(layout.counted_BS, torch::tensor({true, true, false, true}).view({1, 4})));
 }
 
 TEST(ResetAttentionMaskConfig, DefaultsOffAndNeedsResetPositionIds) {
@@ -137,12 +133,11 @@ TEST(ResetAttentionMaskPipeline, TwoStagesGiveTheOneProcessGradients) {
                        data::document_ids(tokens, kEod)});
   }
   PipelineStepOptions options;
-  options.micro_batches = 2;
-  options.loss_scale = 0.5;
+  options.lm_loss_scales = {0.5, 0.5};
+  options.aux_loss_scale = 0.5;
   const auto gradients = [&](model::TransformerImpl& model, parallel::ParallelContext& context,
                              const std::vector<data::Batch>& micro_batches) {
-    size_t next = 0;
-    run_pipeline_step(model, context, options, [&] { return micro_batches[next++]; });
+    run_pipeline_step(model, context, options, micro_batches);
     DistributedOptimizer(model, config::TrainConfig{}, context, /*shard=*/false, parallel::expert_weights(model))
         .reduce_gradients();
     std::map<std::string, Tensor> out;

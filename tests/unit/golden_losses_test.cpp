@@ -2,6 +2,9 @@
 // matrix of routers, balance scopes, bias balancing and layouts, compared exactly with the
 // per-step LM loss, router terms and gradient norm written to tests/assets/losses/. A refactor
 // of the MoE, the step or the optimizer that changes one bit of the arithmetic fails here.
+// Each cell runs twice: with the first labels of every sequence ignored (an SFT prompt, the
+// default train.loss_average = token), and unmasked with loss_average = micro_batch, whose files
+// (*_unmasked.json) hold the numbers of the step before loss masks existed.
 //
 // After an intended change of the arithmetic, rewrite the files and say why in the commit:
 //   YUANMOE_WRITE_GOLDEN_LOSSES=1 build/tests/yuanmoe_golden_tests
@@ -37,12 +40,13 @@ struct Cell {
   std::string name;
   std::vector<std::string> overrides;  // on top of configs/tiny-m32.json and the shared ones below
   int64_t dp = 1, ep = 1;
+  int64_t prompt_tokens = kPromptTokens;
 };
 
 /// Every router; the three balance scopes with the aux loss and with the bias; a layout that
 /// reduces the global-batch statistics, one that recomputes them, and one with expert
 /// parallelism and the sharded optimizer.
-std::vector<Cell> cells() {
+std::vector<Cell> masked_cells() {
   const std::string bias = "moe.bias_balancing_rate=0.001";
   return {
       {"attention_micro_batch", {}},
@@ -59,6 +63,17 @@ std::vector<Cell> cells() {
   };
 }
 
+std::vector<Cell> cells() {
+  std::vector<Cell> all = masked_cells();
+  for (Cell cell : masked_cells()) {
+    cell.name += "_unmasked";
+    cell.overrides.push_back("train.loss_average=micro_batch");
+    cell.prompt_tokens = 0;
+    all.push_back(cell);
+  }
+  return all;
+}
+
 config::RunConfig cell_config(const Cell& cell) {
   std::vector<std::string> overrides{"train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=8",
                                      "train.warmup_steps=5", "train.max_steps=20"};
@@ -72,7 +87,8 @@ struct StepFigures {
 
 /// The step of `yuanmoe train` on this rank (train/trainer.cpp builds it the same way), on
 /// micro-batches drawn from a generator seeded by the step, the micro-batch and the dp rank.
-std::vector<StepFigures> run_cell(const config::RunConfig& run, parallel::ParallelContext& context) {
+std::vector<StepFigures> run_cell(const config::RunConfig& run, int64_t prompt_tokens,
+                                  parallel::ParallelContext& context) {
   model::Transformer model(run.model, run.moe);
   model::init_weights(*model, run.model, static_cast<uint64_t>(run.train.seed));
   parallel::ExpertSharding experts = parallel::apply_expert_parallel(*model, context);
@@ -91,7 +107,7 @@ std::vector<StepFigures> run_cell(const config::RunConfig& run, parallel::Parall
       at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
       const Tensor stream = torch::randint(run.model.vocab_size, {rows, seq + 1}, generator, torch::kLong);
       Tensor labels = stream.narrow(1, 1, seq).clone();
-      labels.narrow(1, 0, kPromptTokens).fill_(train::kIgnoredLabel);
+      labels.narrow(1, 0, prompt_tokens).fill_(train::kIgnoredLabel);
       return data::Batch{stream.narrow(1, 0, seq).contiguous(), labels,
                          model::default_position_ids(rows, seq).contiguous(), Tensor()};
     };
@@ -105,13 +121,13 @@ std::vector<StepFigures> run_cell(const Cell& cell) {
   const config::RunConfig run = cell_config(cell);
   if (cell.dp == 1) {
     parallel::ParallelContext single;
-    return run_cell(run, single);
+    return run_cell(run, cell.prompt_tokens, single);
   }
   std::vector<StepFigures> rank0;
   testing::on_ranks(
       cell.dp, 1,
       [&](parallel::ParallelContext& context) {
-        std::vector<StepFigures> figures = run_cell(run, context);
+        std::vector<StepFigures> figures = run_cell(run, cell.prompt_tokens, context);
         if (context.world().rank == 0) rank0 = std::move(figures);
       },
       cell.ep);

@@ -75,11 +75,12 @@ struct Batch {
 class BatchBuilder {
  public:
   BatchBuilder(int64_t micro_batch_size, int64_t seq_length);
-  /// Row b from `sample` (seq_length + 1 ids read from the dataset at `prefix` with `options`);
-  /// `starts_in_instruction` as GptSampler::sample_tokens returns it (read with sft_loss_mask only).
+  /// Row b from `sample` (seq_length + 1 ids read from the dataset at `prefix` with `options`).
+  /// With options.sft_loss_mask, `instruction` holds the sample's seq_length + 1 flags
+  /// (GptSampler::sample_tokens): label i is ignored where instruction[i + 1] is set.
   /// Throws std::runtime_error naming the prefix when an id is outside [0, options.vocab_size).
   void set_row(int64_t b, const std::vector<int64_t>& sample, const SamplerOptions& options, const std::string& prefix,
-               bool starts_in_instruction);
+               const std::vector<uint8_t>& instruction = {});
   /// The batch; document ids when `options.reset_attention_mask` (the rows' datasets share the
   /// EOD id).
   Batch finish(const SamplerOptions& options) const;
@@ -109,10 +110,10 @@ class GptSampler {
   int64_t samples_per_epoch() const { return samples_per_epoch_; }
   /// The dataset's prefix (for messages).
   const std::string& prefix() const { return dataset_->prefix(); }
-  /// The seq_length + 1 tokens of sample `index` (in shuffled order) of `epoch`, into `out`.
-  /// Returns, with options.sft_loss_mask, the instruction_state (below) of the tokens of its first
-  /// document before the window: whether that document is still in its instruction; else false.
-  bool sample_tokens(int64_t epoch, int64_t index, int64_t* out);
+  /// The seq_length + 1 tokens of sample `index` (in shuffled order) of `epoch`, into `out`; with
+  /// `instruction` (options.sft_loss_mask), their instruction_tokens flags too, each read from its
+  /// whole document, so a document cut by the window is masked as it would be whole.
+  void sample_tokens(int64_t epoch, int64_t index, int64_t* out, uint8_t* instruction = nullptr);
 
  private:
   void build_epoch(int64_t epoch);
@@ -128,20 +129,13 @@ class GptSampler {
   std::vector<int64_t> sample_order_;
 };
 
-/// SFT documents (docs/data.md, "Instruction data"): instruction tokens, <sep>, response tokens,
-/// EOD. A token is an instruction token when it precedes the first <sep> of its document and is
-/// neither <sep> nor EOD; a document starts after each EOD and at the start of each sequence.
-/// The document's state after `tokens[0, n)`: true while it is in its instruction (no <sep> of it
-/// yet), starting from `in_instruction` (true at a sequence start).
-bool instruction_state(const int64_t* tokens, int64_t n, bool in_instruction, int64_t eod_id, int64_t sep_id);
-
-/// The loss mask of data.loss_mask = sft: labels[i] (the label of input sample[i], i.e. sample[i + 1])
-/// becomes kIgnoredLabel when sample[i + 1] is an instruction token. `sample` holds
-/// seq_length + 1 ids; `starts_in_instruction` says whether sample[0] lies in an instruction
-/// (instruction_state of the ids before it), so a document cut by the window's start is masked
-/// as a whole document would be. The <sep> and EOD labels count (as in the official Yuan code).
-void mask_instruction_labels(const int64_t* sample, int64_t seq_length, bool starts_in_instruction, int64_t eod_id,
-                             int64_t sep_id, int64_t* labels);
+/// The instruction tokens of data.loss_mask = sft (docs/data.md, "Loss masks"), whose labels the
+/// loss ignores: flags[i] = 1 when tokens[i] comes before the first <sep> of its document. An SFT
+/// document is instruction, <sep>, response, EOD; documents end after each EOD and at n (the end
+/// of a dataset sequence). The <sep> and EOD themselves are not instruction tokens (their labels
+/// count, as in the official Yuan code), and a document without <sep> has none: pretraining text
+/// in the same mix learns every token.
+void instruction_tokens(const int64_t* tokens, int64_t n, int64_t eod_id, int64_t sep_id, uint8_t* flags);
 
 /// position_ids [B, S] for tokens [B, S] int64: 0, 1, 2, ... restarting at 0 on the token after
 /// each `eod_id`.

@@ -41,22 +41,17 @@ Tensor dense_gates(const Tensor& logits_TE);
 /// Equals 1 at perfect balance; the caller multiplies by aux_loss_coeff.
 Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK);
 
-/// The Switch loss above over the counted tokens only (bool [T]; undefined: all): f from their
-/// pairs, P their mean probability. 0 when no token counts.
-Tensor switch_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const Tensor& counted_T);
-
 /// DeepSeek-V3 sequence-wise balance loss (arXiv 2412.19437 §2.1.2, eq. 17-20) with softmax
 /// probabilities: per sequence s, E * sum_i f_si P_si with f_si = (1/(T_s k)) sum_t 1{i in S_t}
-/// (no grad) and P_si = (1/T_s) sum_t softmax_i over its T_s counted tokens; the mean over the
-/// sequences that have a counted token. The rows are `sequences` sequences of equal length, in order.
-Tensor sequence_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, const Tensor& counted_T,
-                                    int64_t sequences);
+/// (no grad) and P_si = (1/T_s) sum_t softmax_i over its T_s tokens; the mean over the sequences.
+/// The rows are `sequences` sequences of equal length, in order.
+Tensor sequence_load_balancing_loss(const Tensor& logits_TE, const Tensor& expert_ids_TK, int64_t sequences);
 
 /// Global-batch balance loss (Megatron-Core's global_aux_loss; docs/routers.md): this rank's
-/// share E * sum_i f_i * (sum_t softmax_ti) / tokens_per_rank, the sum over its counted tokens,
-/// with f_E the step's global fractions (no grad) and tokens_per_rank the micro-batch's counted
-/// tokens over all ranks divided by the ranks: the mean over the ranks is the one-process loss.
-Tensor global_batch_load_balancing_loss(const Tensor& logits_TE, const Tensor& counted_T, const Tensor& fraction_E,
+/// share E * sum_i f_i * (sum_t softmax_ti) / tokens_per_rank, the sum over its tokens, with f_E
+/// the step's global fractions (no grad) and tokens_per_rank the micro-batch's tokens over all
+/// ranks divided by the ranks: the mean over the ranks is the one-process loss.
+Tensor global_batch_load_balancing_loss(const Tensor& logits_TE, const Tensor& fraction_E,
                                         const Tensor& tokens_per_rank);
 
 /// ST-MoE router z-loss (docs/routers.md): mean_t (logsumexp_j logits_tj)^2.
@@ -74,9 +69,8 @@ double next_relu_l1_coeff(double coeff, double active_fraction, double target_ac
 // Balancing statistics and the aux-loss-free bias step. Rows written _E1 are [E + 1]: one value
 // per expert, then a count.
 
-/// Routed pairs per expert of the counted tokens (undefined counted_T: all), then the number of
-/// counted tokens: fp64 [E + 1], no grad.
-Tensor counted_routed_pairs(const Tensor& expert_ids_TK, const Tensor& counted_T, int64_t experts);
+/// Routed pairs per expert, then the number of tokens: fp64 [E + 1], no grad.
+Tensor routed_pairs_and_tokens(const Tensor& expert_ids_TK, int64_t experts);
 
 /// Aux-loss-free bias step (docs/routers.md, torchtitan's centred form):
 /// delta = rate * sign(mean(c) - c), minus its mean. [E].
@@ -94,9 +88,9 @@ Tensor sequence_expert_bias_delta(const Tensor& sign_sums_E1, double rate);
 // ------------------------------------------------------------------------------------------------
 // Balancers: one per moe.balance_scope (docs/routers.md, "Balancing scope").
 
-/// Which of a micro-batch's tokens the balancing terms count, and how they split into sequences.
+/// How a micro-batch's tokens split into sequences. Every routed token counts in the balancing
+/// terms, a prompt token that the SFT loss mask ignores too: the experts compute it all the same.
 struct TokenGroups {
-  Tensor counted_T;       // bool [T]: tokens whose label counts; undefined = every token counts
   int64_t sequences = 1;  // the T rows are this many sequences of T / sequences tokens, in order
 };
 

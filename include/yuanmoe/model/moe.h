@@ -26,11 +26,10 @@ struct MoeOutput {
 class MoeImpl : public torch::nn::Module {
  public:
   MoeImpl(const config::MoeConfig& config, int64_t hidden_size);
-  /// x [..., D] -> out [..., D]. counted: bool with x's leading shape ([B, S] for x [B, S, D],
-  /// [T] for x [T, D]), the tokens whose label counts: only they enter the balancing
-  /// statistics; undefined = all. The sequence scope reads the sequences from x's [B, S, D]
-  /// shape ([T, D]: one sequence).
-  MoeOutput forward(const Tensor& x, const Tensor& counted = {});
+  /// x [..., D] -> out [..., D]. Every token routed counts in the balancing terms, a token whose
+  /// label the LM loss ignores too: the experts compute it all the same. The sequence scope reads
+  /// the sequences from x's [B, S, D] shape ([T, D]: one sequence).
+  MoeOutput forward(const Tensor& x);
 
   const config::MoeConfig config;
   std::shared_ptr<RouterImpl> gate;  // HF name: mlp.gate

@@ -12,7 +12,7 @@
 namespace yuanmoe::model {
 
 /// Same result as block->forward(x_BSD, tokens), storing no activations inside the block; the
-/// rerun in backward gets the same layout (positions, document ids, counted tokens).
+/// rerun in backward gets the same layout (positions, document ids).
 BlockOutput recompute_block(TransformerBlockImpl& block, const Tensor& x_BSD, const TokenLayout& tokens);
 
 /// train.recompute: every block of `model` recomputed in backward (off: blocks run plainly).

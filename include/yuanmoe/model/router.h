@@ -46,11 +46,11 @@ struct RouterEvalStats {
 
 class RouterImpl : public torch::nn::Module {
  public:
-  /// x_TD -> Routing, every token counted, one sequence. Computed in fp32 (or double when x is
+  /// x_TD -> Routing, one sequence. Computed in fp32 (or double when x is
   /// double, for gradient checks). In eval mode it also adds to the entropy statistics (no
   /// grad, no host sync).
   Routing forward(const Tensor& x_TD);
-  /// The same with the micro-batch's counted tokens and sequences (the balancing terms' view).
+  /// The same with the micro-batch's sequences (the sequence balancing scope's view).
   Routing forward(const Tensor& x_TD, const TokenGroups& tokens);
 
   /// The optimizer step's balancing state starts again: before the step's first micro-batch.

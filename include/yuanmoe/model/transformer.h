@@ -26,15 +26,11 @@ struct TokenLayout {
   Tensor position_ids_BS;  // int64 [B, S]: RoPE positions (reset after EOD when packing)
   Tensor document_ids_BS;  // int64 [B, S]: a token attends only to earlier tokens of its own
                            // document; undefined = one document per row (plain causal)
-  Tensor counted_BS;       // bool [B, S]: tokens whose label counts (not ignored); the
-                           // balancing statistics use only these; undefined = all tokens
 
   TokenLayout() = default;
-  /// Implicit from positions alone (decoding, tests): one document per row, every token counted.
-  TokenLayout(Tensor position_ids_BS, Tensor document_ids_BS = {}, Tensor counted_BS = {})  // NOLINT
-      : position_ids_BS(std::move(position_ids_BS)),
-        document_ids_BS(std::move(document_ids_BS)),
-        counted_BS(std::move(counted_BS)) {}
+  /// Implicit from positions alone (decoding, tests): one document per row.
+  TokenLayout(Tensor position_ids_BS, Tensor document_ids_BS = {})  // NOLINT
+      : position_ids_BS(std::move(position_ids_BS)), document_ids_BS(std::move(document_ids_BS)) {}
 };
 
 /// Where query i may attend key j of the same row: j <= i and document_ids[j] == document_ids[i]

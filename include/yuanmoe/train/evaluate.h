@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 
 #include "yuanmoe/config/config.h"
 #include "yuanmoe/data/sampler.h"

@@ -9,9 +9,9 @@
 
 namespace yuanmoe::train {
 
-/// On `device`: the batch's position ids; its document ids when it has them
-/// (data.reset_attention_mask); counted_BS = labels >= 0 when some label is negative (ignored),
-/// else undefined (every token counts).
+/// On `device`: the batch's position ids and its document ids when it has them
+/// (data.reset_attention_mask). The labels are the loss's alone: the model routes, balances and
+/// attends over every token, an ignored label's included.
 model::TokenLayout token_layout(const data::Batch& batch, const torch::Device& device);
 
 }  // namespace yuanmoe::train
