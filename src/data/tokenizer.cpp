@@ -170,7 +170,7 @@ void train_tokenizer(const SentenceSource& source, const std::string& model_pref
       {"bos_id", "1"},
       {"eos_id", "2"},
       {"pad_id", "3"},
-      {"user_defined_symbols", kEodPiece},
+      {"user_defined_symbols", std::string(kEodPiece) + ",<sep>,<n>"},
       {"byte_fallback", "true"},
       {"split_digits", "true"},
       {"normalization_rule_name", "identity"},

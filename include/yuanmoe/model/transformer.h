@@ -293,8 +293,8 @@ class TransformerImpl : public torch::nn::Module {
 
   /// input: token ids [B, S] (int64) on the first stage, hidden [B, S, D] otherwise.
   /// tokens: RoPE positions (reset after end-of-document when packing), document ids (packed
-  /// documents masked from each other, data.reset_attention_mask) and counted tokens; every
-  /// stage of a pipeline gets the same layout. A Tensor converts to a layout of positions alone.
+  /// documents masked from each other, data.reset_attention_mask); every stage of a pipeline
+  /// gets the same layout. A Tensor converts to a layout of positions alone.
   /// cache: incremental decoding (decode.h). The input then continues the cached sequence, whose
   /// absolute positions the caller passes (cache->num_tokens + i for plain decoding); the cache
   /// holds one LayerCache per layer of this stage and moves on by S tokens.
