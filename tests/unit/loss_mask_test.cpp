@@ -20,6 +20,7 @@
 #include "yuanmoe/train/loss.h"
 #include "yuanmoe/train/step.h"
 #include "yuanmoe/train/token_layout.h"
+#include "yuanmoe/train/training_data.h"
 
 namespace yuanmoe::train {
 namespace {
@@ -119,6 +120,46 @@ TEST(SftLossMask, PackedSamplesEqualAnExplicitLoopOverDocuments) {
   EXPECT_THROW(data::GptSampler(dataset, options), std::invalid_argument);
   options.sep_id = kEod;
   EXPECT_THROW(data::GptSampler(dataset, options), std::invalid_argument);
+}
+
+// A blend of an SFT source and a pretraining source (the official 16K mix), through the trainer's
+// TrainingData: rows of the SFT source have their instructions masked, rows of the other source
+// keep every label although their documents hold the same <sep>s.
+TEST(SftLossMask, EachBlendSourceHasItsOwnMask) {
+  TempDir dir;
+  for (const auto& [name, shift] : std::vector<std::pair<std::string, int32_t>>{{"pairs", 0}, {"text", 100}}) {
+    data::IndexedDatasetWriter writer(dir / name, data::DType::kUInt16);
+    for (auto document : sft_documents()) {
+      for (int32_t& token : document) token += token > kSep ? shift : 0;  // "text": tokens >= 100
+      writer.add_document(document.data(), document.size());
+    }
+    writer.finish();
+  }
+  config::RunConfig run;
+  run.model = testing::small_model_config();
+  run.model.vocab_size = 200;
+  run.train.seq_length = 16;
+  run.data.eod_id = kEod;
+  run.data.sep_id = kSep;
+  run.data.blend = std::vector<config::BlendEntry>{{dir / "pairs", 1.0, "", "pairs", config::LossMask::kSft},
+                                                   {dir / "text", 1.0, "", "text", std::nullopt}};
+  parallel::ParallelContext single;
+  TrainingData data(run, single.layout(), [](const std::string&) {});
+  int64_t pairs_rows = 0, text_rows = 0;
+  for (int i = 0; i < 12; ++i) {
+    const data::Batch batch = data.next_batch();
+    const bool text = (batch.tokens >= 100).any().item<bool>();
+    const int64_t masked = (batch.labels == data::kIgnoredLabel).sum().item<int64_t>();
+    if (text) {
+      ++text_rows;
+      EXPECT_EQ(masked, 0) << batch.labels;
+    } else {
+      ++pairs_rows;
+      EXPECT_GT(masked, 0) << batch.labels;  // every 16-token window holds an instruction
+    }
+  }
+  EXPECT_EQ(pairs_rows, 6);
+  EXPECT_EQ(text_rows, 6);
 }
 
 /// fp64 loss and every parameter's gradient of the window of options.seq_length + 1 tokens at the
