@@ -4,10 +4,10 @@
 //   *.jsonl, *.ndjson, *.json  one JSON object per line, the document is its "text" string
 //   anything else              plain text: a block of lines separated by one or more blank lines
 //                              is one document (its lines joined by "\n")
-// Instruction (SFT) data, with --format sft-text or sft-jsonl only: one sample per line, `instruction<sep>response` with
-// `<n>` for a newline (sft-text, Yuan 2.0's layout) or a JSON object with "prompt" and "response"
-// strings (sft-jsonl). A sample is one document: prompt, <sep>, response, EOD. A line that is no
-// sample is warned about and left out; the other samples are kept.
+// Instruction (SFT) data, with --format sft-text or sft-jsonl only: one sample per line,
+// `instruction<sep>response` with `<n>` for a newline (sft-text, Yuan 2.0's layout) or a JSON
+// object with "prompt" and "response" strings (sft-jsonl). A sample is one document: prompt,
+// <sep>, response, EOD. A line that is no sample is warned about and left out; the others are kept.
 // Every document gets the EOD token appended; documents that encode to nothing are skipped.
 // Document i (counted over all inputs, in order) goes to the validation split when
 // floor((i + 1) * f + 1/2) > floor(i * f + 1/2), f = valid_fraction: an exact, evenly spread and
