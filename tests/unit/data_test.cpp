@@ -161,6 +161,8 @@ TEST(Tokenizer, NewlinePieceDecodesToANewline) {
   const auto plain = tokenizer.encode("a\nb");
   EXPECT_EQ(std::count(plain.begin(), plain.end(), n), 0);
   EXPECT_EQ(tokenizer.decode(plain), "a\nb");
+  // A literal <n> is the piece, so it reads back as a newline (Yuan's meaning of it).
+  EXPECT_EQ(tokenizer.decode(tokenizer.encode("a<n>b")), "a\nb");
 }
 
 TEST(Tokenizer, ModelWithoutSepOrNewlinePieces) {
