@@ -15,7 +15,10 @@ int run_prepare_data(int argc, const char* const* argv) {
       "yuanmoe prepare-data",
       "Tokenize text or JSONL into Megatron-LM indexed datasets PREFIX_train and PREFIX_valid.\n"
       "Plain text: documents are separated by blank lines. JSONL (.jsonl/.ndjson/.json): one\n"
-      "object per line, the document is its \"text\" field. Each document ends with EOD.");
+      "object per line, the document is its \"text\" field. Each document ends with EOD.\n"
+      "Instruction data: --format sft-text (a line is instruction<sep>response, <n> = newline) or\n"
+      "sft-jsonl (a line is an object with \"prompt\" and \"response\"); a sample is the document\n"
+      "prompt <sep> response EOD.");
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   options.add_options()
       ("input", "input file (repeatable; files are read in order)", cxxopts::value<std::vector<std::string>>())
@@ -24,7 +27,7 @@ int run_prepare_data(int argc, const char* const* argv) {
       ("train-tokenizer", "train PREFIX.model with VOCAB pieces on the input first", cxxopts::value<int64_t>())
       ("tokenizer-type", "model type of a trained tokenizer: bpe | unigram",
        cxxopts::value<std::string>()->default_value("bpe"))
-      ("format", "input format: auto (by extension) | text | jsonl",
+      ("format", "input format: auto (by extension) | text | jsonl | sft-text | sft-jsonl",
        cxxopts::value<std::string>()->default_value("auto"))
       ("valid-fraction", "share of documents in the validation split (0 = none)",
        cxxopts::value<double>()->default_value("0.02"))
@@ -60,6 +63,7 @@ int run_prepare_data(int argc, const char* const* argv) {
   const double mb = s.input_bytes / 1e6;
   const int64_t tokens = s.train.tokens + s.valid.tokens;
   std::cout << "tokenizer: " << s.tokenizer << " (" << s.vocab_size << " pieces, EOD id " << s.eod_id
+            << (data::is_sft(o.format) ? ", <sep> id " + std::to_string(s.sep_id) : std::string())
             << ", dtype " << data::dtype_name(s.dtype) << ")\n"
             << "train: " << s.train.prefix << " " << with_thousands(s.train.documents) << " documents, "
             << with_thousands(s.train.tokens) << " tokens\n";
@@ -68,6 +72,7 @@ int run_prepare_data(int argc, const char* const* argv) {
               << with_thousands(s.valid.tokens) << " tokens\n";
   }
   if (s.skipped_documents) std::cout << "skipped: " << s.skipped_documents << " empty documents\n";
+  if (s.bad_samples) std::cout << "left out: " << s.bad_samples << " lines that are no sample (warned about above)\n";
   if (s.tokenizer_train_seconds > 0) {
     std::cout << "tokenizer training: " << fmt::format("{:.1f}", s.tokenizer_train_seconds) << " s\n";
   }

@@ -13,6 +13,7 @@
 #include <future>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
+#include <string_view>
 
 #include "yuanmoe/data/tokenizer.h"
 
@@ -59,7 +60,10 @@ InputFormat parse_input_format(const std::string& name) {
   if (name == "auto") return InputFormat::kAuto;
   if (name == "text") return InputFormat::kText;
   if (name == "jsonl") return InputFormat::kJsonl;
-  throw std::invalid_argument("--format: expected one of \"auto\", \"text\", \"jsonl\", got \"" + name + "\"");
+  if (name == "sft-text") return InputFormat::kSftText;
+  if (name == "sft-jsonl") return InputFormat::kSftJsonl;
+  throw std::invalid_argument(
+      "--format: expected one of \"auto\", \"text\", \"jsonl\", \"sft-text\", \"sft-jsonl\", got \"" + name + "\"");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -74,7 +78,7 @@ struct DocumentReader::Stream {
   std::vector<char> buffer;
   std::ifstream in;
   int64_t line = 0;
-  bool jsonl = false;
+  InputFormat format = InputFormat::kText;
 };
 
 DocumentReader::DocumentReader(std::vector<std::string> files, InputFormat format)
@@ -91,7 +95,7 @@ bool DocumentReader::open_next_file() {
   if (!stream_->in.is_open()) {
     throw std::runtime_error(path + ": cannot open input file (" + std::strerror(errno) + ")");
   }
-  stream_->jsonl = format_ == InputFormat::kJsonl || (format_ == InputFormat::kAuto && jsonl_by_name(path));
+  stream_->format = format_ != InputFormat::kAuto ? format_ : jsonl_by_name(path) ? InputFormat::kJsonl : InputFormat::kText;
   return true;
 }
 
@@ -109,11 +113,11 @@ bool DocumentReader::next(Document& document) {
         if (open_document) return true;  // a blank line closes a plain-text document
         continue;
       }
-      if (s.jsonl) {
+      if (s.format != InputFormat::kText) {  // a line per document (JSONL) or per sample (SFT)
         document.text = std::move(line);
         document.file = s.path;
         document.line = s.line;
-        document.jsonl = true;
+        document.format = s.format;
         return true;
       }
       if (open_document) {
@@ -123,7 +127,7 @@ bool DocumentReader::next(Document& document) {
         document.text = std::move(line);
         document.file = s.path;
         document.line = s.line;
-        document.jsonl = false;
+        document.format = InputFormat::kText;
         open_document = true;
       }
     }
@@ -134,7 +138,7 @@ bool DocumentReader::next(Document& document) {
 }
 
 void parse_document(Document& document) {
-  if (!document.jsonl) return;
+  if (document.format != InputFormat::kJsonl) return;
   const std::string where = document.file + ":" + std::to_string(document.line) + ": ";
   nlohmann::json object;
   try {
@@ -147,7 +151,84 @@ void parse_document(Document& document) {
   if (it == object.end()) throw std::runtime_error(where + "no \"text\" field");
   if (!it->is_string()) throw std::runtime_error(where + "\"text\" must be a string, got " + it->type_name());
   document.text = it->get<std::string>();
-  document.jsonl = false;
+  document.format = InputFormat::kText;
+}
+
+namespace {
+
+std::string replace_all(std::string text, std::string_view from, std::string_view to) {
+  for (size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size())) {
+    text.replace(at, from.size(), to);
+  }
+  return text;
+}
+
+void parse_sft_text(const std::string& line, SftSample& sample) {
+  const std::string_view sep = kSepPiece;
+  const size_t at = line.find(sep);
+  if (at == std::string::npos) {
+    sample.problem = "no <sep> between instruction and response";
+    return;
+  }
+  if (line.find(sep, at + sep.size()) != std::string::npos) {
+    sample.problem = "more than one <sep>";
+    return;
+  }
+  sample.prompt = replace_all(line.substr(0, at), kNewlinePiece, "\n");
+  sample.response = replace_all(line.substr(at + sep.size()), kNewlinePiece, "\n");
+}
+
+void parse_sft_jsonl(const std::string& line, SftSample& sample) {
+  nlohmann::json object;
+  try {
+    object = nlohmann::json::parse(line);
+  } catch (const nlohmann::json::parse_error& e) {
+    sample.problem = std::string("invalid JSON (") + e.what() + ")";
+    return;
+  }
+  if (!object.is_object()) {
+    sample.problem = "expected a JSON object with \"prompt\" and \"response\" strings";
+    return;
+  }
+  for (const auto& [key, field] : {std::pair{"prompt", &sample.prompt}, std::pair{"response", &sample.response}}) {
+    const auto it = object.find(key);
+    if (it == object.end()) {
+      sample.problem = fmt::format("no \"{}\" field", key);
+      return;
+    }
+    if (!it->is_string()) {
+      sample.problem = fmt::format("\"{}\" must be a string, got {}", key, it->type_name());
+      return;
+    }
+    *field = it->get<std::string>();
+  }
+}
+
+}  // namespace
+
+SftSample parse_sft_sample(const Document& line) {
+  SftSample sample;
+  if (line.format == InputFormat::kSftText) {
+    parse_sft_text(line.text, sample);
+  } else if (line.format == InputFormat::kSftJsonl) {
+    parse_sft_jsonl(line.text, sample);
+  } else {
+    throw std::logic_error(line.file + ":" + std::to_string(line.line) + ": not an SFT line");
+  }
+  if (sample.problem.empty() && is_blank(sample.response)) sample.problem = "empty response";
+  return sample;
+}
+
+std::vector<int32_t> encode_sft_sample(const Tokenizer& tokenizer, const SftSample& sample) {
+  if (tokenizer.sep_id() < 0) {
+    throw std::runtime_error(tokenizer.path() + ": tokenizer has no \"<sep>\" piece to put between instruction and response");
+  }
+  std::vector<int32_t> ids = tokenizer.encode_lines(sample.prompt);
+  ids.push_back(tokenizer.sep_id());
+  const std::vector<int32_t> response = tokenizer.encode_lines(sample.response);
+  ids.insert(ids.end(), response.begin(), response.end());
+  ids.push_back(tokenizer.eod_id());
+  return ids;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,27 +237,48 @@ void parse_document(Document& document) {
 namespace {
 
 /// A batch of documents for one worker, and what it produced: the tokens of every kept document
-/// (EOD included) back to back, and each document's token count (0 = skipped, nothing encoded).
+/// (EOD included) back to back, each document's token count (0 = skipped, nothing encoded) and
+/// why an SFT line is no sample (empty when it is one). The writer warns in input order, so
+/// the warnings do not depend on the worker count.
 struct Chunk {
   std::vector<Document> documents;
   std::vector<int32_t> tokens;
   std::vector<int64_t> lengths;
+  std::vector<std::string> problems;
 };
 
 void encode_chunk(const Tokenizer& tokenizer, Chunk& chunk) {
   for (Document& document : chunk.documents) {
-    parse_document(document);
-    const std::vector<int32_t> ids = tokenizer.encode(document.text);
-    if (ids.empty()) {
-      chunk.lengths.push_back(0);
+    std::vector<int32_t> ids;
+    std::string problem;
+    if (is_sft(document.format)) {
+      const SftSample sample = parse_sft_sample(document);
+      problem = sample.problem;
+      if (problem.empty()) ids = encode_sft_sample(tokenizer, sample);
     } else {
-      chunk.tokens.insert(chunk.tokens.end(), ids.begin(), ids.end());
-      chunk.tokens.push_back(tokenizer.eod_id());
-      chunk.lengths.push_back(static_cast<int64_t>(ids.size()) + 1);
+      parse_document(document);
+      ids = tokenizer.encode(document.text);
+      if (!ids.empty()) ids.push_back(tokenizer.eod_id());
     }
+    chunk.tokens.insert(chunk.tokens.end(), ids.begin(), ids.end());
+    chunk.lengths.push_back(static_cast<int64_t>(ids.size()));
+    chunk.problems.push_back(std::move(problem));
     std::string().swap(document.text);
   }
 }
+
+std::string format_name(InputFormat format) {
+  switch (format) {
+    case InputFormat::kAuto: return "auto";
+    case InputFormat::kText: return "text";
+    case InputFormat::kJsonl: return "jsonl";
+    case InputFormat::kSftText: return "sft-text";
+    case InputFormat::kSftJsonl: return "sft-jsonl";
+  }
+  return "?";
+}
+
+std::string where(const Document& document) { return document.file + ":" + std::to_string(document.line); }
 
 /// Up to `count` chunks of about kChunkBytes of text each; empty at the end of the input.
 std::vector<Chunk> read_chunks(DocumentReader& reader, int count) {
@@ -213,7 +315,10 @@ void write_meta(const std::string& prefix, const std::string& split, const Index
         {"pad_id", tokenizer.pad_id()},
         {"unk_id", tokenizer.unk_id()},
         {"bos_id", tokenizer.bos_id()},
-        {"eos_id", tokenizer.eos_id()}}},
+        {"eos_id", tokenizer.eos_id()},
+        {"sep_id", tokenizer.sep_id()},
+        {"newline_id", tokenizer.newline_id()}}},
+      {"sft", is_sft(options.format)},
       {"inputs", options.inputs},
       {"valid_fraction", options.valid_fraction},
   };
@@ -251,6 +356,8 @@ void train_tokenizer_on_input(const PrepareOptions& options, PrepareSummary& sum
   const auto max_sentence = static_cast<size_t>(train.max_sentence_bytes);
   int64_t sentences = 0;
   int64_t too_long = 0;
+  int64_t bad_samples = 0;  // left out here without a word: the tokenizing pass warns about each
+  std::string first_bad;
   bool input_failed = false;  // the input's own error, not SentencePiece's, stopped training
   const SentenceSource source = [&](std::string& sentence) {
     for (;;) {
@@ -275,7 +382,16 @@ void train_tokenizer_on_input(const PrepareOptions& options, PrepareSummary& sum
         input_failed = true;
         throw;
       }
-      pending = std::move(document.text);
+      if (is_sft(document.format)) {
+        SftSample sample = parse_sft_sample(document);
+        if (!sample.problem.empty()) {
+          if (bad_samples++ == 0) first_bad = where(document) + ": " + sample.problem;
+          continue;
+        }
+        pending = std::move(sample.prompt) + "\n" + sample.response;
+      } else {
+        pending = std::move(document.text);
+      }
       position = 0;
     }
   };
@@ -286,6 +402,10 @@ void train_tokenizer_on_input(const PrepareOptions& options, PrepareSummary& sum
   try {
     train_tokenizer(source, options.output_prefix, train);
   } catch (const std::runtime_error&) {
+    if (sentences == 0 && bad_samples > 0 && !input_failed) {
+      throw std::runtime_error(fmt::format("{}: none of the {} samples is usable (the first: {}); no text to train a tokenizer on",
+                                           join(options.inputs), bad_samples, first_bad));
+    }
     if (sentences == 0 && !input_failed) throw std::runtime_error(join(options.inputs) + ": no text to train a tokenizer on");
     throw;
   }
@@ -330,7 +450,13 @@ void tokenize_and_write(const PrepareOptions& options, const Tokenizer& tokenize
 
     for (const Chunk& chunk : current) {
       const int32_t* tokens = chunk.tokens.data();
-      for (const int64_t length : chunk.lengths) {
+      for (size_t d = 0; d < chunk.documents.size(); ++d) {
+        const int64_t length = chunk.lengths[d];
+        if (!chunk.problems[d].empty()) {
+          spdlog::warn("prepare-data: {}: {}; sample left out", where(chunk.documents[d]), chunk.problems[d]);
+          ++summary.bad_samples;
+          continue;
+        }
         if (length == 0) {
           ++summary.skipped_documents;
           continue;
@@ -349,6 +475,13 @@ void tokenize_and_write(const PrepareOptions& options, const Tokenizer& tokenize
     current = std::move(next);
   }
 
+  if (summary.bad_samples > 0) {
+    spdlog::warn("prepare-data: sft: {} of {} samples left out", summary.bad_samples, summary.bad_samples + ordinal);
+    if (ordinal == 0) {
+      throw std::runtime_error(fmt::format("{}: none of the {} samples is usable (each is named in a warning above)",
+                                           join(options.inputs), summary.bad_samples));
+    }
+  }
   if (ordinal == 0) throw std::runtime_error(join(options.inputs) + ": no documents in the input");
   train.finish();
   write_meta(summary.train.prefix, "train", train, tokenizer, options);
@@ -384,9 +517,18 @@ PrepareSummary prepare_data(const PrepareOptions& options) {
   const Tokenizer tokenizer(summary.tokenizer);
   summary.vocab_size = tokenizer.vocab_size();
   summary.eod_id = tokenizer.eod_id();
+  summary.sep_id = tokenizer.sep_id();
+  summary.newline_id = tokenizer.newline_id();
   summary.dtype = best_fitting_dtype(summary.vocab_size);
-  spdlog::info("prepare-data: tokenizer {}: {} pieces, EOD id {} (\"{}\"), token dtype {}", summary.tokenizer,
-               summary.vocab_size, summary.eod_id, tokenizer.piece(summary.eod_id), dtype_name(summary.dtype));
+  spdlog::info("prepare-data: tokenizer {}: {} pieces, EOD id {} (\"{}\"), <sep> id {}, <n> id {}, token dtype {}",
+               summary.tokenizer, summary.vocab_size, summary.eod_id, tokenizer.piece(summary.eod_id), summary.sep_id,
+               summary.newline_id, dtype_name(summary.dtype));
+  if (is_sft(options.format) && summary.sep_id < 0) {
+    throw std::runtime_error(fmt::format(
+        "{}: tokenizer has no \"<sep>\" piece, which --format {} puts between instruction and response "
+        "(tokenizers trained by prepare-data have one)",
+        summary.tokenizer, format_name(options.format)));
+  }
 
   tokenize_and_write(options, tokenizer, summary);
   return summary;
@@ -403,9 +545,11 @@ std::optional<DatasetMeta> load_dataset_meta(const std::string& prefix) {
     meta.tokenizer = t.at("model").get<std::string>();
     meta.vocab_size = t.at("vocab_size").get<int64_t>();
     meta.eod_id = t.at("eod_id").get<int64_t>();
-    meta.sep_id = t.value("sep_id", int64_t{-1});
     meta.pad_id = t.at("pad_id").get<int64_t>();
     meta.unk_id = t.at("unk_id").get<int64_t>();
+    meta.sep_id = t.value("sep_id", int64_t{-1});
+    meta.newline_id = t.value("newline_id", int64_t{-1});
+    meta.sft = j.value("sft", false);
     meta.documents = j.at("documents").get<int64_t>();
     meta.tokens = j.at("tokens").get<int64_t>();
     meta.dtype = j.at("dtype").get<std::string>();

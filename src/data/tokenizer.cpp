@@ -6,6 +6,7 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <exception>
 #include <fstream>
@@ -92,21 +93,21 @@ Tokenizer::Tokenizer(const std::string& path) : path_(path), sp_(module().create
   if (const std::string error = sp_->load(path); !error.empty()) {
     throw std::runtime_error(path + ": not a SentencePiece model (" + error + ")");
   }
-  // Yuan's models carry "<eod>"; LLaMA-style models end documents with EOS ("</s>").
   // piece_to_id answers unk for an unknown piece, hence the round trip through id_to_piece.
-  const int eod = sp_->piece_to_id(kEodPiece);
-  if (sp_->id_to_piece(eod) == kEodPiece) {
+  const auto find_piece = [this](const char* piece) {
+    const int id = sp_->piece_to_id(piece);
+    return sp_->id_to_piece(id) == piece ? id : -1;
+  };
+  sep_id_ = find_piece(kSepPiece);
+  newline_id_ = find_piece(kNewlinePiece);
+  // Yuan's models carry "<eod>"; LLaMA-style models end documents with EOS ("</s>").
+  if (const int eod = find_piece(kEodPiece); eod >= 0) {
     eod_id_ = eod;
   } else if (sp_->eos_id() >= 0) {
     eod_id_ = sp_->eos_id();
   } else {
     throw std::runtime_error(path + ": tokenizer has neither an \"<eod>\" piece nor an EOS id");
   }
-}
-
-int32_t Tokenizer::sep_id() const {
-  const int sep = sp_->piece_to_id("<sep>");
-  return sp_->id_to_piece(sep) == "<sep>" ? sep : -1;
 }
 
 Tokenizer::~Tokenizer() = default;
@@ -121,6 +122,19 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
   return std::vector<int32_t>(ids.begin(), ids.end());
 }
 
+std::vector<int32_t> Tokenizer::encode_lines(std::string_view text) const {
+  if (newline_id_ < 0) return encode(text);
+  std::vector<int32_t> ids;
+  for (size_t begin = 0;;) {
+    const size_t end = std::min(text.find('\n', begin), text.size());
+    const std::vector<int32_t> line = encode(text.substr(begin, end - begin));
+    ids.insert(ids.end(), line.begin(), line.end());
+    if (end == text.size()) return ids;
+    ids.push_back(newline_id_);
+    begin = end + 1;
+  }
+}
+
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
   const int64_t vocab = vocab_size();
   for (const int32_t id : ids) {
@@ -129,11 +143,20 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
                               std::to_string(vocab) + ")");
     }
   }
+  // Each line on its own: SentencePiece drops the dummy-prefix space at the start of what it
+  // decodes, and encode_lines gave every line one.
   std::string text;
-  if (const std::string error = sp_->decode(std::vector<int>(ids.begin(), ids.end()), &text); !error.empty()) {
-    throw std::runtime_error(path_ + ": decode failed: " + error);
+  for (auto begin = ids.begin();;) {
+    const auto end = std::find(begin, ids.end(), newline_id_);
+    std::string line;
+    if (const std::string error = sp_->decode(std::vector<int>(begin, end), &line); !error.empty()) {
+      throw std::runtime_error(path_ + ": decode failed: " + error);
+    }
+    text += line;
+    if (end == ids.end()) return text;
+    text += '\n';
+    begin = end + 1;
   }
-  return text;
 }
 
 std::string Tokenizer::piece(int32_t id) const {
@@ -155,13 +178,15 @@ void train_tokenizer(const SentenceSource& source, const std::string& model_pref
     throw std::invalid_argument("tokenizer model type must be \"bpe\" or \"unigram\", got \"" +
                                 options.model_type + "\"");
   }
-  // Reserved pieces (5) + byte fallback (256) must leave room for learned pieces.
+  // Reserved pieces (4 + user-defined) + byte fallback (256) must leave room for learned pieces.
   if (options.vocab_size < 300) {
     throw std::invalid_argument("tokenizer vocabulary size must be >= 300, got " +
                                 std::to_string(options.vocab_size));
   }
   // The LLaMA recipe: identity normalisation, no whitespace folding and byte fallback make the
   // tokenizer lossless (any UTF-8 round-trips, no <unk>); digits are split one per token.
+  std::string user_defined;
+  for (const auto& piece : options.user_defined_pieces) user_defined += (user_defined.empty() ? "" : ",") + piece;
   const std::unordered_map<std::string, std::string> args{
       {"model_prefix", model_prefix},
       {"vocab_size", std::to_string(options.vocab_size)},
@@ -170,7 +195,7 @@ void train_tokenizer(const SentenceSource& source, const std::string& model_pref
       {"bos_id", "1"},
       {"eos_id", "2"},
       {"pad_id", "3"},
-      {"user_defined_symbols", std::string(kEodPiece) + ",<sep>,<n>"},
+      {"user_defined_symbols", user_defined},
       {"byte_fallback", "true"},
       {"split_digits", "true"},
       {"normalization_rule_name", "identity"},

@@ -2,8 +2,11 @@
 // corrupt files, sampler determinism / sharding / resume, prepare-data splits. Every test makes its
 // own small data in a fresh temporary directory.
 #include <gtest/gtest.h>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -80,7 +83,8 @@ std::vector<std::string> make_documents(int documents, uint32_t seed) {
 }
 
 /// Writes documents as plain text (blank line between) and trains a small tokenizer on it.
-std::string train_small_tokenizer(const TempDir& dir, int64_t vocab = 400) {
+std::string train_small_tokenizer(const TempDir& dir, int64_t vocab = 400,
+                                  std::vector<std::string> pieces = TokenizerTrainOptions{}.user_defined_pieces) {
   const auto docs = make_documents(300, 7);
   size_t next = 0;
   std::istringstream lines;
@@ -94,8 +98,16 @@ std::string train_small_tokenizer(const TempDir& dir, int64_t vocab = 400) {
   };
   TokenizerTrainOptions options;
   options.vocab_size = vocab;
+  options.user_defined_pieces = std::move(pieces);
   train_tokenizer(source, dir / "spm", options);
   return dir / "spm.model";
+}
+
+/// The ids of several parts back to back.
+std::vector<int32_t> concat(std::initializer_list<std::vector<int32_t>> parts) {
+  std::vector<int32_t> ids;
+  for (const auto& part : parts) ids.insert(ids.end(), part.begin(), part.end());
+  return ids;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -119,6 +131,49 @@ TEST(Tokenizer, TrainedModelRoundTripsTextAndHasEod) {
   }
   EXPECT_TRUE(tokenizer.encode("").empty());
   EXPECT_THROW(tokenizer.decode({400}), std::out_of_range);
+}
+
+TEST(Tokenizer, TrainedModelHasSepAndNewlinePieces) {
+  TempDir dir;
+  const Tokenizer tokenizer(train_small_tokenizer(dir));
+  EXPECT_EQ(tokenizer.sep_id(), 5);
+  EXPECT_EQ(tokenizer.piece(5), "<sep>");
+  EXPECT_EQ(tokenizer.newline_id(), 6);
+  EXPECT_EQ(tokenizer.piece(6), "<n>");
+  EXPECT_EQ(tokenizer.piece(7), "<0x00>");  // the byte pieces follow
+  // User-defined: the literal text is the piece, never split.
+  const auto ids = tokenizer.encode("jury<sep>said");
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), tokenizer.sep_id()), 1);
+}
+
+TEST(Tokenizer, NewlinePieceDecodesToANewline) {
+  TempDir dir;
+  const Tokenizer tokenizer(train_small_tokenizer(dir));
+  const int32_t n = tokenizer.newline_id();
+  const std::string text = "the jury said\nFriday.\n\n  county 1961\n";
+  const auto ids = tokenizer.encode_lines(text);
+  EXPECT_EQ(ids, concat({tokenizer.encode("the jury said"), {n}, tokenizer.encode("Friday."), {n, n},
+                         tokenizer.encode("  county 1961"), {n}}));
+  EXPECT_EQ(tokenizer.decode(ids), text);
+  EXPECT_EQ(tokenizer.decode({n}), "\n");
+  EXPECT_EQ(tokenizer.decode({n, n}), "\n\n");
+  // encode() leaves "\n" to SentencePiece (a byte piece here): pretraining text is unchanged.
+  const auto plain = tokenizer.encode("a\nb");
+  EXPECT_EQ(std::count(plain.begin(), plain.end(), n), 0);
+  EXPECT_EQ(tokenizer.decode(plain), "a\nb");
+  // A literal <n> is the piece, so it reads back as a newline (Yuan's meaning of it).
+  EXPECT_EQ(tokenizer.decode(tokenizer.encode("a<n>b")), "a\nb");
+}
+
+TEST(Tokenizer, ModelWithoutSepOrNewlinePieces) {
+  TempDir dir;
+  const Tokenizer tokenizer(train_small_tokenizer(dir, 400, {kEodPiece}));
+  EXPECT_EQ(tokenizer.eod_id(), 4);
+  EXPECT_EQ(tokenizer.sep_id(), -1);
+  EXPECT_EQ(tokenizer.newline_id(), -1);
+  const std::string text = "two\nlines";
+  EXPECT_EQ(tokenizer.encode_lines(text), tokenizer.encode(text));
+  EXPECT_EQ(tokenizer.decode(tokenizer.encode_lines(text)), text);
 }
 
 TEST(Tokenizer, UnigramAlsoTrains) {
@@ -628,6 +683,9 @@ TEST(Prepare, WritesDecodableDeterministicSplits) {
   EXPECT_EQ(meta->eod_id, tokenizer.eod_id());
   EXPECT_EQ(meta->vocab_size, 400);
   EXPECT_EQ(meta->tokens, valid.num_tokens());
+  EXPECT_EQ(meta->sep_id, tokenizer.sep_id());
+  EXPECT_EQ(meta->newline_id, tokenizer.newline_id());
+  EXPECT_FALSE(meta->sft);
 
   // Same input and tokenizer, other worker count: byte-identical output.
   PrepareOptions again = o;
@@ -639,6 +697,250 @@ TEST(Prepare, WritesDecodableDeterministicSplits) {
   EXPECT_EQ(read_bytes(dir / "again_train.bin"), read_bytes(dir / "ds_train.bin"));
   EXPECT_EQ(read_bytes(dir / "again_train.idx"), read_bytes(dir / "ds_train.idx"));
   EXPECT_EQ(read_bytes(dir / "again_valid.bin"), read_bytes(dir / "ds_valid.bin"));
+}
+
+TEST(Prepare, MetaWithoutSftKeysStillLoads) {
+  TempDir dir;
+  write_bytes(dir / "old.meta.json",
+              R"({"format": "yuanmoe.dataset.meta", "version": 1, "split": "train", "documents": 2,
+                  "sequences": 2, "tokens": 9, "dtype": "uint16",
+                  "tokenizer": {"model": "m.model", "vocab_size": 400, "eod_id": 4, "pad_id": 3,
+                                "unk_id": 0, "bos_id": 1, "eos_id": 2}})");
+  const auto meta = load_dataset_meta(dir / "old");
+  ASSERT_TRUE(meta.has_value());
+  EXPECT_EQ(meta->eod_id, 4);
+  EXPECT_EQ(meta->sep_id, -1);
+  EXPECT_EQ(meta->newline_id, -1);
+  EXPECT_FALSE(meta->sft);
+}
+
+// ---------------------------------------------------------------------------------------------
+// prepare-data: instruction (SFT) samples
+
+/// The documents of a dataset, as token ids.
+std::vector<std::vector<int32_t>> documents_of(const std::string& prefix) {
+  const IndexedDataset dataset(prefix);
+  std::vector<std::vector<int32_t>> documents;
+  for (int64_t i = 0; i < dataset.num_sequences(); ++i) {
+    const auto tokens = dataset.sequence(i);
+    documents.emplace_back(tokens.begin(), tokens.end());
+  }
+  return documents;
+}
+
+/// What spdlog logs while it lives, one "level: message" line each (prepare-data's warnings).
+class CapturedLog {
+ public:
+  CapturedLog() : previous_(spdlog::default_logger()) {
+    auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(stream_);
+    sink->set_pattern("%l: %v");
+    spdlog::set_default_logger(std::make_shared<spdlog::logger>("captured", sink));
+  }
+  ~CapturedLog() { spdlog::set_default_logger(previous_); }
+  /// The messages logged at warning level, in order.
+  std::vector<std::string> warnings() const {
+    std::vector<std::string> out;
+    std::istringstream lines(stream_.str());
+    const std::string level = "warning: ";
+    for (std::string line; std::getline(lines, line);) {
+      if (line.rfind(level, 0) == 0) out.push_back(line.substr(level.size()));
+    }
+    return out;
+  }
+
+ private:
+  std::ostringstream stream_;
+  std::shared_ptr<spdlog::logger> previous_;
+};
+
+PrepareOptions sft_options(const TempDir& dir, const std::string& input, InputFormat format,
+                           const std::string& tokenizer) {
+  PrepareOptions o;
+  o.inputs = {input};
+  o.format = format;
+  o.output_prefix = dir / "sft";
+  o.tokenizer = tokenizer;
+  o.valid_fraction = 0;
+  return o;
+}
+
+TEST(PrepareSft, TextSamplesArePromptSepResponseEod) {
+  TempDir dir;
+  const Tokenizer tokenizer(train_small_tokenizer(dir));
+  write_bytes(dir / "in.txt",
+              "What did the jury say?<sep>The jury said Friday.\n"
+              "\n"
+              "Two lines<n>of instruction<sep>One answer<n><n>with a gap.\r\n"
+              "<sep>An instruction may be empty.\n");
+  const PrepareSummary summary =
+      prepare_data(sft_options(dir, dir / "in.txt", InputFormat::kSftText, tokenizer.path()));
+  EXPECT_EQ(summary.bad_samples, 0);
+  EXPECT_EQ(summary.sep_id, 5);
+  EXPECT_EQ(summary.newline_id, 6);
+  const int32_t sep = tokenizer.sep_id(), n = tokenizer.newline_id(), eod = tokenizer.eod_id();
+  const std::vector<std::vector<int32_t>> expected{
+      concat({tokenizer.encode("What did the jury say?"), {sep}, tokenizer.encode("The jury said Friday."), {eod}}),
+      concat({tokenizer.encode("Two lines"), {n}, tokenizer.encode("of instruction"), {sep},
+              tokenizer.encode("One answer"), {n, n}, tokenizer.encode("with a gap."), {eod}}),
+      concat({{sep}, tokenizer.encode("An instruction may be empty."), {eod}}),
+  };
+  EXPECT_EQ(documents_of(dir / "sft_train"), expected);
+
+  const auto meta = load_dataset_meta(dir / "sft_train");
+  ASSERT_TRUE(meta.has_value());
+  EXPECT_TRUE(meta->sft);
+  EXPECT_EQ(meta->sep_id, sep);
+  EXPECT_EQ(meta->newline_id, n);
+  EXPECT_EQ(meta->documents, 3);
+}
+
+TEST(PrepareSft, JsonlSamplesArePromptSepResponseEod) {
+  TempDir dir;
+  const Tokenizer tokenizer(train_small_tokenizer(dir));
+  write_bytes(dir / "in.jsonl",
+              "{\"prompt\": \"What did\\nthe jury say?\", \"response\": \"The jury said Friday.\", \"id\": 3}\n"
+              "\n"
+              "{\"response\": \"café\\n\", \"prompt\": \"naïve\"}\n");
+  prepare_data(sft_options(dir, dir / "in.jsonl", InputFormat::kSftJsonl, tokenizer.path()));
+  const int32_t sep = tokenizer.sep_id(), n = tokenizer.newline_id(), eod = tokenizer.eod_id();
+  const std::vector<std::vector<int32_t>> expected{
+      concat({tokenizer.encode("What did"), {n}, tokenizer.encode("the jury say?"), {sep},
+              tokenizer.encode("The jury said Friday."), {eod}}),
+      concat({tokenizer.encode("naïve"), {sep}, tokenizer.encode("café"), {n, eod}}),
+  };
+  EXPECT_EQ(documents_of(dir / "sft_train"), expected);
+  const auto meta = load_dataset_meta(dir / "sft_train");
+  ASSERT_TRUE(meta.has_value());
+  EXPECT_TRUE(meta->sft);
+}
+
+TEST(PrepareSft, WithoutANewlinePieceNewlinesAreLeftToSentencePiece) {
+  TempDir dir;
+  const std::string model = train_small_tokenizer(dir, 400, {kEodPiece, kSepPiece});
+  const Tokenizer tokenizer(model);
+  ASSERT_EQ(tokenizer.newline_id(), -1);
+  write_bytes(dir / "in.txt", "two<n>lines<sep>an answer\n");
+  prepare_data(sft_options(dir, dir / "in.txt", InputFormat::kSftText, model));
+  EXPECT_EQ(documents_of(dir / "sft_train"),
+            (std::vector<std::vector<int32_t>>{concat({tokenizer.encode("two\nlines"), {tokenizer.sep_id()},
+                                                       tokenizer.encode("an answer"), {tokenizer.eod_id()}})}));
+  EXPECT_EQ(load_dataset_meta(dir / "sft_train")->newline_id, -1);
+}
+
+TEST(PrepareSft, TrainsItsTokenizerOnPromptsAndResponses) {
+  TempDir dir;
+  const auto docs = make_documents(200, 5);
+  const auto with_n = [](std::string text) {  // sft-text's spelling of a newline
+    for (size_t at = text.find('\n'); at != std::string::npos; at = text.find('\n', at)) text.replace(at, 1, "<n>");
+    return text;
+  };
+  {
+    std::ofstream out(dir / "in.txt");
+    for (size_t i = 0; i + 1 < docs.size(); i += 2) {
+      out << with_n(docs[i]) << "<sep>" << with_n(docs[i + 1]) << "\n";
+    }
+  }
+  PrepareOptions o = sft_options(dir, dir / "in.txt", InputFormat::kSftText, "");
+  o.train_vocab_size = 400;
+  o.valid_fraction = 0.1;
+  const PrepareSummary summary = prepare_data(o);
+  EXPECT_EQ(summary.train.documents + summary.valid.documents, 100);
+  const Tokenizer tokenizer(dir / "sft.model");
+  EXPECT_EQ(tokenizer.sep_id(), 5);
+  EXPECT_EQ(tokenizer.newline_id(), 6);
+  const auto train = documents_of(dir / "sft_train");
+  EXPECT_EQ(train.front(), concat({tokenizer.encode_lines(docs[0]), {tokenizer.sep_id()},
+                                   tokenizer.encode_lines(docs[1]), {tokenizer.eod_id()}}));
+}
+
+TEST(PrepareSft, BadSamplesAreWarnedAboutAndLeftOut) {
+  TempDir dir;
+  const Tokenizer tokenizer(train_small_tokenizer(dir));
+  write_bytes(dir / "bad.txt",
+              "first<sep>kept.\n"
+              "no separator here\n"
+              "second<sep>kept too.\n"
+              "an empty response<sep>\n"
+              "two<sep>separators<sep>here\n"
+              "\n"
+              "blank response<sep>  \n"
+              "last<sep>kept.\n");
+  CapturedLog log;
+  const PrepareSummary summary =
+      prepare_data(sft_options(dir, dir / "bad.txt", InputFormat::kSftText, tokenizer.path()));
+  const std::string file = dir / "bad.txt";
+  EXPECT_EQ(log.warnings(), (std::vector<std::string>{
+                                "prepare-data: " + file + ":2: no <sep> between instruction and response; sample left out",
+                                "prepare-data: " + file + ":4: empty response; sample left out",
+                                "prepare-data: " + file + ":5: more than one <sep>; sample left out",
+                                "prepare-data: " + file + ":7: empty response; sample left out",
+                                "prepare-data: sft: 4 of 7 samples left out",
+                            }));
+  EXPECT_EQ(summary.bad_samples, 4);
+  EXPECT_EQ(summary.train.documents, 3);
+  const int32_t sep = tokenizer.sep_id(), eod = tokenizer.eod_id();
+  EXPECT_EQ(documents_of(dir / "sft_train").back(),
+            concat({tokenizer.encode("last"), {sep}, tokenizer.encode("kept."), {eod}}));
+}
+
+TEST(PrepareSft, BadJsonlSamplesAreWarnedAboutAndLeftOut) {
+  TempDir dir;
+  const Tokenizer tokenizer(train_small_tokenizer(dir));
+  write_bytes(dir / "bad.jsonl",
+              "{\"prompt\": \"a\", \"response\": \"kept\"}\n"
+              "{\"prompt\": \"a\", \"response\": \"b\"\n"
+              "{\"prompt\": \"a\"}\n"
+              "{\"prompt\": 5, \"response\": \"b\"}\n"
+              "[\"prompt\", \"response\"]\n"
+              "{\"prompt\": \"x\", \"response\": \"\"}\n");
+  CapturedLog log;
+  const PrepareSummary summary =
+      prepare_data(sft_options(dir, dir / "bad.jsonl", InputFormat::kSftJsonl, tokenizer.path()));
+  const auto warnings = log.warnings();
+  ASSERT_EQ(warnings.size(), 6u);
+  const std::string at = "prepare-data: " + dir / "bad.jsonl" + ":";
+  EXPECT_EQ(warnings[0].rfind(at + "2: invalid JSON (", 0), 0u) << warnings[0];
+  EXPECT_EQ(warnings[1], at + "3: no \"response\" field; sample left out");
+  EXPECT_EQ(warnings[2], at + "4: \"prompt\" must be a string, got number; sample left out");
+  EXPECT_EQ(warnings[3], at + "5: expected a JSON object with \"prompt\" and \"response\" strings; sample left out");
+  EXPECT_EQ(warnings[4], at + "6: empty response; sample left out");
+  EXPECT_EQ(warnings[5], "prepare-data: sft: 5 of 6 samples left out");
+  EXPECT_EQ(summary.bad_samples, 5);
+  EXPECT_EQ(summary.train.documents, 1);
+}
+
+TEST(PrepareSft, AllSamplesBadIsAnError) {
+  TempDir dir;
+  const std::string tokenizer = train_small_tokenizer(dir);
+  write_bytes(dir / "bad.txt", "no separator\n\nempty<sep>\n");
+  expect_error_naming([&] { prepare_data(sft_options(dir, dir / "bad.txt", InputFormat::kSftText, tokenizer)); },
+                      "bad.txt: none of the 2 samples is usable");
+  EXPECT_FALSE(fs::exists(dir / "sft_train.idx"));
+  // Training a tokenizer on them stops first, naming the first bad line.
+  PrepareOptions o = sft_options(dir, dir / "bad.txt", InputFormat::kSftText, "");
+  o.train_vocab_size = 400;
+  expect_error_naming([&] { prepare_data(o); },
+                      "none of the 2 samples is usable (the first: " + dir / "bad.txt" + ":1: no <sep>");
+}
+
+TEST(PrepareSft, TokenizerWithoutSepIsRefusedNamingIt) {
+  TempDir dir;
+  const std::string model = train_small_tokenizer(dir, 400, {kEodPiece});
+  write_bytes(dir / "in.txt", "question<sep>answer\n");
+  for (const InputFormat format : {InputFormat::kSftText, InputFormat::kSftJsonl}) {
+    expect_error_naming([&] { prepare_data(sft_options(dir, dir / "in.txt", format, model)); },
+                        model + ": tokenizer has no \"<sep>\" piece");
+  }
+  EXPECT_FALSE(fs::exists(dir / "sft_train.idx"));
+  // A plain-text run with the same tokenizer is fine.
+  prepare_data(sft_options(dir, dir / "in.txt", InputFormat::kText, model));
+  EXPECT_FALSE(load_dataset_meta(dir / "sft_train")->sft);
+}
+
+TEST(PrepareSft, FormatsParse) {
+  EXPECT_EQ(parse_input_format("sft-text"), InputFormat::kSftText);
+  EXPECT_EQ(parse_input_format("sft-jsonl"), InputFormat::kSftJsonl);
+  expect_error_naming([] { parse_input_format("sft"); }, "\"sft-text\", \"sft-jsonl\"");
 }
 
 }  // namespace

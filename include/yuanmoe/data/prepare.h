@@ -4,6 +4,10 @@
 //   *.jsonl, *.ndjson, *.json  one JSON object per line, the document is its "text" string
 //   anything else              plain text: a block of lines separated by one or more blank lines
 //                              is one document (its lines joined by "\n")
+// Instruction (SFT) data, with --format sft-text or sft-jsonl only: one sample per line,
+// `instruction<sep>response` with `<n>` for a newline (sft-text, Yuan 2.0's layout) or a JSON
+// object with "prompt" and "response" strings (sft-jsonl). A sample is one document: prompt,
+// <sep>, response, EOD. A line that is no sample is warned about and left out; the others are kept.
 // Every document gets the EOD token appended; documents that encode to nothing are skipped.
 // Document i (counted over all inputs, in order) goes to the validation split when
 // floor((i + 1) * f + 1/2) > floor(i * f + 1/2), f = valid_fraction: an exact, evenly spread and
@@ -21,17 +25,25 @@
 
 namespace yuanmoe::data {
 
-enum class InputFormat { kAuto, kText, kJsonl };
+class Tokenizer;
 
-/// "auto" | "text" | "jsonl"; throws std::invalid_argument listing the choices.
+enum class InputFormat { kAuto, kText, kJsonl, kSftText, kSftJsonl };
+
+/// "auto" | "text" | "jsonl" | "sft-text" | "sft-jsonl"; throws std::invalid_argument listing the
+/// choices.
 InputFormat parse_input_format(const std::string& name);
+
+/// sft-text or sft-jsonl: every line is an instruction sample.
+inline bool is_sft(InputFormat format) {
+  return format == InputFormat::kSftText || format == InputFormat::kSftJsonl;
+}
 
 /// One document of the input and where it starts (for error messages).
 struct Document {
-  std::string text;  ///< for JSONL: the raw line, until parse_document() extracts "text"
+  std::string text;  ///< for JSONL: the raw line, until parse_document() extracts "text"; SFT: the raw line
   std::string file;
   int64_t line = 0;  ///< 1-based line of the document's first line
-  bool jsonl = false;
+  InputFormat format = InputFormat::kText;  ///< how `text` is to be read (never kAuto)
 };
 
 /// Streams documents out of a list of files with constant memory (one document at a time).
@@ -57,8 +69,24 @@ class DocumentReader {
 };
 
 /// Turns a raw JSONL line into its "text" (in place); throws std::runtime_error "FILE:LINE: ..."
-/// for invalid JSON, a missing "text" key or a non-string value. No-op for plain text.
+/// for invalid JSON, a missing "text" key or a non-string value. No-op for other formats.
 void parse_document(Document& document);
+
+/// One instruction sample: what the model is asked and the response it learns to give.
+struct SftSample {
+  std::string prompt;
+  std::string response;
+  std::string problem;  ///< why the line is no usable sample ("no <sep> ..."); empty when it is one
+};
+
+/// The sample of an sft-text or sft-jsonl line, its `<n>` (sft-text) turned into "\n". A line
+/// without exactly one <sep>, with an empty response, invalid JSON or without the two string
+/// fields gives a sample whose `problem` says so.
+SftSample parse_sft_sample(const Document& line);
+
+/// The document of a sample: encode_lines(prompt), <sep>, encode_lines(response), EOD. Throws
+/// std::runtime_error naming the tokenizer file when it has no <sep> piece.
+std::vector<int32_t> encode_sft_sample(const Tokenizer& tokenizer, const SftSample& sample);
 
 struct PrepareOptions {
   std::vector<std::string> inputs;
@@ -84,10 +112,13 @@ struct PrepareSummary {
   std::string tokenizer;
   int64_t vocab_size = 0;
   int32_t eod_id = -1;
+  int32_t sep_id = -1;      ///< -1: the tokenizer has no <sep>
+  int32_t newline_id = -1;  ///< -1: the tokenizer has no <n>
   DType dtype = DType::kUInt16;
   SplitSummary train;
   SplitSummary valid;
   int64_t skipped_documents = 0;
+  int64_t bad_samples = 0;  ///< SFT lines that are no sample, each warned about and left out
   int64_t input_bytes = 0;
   double tokenizer_train_seconds = 0;
   double tokenize_seconds = 0;  ///< the encode-and-write pass alone
@@ -102,9 +133,11 @@ struct DatasetMeta {
   std::string tokenizer;
   int64_t vocab_size = 0;
   int64_t eod_id = -1;
-  int64_t sep_id = -1;  ///< the tokenizer's <sep>; -1 when it has none
   int64_t pad_id = -1;
   int64_t unk_id = -1;
+  int64_t sep_id = -1;      ///< -1: none, or a .meta.json without the key
+  int64_t newline_id = -1;
+  bool sft = false;         ///< documents are instruction samples: prompt, <sep>, response, EOD
   int64_t documents = 0;
   int64_t tokens = 0;
   std::string dtype;

@@ -20,6 +20,10 @@ class SentencePieceBackend;
 
 /// The end-of-document piece that prepare-data appends after every document (Yuan's spelling).
 inline constexpr const char* kEodPiece = "<eod>";
+/// Between an instruction and its response in an SFT sample (Yuan 2.0's `instruction<sep>response`).
+inline constexpr const char* kSepPiece = "<sep>";
+/// A line break where the model has this piece (Yuan 2.0 writes every newline as `<n>`).
+inline constexpr const char* kNewlinePiece = "<n>";
 
 class Tokenizer {
  public:
@@ -30,10 +34,15 @@ class Tokenizer {
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
 
-  /// Text -> token ids (no EOD appended). Thread-safe: several threads may encode at once.
+  /// Text -> token ids (no EOD appended), as SentencePiece encodes it ("\n" included).
+  /// Thread-safe: several threads may encode at once.
   std::vector<int32_t> encode(std::string_view text) const;
-  /// Token ids -> text. Control pieces (BOS, EOS, pad) decode to nothing; a user-defined `<eod>`
-  /// decodes to its own text.
+  /// Text -> token ids with every "\n" as the `<n>` piece: each line is encoded on its own and the
+  /// lines are joined by newline_id(). Without an `<n>` piece, the same as encode().
+  std::vector<int32_t> encode_lines(std::string_view text) const;
+  /// Token ids -> text. Control pieces (BOS, EOS, pad) decode to nothing; `<n>` decodes to "\n"
+  /// (the ids between two of them decode on their own, the inverse of encode_lines); other
+  /// user-defined pieces (`<eod>`, `<sep>`) decode to their own text.
   std::string decode(const std::vector<int32_t>& ids) const;
   /// The surface string of one id (e.g. "▁the", "<eod>"); throws on an id outside the vocabulary.
   std::string piece(int32_t id) const;
@@ -41,8 +50,8 @@ class Tokenizer {
   int64_t vocab_size() const;
   /// `<eod>` when the model has it, else the model's EOS (`</s>`, LLaMA-style models).
   int32_t eod_id() const { return eod_id_; }
-  /// The `<sep>` piece (instruction / response separator of SFT samples); -1 when the model has none.
-  int32_t sep_id() const;
+  int32_t sep_id() const { return sep_id_; }          ///< `<sep>`; -1 when the model has no such piece
+  int32_t newline_id() const { return newline_id_; }  ///< `<n>`; -1 when the model has no such piece
   int32_t pad_id() const;  ///< -1 when the model has no pad piece
   int32_t unk_id() const;
   int32_t bos_id() const;  ///< -1 when disabled
@@ -53,11 +62,16 @@ class Tokenizer {
   std::string path_;
   std::unique_ptr<detail::SentencePieceBackend> sp_;
   int32_t eod_id_ = -1;
+  int32_t sep_id_ = -1;
+  int32_t newline_id_ = -1;
 };
 
 /// How a new tokenizer is trained (prepare-data --train-tokenizer).
 struct TokenizerTrainOptions {
   int64_t vocab_size = 8192;
+  /// Pieces that are always one token, also where their text appears literally in the input;
+  /// ids 4, 5, ... in this order, after <unk>, <s>, </s>, <pad>.
+  std::vector<std::string> user_defined_pieces{kEodPiece, kSepPiece, kNewlinePiece};
   /// "bpe" (default, as LLaMA and Yuan 2.0) or "unigram".
   std::string model_type = "bpe";
   /// SentencePiece keeps at most this many sentences in memory, sampled uniformly (reservoir)
@@ -73,8 +87,9 @@ struct TokenizerTrainOptions {
 using SentenceSource = std::function<bool(std::string& sentence)>;
 
 /// Trains a SentencePiece model on the sentences of `source` and writes `model_prefix.model` and
-/// `model_prefix.vocab`. Pieces: <unk>=0, <s>=1, </s>=2, <pad>=3, <eod>=4 (user-defined, so a
-/// literal "<eod>" in text also maps to it), 256 byte-fallback pieces, then learned pieces.
+/// `model_prefix.vocab`. Pieces: <unk>=0, <s>=1, </s>=2, <pad>=3, then the user-defined pieces
+/// (<eod>=4, <sep>=5, <n>=6 by default; a literal "<eod>" in text also maps to its piece), 256
+/// byte-fallback pieces, then learned pieces.
 /// Lossless: identity normalisation and byte fallback make decode(encode(text)) == text.
 void train_tokenizer(const SentenceSource& source, const std::string& model_prefix,
                      const TokenizerTrainOptions& options);
