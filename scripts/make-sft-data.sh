@@ -26,5 +26,6 @@ prepare --format sft-text --input "$out/books.txt" --output "$out/books" --valid
 # The held-out pairs are a split of their own: prepared alone, then named as the valid split.
 prepare --format sft-text --input "$out/books_heldout.txt" --output "$out/books_heldout" --valid-fraction 0
 for ext in bin idx meta.json; do mv "$out/books_heldout_train.$ext" "$out/books_valid.$ext"; done
+sed -i 's/"split": "train"/"split": "valid"/' "$out/books_valid.meta.json"
 # 31 documents: 2 of them (every fifteenth) for validation.
 prepare --format text --input "$out/long.txt" --output "$out/long" --valid-fraction 0.07

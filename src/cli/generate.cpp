@@ -7,6 +7,7 @@
 
 #include "yuanmoe/checkpoint/model_loader.h"
 #include "yuanmoe/cli/commands.h"
+#include "yuanmoe/data/prepare.h"
 #include "yuanmoe/data/tokenizer.h"
 #include "yuanmoe/model/decode.h"
 
@@ -17,7 +18,8 @@ int run_generate(int argc, const char* const* argv) {
                            "Continue a prompt with a checkpoint: KV cache + LFA state, one token per step.");
   options.add_options()
       ("checkpoint", kCheckpointOptionHelp, cxxopts::value<std::string>())
-      ("prompt", "text to continue", cxxopts::value<std::string>())
+      ("prompt", "text to continue; with a <sep>, encoded as prepare-data --format sft-text encodes an instruction",
+       cxxopts::value<std::string>())
       ("prompts", "a file of prompts, one per line: one JSON line each on stdout, {\"prompt\", \"completion\", "
        "\"tokens\", \"ended\"} (completion: the generated text alone; ended: it stopped at EOD)",
        cxxopts::value<std::string>())
@@ -53,7 +55,7 @@ int run_generate(int argc, const char* const* argv) {
 
   // The prompt's ids (where: for messages) -> the generated ids, up to EOD or the limits.
   const auto continue_prompt = [&](const std::string& text, const std::string& where) {
-    const std::vector<int32_t> encoded = tokenizer.encode(text);
+    const std::vector<int32_t> encoded = data::encode_prompt(tokenizer, text);
     if (encoded.empty()) throw std::invalid_argument(where + " encodes to no tokens");
     const std::vector<int64_t> prompt(encoded.begin(), encoded.end());
     const int64_t room = loaded.config.model.max_seq_length - static_cast<int64_t>(prompt.size());

@@ -231,6 +231,19 @@ std::vector<int32_t> encode_sft_sample(const Tokenizer& tokenizer, const SftSamp
   return ids;
 }
 
+std::vector<int32_t> encode_prompt(const Tokenizer& tokenizer, const std::string& text) {
+  const size_t at = text.find(kSepPiece);
+  if (at == std::string::npos || tokenizer.sep_id() < 0) return tokenizer.encode(text);
+  std::vector<int32_t> ids = tokenizer.encode_lines(replace_all(text.substr(0, at), kNewlinePiece, "\n"));
+  ids.push_back(tokenizer.sep_id());
+  const std::string response = text.substr(at + std::string_view(kSepPiece).size());
+  if (!response.empty()) {
+    const std::vector<int32_t> start = tokenizer.encode_lines(replace_all(response, kNewlinePiece, "\n"));
+    ids.insert(ids.end(), start.begin(), start.end());
+  }
+  return ids;
+}
+
 // ---------------------------------------------------------------------------------------------
 // prepare_data
 

@@ -88,6 +88,13 @@ SftSample parse_sft_sample(const Document& line);
 /// std::runtime_error naming the tokenizer file when it has no <sep> piece.
 std::vector<int32_t> encode_sft_sample(const Tokenizer& tokenizer, const SftSample& sample);
 
+/// A prompt to continue (generate), encoded as the samples it continues were: text with a <sep>
+/// (Yuan's layout, `<n>` for a newline) as encode_sft_sample encodes the instruction, then the
+/// <sep> id, then the start of the response if any; text without one as plain text (encode).
+/// SentencePiece gives each encoded part a dummy-prefix space, so encoding the whole text at once
+/// would not give the ids a model fine-tuned on prepare-data's samples has seen.
+std::vector<int32_t> encode_prompt(const Tokenizer& tokenizer, const std::string& text);
+
 struct PrepareOptions {
   std::vector<std::string> inputs;
   InputFormat format = InputFormat::kAuto;
