@@ -75,6 +75,11 @@ TEST(TokenLayout, FromTheBatch) {
   batch.document_ids = data::document_ids(tokens, kEod);
   layout = token_layout(batch, torch::kCPU);
   EXPECT_TRUE(torch::equal(layout.document_ids_BS, batch.document_ids));
+  // One document in every row: the causal layout, without ids (the same mask, the faster kernel).
+  const Tensor one_document = torch::tensor({5, 7, 3, 4}, torch::kLong).view({1, 4});
+  const data::Batch whole{one_document, one_document, data::reset_position_ids(one_document, kEod),
+                          data::document_ids(one_document, kEod)};
+  EXPECT_FALSE(token_layout(whole, torch::kCPU).document_ids_BS.defined());
 }
 
 TEST(ResetAttentionMaskConfig, DefaultsOffAndNeedsResetPositionIds) {
