@@ -32,15 +32,12 @@ int run_eval(int argc, const char* const* argv) {
   if (steps <= 0) throw std::invalid_argument("--steps must be positive, got " + std::to_string(steps));
 
   std::optional<config::LossMask> loss_mask;
-  if (args.count("loss-mask")) {
+  if (args.count("loss-mask")) {  // spelled as data.loss_mask is in a config
     const std::string name = args["loss-mask"].as<std::string>();
-    if (name == "none") {
-      loss_mask = config::LossMask::kNone;
-    } else if (name == "sft") {
-      loss_mask = config::LossMask::kSft;
-    } else {
-      throw std::invalid_argument("--loss-mask: expected none or sft, got '" + name + "'");
+    for (const auto& [mask, spelling] : config::enum_names<config::LossMask>()) {
+      if (name == spelling) loss_mask = mask;
     }
+    if (!loss_mask) throw std::invalid_argument("--loss-mask: expected none or sft, got '" + name + "'");
   }
   data::SamplerOptions sampler = train::sampler_options(run, prefix, loss_mask);
   if (sampler.eod_id < 0) sampler.reset_position_ids = sampler.reset_attention_mask = false;  // data made elsewhere, EOD unknown

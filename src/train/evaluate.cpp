@@ -69,13 +69,13 @@ EvalResult evaluate(const EvalForward& forward,
   for (int64_t i = 0; i < batches; ++i) {
     const data::Batch batch = sampler.next_batch();
     const model::ModelOutput out = forward(batch);
+    const int64_t counted = counted_labels(batch.labels);
     if (out.out.defined()) {
       const Tensor labels = batch.labels.to(out.out.device());
-      result.loss_sum +=
-          language_model_loss(out.out, labels).item<double>() * static_cast<double>(counted_labels(batch.labels));
+      result.loss_sum += language_model_loss(out.out, labels).item<double>() * static_cast<double>(counted);
       if (i == 0 && on_first_batch) on_first_batch(batch, out.out);
     }
-    result.tokens += counted_labels(batch.labels);
+    result.tokens += counted;
     if (out.routed_pairs_LE.defined()) {
       const Tensor pairs = out.routed_pairs_LE.to(torch::kCPU);
       result.routed_pairs_LE = result.routed_pairs_LE.defined() ? result.routed_pairs_LE + pairs : pairs;

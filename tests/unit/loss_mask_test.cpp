@@ -47,6 +47,18 @@ const std::vector<std::vector<int32_t>>& sft_documents() {
   return documents;
 }
 
+/// The sampler of an SFT source at `seq_length`: the mask on, samples in stream order (sample k
+/// starts at token k * S).
+data::SamplerOptions sft_options(int64_t seq_length) {
+  data::SamplerOptions options;
+  options.seq_length = seq_length;
+  options.shuffle = false;
+  options.eod_id = kEod;
+  options.sep_id = kSep;
+  options.sft_loss_mask = true;
+  return options;
+}
+
 /// The explicit formulation: document by document, a token is an instruction token when it comes
 /// before its document's first <sep>; a document without one has none. One flag per token of the
 /// documents in file order.
@@ -80,13 +92,7 @@ TEST(SftLossMask, PackedSamplesEqualAnExplicitLoopOverDocuments) {
 
   int64_t masked = 0, counted = 0;
   for (const int64_t seq_length : {4, 5, 6, 7, 9, 11, 13}) {
-    data::SamplerOptions options;
-    options.seq_length = seq_length;
-    options.shuffle = false;  // samples in stream order: sample k starts at token k * S
-    options.eod_id = kEod;
-    options.sep_id = kSep;
-    options.sft_loss_mask = true;
-    data::GptSampler sampler(dataset, options);
+    data::GptSampler sampler(dataset, sft_options(seq_length));
     for (int64_t k = 0; k < sampler.samples_per_epoch(); ++k) {
       const data::Batch batch = sampler.next_batch();
       for (int64_t i = 0; i < seq_length; ++i) {
@@ -102,12 +108,7 @@ TEST(SftLossMask, PackedSamplesEqualAnExplicitLoopOverDocuments) {
   EXPECT_GT(counted, 50);
 
   // The case named above, spelled out: labels of tokens 10..18.
-  data::SamplerOptions options;
-  options.seq_length = 9;
-  options.shuffle = false;
-  options.eod_id = kEod;
-  options.sep_id = kSep;
-  options.sft_loss_mask = true;
+  data::SamplerOptions options = sft_options(9);
   data::GptSampler sampler(dataset, options);
   sampler.next_batch();
   const data::Batch batch = sampler.next_batch();
@@ -194,11 +195,7 @@ TEST(SftLossMask, AMaskedLabelMovesNeitherTheLossNorAnyGradient) {
   model::Transformer model(model_config, testing::small_moe_config());
   model::init_weights(*model, model_config, 7);
   model->to(torch::kDouble);
-  data::SamplerOptions options;
-  options.seq_length = 12;
-  options.eod_id = kEod;
-  options.sep_id = kSep;
-  options.sft_loss_mask = true;
+  data::SamplerOptions options = sft_options(12);
   options.reset_position_ids = true;
   options.reset_attention_mask = true;
   // ... EOD | 16 14 15 (<sep> 23 EOD after the window): the last label is an instruction token

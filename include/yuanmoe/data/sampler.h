@@ -50,7 +50,7 @@ struct SamplerOptions {
   /// earlier tokens of its own document (Megatron's --reset-attention-mask); needs eod_id.
   bool reset_attention_mask = false;
   int64_t eod_id = -1;
-  /// data.loss_mask = sft: the labels of instruction tokens are kIgnoredLabel (mask_instruction_labels
+  /// data.loss_mask = sft: the labels of instruction tokens are kIgnoredLabel (instruction_tokens
   /// below; docs/data.md, "Loss masks"); needs eod_id and sep_id.
   bool sft_loss_mask = false;
   int64_t sep_id = -1;
