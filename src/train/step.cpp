@@ -37,7 +37,7 @@ LossWeights loss_weights(config::LossAverage average, const std::vector<int64_t>
   // each replica's labels once per stage. Gloo, on the host.
   Tensor sum = torch::tensor({std::accumulate(counted.begin(), counted.end(), int64_t{0})}, torch::kLong);
   parallel.world_group.all_reduce_sum(sum);
-  const int64_t global = std::max<int64_t>(sum.item<int64_t>() / parallel.layout().pp, 1);  // none: no LM loss
+  const int64_t global = std::max<int64_t>(sum.data_ptr<int64_t>()[0] / parallel.layout().pp, 1);  // none: no LM loss
   for (const int64_t n : counted) {
     // The data-parallel mean of the gradients divides by dp again. Integers until the one
     // division, so equal counts give exactly 1 / micro_batches.

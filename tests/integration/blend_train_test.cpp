@@ -29,8 +29,9 @@ Metrics read_metrics(const fs::path& run_dir) {
     if (j.contains("split")) {
       out.valid[step] = j;
     } else {
-      j.erase("tokens_per_s");  // timings differ from run to run
+      j.erase("tokens_per_s");  // timings and the process's memory differ from run to run
       j.erase("mfu");
+      j.erase("peak_rss_mib");
       out.train[step] = j;
     }
   }
