@@ -30,6 +30,8 @@ generate "$run" "$run/answers_after.jsonl"
 echo "bench: the same step (shape, weights, recompute) on random tokens and on the run's own data:"
 build/yuanmoe bench --config "$config" --step-only --steps 1 --warmup 1 --json "$run/bench_random.json" >/dev/null
 build/yuanmoe bench --config "$config" --step-only --steps 2 --warmup 1 --data --json "$run/bench_data.json" >/dev/null
+build/yuanmoe bench --config "$config" --step-only --steps 2 --warmup 1 --data --json "$run/bench_long.json" \
+  --set data.blend=null --set data.train_prefix=data/sft/long_train --set data.valid_prefix=data/sft/long_valid >/dev/null
 
 "$YUANMOE_PYTHON" - "$run" <<'PY'
 import json, statistics, sys
@@ -58,10 +60,13 @@ first_peak, peak = steps[0].get("peak_rss_mib", 0), max(l.get("peak_rss_mib", 0)
 print(f"train at 16,384 tokens: {step_s:.1f} s/step (median of {len(seconds)} steps; "
       f"{statistics.median(slow):.1f} s for the {len(slow)} slower, {statistics.median(fast):.1f} s for the {len(fast)} faster), "
       f"peak RSS {first_peak} MiB after step 1, {peak} MiB at the end")
-for kind in ("random", "data"):
+# Each kind of window against bench on the same kind: the blend's first windows are instruction
+# pairs, the long source's are whole books.
+for kind, what, train_s in (("random", "random tokens", step_s), ("data", "instruction pairs", statistics.median(fast)),
+                            ("long", "whole books", statistics.median(slow))):
     bench = json.load(open(f"{run}/bench_{kind}.json"))
     b_s = bench["median_step_seconds"]
     b_mib = bench["peak_rss_bytes"] / 2**20
-    print(f"bench ({kind:6s}): {b_s:.1f} s/step, peak RSS {b_mib:.0f} MiB   train / bench: {step_s / b_s:.2f}x time "
-          f"(slower steps {statistics.median(slow) / b_s:.2f}x), {first_peak / b_mib:.2f}x memory after step 1")
+    print(f"bench on {what:17s}: {b_s:5.1f} s/step, peak RSS {b_mib:5.0f} MiB   train / bench: {train_s / b_s:.2f}x time, "
+          f"{first_peak / b_mib:.2f}x memory after step 1")
 PY

@@ -2,12 +2,12 @@
 """The instruction task and the long-context source of scripts/sft-demo.sh, from the King James
 Bible (Debian's bible-kjv: `bible -f "Gen1:1-Rev22:21"` on stdin, "Ge1:1 In the beginning ...").
 
-Task: "Which book of the Bible is this verse from?" -> the book's name. A small model measurably
-learns it: the answer is one of 66 names of one to four pieces, decided by vocabulary and style the
-pretrained model has already seen (Psalms' "Selah", the law of Leviticus, the Gospels' "Jesus"),
-so exact match rises from zero (a pretrained model continues the verse instead) within a few
-thousand pairs, while something like continuing a held-out verse word for word stays near zero
-for a 4-layer model and would not show the fine-tune working.
+Task: "Which book of the Bible is this verse from?" -> the book's name: one answer of 66 names of
+one to four pieces, decided by vocabulary and style the pretrained model has seen. What a few
+dozen steps teach the 4-layer demo model is measured in docs/training.md ("Fine-tuning to 16K"):
+the format and the answers' prior, not yet the mapping from verse to book. Five other tasks tried
+the same way (bench/results/2026-12-06-sft-tasks: the verse's reference in the prompt, the
+reference alone, the verse's last word, its testament, finishing it) did no better at that budget.
 
 Writes into OUT_DIR:
   books.txt          training pairs, Yuan's SFT layout: instruction<sep>response, <n> for newline
