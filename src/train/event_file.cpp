@@ -127,7 +127,19 @@ std::string histogram_event(double wall_time, int64_t step, std::string_view tag
   return summary_event(wall_time, step, summary_value);
 }
 
-EventFileWriter::EventFileWriter(const std::string& directory) {
+std::string session_start_event(double wall_time, int64_t step) {
+  std::string session_log;  // SessionLog{status = 1: START}
+  append_key(session_log, 1, 0);
+  append_varint(session_log, 1);
+  std::string event;  // Event{wall_time = 1, step = 2, session_log = 7}
+  append_double(event, 1, wall_time);
+  append_key(event, 2, 0);
+  append_varint(event, static_cast<uint64_t>(step));
+  append_bytes(event, 7, session_log);
+  return event;
+}
+
+EventFileWriter::EventFileWriter(const std::string& directory, int64_t purge_step) {
   std::error_code error;
   std::filesystem::create_directories(directory, error);
   char host[256] = "localhost";
@@ -139,6 +151,7 @@ EventFileWriter::EventFileWriter(const std::string& directory) {
   out_.open(path_, std::ios::binary | std::ios::app);
   if (!out_) throw std::runtime_error("cannot open TensorBoard event file " + path_);
   write(file_version_event(wall_time));
+  if (purge_step > 0) write(session_start_event(wall_time, purge_step));
   flush();
 }
 

@@ -129,6 +129,24 @@ TEST(EventFileTest, WritesTheVersionRecordThenScalarsAndHistogramsThatDecode) {
   EXPECT_EQ(read_le<double>(histo.bytes.at(7), 8), 12.0);
 }
 
+// A resumed run's file starts with a session start at the step it resumes from, which TensorBoard's
+// reader takes as the point from which earlier files' events are dropped.
+TEST(EventFileTest, AResumedRunsFileStartsASessionAtItsPurgeStep) {
+  testing::TempDir dir;
+  std::string path;
+  {
+    EventFileWriter writer(dir.path().string(), /*purge_step=*/5);
+    path = writer.path();
+  }
+  std::ifstream in(path, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::vector<std::string> records = split_records(bytes);
+  ASSERT_EQ(records.size(), 2u);
+  const Fields start = parse(records[1]);
+  EXPECT_EQ(start.varints.at(2), 5u);
+  EXPECT_EQ(parse(start.bytes.at(7)).varints.at(1), 1u);  // SessionLog.status START
+}
+
 // A corrupted payload byte no longer matches its record's CRC: what a reader checks.
 TEST(EventFileTest, ACorruptedByteBreaksItsRecordsCrc) {
   std::string record = tf_record(scalar_event(1.7e9, 3, "train/lr", 0.001f));

@@ -34,14 +34,18 @@ struct Histogram {
 std::string file_version_event(double wall_time);  ///< the first record: file_version "brain.Event:2"
 std::string scalar_event(double wall_time, int64_t step, std::string_view tag, float value);
 std::string histogram_event(double wall_time, int64_t step, std::string_view tag, const Histogram& histogram);
+/// SessionLog{status: START} at `step`: TensorBoard's reader then drops the events of earlier
+/// files at `step` and after (its purge of orphaned data), what SummaryWriter(purge_step=...)
+/// writes when a run resumes, so a resumed run shows each step once.
+std::string session_start_event(double wall_time, int64_t step);
 
 /// Appends events to one file, `events.out.tfevents.<unix seconds>.<host>` in a directory, as
 /// torch.utils.tensorboard.SummaryWriter names it; one file per process start.
 class EventFileWriter {
  public:
-  /// Creates the directory and the file and writes the file-version record; throws with the path
-  /// when it cannot.
-  explicit EventFileWriter(const std::string& directory);
+  /// Creates the directory and the file and writes the file-version record, then, for a resumed
+  /// run (`purge_step` > 0), a session start at `purge_step`; throws with the path when it cannot.
+  explicit EventFileWriter(const std::string& directory, int64_t purge_step = 0);
   const std::string& path() const { return path_; }
   void add_scalar(int64_t step, std::string_view tag, double value);
   void add_histogram(int64_t step, std::string_view tag, const Histogram& histogram);
