@@ -32,10 +32,13 @@ uint32_t masked_crc32c(std::string_view bytes) {
 
 namespace {
 
+// Event files are little-endian, and so are the hosts we build for: a memcpy writes them.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "event_file.cpp writes host byte order");
+
 template <typename T>
 void append_little_endian(std::string& out, T value) {
   char bytes[sizeof(T)];
-  std::memcpy(bytes, &value, sizeof(T));  // the x86-64 and aarch64 hosts we build on are little-endian
+  std::memcpy(bytes, &value, sizeof(T));
   out.append(bytes, sizeof(T));
 }
 
