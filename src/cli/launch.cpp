@@ -2,10 +2,7 @@
 // executable with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 // MASTER_ADDR, MASTER_PORT), for single-machine runs without Python. Like torchrun, the first
 // failing rank ends the job: the others get a grace period to report, then SIGTERM.
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,28 +15,11 @@
 #include <vector>
 
 #include "yuanmoe/cli/commands.h"
+#include "yuanmoe/parallel/world.h"
 
 namespace yuanmoe::cli {
 
 namespace {
-
-/// A port the kernel considers free right now (bind to 0, read it back).
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw std::runtime_error("launch: cannot create a socket to find a free port");
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  address.sin_port = 0;
-  socklen_t length = sizeof(address);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
-    ::close(fd);
-    throw std::runtime_error("launch: cannot find a free port");
-  }
-  ::close(fd);
-  return ntohs(address.sin_port);
-}
 
 volatile sig_atomic_t g_forward_signal = 0;
 void remember_signal(int signal) { g_forward_signal = signal; }
@@ -134,7 +114,8 @@ int run_launch(int argc, const char* const* argv) {
   if (!args.count("nproc") || args["nproc"].as<int>() < 1) throw std::invalid_argument("--nproc N (>= 1) is required");
   if (split + 1 >= argc) throw std::invalid_argument("the command to run follows --, e.g. -- train --config FILE");
   const int nproc = args["nproc"].as<int>();
-  const int port = args.count("master-port") ? args["master-port"].as<int>() : free_port();
+  const int port =
+      args.count("master-port") ? args["master-port"].as<int>() : static_cast<int>(parallel::free_loopback_port());
   const int grace_s = args["grace"].as<int>();
 
   std::vector<std::string> command{"/proc/self/exe"};

@@ -2,19 +2,15 @@
 // through a TCPStore on loopback: the same c10d code as separate processes, without a launch.
 #pragma once
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-
 #include <cstdlib>
 #include <exception>
 #include <functional>
-#include <stdexcept>
 #include <thread>
 #include <unistd.h>
 #include <vector>
 
 #include "yuanmoe/parallel/process_groups.h"
+#include "yuanmoe/parallel/world.h"
 
 namespace yuanmoe::testing {
 
@@ -26,30 +22,13 @@ namespace yuanmoe::testing {
 // so this is set before main.
 inline const bool kFlightRecorderOff = ::setenv("TORCH_FR_BUFFER_SIZE", "0", /*overwrite=*/1) == 0;
 
-/// A loopback port no socket holds now, from the kernel (bind to port 0, read it, close): ports
-/// derived from the process id collided between tests that ctest -j runs side by side
-/// (EADDRINUSE at the store). The port stays free for the moment until rank 0 listens on it;
-/// the kernel hands out ephemeral ports in turn, so another test is unlikely to get it then.
-inline int64_t free_loopback_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw std::runtime_error("free_loopback_port: socket() failed");
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  address.sin_port = 0;
-  socklen_t length = sizeof(address);
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
-                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
-  ::close(fd);
-  if (!ok) throw std::runtime_error("free_loopback_port: bind() to 127.0.0.1:0 failed");
-  return ntohs(address.sin_port);
-}
-
 /// body(context) on `world_size` threads (world = pipeline_stages x dp, parallel.expert =
 /// `expert`); rethrows the first failure.
 inline void on_ranks(int64_t world_size, int64_t pipeline_stages,
                      const std::function<void(parallel::ParallelContext&)>& body, int64_t expert = 1) {
-  const int64_t port = free_loopback_port();
+  // From the kernel: ports derived from the process id collided between tests that ctest -j
+  // runs side by side (EADDRINUSE at the store).
+  const int64_t port = parallel::free_loopback_port();
   std::vector<std::exception_ptr> errors(static_cast<size_t>(world_size));
   std::vector<std::thread> threads;
   for (int64_t rank = 0; rank < world_size; ++rank) {

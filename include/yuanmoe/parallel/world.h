@@ -30,6 +30,11 @@ WorldInfo detect_world(const EnvLookup& getenv);
 /// The process environment.
 WorldInfo detect_world();
 
+/// A loopback port no socket holds right now, from the kernel (bind to port 0, read it back), for
+/// a master that starts its store soon after: `yuanmoe launch`, and tests that run ranks as
+/// threads side by side under ctest -j. Throws std::runtime_error when no socket can be bound.
+int64_t free_loopback_port();
+
 /// The first host of a Slurm node list: "gpu[003-005,010],cpu1" -> "gpu003".
 std::string first_slurm_host(const std::string& node_list);
 
