@@ -11,8 +11,8 @@ namespace yuanmoe::train {
 
 /// On `device`: the batch's position ids and its document ids when it has them
 /// (data.reset_attention_mask) and some row holds more than one document (one document per row
-/// is the plain causal layout: the same logits, a faster kernel). The labels are the loss's alone: the model routes, balances and
-/// attends over every token, an ignored label's included.
+/// is the plain causal layout: the same logits, a faster kernel). The labels are the loss's
+/// alone: the model routes, balances and attends over every token, an ignored label's included.
 model::TokenLayout token_layout(const data::Batch& batch, const torch::Device& device);
 
 }  // namespace yuanmoe::train
