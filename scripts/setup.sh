@@ -4,14 +4,15 @@
 #      gnuplot, the default corpus (bible-kjv);
 #   2. a Python virtual environment (scripts/venv.sh says where) holding PyTorch 2.11.0 from PyPI:
 #      its libtorch, built for CUDA 13.0, is the one library the C++ code builds against, and its
-#      torch runs the independent references and the Python tests.
+#      torch runs the independent references and the Python tests; and tensorboard, whose own
+#      event reader checks the event files `train` writes (tests/python/test_tensorboard.py).
 # Idempotent: a second run installs nothing and says so. A failed install names what failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 
 TORCH_VERSION=2.11.0
-python_packages=("torch==$TORCH_VERSION" "numpy")
+python_packages=("torch==$TORCH_VERSION" "numpy" "tensorboard")
 
 # Debian package names. libgloo-dev only for its headers: the wheel's ProcessGroupGloo.hpp
 # includes gloo/ headers the wheel does not ship (Gloo itself is compiled into libtorch_cpu).
@@ -44,10 +45,12 @@ else
   echo "setup: installed ${#missing[@]} Debian packages"
 fi
 
-# The environment is complete when its torch is exactly $TORCH_VERSION and numpy imports.
+# The environment is complete when its torch is exactly $TORCH_VERSION and numpy and
+# TensorBoard's event reader import.
 venv_ready() {
   [ -x "$YUANMOE_PYTHON" ] && "$YUANMOE_PYTHON" - "$TORCH_VERSION" <<'PY' 2>/dev/null
 import sys, numpy, torch
+from tensorboard.backend.event_processing import event_accumulator
 sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] else 1)
 PY
 }
@@ -63,6 +66,6 @@ else
   echo "setup: installing ${python_packages[*]} into $YUANMOE_VENV from PyPI (about 3 GB with its CUDA libraries)"
   "$YUANMOE_PYTHON" -m pip install --quiet --disable-pip-version-check "${python_packages[@]}" \
     || fail "pip install ${python_packages[*]} failed (is PyPI reachable?)"
-  venv_ready || fail "$YUANMOE_VENV: torch $TORCH_VERSION and numpy do not import after installing them"
+  venv_ready || fail "$YUANMOE_VENV: torch $TORCH_VERSION, numpy or tensorboard do not import after installing them"
   echo "setup: installed torch $("$YUANMOE_PYTHON" -c 'import torch; print(torch.__version__)') into $YUANMOE_VENV"
 fi

@@ -178,6 +178,10 @@ void visit(V& v, LogConfig& c) {
   v.field("interval", c.interval, kOptional, "Steps between metric lines.");
   v.field("progress", c.progress, kOptional, "Progress bar when stderr is a terminal (plain log lines otherwise).");
   v.field("plots", c.plots, kOptional, "Regenerate PNG plots under plots/ (needs gnuplot).");
+  v.field("tensorboard", c.tensorboard, kOptional,
+          "Write TensorBoard event files (rank 0): metrics.jsonl's numbers as train/, valid/ and moe/ tags.");
+  v.field("tensorboard_dir", c.tensorboard_dir, kOptional,
+          "Directory of the event files; empty = RUN_DIR/tensorboard (relative paths: to the run dir).");
   v.field("peak_tflops", c.peak_tflops, kOptional,
           "Device peak for MFU, TFLOP/s; 0 = measure with a large matmul at start-up.");
 }

@@ -28,7 +28,9 @@ Routing RouterImpl::forward(const Tensor& x_TD, const TokenGroups& tokens) {
     torch::NoGradGuard no_grad;
     const Tensor p_TE = routing_distribution(logits_TE.detach()).to(torch::kDouble);
     const Tensor entropy = -torch::xlogy(p_TE, p_TE).sum();  // xlogy: 0 log 0 = 0
-    eval_entropy_sum_ = eval_entropy_sum_.defined() ? eval_entropy_sum_ + entropy : entropy;
+    const Tensor sums = torch::cat({entropy.reshape({1}),
+                                    routing_tie_counts(p_TE, config.top_k, config.router == RouterKind::kRelu)});
+    eval_sums_ = eval_sums_.defined() ? eval_sums_ + sums : sums;
     eval_tokens_ += logits_TE.size(0);
   }
   return gate(logits_TE, tokens, rerun);
@@ -39,11 +41,30 @@ void RouterImpl::rerun_next_forward(const Tensor& record) {
   prepare_rerun(record);
 }
 
+Tensor routing_tie_counts(const Tensor& p_TE, int64_t k, bool positive_only) {
+  const auto fp64 = torch::dtype(torch::kDouble).device(p_TE.device());
+  if (p_TE.size(1) <= k) return torch::zeros({2}, fp64);
+  const Tensor largest_TK1 = std::get<0>(p_TE.topk(k + 1, -1));  // sorted, descending
+  const Tensor kth_T = largest_TK1.select(1, k - 1), next_T = largest_TK1.select(1, k);
+  Tensor tied_T = (kth_T - next_T) <= kRoutingTieTolerance;
+  Tensor exactly_tied_T = kth_T == next_T;
+  if (positive_only) {
+    tied_T = tied_T & (next_T > 0);
+    exactly_tied_T = exactly_tied_T & (next_T > 0);
+  }
+  return torch::stack({tied_T.sum(), exactly_tied_T.sum()}).to(torch::kDouble);
+}
+
 RouterEvalStats RouterImpl::take_eval_stats() {
   RouterEvalStats stats;
-  if (eval_entropy_sum_.defined()) stats.entropy_sum = eval_entropy_sum_.item<double>();
+  if (eval_sums_.defined()) {
+    const Tensor sums = eval_sums_.cpu();
+    stats.entropy_sum = sums[0].item<double>();
+    stats.tied_tokens = sums[1].item<double>();
+    stats.exactly_tied_tokens = sums[2].item<double>();
+  }
   stats.tokens = eval_tokens_;
-  eval_entropy_sum_ = Tensor();
+  eval_sums_ = Tensor();
   eval_tokens_ = 0;
   return stats;
 }

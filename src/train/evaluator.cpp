@@ -65,16 +65,17 @@ EvalResult Evaluator::evaluate_split(const ValidationSplit& split) {
 
 Tensor Evaluator::take_router_sums() {
   const std::vector<model::Moe> layers = model_.moe_layers();
-  Tensor stage_sums;  // [L_stage, 2]
+  Tensor stage_sums;  // [L_stage, 4]
   if (!layers.empty()) {
-    stage_sums = torch::zeros({static_cast<int64_t>(layers.size()), 2}, torch::kDouble);
+    stage_sums = torch::zeros({static_cast<int64_t>(layers.size()), 4}, torch::kDouble);
     for (size_t l = 0; l < layers.size(); ++l) {
       const model::RouterEvalStats stats = layers[l]->gate->take_eval_stats();
-      stage_sums[static_cast<int64_t>(l)][0] = stats.entropy_sum;
-      stage_sums[static_cast<int64_t>(l)][1] = static_cast<double>(stats.tokens);
+      stage_sums[static_cast<int64_t>(l)] = torch::tensor(
+          {stats.entropy_sum, static_cast<double>(stats.tokens), stats.tied_tokens, stats.exactly_tied_tokens},
+          torch::kDouble);
     }
   }
-  return layer_rows_.over_world(stage_sums, 2, torch::kDouble);
+  return layer_rows_.over_world(stage_sums, 4, torch::kDouble);
 }
 
 }  // namespace yuanmoe::train

@@ -1,8 +1,10 @@
 #include "yuanmoe/train/event_file.h"
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -85,6 +87,8 @@ std::string summary_event(double wall_time, int64_t step, const std::string& val
   return event;
 }
 
+std::atomic<int64_t> files_opened{0};  // the last part of a file's name, as TensorBoard's writer
+
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -142,19 +146,44 @@ std::string session_start_event(double wall_time, int64_t step) {
   return event;
 }
 
-EventFileWriter::EventFileWriter(const std::string& directory, int64_t purge_step) {
+std::string png_image_event(double wall_time, int64_t step, std::string_view tag, std::string_view png) {
+  // The PNG signature (8 bytes), then the IHDR chunk: length, "IHDR", width, height (big-endian).
+  if (png.size() < 24 || png.substr(1, 3) != "PNG" || png.substr(12, 4) != "IHDR") {
+    throw std::runtime_error("not a PNG image");
+  }
+  const auto big_endian = [&](size_t at) {
+    uint32_t value = 0;
+    for (size_t i = 0; i < 4; ++i) value = value << 8 | static_cast<uint8_t>(png[at + i]);
+    return value;
+  };
+  std::string image;  // Summary.Image{height 1, width 2, colorspace 3, encoded_image_string 4}
+  append_key(image, 1, 0);
+  append_varint(image, big_endian(20));
+  append_key(image, 2, 0);
+  append_varint(image, big_endian(16));
+  append_key(image, 3, 0);
+  append_varint(image, 3);  // RGB
+  append_bytes(image, 4, png);
+  std::string summary_value;  // Summary.Value{tag = 1, image = 4}
+  append_bytes(summary_value, 1, tag);
+  append_bytes(summary_value, 4, image);
+  return summary_event(wall_time, step, summary_value);
+}
+
+EventFileWriter::EventFileWriter(const std::string& directory, std::optional<int64_t> purge_step) {
   std::error_code error;
   std::filesystem::create_directories(directory, error);
   char host[256] = "localhost";
   gethostname(host, sizeof(host) - 1);
   const double wall_time = now_seconds();
   path_ = (std::filesystem::path(directory) /
-           ("events.out.tfevents." + std::to_string(static_cast<int64_t>(wall_time)) + "." + host))
+           fmt::format("events.out.tfevents.{:010d}.{}.{}.{}", static_cast<int64_t>(wall_time), host, getpid(),
+                       files_opened.fetch_add(1)))
               .string();
   out_.open(path_, std::ios::binary | std::ios::app);
   if (!out_) throw std::runtime_error("cannot open TensorBoard event file " + path_);
   write(file_version_event(wall_time));
-  if (purge_step > 0) write(session_start_event(wall_time, purge_step));
+  if (purge_step) write(session_start_event(wall_time, *purge_step));
   flush();
 }
 
@@ -164,6 +193,10 @@ void EventFileWriter::add_scalar(int64_t step, std::string_view tag, double valu
 
 void EventFileWriter::add_histogram(int64_t step, std::string_view tag, const Histogram& histogram) {
   write(histogram_event(now_seconds(), step, tag, histogram));
+}
+
+void EventFileWriter::add_png(int64_t step, std::string_view tag, std::string_view png) {
+  write(png_image_event(now_seconds(), step, tag, png));
 }
 
 void EventFileWriter::write(const std::string& event) {

@@ -34,6 +34,7 @@ ordered_json json_rows(const Tensor& values_LE) {
 void StepInterval::add(const StepResult& result, double seconds, int64_t tokens) {
   seconds_ += seconds;
   tokens_ += tokens;
+  if (result.skipped) ++skipped_steps_;
   if (result.routed_pairs_LE.defined()) {
     routed_pairs_LE_ = routed_pairs_LE_.defined() ? routed_pairs_LE_ + result.routed_pairs_LE : result.routed_pairs_LE;
   }
@@ -55,6 +56,7 @@ StepInterval::Line StepInterval::take(int64_t step, int64_t max_steps, const Ste
                {"tokens_per_s", tokens_per_s},
                {"tokens_seen", tokens_seen}};
   if (result.skipped) line.json["skipped"] = true;
+  line.json["skipped_steps"] = skipped_steps_;  // non-finite steps skipped in the interval
   line.json["mfu"] = mfu;
   line.json["peak_rss_mib"] = peak_rss_bytes() / (1024 * 1024);  // the process's, since it started
   if (pipelined) line.json["pipeline_bubble"] = result.pipeline_bubble;
@@ -74,8 +76,17 @@ ordered_json eval_line(int64_t step, const EvalReport& report) {
     line["expert_load"] = json_rows(result.expert_share_LE);
     // Per MoE layer: mean routing entropy (nats) and routed (token, expert) pairs per token.
     const Tensor routed_tokens_L = report.router_sums.select(1, 1).clamp_min(1.0);
+    const Tensor active_experts_L = result.routed_pairs_LE.to(torch::kDouble).sum(1) / routed_tokens_L;
     line["router_entropy"] = json_vector(report.router_sums.select(1, 0) / routed_tokens_L);
-    line["active_experts"] = json_vector(result.routed_pairs_LE.to(torch::kDouble).sum(1) / routed_tokens_L);
+    line["active_experts"] = json_vector(active_experts_L);
+    // The load's coefficient of variation (population std / mean of the shares), and the experts
+    // that got under 1 % of the tokens (share x pairs per token; scripts/ablate.py reads both).
+    const Tensor share_LE = result.expert_share_LE;
+    line["load_cv"] = json_vector(share_LE.std(1, /*unbiased=*/false) / share_LE.mean(1).clamp_min(1e-300));
+    line["experts_under_1pct"] = json_vector((share_LE * active_experts_L.unsqueeze(1) < 0.01).sum(1));
+    // Shares of the tokens whose k-th and (k+1)-th routing weights tie (docs/routers.md, "Ties").
+    line["router_ties"] = json_vector(report.router_sums.select(1, 2) / routed_tokens_L);
+    line["router_exact_ties"] = json_vector(report.router_sums.select(1, 3) / routed_tokens_L);
   }
   if (!report.sources.empty()) {
     ordered_json sources = ordered_json::object();

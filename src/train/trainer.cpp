@@ -144,6 +144,11 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
   plots_enabled_ = config_.log.plots;
   resume_or_initialise();
   if (is_logging_rank()) metrics_ = std::make_unique<MetricsLog>(options_.run_dir / "metrics.jsonl", progress_.step);
+  if (is_logging_rank() && config_.log.tensorboard) {
+    const fs::path dir = options_.run_dir / (config_.log.tensorboard_dir.empty() ? "tensorboard" : config_.log.tensorboard_dir);
+    tensorboard_ = std::make_unique<TensorBoardLog>(dir, progress_.step,
+                                                    [this](const std::string& line) { console_->warn(line); });
+  }
 }
 
 void Trainer::log_memory_per_rank() const {
@@ -221,6 +226,11 @@ TrainSummary Trainer::run() {
   bar.finish();
   summary.last_step = progress_.step;
   if (const std::string line = expert_times.summary(parallel_.world().rank); !line.empty()) console_->info(line);
+  if (tensorboard_ && tensorboard_->lines() > 0) {
+    file_->info(fmt::format("TensorBoard: {} lines written to {} in {:.1f} ms ({:.3f} ms per line)",
+                            tensorboard_->lines(), tensorboard_->path(), 1e3 * tensorboard_->seconds(),
+                            1e3 * tensorboard_->seconds() / static_cast<double>(tensorboard_->lines())));
+  }
   if (progress_.step < train.max_steps) {
     info("stopped after " + std::to_string(progress_.step - summary.first_step) + " steps (--exit-after-steps); rerun "
          "the same command to continue from " + summary.last_checkpoint.string());
@@ -272,14 +282,14 @@ void Trainer::log_interval(StepInterval& interval, const StepResult& result, con
   const StepInterval::Line line =
       interval.take(step, config_.train.max_steps, result, progress_.tokens_seen, flops_per_token_, peak_flops_,
                     parallel_.world().world_size, parallel_.layout().pp > 1, bar.eta(step));
-  if (metrics_) metrics_->write(line.json);
+  if (is_logging_rank()) write_metrics(line.json);
   (bar.enabled() ? file_ : console_)->info(line.text);
 }
 
 EvalResult Trainer::evaluate() {
   const EvalReport report = evaluator_->run();
   if (is_logging_rank()) {
-    metrics_->write(eval_line(progress_.step, report));
+    write_metrics(eval_line(progress_.step, report));
     info(eval_text(progress_.step, report));
   }
   return report.headline;
@@ -292,12 +302,19 @@ fs::path Trainer::save() {
   return dir;
 }
 
+void Trainer::write_metrics(const nlohmann::ordered_json& line) {
+  metrics_->write(line);
+  if (tensorboard_) tensorboard_->write(line);
+}
+
 void Trainer::redraw_plots() {
   if (!plots_enabled_ || !is_logging_rank()) return;
   if (const std::string problem = render_plots(options_.run_dir); !problem.empty()) {
     console_->warn(problem);
     plots_enabled_ = false;  // warn once
+    return;
   }
+  if (tensorboard_) tensorboard_->write_image(progress_.step, "moe/expert_load", options_.run_dir / "plots" / "expert_load.png");
 }
 
 }  // namespace yuanmoe::train

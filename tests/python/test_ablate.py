@@ -81,6 +81,16 @@ def main():
                 check(float(r["active_experts"]) == 2.0, "top-2: active experts per token = 2 (%s)" % r["active_experts"])
             entropy = float(r["router_entropy"])  # ReLU with a strong L1 may leave one expert a token: 0
             check(0 <= entropy <= 1.3863, "%s: router entropy %.4f in [0, ln 4]" % (r["variant"], entropy))
+        # `tensorboard --logdir out/runs` names the runs by variant and seed.
+        event_dirs = sorted(os.path.relpath(d, os.path.join(WORK, "out", "runs"))
+                            for d, _, files in os.walk(os.path.join(WORK, "out", "runs"))
+                            if any(f.startswith("events.out.tfevents.") for f in files))
+        check(event_dirs == ["relu/seed_1", "relu/seed_2", "top2/seed_1", "top2/seed_2"],
+              "TensorBoard runs under out/runs: %s" % event_dirs)
+        for r in rows:
+            check(0 <= float(r["router_ties"]) <= 1 and 0 <= float(r["router_exact_ties"]) <= float(r["router_ties"]),
+                  "%s seed %s: tie shares %s, %s in [0, 1], exact <= within 1e-6" %
+                  (r["variant"], r["seed"], r["router_ties"], r["router_exact_ties"]))
         seeds_differ = rows[0]["final_valid_loss"] != rows[1]["final_valid_loss"]
         check(seeds_differ, "seeds 1 and 2 give different runs")
         md = open(os.path.join(WORK, "out", "results.md")).read()

@@ -195,6 +195,64 @@ TEST_P(RouterPropertyTest, EvalModeSumsTheRoutingEntropy) {
   EXPECT_EQ(after.entropy_sum, 0.0);
 }
 
+/// Tokens whose k-th and (k+1)-th largest weights tie, by sorting each row by hand.
+std::pair<double, double> tie_counts_loop(const torch::Tensor& p_TE, int64_t k, bool positive_only) {
+  double tied = 0, exactly = 0;
+  for (int64_t t = 0; t < p_TE.size(0); ++t) {
+    std::vector<double> row;
+    for (int64_t e = 0; e < p_TE.size(1); ++e) row.push_back(p_TE[t][e].item<double>());
+    std::sort(row.begin(), row.end(), std::greater<>());
+    const double kth = row[static_cast<size_t>(k - 1)], next = row[static_cast<size_t>(k)];
+    if (positive_only && next <= 0) continue;
+    tied += kth - next <= kRoutingTieTolerance;
+    exactly += kth == next;
+  }
+  return {tied, exactly};
+}
+
+TEST_F(RouterTest, TieCountsMatchASortPerToken) {
+  // Rows with exact ties, near ties (5e-7 apart), clear gaps and ties at zero.
+  const auto p_TE = torch::tensor({{0.4, 0.2, 0.2, 0.2},
+                                   {0.5, 0.3, 0.2, 0.0},
+                                   {0.5, 0.25, 0.2499995, 0.0000005},
+                                   {1.0, 0.0, 0.0, 0.0},
+                                   {0.25, 0.25, 0.25, 0.25}},
+                                  torch::kFloat);
+  for (const bool positive_only : {false, true}) {
+    for (const int64_t k : {1, 2, 3}) {
+      const auto [tied, exactly] = tie_counts_loop(p_TE, k, positive_only);
+      const torch::Tensor counts = routing_tie_counts(p_TE, k, positive_only);
+      EXPECT_EQ(counts[0].item<double>(), tied) << "k " << k << " positive_only " << positive_only;
+      EXPECT_EQ(counts[1].item<double>(), exactly) << "k " << k << " positive_only " << positive_only;
+    }
+  }
+  // k = 2: rows 0, 2, 4 tie within 1e-6 (row 3 too, at zero), rows 0, 3, 4 exactly.
+  EXPECT_EQ(routing_tie_counts(p_TE, 2, false)[0].item<double>(), 4.0);
+  EXPECT_EQ(routing_tie_counts(p_TE, 2, false)[1].item<double>(), 3.0);
+  EXPECT_EQ(routing_tie_counts(p_TE, 2, true)[1].item<double>(), 2.0);
+  EXPECT_EQ(routing_tie_counts(p_TE, 4, false).sum().item<double>(), 0.0) << "no (k+1)-th weight";
+}
+
+// A saturated attention router: with large q and k, each row of the per-token E x E softmax is
+// one-hot at argmax_j q_i k_j, which is the largest k_j for q_i > 0 and the smallest for q_i < 0.
+// Every logit r_i is then one of two values of v, and top-2 meets exact ties.
+TEST_F(RouterTest, ASaturatedAttentionRouterTiesExactly) {
+  auto moe = testing::small_moe_config(RouterKind::kAttention);
+  auto router = make_initialised_router(moe, 16);
+  auto& attention = dynamic_cast<AttentionRouterImpl&>(*router);
+  {
+    torch::NoGradGuard no_grad;
+    attention.query->weight.mul_(100.0);
+    attention.key->weight.mul_(100.0);
+  }
+  router->eval();
+  const auto x_TD = torch::randn({64, 16});
+  const torch::Tensor logits_TE = router->forward(x_TD).gates_TK;  // counts the eval statistics
+  const RouterEvalStats stats = router->take_eval_stats();
+  EXPECT_GT(stats.exactly_tied_tokens, 0.5 * 64) << "most tokens tie when the router saturates";
+  EXPECT_GE(stats.tied_tokens, stats.exactly_tied_tokens);
+}
+
 INSTANTIATE_TEST_SUITE_P(AllRouters, RouterPropertyTest, ::testing::ValuesIn(testing::all_router_kinds()),
                          [](const auto& info) { return config::to_string(info.param); });
 

@@ -167,6 +167,8 @@ struct LogConfig {
   int64_t interval = 1;
   bool progress = true;
   bool plots = true;
+  bool tensorboard = true;
+  std::string tensorboard_dir;  ///< "" = RUN_DIR/tensorboard
   double peak_tflops = 0.0;  ///< 0 = measured at start-up
 };
 

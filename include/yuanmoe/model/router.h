@@ -38,11 +38,24 @@ struct RouterStepStats {
 };
 
 /// Sums over the tokens routed in eval mode since the last take_eval_stats(): the entropy (nats)
-/// of each token's routing distribution (routing_distribution()), and the token count.
+/// of each token's routing distribution (routing_distribution()), the token count, and the tokens
+/// whose k-th and (k+1)-th largest routing weights (k = moe.top_k) are tied: within 1e-6, and
+/// exactly equal. Top-k then chooses among the tied experts by index (docs/routers.md, "Ties").
+/// For ReLU only ties between positive gates count: a zero gate is not routed.
 struct RouterEvalStats {
   double entropy_sum = 0.0;
   int64_t tokens = 0;
+  double tied_tokens = 0.0;
+  double exactly_tied_tokens = 0.0;
 };
+
+/// Two weights closer than this are "tied" in RouterEvalStats.
+inline constexpr double kRoutingTieTolerance = 1e-6;
+
+/// p_TE (each token's routing distribution) -> fp64 [2]: the tokens whose k-th and (k+1)-th
+/// largest weights are within kRoutingTieTolerance, and those exactly equal; zeros when E <= k.
+/// `positive_only`: a tie counts only when both weights are above zero.
+Tensor routing_tie_counts(const Tensor& p_TE, int64_t k, bool positive_only);
 
 class RouterImpl : public torch::nn::Module {
  public:
@@ -87,7 +100,9 @@ class RouterImpl : public torch::nn::Module {
 
  private:
   bool rerun_ = false;
-  Tensor eval_entropy_sum_;  // fp64 scalar on the router's device, undefined until first used
+  // fp64 [3] on the router's device: entropy sum, tied tokens, exactly tied tokens; undefined
+  // until first used.
+  Tensor eval_sums_;
   int64_t eval_tokens_ = 0;
 };
 

@@ -22,8 +22,8 @@ struct EvalReport {
   EvalResult headline;
   std::vector<std::string> source_names;  // the data.blend entries with a valid_prefix
   std::vector<EvalResult> sources;
-  /// [L, 2] fp64: each MoE layer's routing entropy sum and routed tokens over the headline's
-  /// tokens; undefined without MoE layers.
+  /// [L, 4] fp64, over the headline's tokens, per MoE layer: routing entropy sum, routed tokens,
+  /// tied and exactly tied tokens (model::RouterEvalStats); undefined without MoE layers.
   Tensor router_sums;
 };
 

@@ -1,12 +1,14 @@
 // TensorBoard's event file, written without a protobuf runtime: TFRecord framing (a length, its
 // masked CRC32C, the payload, its masked CRC32C; tensorflow/core/lib/io/record_writer.cc) around
 // `Event` messages (tensorflow/core/util/event.proto, summary.proto) whose few fields are encoded
-// by hand. libtorch_cpu.so carries onnx_torch's protobuf messages with the runtime hidden, so a
-// second runtime would link, but generated code for five fields is more than the fields.
+// by hand: libtorch_cpu.so exports some protobuf runtime symbols of its own that a second runtime
+// would define again (docs/training.md, "TensorBoard"), and generated code for a few fields is
+// more than the fields.
 #pragma once
 
 #include <cstdint>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -38,17 +40,24 @@ std::string histogram_event(double wall_time, int64_t step, std::string_view tag
 /// files at `step` and after (its purge of orphaned data), what SummaryWriter(purge_step=...)
 /// writes when a run resumes, so a resumed run shows each step once.
 std::string session_start_event(double wall_time, int64_t step);
+/// Summary.Image of an encoded PNG; width and height read from its IHDR chunk (throws when
+/// `png` is not a PNG).
+std::string png_image_event(double wall_time, int64_t step, std::string_view tag, std::string_view png);
 
-/// Appends events to one file, `events.out.tfevents.<unix seconds>.<host>` in a directory, as
-/// torch.utils.tensorboard.SummaryWriter names it; one file per process start.
+/// Appends events to one file, `events.out.tfevents.<unix seconds>.<host>.<pid>.<n>` in a
+/// directory, as TensorBoard's own EventFileWriter (which SummaryWriter uses) names it; one file
+/// per process start.
 class EventFileWriter {
  public:
-  /// Creates the directory and the file and writes the file-version record, then, for a resumed
-  /// run (`purge_step` > 0), a session start at `purge_step`; throws with the path when it cannot.
-  explicit EventFileWriter(const std::string& directory, int64_t purge_step = 0);
+  /// Creates the directory and the file and writes the file-version record, then, with a
+  /// `purge_step`, a session start at that step (a run's steps from there on are written again
+  /// by this file); throws with the path when it cannot.
+  explicit EventFileWriter(const std::string& directory, std::optional<int64_t> purge_step = std::nullopt);
   const std::string& path() const { return path_; }
   void add_scalar(int64_t step, std::string_view tag, double value);
   void add_histogram(int64_t step, std::string_view tag, const Histogram& histogram);
+  /// A PNG as an image summary (Summary.Image); `png` holds the whole file.
+  void add_png(int64_t step, std::string_view tag, std::string_view png);
   /// Flushes to the file; throws with the path when the write failed (disk full, for example).
   void flush();
 

@@ -34,6 +34,7 @@ class StepInterval {
  private:
   double seconds_ = 0.0;
   int64_t tokens_ = 0;
+  int64_t skipped_steps_ = 0;
   Tensor routed_pairs_LE_;
 };
 

@@ -21,6 +21,7 @@
 #include "yuanmoe/train/evaluator.h"
 #include "yuanmoe/train/metrics.h"
 #include "yuanmoe/train/step.h"
+#include "yuanmoe/train/tensorboard.h"
 #include "yuanmoe/train/training_data.h"
 
 namespace yuanmoe::train {
@@ -70,6 +71,8 @@ class Trainer {
   EvalResult evaluate();
   fs::path save();
   void redraw_plots();
+  /// A metrics line to metrics.jsonl and TensorBoard (rank 0).
+  void write_metrics(const nlohmann::ordered_json& line);
   void info(const std::string& message) { console_->info(message); }
   bool is_logging_rank() const { return parallel_.world().rank == 0; }
 
@@ -87,6 +90,7 @@ class Trainer {
   std::unique_ptr<TrainingData> data_;  // the training batches and the validation splits
   std::unique_ptr<Evaluator> evaluator_;
   std::unique_ptr<MetricsLog> metrics_;
+  std::unique_ptr<TensorBoardLog> tensorboard_;  // rank 0 with log.tensorboard
   checkpoint::TrainingProgress progress_;  // step, tokens seen; the sampler state at each save
   double peak_flops_ = 0.0;
   double flops_per_token_ = 0.0;
