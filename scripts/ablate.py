@@ -197,32 +197,24 @@ def summarise(metrics_path):
         raise SystemExit("%s: no evaluation lines" % metrics_path)
     final = evals[max(evals)]
     load_LE = final.get("expert_load", [])
-    active_L = final.get("active_experts", [])
-    entropy_L = final.get("router_entropy", [])
-    ties_L = final.get("router_ties", [])
-    exact_ties_L = final.get("router_exact_ties", [])
-    cvs, starved = [], 0
-    for layer, load_E in enumerate(load_LE):
-        mean = sum(load_E) / len(load_E)
-        std = math.sqrt(sum((x - mean) ** 2 for x in load_E) / len(load_E))
-        cvs.append(std / mean if mean > 0 else 0.0)
-        # An expert's share of the tokens = its share of the routed pairs x pairs per token.
-        pairs_per_token = active_L[layer] if layer < len(active_L) else 0.0
-        starved += sum(1 for x in load_E if x * pairs_per_token < 0.01)
+
+    def layer_mean(key):  # mean over MoE layers; NaN for a run logged before the trainer wrote `key`
+        values_L = final.get(key, [])
+        return sum(values_L) / len(values_L) if values_L else float("nan")
+
     # The first logged interval includes start-up (allocator warm-up): leave it out of the rate.
     rates = [r["tokens_per_s"] for r in train_lines[1:]] or [r["tokens_per_s"] for r in train_lines]
-    layers = max(len(load_LE), 1)
     return {
         "final_valid_loss": final["loss"],
         "best_valid_loss": min(e["loss"] for e in evals.values()),
         "tokens_per_s": sum(rates) / len(rates),
-        "load_cv": sum(cvs) / layers,
-        "experts_below_1pct": starved / layers,  # per MoE layer
-        "router_entropy": sum(entropy_L) / layers,
-        "active_experts": sum(active_L) / layers,
-        # Shares of the tokens, mean over MoE layers; NaN for a run logged before the trainer wrote them.
-        "router_ties": sum(ties_L) / layers if ties_L else float("nan"),
-        "router_exact_ties": sum(exact_ties_L) / layers if exact_ties_L else float("nan"),
+        # The trainer's per-layer figures (docs/routers.md, "What a run reports about routing").
+        "load_cv": layer_mean("load_cv"),
+        "experts_below_1pct": layer_mean("experts_under_1pct"),
+        "router_entropy": layer_mean("router_entropy"),
+        "active_experts": layer_mean("active_experts"),
+        "router_ties": layer_mean("router_ties"),
+        "router_exact_ties": layer_mean("router_exact_ties"),
         "valid_curve": sorted((step, e["loss"]) for step, e in evals.items()),
         "final_load": load_LE,
         "final_step": max(evals),

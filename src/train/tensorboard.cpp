@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <fstream>
 #include <iterator>
@@ -113,6 +114,7 @@ void TensorBoardLog::write(const ordered_json& metrics_line) {
     for (const auto& [tag, value] : points.scalars) writer_->add_scalar(step, tag, value);
     for (const auto& [tag, histogram] : points.histograms) writer_->add_histogram(step, tag, histogram);
     writer_->flush();
+    ++lines_;
   });
 }
 
@@ -131,7 +133,6 @@ void TensorBoardLog::guarded(const std::function<void()>& write) {
   const auto start = std::chrono::steady_clock::now();
   try {
     write();
-    ++lines_;
     seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   } catch (const std::exception& error) {
     warn_(fmt::format("TensorBoard logging off for the rest of this run: {} (directory {}); metrics.jsonl and "

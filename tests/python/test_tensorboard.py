@@ -21,7 +21,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "support"))
-from harness import Checks, write_corpus  # noqa: E402
+from harness import Checks, prepare_data  # noqa: E402
 
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 
@@ -41,9 +41,7 @@ def train(run_dir, *settings, expect_ok=True):
 
 
 def prepare():
-    write_corpus(os.path.join(WORK, "corpus.txt"), documents=200)
-    subprocess.run([BIN, "prepare-data", "--input", "corpus.txt", "--output", "data", "--train-tokenizer", "300",
-                    "--valid-fraction", "0.1"], cwd=WORK, check=True, capture_output=True)
+    prepare_data(BIN, WORK)
     config = {
         "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "head_dim": 16, "rotary_dim": 8,
                   "vocab_size": 300, "max_seq_length": 16},

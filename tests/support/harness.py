@@ -4,6 +4,7 @@ and the small synthetic corpus they tokenize with the real `yuanmoe prepare-data
 import os
 import random
 import shutil
+import subprocess
 
 
 class Checks:
@@ -37,3 +38,11 @@ def write_corpus(path, documents, seed=7):
             for _ in range(rng.randint(3, 8)):
                 f.write(" ".join(rng.choice(words) for _ in range(rng.randint(4, 11))) + ".\n")
             f.write("\n")
+
+
+def prepare_data(binary, work, documents=200):
+    """A 300-piece tokenizer and the datasets of `write_corpus` in `work`: data.model,
+    data_train and data_valid (a tenth of the documents)."""
+    write_corpus(os.path.join(work, "corpus.txt"), documents=documents)
+    subprocess.run([binary, "prepare-data", "--input", "corpus.txt", "--output", "data", "--train-tokenizer", "300",
+                    "--valid-fraction", "0.1"], cwd=work, check=True, capture_output=True)

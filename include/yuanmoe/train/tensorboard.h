@@ -4,7 +4,6 @@
 // tags are listed in docs/training.md ("TensorBoard").
 #pragma once
 
-#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -46,7 +45,8 @@ class TensorBoardLog {
   void write_image(int64_t step, const std::string& tag, const std::filesystem::path& png);
   bool enabled() const { return writer_ != nullptr; }
   std::string path() const { return writer_ ? writer_->path() : ""; }
-  /// The lines written so far and the wall time spent writing them (its overhead on the run).
+  /// The metrics lines written so far, and the wall time spent opening the file and writing
+  /// them and the images (the log's overhead on the run).
   int64_t lines() const { return lines_; }
   double seconds() const { return seconds_; }
 
