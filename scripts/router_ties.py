@@ -8,7 +8,7 @@ The router's logit for expert i is r_i = sum_j softmax_j(q_i k_j) v_j. When |q_i
 row softmax is one-hot in fp32 on argmax_j k_j (q_i > 0) or argmin_j k_j (q_i < 0), so every
 r_i is one of two values: the experts on one side tie exactly, and top-k picks among them by
 index. The report says how many exactly tied tokens have that cause: the two tied experts'
-attention rows one-hot on the same expert j.
+attention rows one-hot (in fp32) on the same expert j, and both logits then exactly v_j.
 
 It runs the independent reference model (tests/reference/yuan2_reference.py, fp32, plain causal
 attention) on the dump's tokens and positions.
@@ -36,11 +36,17 @@ def layer_report(model, layer, m_TD):
     p_TE = torch.softmax(logits_TE, dim=-1)
     largest, experts = p_TE.topk(k + 1, dim=-1)
     tied_T = largest[:, k - 1] == largest[:, k]
-    one_hot_TE = attention_TEE.max(-1).values == 1.0  # the row's softmax rounded to exactly one-hot
+    # A row whose largest weight rounds to exactly 1: the others are under half an ulp of 1, so
+    # r_i rounds to v_j of that row's argmax j.
+    top_TE, argmax_TE = attention_TEE.max(-1)
+    one_hot_TE = top_TE == 1.0
     rows = torch.arange(p_TE.size(0))
     first, second = experts[:, k - 1], experts[:, k]
-    same_row_T = (attention_TEE[rows, first] == attention_TEE[rows, second]).all(-1)
-    one_hot_pair_T = one_hot_TE[rows, first] & one_hot_TE[rows, second] & same_row_T
+    one_hot_pair_T = (one_hot_TE[rows, first] & one_hot_TE[rows, second] &
+                      (argmax_TE[rows, first] == argmax_TE[rows, second]))
+    # ...and then both logits are exactly that v_j.
+    v_of_first_T = v_TE[rows, argmax_TE[rows, first]]
+    logit_is_v_T = (logits_TE[rows, first] == v_of_first_T) & (logits_TE[rows, second] == v_of_first_T)
     tied = int(tied_T.sum())
     # How many experts share the k-th weight on a tied token (7 experts at exactly 1/7, say).
     at_kth_T = (p_TE == largest[:, k - 1:k]).sum(-1)
@@ -50,6 +56,7 @@ def layer_report(model, layer, m_TD):
         "exact_ties": tied / p_TE.size(0),
         "one_hot_rows": float(one_hot_TE.float().mean()),
         "tied_with_cause": float(one_hot_pair_T[tied_T].float().mean()) if tied else float("nan"),
+        "tied_logit_is_v": float((one_hot_pair_T & logit_is_v_T)[tied_T].float().mean()) if tied else float("nan"),
         "experts_at_kth": float(at_kth_T[tied_T].float().median()) if tied else float("nan"),
         "distinct_logits": float(distinct_T.float().median()),
     }
@@ -76,13 +83,14 @@ def main(argv):
     model.router_logits = capture
     model.forward(dump["tokens"].long(), dump["position_ids"].long() if "position_ids" in dump else None)
     print("| layer | tokens | exactly tied | one-hot attention rows | tied: both experts' rows one-hot "
-          "on the same j | experts sharing the k-th weight (median, tied) | distinct logits per token (median) |")
-    print("|---|---|---|---|---|---|---|")
+          "on the same j | tied: both logits exactly v_j | experts sharing the k-th weight (median, tied) | "
+          "distinct logits per token (median) |")
+    print("|---|---|---|---|---|---|---|---|")
     for layer in sorted(inputs_TD):
         r = layer_report(model, layer, inputs_TD[layer])
-        print("| %d | %d | %.3f | %.3f | %.3f | %.0f | %.0f |" % (
-            layer, r["tokens"], r["exact_ties"], r["one_hot_rows"], r["tied_with_cause"], r["experts_at_kth"],
-            r["distinct_logits"]))
+        print("| %d | %d | %.3f | %.3f | %.3f | %.3f | %.0f | %.0f |" % (
+            layer, r["tokens"], r["exact_ties"], r["one_hot_rows"], r["tied_with_cause"], r["tied_logit_is_v"],
+            r["experts_at_kth"], r["distinct_logits"]))
     return 0
 
 
