@@ -98,7 +98,8 @@ DistributedOptimizer::DistributedOptimizer(model::TransformerImpl& model, const 
   // Buckets of consecutive parameters; rank r of a shard group of g owns elements
   // [r c, (r + 1) c) of each bucket (c = ceil(elements / g)), cut at parameter boundaries into
   // pieces.
-  std::vector<Tensor> decayed, not_decayed;
+  std::vector<Tensor> piece_values;
+  std::vector<double> weight_decays;
   for (ReduceGroup* group : {&layout.dense, &layout.expert}) {
     const int64_t size = group->shard->size(), rank = group->shard->rank();
     for (size_t i : group->slots) {
@@ -125,19 +126,20 @@ DistributedOptimizer::DistributedOptimizer(model::TransformerImpl& model, const 
         piece.begin = first - bucket.offsets[k];
         piece.chunk_offset = first - own_begin;
         piece.values = size == 1 ? slot.parameter : slot.parameter.detach().view(-1).narrow(0, piece.begin, end - first);
-        (uses_weight_decay(slot.parameter) ? decayed : not_decayed).push_back(piece.values);
+        piece_values.push_back(piece.values);  // AdamW's parameter i is piece i
+        weight_decays.push_back(uses_weight_decay(slot.parameter) ? train.weight_decay : 0.0);
         layout.pieces_of_slot[piece.slot].push_back(layout.pieces.size());
         bucket.pieces.push_back(layout.pieces.size());
         layout.pieces.push_back(std::move(piece));
       }
     }
   }
-  adamw_ = make_adamw(std::move(decayed), std::move(not_decayed), train);
+  adamw_ = std::make_unique<AdamW>(std::move(piece_values), std::move(weight_decays), train);
 }
 
 DistributedOptimizer::~DistributedOptimizer() = default;
 
-void DistributedOptimizer::set_learning_rate(double lr) { train::set_learning_rate(*adamw_, lr); }
+void DistributedOptimizer::set_learning_rate(double lr) { adamw_->set_learning_rate(lr); }
 
 void DistributedOptimizer::reduce_gradients() {
   torch::NoGradGuard no_grad;
@@ -221,11 +223,6 @@ void DistributedOptimizer::step(double max_norm, double norm) {
 
 checkpoint::NamedTensors DistributedOptimizer::state_by_name() const {
   const Layout& layout = *layout_;
-  auto& states = adamw_->state();  // keyed by the TensorImpl address of each piece
-  const auto state_of = [&](const Piece& piece) -> const torch::optim::AdamWParamState* {
-    const auto it = states.find(piece.values.unsafeGetTensorImpl());
-    return it == states.end() ? nullptr : static_cast<const torch::optim::AdamWParamState*>(it->second.get());
-  };
   std::map<size_t, checkpoint::NamedTensors> by_slot;
   for (const ReduceGroup* group : {&layout.dense, &layout.expert}) {
     // The step count of each parameter, from the rank holding its first element (0: no state; a
@@ -234,8 +231,8 @@ checkpoint::NamedTensors DistributedOptimizer::state_by_name() const {
     std::vector<double> own_steps(group->slots.size(), 0.0);
     for (size_t j = 0; j < group->slots.size(); ++j) {
       for (size_t p : layout.pieces_of_slot[group->slots[j]]) {
-        const auto* state = state_of(layout.pieces[p]);
-        if (layout.pieces[p].begin == 0 && state) own_steps[j] = static_cast<double>(state->step());
+        const AdamW::State* state = adamw_->state(p);
+        if (layout.pieces[p].begin == 0 && state) own_steps[j] = static_cast<double>(state->step.item<float>());
       }
     }
     Tensor steps = torch::tensor(own_steps, torch::kDouble).to(layout.slots.front().parameter.device());
@@ -251,8 +248,8 @@ checkpoint::NamedTensors DistributedOptimizer::state_by_name() const {
         Tensor whole = torch::zeros({slot.parameter.numel()}, slot.parameter.options());
         for (size_t p : layout.pieces_of_slot[group->slots[j]]) {
           const Piece& piece = layout.pieces[p];
-          if (const auto* state = state_of(piece)) {
-            const Tensor& moment = first_moment ? state->exp_avg() : state->exp_avg_sq();
+          if (const AdamW::State* state = adamw_->state(p)) {
+            const Tensor& moment = first_moment ? state->exp_avg : state->exp_avg_sq;
             whole.narrow(0, piece.begin, piece.values.numel()).copy_(moment.reshape(-1));
           }
         }
@@ -281,8 +278,7 @@ void DistributedOptimizer::load_state_by_name(const checkpoint::NamedTensors& gl
     by_name.erase(it);
     return t;
   };
-  auto& states = adamw_->state();
-  states.clear();
+  adamw_->clear_state();
   for (size_t i = 0; i < layout.slots.size(); ++i) {
     const Slot& slot = layout.slots[i];
     if (by_name.count(slot.name + "/step") == 0) continue;  // no state yet
@@ -296,17 +292,8 @@ void DistributedOptimizer::load_state_by_name(const checkpoint::NamedTensors& gl
     }
     for (size_t p : layout.pieces_of_slot[i]) {
       const Piece& piece = layout.pieces[p];
-      const auto own = [&](const Tensor& t) {  // never aliasing the source
-        return t.reshape(-1)
-            .narrow(0, piece.begin, piece.values.numel())
-            .reshape(piece.values.sizes())
-            .to(piece.values.options(), /*non_blocking=*/false, /*copy=*/true);
-      };
-      auto state = std::make_unique<torch::optim::AdamWParamState>();
-      state->step(step);
-      state->exp_avg(own(exp_avg));
-      state->exp_avg_sq(own(exp_avg_sq));
-      states[piece.values.unsafeGetTensorImpl()] = std::move(state);
+      const auto own = [&](const Tensor& t) { return t.reshape(-1).narrow(0, piece.begin, piece.values.numel()); };
+      adamw_->set_state(p, step, own(exp_avg), own(exp_avg_sq));
     }
   }
   if (!by_name.empty()) {
@@ -314,13 +301,6 @@ void DistributedOptimizer::load_state_by_name(const checkpoint::NamedTensors& gl
   }
 }
 
-int64_t DistributedOptimizer::state_bytes() const {
-  int64_t bytes = 0;
-  for (const auto& [key, state] : adamw_->state()) {
-    const auto& s = static_cast<const torch::optim::AdamWParamState&>(*state);
-    bytes += s.exp_avg().nbytes() + s.exp_avg_sq().nbytes();
-  }
-  return bytes;
-}
+int64_t DistributedOptimizer::state_bytes() const { return adamw_->state_bytes(); }
 
 }  // namespace yuanmoe::train

@@ -4,24 +4,6 @@ namespace yuanmoe::train {
 
 bool uses_weight_decay(const Tensor& parameter) { return parameter.dim() >= 2; }
 
-std::unique_ptr<torch::optim::AdamW> make_adamw(std::vector<Tensor> decayed, std::vector<Tensor> not_decayed,
-                                                const config::TrainConfig& train) {
-  const auto options = [&](double weight_decay) {
-    return torch::optim::AdamWOptions(train.lr)
-        .betas({train.adam_beta1, train.adam_beta2})
-        .eps(train.adam_eps)
-        .weight_decay(weight_decay);
-  };
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(std::move(decayed), std::make_unique<torch::optim::AdamWOptions>(options(train.weight_decay)));
-  groups.emplace_back(std::move(not_decayed), std::make_unique<torch::optim::AdamWOptions>(options(0.0)));
-  return std::make_unique<torch::optim::AdamW>(std::move(groups), options(train.weight_decay));
-}
-
-void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {
-  for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
-}
-
 Tensor squared_gradient_sum(const std::vector<Tensor>& parameters, const torch::Device& device) {
   torch::NoGradGuard no_grad;
   std::vector<Tensor> squares;

@@ -1,20 +1,30 @@
 // Golden losses: 20 CPU steps of tiny-m32 (configs/tiny-m32.json at 32-token sequences) for a
 // matrix of routers, balance scopes, bias balancing and layouts, compared exactly with the
-// per-step LM loss, router terms and gradient norm written to tests/assets/losses/. A refactor
-// of the MoE, the step or the optimizer that changes one bit of the arithmetic fails here.
-// Each cell runs twice: with the first labels of every sequence ignored (an SFT prompt, the
-// default train.loss_average = token), and unmasked with loss_average = micro_batch, whose files
-// (*_unmasked.json) hold the numbers of the step before loss masks existed.
+// per-step LM loss, router terms and gradient norm written to tests/assets/losses/MACHINE/. A
+// refactor of the MoE, the step or the optimizer that changes one bit of the arithmetic fails
+// here. Each cell runs twice: with the first labels of every sequence ignored (an SFT prompt,
+// the default train.loss_average = token), and unmasked with loss_average = micro_batch.
 //
-// After an intended change of the arithmetic, rewrite the files and say why in the commit:
+// The bits are the machine's: the wheel's MKL picks its GEMM kernels by CPU vendor and
+// instruction set, so an AMD and an Intel CPU differ in the last bits of the first gradient and
+// the runs drift apart from there. MACHINE is the vendor and ATen's CPU capability
+// ("AuthenticAMD-AVX512"). On a machine without its own set, the first step (before any update:
+// forward, backward and norm) is compared with every other machine's to 1e-6, and the exact
+// 20 steps are skipped, saying how to write the set.
+//
+// After an intended change of the arithmetic, rewrite this machine's set, delete the other
+// machines' (they hold the old arithmetic) and say why in the commit:
 //   YUANMOE_WRITE_GOLDEN_LOSSES=1 build/tests/yuanmoe_golden_tests
 #include <gtest/gtest.h>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -134,7 +144,38 @@ std::vector<StepFigures> run_cell(const Cell& cell) {
   return rank0;
 }
 
-std::string golden_path(const Cell& cell) { return "tests/assets/losses/" + cell.name + ".json"; }
+constexpr const char* kGoldenRoot = "tests/assets/losses";
+
+/// The CPU's vendor and ATen's CPU capability, e.g. "AuthenticAMD-AVX512".
+std::string machine_key() {
+  std::string vendor = "unknown";
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; std::getline(cpuinfo, line);) {
+    if (line.rfind("vendor_id", 0) == 0 && line.find(':') != std::string::npos) {
+      vendor = line.substr(line.find(':') + 1);
+      vendor.erase(0, vendor.find_first_not_of(" \t"));
+      break;
+    }
+  }
+  return vendor + "-" + at::get_cpu_capability();
+}
+
+std::string golden_path(const std::string& machine, const Cell& cell) {
+  return std::string(kGoldenRoot) + "/" + machine + "/" + cell.name + ".json";
+}
+
+/// The machines other than this one that have a set for `cell`.
+std::vector<std::string> other_machines(const Cell& cell) {
+  std::vector<std::string> out;
+  if (!std::filesystem::is_directory(kGoldenRoot)) return out;
+  for (const auto& entry : std::filesystem::directory_iterator(kGoldenRoot)) {
+    const std::string machine = entry.path().filename().string();
+    if (entry.is_directory() && machine != machine_key() && std::filesystem::exists(golden_path(machine, cell))) {
+      out.push_back(machine);
+    }
+  }
+  return out;
+}
 
 class GoldenLossesTest : public ::testing::TestWithParam<Cell> {};
 
@@ -144,22 +185,39 @@ TEST_P(GoldenLossesTest, TwentyStepsMatchExactly) {
   const std::vector<StepFigures> got = run_cell(cell);
   ASSERT_EQ(static_cast<int64_t>(got.size()), kSteps);
 
+  const std::string path = golden_path(machine_key(), cell);
   if (std::getenv("YUANMOE_WRITE_GOLDEN_LOSSES") != nullptr) {
     nlohmann::json steps = nlohmann::json::array();
     for (const StepFigures& f : got) steps.push_back({{"loss", f.loss}, {"aux_loss", f.aux_loss}, {"grad_norm", f.grad_norm}});
-    std::ofstream(golden_path(cell)) << nlohmann::json{{"cell", cell.name},
-                                                       {"dp", cell.dp},
-                                                       {"ep", cell.ep},
-                                                       {"overrides", cell.overrides},
-                                                       {"steps", steps}}
-                                            .dump(1)
-                                     << "\n";
-    GTEST_SKIP() << "wrote " << golden_path(cell);
+    std::filesystem::create_directories(std::filesystem::path(path).parent_path());
+    std::ofstream(path) << nlohmann::json{{"cell", cell.name},
+                                          {"machine", machine_key()},
+                                          {"dp", cell.dp},
+                                          {"ep", cell.ep},
+                                          {"overrides", cell.overrides},
+                                          {"steps", steps}}
+                               .dump(1)
+                        << "\n";
+    GTEST_SKIP() << "wrote " << path;
   }
 
-  const nlohmann::json golden = config::read_json_file(golden_path(cell));
+  if (!std::filesystem::exists(path)) {
+    const std::vector<std::string> others = other_machines(cell);
+    ASSERT_FALSE(others.empty()) << "no golden losses for " << cell.name << " on any machine under " << kGoldenRoot;
+    for (const std::string& machine : others) {
+      const nlohmann::json other = config::read_json_file(golden_path(machine, cell));
+      const nlohmann::json& first = other.at("steps").at(size_t{0});
+      EXPECT_NEAR(got[0].loss, first.at("loss").get<double>(), 1e-6 * std::abs(got[0].loss)) << machine;
+      EXPECT_NEAR(got[0].aux_loss, first.at("aux_loss").get<double>(), 1e-6 * std::abs(got[0].aux_loss)) << machine;
+      EXPECT_NEAR(got[0].grad_norm, first.at("grad_norm").get<double>(), 1e-6 * std::abs(got[0].grad_norm)) << machine;
+    }
+    GTEST_SKIP() << "no golden losses for this machine (" << machine_key() << "); step 1 agrees with "
+                 << others.front() << "'s to 1e-6. YUANMOE_WRITE_GOLDEN_LOSSES=1 writes " << path;
+  }
+
+  const nlohmann::json golden = config::read_json_file(path);
   const nlohmann::json& steps = golden.at("steps");
-  ASSERT_EQ(static_cast<int64_t>(steps.size()), kSteps) << golden_path(cell);
+  ASSERT_EQ(static_cast<int64_t>(steps.size()), kSteps) << path;
   for (int64_t s = 0; s < kSteps; ++s) {
     const nlohmann::json& want = steps[static_cast<size_t>(s)];
     // Exact: the files hold each double's shortest round-trip decimal.

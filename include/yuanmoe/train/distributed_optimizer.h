@@ -30,6 +30,7 @@
 #include "yuanmoe/model/transformer.h"
 #include "yuanmoe/parallel/expert_parallel.h"
 #include "yuanmoe/parallel/process_groups.h"
+#include "yuanmoe/train/adamw.h"
 
 namespace yuanmoe::train {
 
@@ -74,7 +75,7 @@ class DistributedOptimizer {
   const bool shard_;
   const parallel::ExpertSharding experts_;
   std::unique_ptr<Layout> layout_;
-  std::unique_ptr<torch::optim::AdamW> adamw_;
+  std::unique_ptr<AdamW> adamw_;  // its parameter i is Layout::pieces[i]
 };
 
 }  // namespace yuanmoe::train
