@@ -27,9 +27,16 @@ const std::set<std::string>& waiting_operators() {
   return names;
 }
 
-/// Records, while alive, every waiting operator called outside an ExpectedHostSync scope. The
-/// reads inside `_grouped_mm` are left out: its CPU fallback loops over the experts' offsets on the
-/// host, while on CUDA the step runs it in bf16, where the sm_90 kernel reads them on the device.
+/// Operators whose CPU kernel reads values on the host where their CUDA kernel reads them on the
+/// device: `_grouped_mm`'s CPU fallback loops over the experts' offsets (on CUDA the step runs it
+/// in bf16, where the sm_90 kernel reads them on the device), and `_fused_adamw_`'s CPU kernel
+/// reads each step count (the CUDA kernel takes the counts' device pointers).
+bool reads_on_device_under_cuda(const std::string& name) {
+  return name == "aten::_grouped_mm" || name == "aten::_fused_adamw_";
+}
+
+/// Records, while alive, every waiting operator called outside an ExpectedHostSync scope, reads
+/// inside the operators above left out.
 class WaitRecorder {
  public:
   WaitRecorder() {
@@ -37,15 +44,15 @@ class WaitRecorder {
         at::RecordFunctionCallback(
             [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
               const std::string name = fn.name();
-              if (name == "aten::_grouped_mm") ++grouped_mm_depth();
-              if (grouped_mm_depth() == 0 && !ExpectedHostSync::active() && waiting_operators().count(name)) {
+              if (reads_on_device_under_cuda(name)) ++exempt_depth();
+              if (exempt_depth() == 0 && !ExpectedHostSync::active() && waiting_operators().count(name)) {
                 std::lock_guard<std::mutex> lock(mutex());
                 seen().insert(name);
               }
               return nullptr;
             },
             [](const at::RecordFunction& fn, at::ObserverContext*) {
-              if (std::string(fn.name()) == "aten::_grouped_mm") --grouped_mm_depth();
+              if (reads_on_device_under_cuda(fn.name())) --exempt_depth();
             })
             .scopes({at::RecordScope::FUNCTION}));
   }
@@ -56,7 +63,7 @@ class WaitRecorder {
   }
 
  private:
-  static int& grouped_mm_depth() {
+  static int& exempt_depth() {
     thread_local int depth = 0;
     return depth;
   }
