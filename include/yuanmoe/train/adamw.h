@@ -1,6 +1,6 @@
 // AdamW (Loshchilov & Hutter, arXiv 1711.05101: decoupled weight decay) as PyTorch's fused
 // kernel computes it: at::_fused_adamw_ updates a whole list of tensors in one pass over each
-// (CPU and CUDA, every floating dtype), where LibTorch's torch::optim::AdamW runs some ten
+// (CPU and CUDA, every floating dtype), where LibTorch's torch::optim::AdamW runs about nine
 // elementwise kernels per parameter. Per parameter i with gradient g, at step t:
 //
 //   p  <- p (1 - lr wd_i)
