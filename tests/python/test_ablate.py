@@ -19,7 +19,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "support"))
-from harness import Checks, prepare_data  # noqa: E402
+from harness import Checks, prepare_data, tiny_config  # noqa: E402
 
 BIN = os.path.abspath(sys.argv[1])
 ABLATE = os.path.join(ROOT, "scripts", "ablate.py")
@@ -37,16 +37,8 @@ def ablate(*args, expect_ok=True):
 
 def prepare():
     prepare_data(BIN, WORK)
-    config = {
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "head_dim": 16, "rotary_dim": 8,
-                  "vocab_size": 300, "max_seq_length": 16},
-        "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 32},
-        "train": {"seq_length": 16, "micro_batch_size": 2, "global_batch_size": 2, "max_steps": 6, "lr": 3e-3,
-                  "warmup_steps": 1, "eval_interval": 3, "eval_steps": 2},
-        "data": {"train_prefix": "data_train", "valid_prefix": "data_valid", "tokenizer": "data.model"},
-        "checkpoint": {"interval": 3, "keep_last": 1},
-        "log": {"interval": 2, "progress": False, "plots": False, "peak_tflops": 1},
-    }
+    config = tiny_config(checkpoint={"interval": 3, "keep_last": 1},
+                         log={"interval": 2, "progress": False, "plots": False, "peak_tflops": 1})
     with open(os.path.join(WORK, "base.json"), "w") as f:
         json.dump(config, f)
 

@@ -1,5 +1,6 @@
 """What the end-to-end Python tests share: a list of named checks with one report at the end,
-and the small synthetic corpus they tokenize with the real `yuanmoe prepare-data`."""
+the small synthetic corpus they tokenize with the real `yuanmoe prepare-data`, and a tiny model
+config over it."""
 
 import os
 import random
@@ -46,3 +47,18 @@ def prepare_data(binary, work, documents=200):
     write_corpus(os.path.join(work, "corpus.txt"), documents=documents)
     subprocess.run([binary, "prepare-data", "--input", "corpus.txt", "--output", "data", "--train-tokenizer", "300",
                     "--valid-fraction", "0.1"], cwd=work, check=True, capture_output=True)
+
+
+def tiny_config(checkpoint, log, max_steps=6):
+    """A 2-layer, 4-expert config over prepare_data's files (paths relative to its `work`),
+    evaluating every 3 steps; `checkpoint` and `log` are the config's blocks."""
+    return {
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "head_dim": 16, "rotary_dim": 8,
+                  "vocab_size": 300, "max_seq_length": 16},
+        "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 32},
+        "train": {"seq_length": 16, "micro_batch_size": 2, "global_batch_size": 2, "max_steps": max_steps, "lr": 3e-3,
+                  "warmup_steps": 1, "eval_interval": 3, "eval_steps": 2},
+        "data": {"train_prefix": "data_train", "valid_prefix": "data_valid", "tokenizer": "data.model"},
+        "checkpoint": checkpoint,
+        "log": log,
+    }
