@@ -228,14 +228,18 @@ checkpoint::NamedTensors DistributedOptimizer::state_by_name() const {
     // The step count of each parameter, from the rank holding its first element (0: no state; a
     // parameter that never had a gradient, e.g. an expert no token reached yet, has none).
     if (group->slots.empty()) continue;
-    std::vector<double> own_steps(group->slots.size(), 0.0);
-    for (size_t j = 0; j < group->slots.size(); ++j) {
-      for (size_t p : layout.pieces_of_slot[group->slots[j]]) {
+    // The counts stay on the device (AdamW keeps them there) until the one read below.
+    const auto fp64 = torch::dtype(torch::kDouble).device(layout.slots.front().parameter.device());
+    std::vector<Tensor> own_steps;
+    for (size_t slot : group->slots) {
+      Tensor own = torch::zeros({}, fp64);
+      for (size_t p : layout.pieces_of_slot[slot]) {
         const AdamW::State* state = adamw_->state(p);
-        if (layout.pieces[p].begin == 0 && state) own_steps[j] = static_cast<double>(state->step.item<float>());
+        if (layout.pieces[p].begin == 0 && state) own = state->step.to(torch::kDouble);
       }
+      own_steps.push_back(own);
     }
-    Tensor steps = torch::tensor(own_steps, torch::kDouble).to(layout.slots.front().parameter.device());
+    Tensor steps = torch::stack(own_steps);
     group->shard->all_reduce_sum(steps);
     steps = steps.to(torch::kCPU);
     for (size_t j = 0; j < group->slots.size(); ++j) {

@@ -40,7 +40,8 @@ struct RouterStepStats {
 /// Sums over the tokens routed in eval mode since the last take_eval_stats(): the entropy (nats)
 /// of each token's routing distribution (routing_distribution()), the token count, and the tokens
 /// whose k-th and (k+1)-th largest routing weights (k = moe.top_k) are tied: within 1e-6, and
-/// exactly equal. Top-k then chooses among the tied experts by index (docs/routers.md, "Ties").
+/// exactly equal. Top-k then chooses among the tied experts by position, not by anything the router
+/// learned (docs/routers.md, "Ties").
 /// For ReLU only ties between positive gates count: a zero gate is not routed.
 struct RouterEvalStats {
   double entropy_sum = 0.0;
