@@ -162,6 +162,12 @@ void visit(V& v, ParallelConfig& c) {
           "Expert-parallel size: each MoE layer's experts split over this many data-parallel ranks.");
   v.field("shard_optimizer", c.shard_optimizer, kOptional,
           "Shard AdamW state over the data-parallel group (ZeRO-1, Megatron's distributed optimizer).");
+  v.field("overlap_grad_reduce", c.overlap_grad_reduce, kOptional,
+          "Reduce each gradient bucket as soon as the backward completes it, hidden behind the rest of the "
+          "backward (PyTorch DDP, Megatron's --overlap-grad-reduce); false = after the backward.");
+  v.field("grad_bucket_mb", c.grad_bucket_mb, kOptional,
+          "MiB of gradients per reduction bucket (PyTorch DDP's bucket_cap_mb): smaller buckets start sooner, "
+          "larger ones cost fewer collectives.");
   v.field("backend", c.backend, kOptional, "c10d backend: auto = NCCL on CUDA, Gloo on CPU.");
   v.field("timeout_s", c.timeout_s, kOptional, "Collective and rendezvous timeout in seconds.");
 }

@@ -174,6 +174,7 @@ std::vector<ConfigIssue> validate(const RunConfig& config) {
                   " other stage(s): each needs at least one, and none may be left over");
   }
   c.positive(p.timeout_s, "parallel.timeout_s");
+  c.positive(p.grad_bucket_mb, "parallel.grad_bucket_mb");
   c.positive(p.expert, "parallel.expert");
   c.require(p.expert <= 1 || config.moe.num_experts % p.expert == 0, "parallel.expert",
             "is " + Checker::str(p.expert) + ", which does not divide moe.num_experts (" +

@@ -43,12 +43,15 @@ struct ParallelContext::Rendezvous {
   c10::intrusive_ptr<c10d::Store> store;
 };
 
-void Group::all_reduce_sum(Tensor& tensor) const {
-  if (!impl_) return;
-  std::vector<Tensor> tensors{tensor};
+void Group::all_reduce_sum(Tensor& tensor) const { start_all_reduce_sum(tensor).wait(); }
+
+Pending Group::start_all_reduce_sum(const Tensor& tensor) const {
+  if (!impl_) return {};
+  auto tensors = std::make_shared<std::vector<Tensor>>(std::vector<Tensor>{tensor});
   c10d::AllreduceOptions options;
   options.reduceOp = c10d::ReduceOp::SUM;
-  wait_for(impl_->pg->allreduce(tensors, options), "all-reduce", impl_->description);
+  c10::intrusive_ptr<c10d::Work> work = impl_->pg->allreduce(*tensors, options);
+  return Pending([work, tensors, impl = impl_] { wait_for(work, "all-reduce", impl->description); });
 }
 
 void Group::broadcast(Tensor& tensor, int64_t root) const {
@@ -75,14 +78,23 @@ Tensor Group::all_to_all(const Tensor& rows, const std::vector<int64_t>& send_ro
 }
 
 Tensor Group::reduce_scatter_sum(const Tensor& input) const {
-  if (!impl_) return input;
+  Tensor output;
+  start_reduce_scatter_sum(input, output).wait();
+  return output;
+}
+
+Pending Group::start_reduce_scatter_sum(const Tensor& input, Tensor& output) const {
+  if (!impl_) {
+    output = input;
+    return {};
+  }
   TORCH_CHECK(input.dim() == 1 && input.numel() % size_ == 0, "reduce_scatter_sum: [size * n] input");
   Tensor in = input.contiguous();
-  Tensor out = torch::empty({input.numel() / size_}, input.options());
+  output = torch::empty({input.numel() / size_}, input.options());
   c10d::ReduceScatterOptions options;
   options.reduceOp = c10d::ReduceOp::SUM;
-  wait_for(impl_->pg->_reduce_scatter_base(out, in, options), "reduce-scatter", impl_->description);
-  return out;
+  c10::intrusive_ptr<c10d::Work> work = impl_->pg->_reduce_scatter_base(output, in, options);
+  return Pending([work, in, out = output, impl = impl_] { wait_for(work, "reduce-scatter", impl->description); });
 }
 
 Tensor Group::all_gather(const Tensor& shard) const {
@@ -100,12 +112,12 @@ void Group::barrier() const {
   wait_for(impl_->pg->barrier(), "barrier", impl_->description);
 }
 
-PendingSend Group::send(const Tensor& tensor, int64_t peer, int tag) const {
+Pending Group::send(const Tensor& tensor, int64_t peer, int tag) const {
   TORCH_CHECK(size_ > 1, "send in a group of one process");
   auto tensors = std::make_shared<std::vector<Tensor>>(std::vector<Tensor>{tensor.contiguous()});
   c10::intrusive_ptr<c10d::Work> work = impl_->pg->send(*tensors, static_cast<int>(peer), tag);
   // The tensor must outlive the transfer: the closure owns it until wait().
-  return PendingSend([work, tensors, impl = impl_] { wait_for(work, "send", impl->description); });
+  return Pending([work, tensors, impl = impl_] { wait_for(work, "send", impl->description); });
 }
 
 void Group::recv(Tensor& tensor, int64_t peer, int tag) const {

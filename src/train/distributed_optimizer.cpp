@@ -5,13 +5,12 @@
 #include <map>
 #include <stdexcept>
 
+#include "yuanmoe/train/gradient_buckets.h"
 #include "yuanmoe/train/optimizer.h"
 
 namespace yuanmoe::train {
 
 namespace {
-
-constexpr int64_t kBucketBytes = 25 << 20;  // Megatron's and PyTorch DDP's default bucket size
 
 /// A parameter as the optimizer sees it.
 struct Slot {
@@ -26,26 +25,19 @@ struct Slot {
 struct Piece {
   size_t slot = 0;
   int64_t begin = 0;         // first element, in the flattened parameter
+  size_t bucket = 0;         // in its group's GradientBuckets
   int64_t chunk_offset = 0;  // first element, in its bucket's chunk
   Tensor values;
-};
-
-/// Parameters reduced together: consecutive slots of one group, about kBucketBytes.
-struct Bucket {
-  std::vector<size_t> slots;
-  std::vector<int64_t> offsets;  // each slot's first element in the bucket
-  int64_t elements = 0;
-  int64_t chunk = 0;     // ceil(elements / shard size): the bucket is padded to shard size x chunk
-  Tensor reduced_chunk;  // [chunk]: this rank's chunk of the reduced gradient (sharded)
-  std::vector<size_t> pieces;
 };
 
 /// The parameters that one group holds copies of: dense ones over dp, experts over edp.
 struct ReduceGroup {
   const parallel::Group* copies = nullptr;  // the ranks holding them: the gradient is their mean
   const parallel::Group* shard = nullptr;   // the ranks sharing their AdamW work: copies, or one
-  std::vector<size_t> slots;
-  std::vector<Bucket> buckets;
+  std::vector<size_t> slots;                // in registration order
+  std::unique_ptr<GradientBuckets> buckets;
+  std::vector<size_t> pieces;               // in registration order
+  std::vector<std::vector<size_t>> pieces_of_bucket;
 };
 
 /// `value` ([] on the parameters' device: NCCL reduces device tensors only) summed over `group`.
@@ -64,12 +56,11 @@ struct DistributedOptimizer::Layout {
   Tensor tied_embedding;   // this stage's copy when the embedding group is real
   parallel::Group alone;   // the shard group when not sharding
 
+  /// The group's pieces in registration order (the norm's order of summation).
   std::vector<Tensor> piece_values(const ReduceGroup& group, bool norm_only) const {
     std::vector<Tensor> out;
-    for (const Bucket& b : group.buckets) {
-      for (size_t p : b.pieces) {
-        if (!norm_only || slots[pieces[p].slot].in_norm) out.push_back(pieces[p].values);
-      }
+    for (size_t p : group.pieces) {
+      if (!norm_only || slots[pieces[p].slot].in_norm) out.push_back(pieces[p].values);
     }
     return out;
   }
@@ -77,7 +68,8 @@ struct DistributedOptimizer::Layout {
 
 DistributedOptimizer::DistributedOptimizer(model::TransformerImpl& model, const config::TrainConfig& train,
                                            const parallel::ParallelContext& parallel, bool shard,
-                                           parallel::ExpertSharding experts)
+                                           parallel::ExpertSharding experts, bool overlap_reduction,
+                                           int64_t bucket_bytes)
     : model_(model), parallel_(parallel), shard_(shard), experts_(std::move(experts)), layout_(std::make_unique<Layout>()) {
   Layout& layout = *layout_;
   layout.dense.copies = &parallel_.dp;
@@ -88,6 +80,7 @@ DistributedOptimizer::DistributedOptimizer(model::TransformerImpl& model, const 
     slot.name = item.key();
     slot.parameter = item.value();
     slot.in_norm = !model_.stage.holds_tied_copy(slot.name);
+    TORCH_CHECK(slot.parameter.is_contiguous(), slot.name, ": the optimizer needs contiguous parameters");
     const bool expert = experts_.ranks > 1 && experts_.names.count(slot.name) > 0;
     (expert ? layout.expert : layout.dense).slots.push_back(layout.slots.size());
     layout.slots.push_back(std::move(slot));
@@ -95,44 +88,60 @@ DistributedOptimizer::DistributedOptimizer(model::TransformerImpl& model, const 
   if (parallel_.embedding.size() > 1) layout.tied_embedding = model_.embed_tokens->weight;
   layout.pieces_of_slot.resize(layout.slots.size());
 
-  // Buckets of consecutive parameters; rank r of a shard group of g owns elements
+  // Each group's buckets (train/gradient_buckets.h); rank r of a shard group of g owns elements
   // [r c, (r + 1) c) of each bucket (c = ceil(elements / g)), cut at parameter boundaries into
   // pieces.
-  std::vector<Tensor> piece_values;
-  std::vector<double> weight_decays;
+  const int64_t dp = parallel_.layout().dp;
+  std::vector<Piece> pieces;
   for (ReduceGroup* group : {&layout.dense, &layout.expert}) {
-    const int64_t size = group->shard->size(), rank = group->shard->rank();
+    std::vector<Tensor> parameters;
+    std::vector<std::string> names;
+    int64_t held = -1;  // the tied copy: summed over the embedding group before its bucket starts
     for (size_t i : group->slots) {
-      const Tensor& parameter = layout.slots[i].parameter;
-      if (group->buckets.empty() || group->buckets.back().elements * parameter.element_size() >= kBucketBytes) {
-        group->buckets.emplace_back();
+      if (layout.tied_embedding.defined() && layout.slots[i].parameter.is_same(layout.tied_embedding)) {
+        held = static_cast<int64_t>(parameters.size());
       }
-      Bucket& bucket = group->buckets.back();
-      bucket.slots.push_back(i);
-      bucket.offsets.push_back(bucket.elements);
-      bucket.elements += parameter.numel();
+      parameters.push_back(layout.slots[i].parameter);
+      names.push_back(layout.slots[i].name);
     }
-    for (Bucket& bucket : group->buckets) {
-      bucket.chunk = (bucket.elements + size - 1) / size;
+    group->buckets = std::make_unique<GradientBuckets>(std::move(parameters), std::move(names), held, *group->copies,
+                                                       *group->shard, dp, overlap_reduction, bucket_bytes);
+    const int64_t size = group->shard->size(), rank = group->shard->rank();
+    const std::vector<GradientBucket>& buckets = group->buckets->buckets();
+    group->pieces_of_bucket.resize(buckets.size());
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      const GradientBucket& bucket = buckets[b];
       const int64_t own_begin = rank * bucket.chunk, own_end = own_begin + bucket.chunk;
-      for (size_t k = 0; k < bucket.slots.size(); ++k) {
-        const Slot& slot = layout.slots[bucket.slots[k]];
-        TORCH_CHECK(slot.parameter.is_contiguous(), slot.name, ": the optimizer needs contiguous parameters");
+      for (size_t k = 0; k < bucket.parameters.size(); ++k) {
+        const size_t slot_index = group->slots[bucket.parameters[k]];
+        const Slot& slot = layout.slots[slot_index];
         const int64_t first = std::max(own_begin, bucket.offsets[k]);
         const int64_t end = std::min(own_end, bucket.offsets[k] + slot.parameter.numel());
         if (first >= end) continue;
         Piece piece;
-        piece.slot = bucket.slots[k];
+        piece.slot = slot_index;
         piece.begin = first - bucket.offsets[k];
+        piece.bucket = b;
         piece.chunk_offset = first - own_begin;
         piece.values = size == 1 ? slot.parameter : slot.parameter.detach().view(-1).narrow(0, piece.begin, end - first);
-        piece_values.push_back(piece.values);  // AdamW's parameter i is piece i
-        weight_decays.push_back(uses_weight_decay(slot.parameter) ? train.weight_decay : 0.0);
-        layout.pieces_of_slot[piece.slot].push_back(layout.pieces.size());
-        bucket.pieces.push_back(layout.pieces.size());
-        layout.pieces.push_back(std::move(piece));
+        pieces.push_back(std::move(piece));
       }
     }
+  }
+  // Pieces (AdamW's parameters) in registration order: a slot has at most one piece per rank.
+  std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.slot < b.slot; });
+  std::vector<Tensor> piece_values;
+  std::vector<double> weight_decays;
+  for (Piece& piece : pieces) {
+    const size_t p = layout.pieces.size();
+    const bool expert = experts_.ranks > 1 && experts_.names.count(layout.slots[piece.slot].name) > 0;
+    ReduceGroup& group = expert ? layout.expert : layout.dense;
+    group.pieces.push_back(p);
+    group.pieces_of_bucket[piece.bucket].push_back(p);
+    layout.pieces_of_slot[piece.slot].push_back(p);
+    piece_values.push_back(piece.values);  // AdamW's parameter p is piece p
+    weight_decays.push_back(uses_weight_decay(layout.slots[piece.slot].parameter) ? train.weight_decay : 0.0);
+    layout.pieces.push_back(std::move(piece));
   }
   adamw_ = std::make_unique<AdamW>(std::move(piece_values), std::move(weight_decays), train);
 }
@@ -140,6 +149,10 @@ DistributedOptimizer::DistributedOptimizer(model::TransformerImpl& model, const 
 DistributedOptimizer::~DistributedOptimizer() = default;
 
 void DistributedOptimizer::set_learning_rate(double lr) { adamw_->set_learning_rate(lr); }
+
+void DistributedOptimizer::reduce_during_next_backward() {
+  for (ReduceGroup* group : {&layout_->dense, &layout_->expert}) group->buckets->arm();
+}
 
 void DistributedOptimizer::reduce_gradients() {
   torch::NoGradGuard no_grad;
@@ -149,40 +162,34 @@ void DistributedOptimizer::reduce_gradients() {
     if (!grad.defined()) grad = torch::zeros_like(layout.tied_embedding);
     parallel_.embedding.all_reduce_sum(grad);
   }
-  const int64_t dp = parallel_.layout().dp;
   for (ReduceGroup* group : {&layout.dense, &layout.expert}) {
-    if (dp == 1 && !group->copies->connected()) continue;  // one copy: its gradient is the mean
-    const int64_t size = group->shard->size();
-    for (Bucket& bucket : group->buckets) {
-      // The bucket's gradients, flat, then the padding; a missing one is zeros, so that every
-      // rank reduces the same elements.
-      std::vector<Tensor> parts;
-      for (size_t i : bucket.slots) {
-        Tensor& parameter = layout.slots[i].parameter;
-        if (!parameter.grad().defined()) parameter.mutable_grad() = torch::zeros_like(parameter);
-        parts.push_back(parameter.grad().reshape(-1));
-      }
-      const int64_t padding = size * bucket.chunk - bucket.elements;
-      if (padding > 0) parts.push_back(torch::zeros({padding}, parts.front().options()));
-      Tensor flat = torch::cat(parts);  // [size x chunk]
-      if (size > 1) {
-        bucket.reduced_chunk = group->shard->reduce_scatter_sum(flat);  // [chunk]
-      } else {
-        group->copies->all_reduce_sum(flat);
-      }
-      Tensor& reduced = size > 1 ? bucket.reduced_chunk : flat;
-      if (dp > 1) reduced.div_(static_cast<double>(dp));  // Gloo has no AVG: sum, then divide
-      for (size_t p : bucket.pieces) {
+    GradientBuckets& buckets = *group->buckets;
+    if (!buckets.active()) continue;  // one copy: its gradient is the mean
+    const bool sharded = group->shard->size() > 1;
+    buckets.finish([&](size_t bucket, const Tensor& mean) {
+      for (size_t p : group->pieces_of_bucket[bucket]) {
         Piece& piece = layout.pieces[p];
-        const Tensor own = reduced.narrow(0, piece.chunk_offset, piece.values.numel());
-        if (size > 1) {
-          piece.values.mutable_grad() = own;
+        const Tensor own = mean.narrow(0, piece.chunk_offset, piece.values.numel());
+        if (sharded) {
+          piece.values.mutable_grad() = own;  // a view: the chunk lives as long as the gradient
         } else {
           piece.values.grad().copy_(own.view_as(piece.values));
         }
       }
-    }
+    });
   }
+}
+
+std::vector<Tensor> DistributedOptimizer::gradients() const {
+  std::vector<Tensor> out;
+  for (const Piece& piece : layout_->pieces) {
+    if (piece.values.grad().defined()) out.push_back(piece.values.grad());
+  }
+  return out;
+}
+
+double DistributedOptimizer::reduction_seconds() const {
+  return layout_->dense.buckets->finish_seconds() + layout_->expert.buckets->finish_seconds();
 }
 
 Tensor DistributedOptimizer::squared_gradient_norm() const {
@@ -206,15 +213,18 @@ void DistributedOptimizer::step(double max_norm, double norm) {
   torch::NoGradGuard no_grad;
   for (const ReduceGroup* group : {&layout.dense, &layout.expert}) {
     if (group->shard->size() == 1) continue;  // the pieces are the parameters
-    for (const Bucket& bucket : group->buckets) {
-      Tensor own = torch::zeros({bucket.chunk}, layout.slots[bucket.slots.front()].parameter.options());  // [chunk]
-      for (size_t p : bucket.pieces) {
+    const std::vector<GradientBucket>& buckets = group->buckets->buckets();
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      const GradientBucket& bucket = buckets[b];
+      const Tensor& first = layout.slots[group->slots[bucket.parameters.front()]].parameter;
+      Tensor own = torch::zeros({bucket.chunk}, first.options());  // [chunk]
+      for (size_t p : group->pieces_of_bucket[b]) {
         const Piece& piece = layout.pieces[p];
         own.narrow(0, piece.chunk_offset, piece.values.numel()).copy_(piece.values);
       }
       const Tensor gathered = group->shard->all_gather(own);  // [size x chunk]
-      for (size_t k = 0; k < bucket.slots.size(); ++k) {
-        Tensor parameter = layout.slots[bucket.slots[k]].parameter.detach();
+      for (size_t k = 0; k < bucket.parameters.size(); ++k) {
+        Tensor parameter = layout.slots[group->slots[bucket.parameters[k]]].parameter.detach();
         parameter.view(-1).copy_(gathered.narrow(0, bucket.offsets[k], parameter.numel()));
       }
     }

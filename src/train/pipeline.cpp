@@ -68,10 +68,16 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
   std::vector<Tensor> lm_losses;
   Tensor aux_sum = torch::zeros({}, fp64);
   std::deque<InFlight> in_flight;  // forwards whose backward is pending, oldest first
-  std::vector<parallel::PendingSend> sends;
+  std::vector<parallel::Pending> sends;
 
-  for (const parallel::PipelineAction& action :
-       parallel::pipeline_schedule(options.schedule, layout.pp, layout.stage, micro_batches)) {
+  const std::vector<parallel::PipelineAction> schedule =
+      parallel::pipeline_schedule(options.schedule, layout.pp, layout.stage, micro_batches);
+  size_t last_backward = 0;
+  for (size_t k = 0; k < schedule.size(); ++k) {
+    if (schedule[k].kind == parallel::PipelineAction::kBackward) last_backward = k;
+  }
+  for (size_t k = 0; k < schedule.size(); ++k) {
+    const parallel::PipelineAction& action = schedule[k];
     const int64_t i = action.micro_batch;
     const double lm_scale = options.lm_loss_scales[static_cast<size_t>(i)];
     if (action.kind == parallel::PipelineAction::kForward) {
@@ -107,6 +113,7 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
     } else {
       InFlight state = std::move(in_flight.front());
       in_flight.pop_front();
+      if (k == last_backward && options.before_last_backward) options.before_last_backward();
       if (last) {
         state.output.backward();
       } else {

@@ -19,8 +19,7 @@ OptimizerStep::OptimizerStep(const config::RunConfig& config, model::Transformer
       optimizer_(optimizer),
       parallel_(parallel),
       router_balancing_(config, model, parallel),
-      derived_(config::resolve_derived(config, parallel.layout().dp)),
-      parameters_(model.parameters()) {}
+      derived_(config::resolve_derived(config, parallel.layout().dp)) {}
 
 LossWeights loss_weights(config::LossAverage average, const std::vector<int64_t>& counted,
                          parallel::ParallelContext& parallel) {
@@ -89,9 +88,10 @@ StepResult OptimizerStep::forward_backward(int64_t completed, const std::functio
   options.lm_loss_scales = weights.lm_loss_scales;
   options.aux_loss_scale = 1.0 / static_cast<double>(micro_batches);
   options.precision = config_.train.precision;
+  options.before_last_backward = [this] { optimizer_.reduce_during_next_backward(); };
   const PipelineStepResult pipeline = run_pipeline_step(model_, parallel_, options, batches);
-  if (after_backward) after_backward(completed + 1, parameters_);
   optimizer_.reduce_gradients();
+  if (after_reduction) after_reduction(completed + 1, optimizer_.gradients());
   const Tensor squared_norm = optimizer_.squared_gradient_norm();
   const Tensor bias_statistics_LE = router_balancing_.stage_bias_statistics();  // [L_stage, E + 1] on the device
 

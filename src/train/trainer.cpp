@@ -47,12 +47,10 @@ std::pair<std::shared_ptr<spdlog::logger>, std::shared_ptr<spdlog::logger>> run_
 /// `train --debug-nonfinite-steps` (docs/reliability.md): every gradient NaN after the backward
 /// passes of the given 1-based steps, as a diverging step would leave them.
 std::function<void(int64_t, const std::vector<Tensor>&)> poison_gradients_at(std::set<int64_t> steps) {
-  return [steps = std::move(steps)](int64_t step, const std::vector<Tensor>& parameters) {
+  return [steps = std::move(steps)](int64_t step, const std::vector<Tensor>& gradients) {
     if (steps.count(step) == 0) return;
     torch::NoGradGuard no_grad;
-    for (const Tensor& parameter : parameters) {
-      if (parameter.grad().defined()) parameter.mutable_grad().fill_(std::numeric_limits<double>::quiet_NaN());
-    }
+    for (Tensor gradient : gradients) gradient.fill_(std::numeric_limits<double>::quiet_NaN());
   };
 }
 
@@ -129,9 +127,10 @@ Trainer::Trainer(const config::RunConfig& config, TrainerOptions options)
   if (train.precision == config::Precision::kFp64) model_->to(torch::kDouble);
   model_->train();
   optimizer_ = std::make_unique<DistributedOptimizer>(*model_, train, parallel_, config_.parallel.shard_optimizer,
-                                                      std::move(experts));
+                                                      std::move(experts), config_.parallel.overlap_grad_reduce,
+                                                      bucket_bytes(config_.parallel));
   step_ = std::make_unique<OptimizerStep>(config_, *model_, *optimizer_, parallel_);
-  if (!options_.nonfinite_steps.empty()) step_->after_backward = poison_gradients_at(options_.nonfinite_steps);
+  if (!options_.nonfinite_steps.empty()) step_->after_reduction = poison_gradients_at(options_.nonfinite_steps);
   evaluator_ = std::make_unique<Evaluator>(config_, *model_, parallel_, data_->validation());
   checkpoints_ = std::make_unique<CheckpointManager>(config_, options_.run_dir / config_.checkpoint.dir, parallel_,
                                                      device_);
@@ -198,12 +197,21 @@ TrainSummary Trainer::run() {
   ProgressBar bar(progress_.step, train.max_steps, config_.log.progress && is_logging_rank());
   StepInterval interval;
   ExpertTimesTally expert_times(optimizer_->experts().times);
+  // The gradient reduction left after the backward, per step, past this process's first step
+  // (which sets up the collectives' buffers): docs/parallelism.md, "Gradient reduction".
+  double reduction_seconds_before = 0.0, timed_step_seconds = 0.0;
+  int64_t timed_steps = -1;
   while (progress_.step < stop_step) {
     const auto start = std::chrono::steady_clock::now();
     expert_times.begin_step();
     const StepResult result = step_->run(progress_.step, [&] { return data_->next_batch(); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     expert_times.end_step(seconds);
+    if (++timed_steps == 0) {
+      reduction_seconds_before = optimizer_->reduction_seconds();
+    } else {
+      timed_step_seconds += seconds;
+    }
     log_step_outcome(result);
     const int64_t step = ++progress_.step;
     progress_.tokens_seen += tokens_per_step;
@@ -226,6 +234,14 @@ TrainSummary Trainer::run() {
   bar.finish();
   summary.last_step = progress_.step;
   if (const std::string line = expert_times.summary(parallel_.world().rank); !line.empty()) console_->info(line);
+  if (parallel_.layout().dp > 1 && timed_steps > 0) {
+    const double per_step = 1e3 / static_cast<double>(timed_steps);
+    console_->info(fmt::format("gradient reduction on rank {}, per step: {:.1f} ms after the backward (overlap {}), "
+                               "step {:.1f} ms",
+                               parallel_.world().rank,
+                               per_step * (optimizer_->reduction_seconds() - reduction_seconds_before),
+                               config_.parallel.overlap_grad_reduce ? "on" : "off", per_step * timed_step_seconds));
+  }
   if (tensorboard_ && tensorboard_->lines() > 0) {
     file_->info(fmt::format("TensorBoard: {} lines written to {} in {:.1f} ms ({:.3f} ms per line)",
                             tensorboard_->lines(), tensorboard_->path(), 1e3 * tensorboard_->seconds(),

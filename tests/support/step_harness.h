@@ -1,6 +1,7 @@
 // One optimizer step of a config at a time, as `yuanmoe train` and `yuanmoe bench` run it
 // (train/step.h), on random micro-batches in host memory that the step copies to the device.
-// Two harnesses of one config and seed see the same weights and the same batches.
+// Two harnesses of one config and seed see the same weights and the same batches; the optimizer
+// is sharded and overlaps its reduction as run.parallel says (no expert parallelism).
 #pragma once
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -26,8 +27,11 @@ class StepHarness {
     model::init_weights(*model_, run_.model, static_cast<uint64_t>(run_.train.seed));
     model_->to(device);
     model_->train();
-    optimizer_ = std::make_unique<train::DistributedOptimizer>(*model_, run_.train, parallel_, /*shard=*/false,
-                                                               parallel::expert_weights(*model_));
+    optimizer_ = std::make_unique<train::DistributedOptimizer>(*model_, run_.train, parallel_,
+                                                               run_.parallel.shard_optimizer,
+                                                               parallel::expert_weights(*model_),
+                                                               run_.parallel.overlap_grad_reduce,
+                                                               train::bucket_bytes(run_.parallel));
     step_ = std::make_unique<train::OptimizerStep>(run_, *model_, *optimizer_, parallel_);
   }
   StepHarness(const StepHarness&) = delete;

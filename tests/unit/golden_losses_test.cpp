@@ -105,7 +105,8 @@ std::vector<StepFigures> run_cell(const config::RunConfig& run, int64_t prompt_t
   parallel::apply_balance_reducer(*model, context);
   model::apply_recompute(*model, run.train.recompute);
   model->train();
-  train::DistributedOptimizer optimizer(*model, run.train, context, run.parallel.shard_optimizer, experts);
+  train::DistributedOptimizer optimizer(*model, run.train, context, run.parallel.shard_optimizer, experts,
+                                        run.parallel.overlap_grad_reduce, train::bucket_bytes(run.parallel));
   train::OptimizerStep step(run, *model, optimizer, context);
 
   std::vector<StepFigures> figures;

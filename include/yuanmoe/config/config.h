@@ -153,6 +153,10 @@ struct ParallelConfig {
   int64_t expert = 1;
   /// ZeRO-1 / Megatron's distributed optimizer: AdamW state sharded over the data-parallel group.
   bool shard_optimizer = false;
+  /// Data-parallel gradient reduction started from gradient hooks during the step's last
+  /// backward (PyTorch DDP, Megatron's --overlap-grad-reduce) rather than after it.
+  bool overlap_grad_reduce = true;
+  double grad_bucket_mb = 25.0;  ///< MiB of gradients per reduction bucket (PyTorch DDP's bucket_cap_mb)
   Backend backend = Backend::kAuto;
   int64_t timeout_s = 300;
 };

@@ -26,11 +26,12 @@
 
 namespace yuanmoe::parallel {
 
-/// A send in flight: wait() before the tensor may change (and before the step ends).
-class PendingSend {
+/// A send or collective in flight: wait() before its tensors are read or changed (and before the
+/// step ends). It keeps them alive until then.
+class Pending {
  public:
-  PendingSend() = default;
-  explicit PendingSend(std::function<void()> wait) : wait_(std::move(wait)) {}
+  Pending() = default;
+  explicit Pending(std::function<void()> wait) : wait_(std::move(wait)) {}
   void wait() {
     if (wait_) wait_();
     wait_ = nullptr;
@@ -58,12 +59,17 @@ class Group {
                     const std::vector<int64_t>& recv_rows) const;
   /// input [size() * n] summed over the group; this rank keeps block rank() of the sum: [n].
   Tensor reduce_scatter_sum(const Tensor& input) const;
+  /// The two above started and not waited for (the gradient buckets overlap them with backward):
+  /// `tensor` holds the sum, and `output` (set here: [n], or `input` itself in a group of one)
+  /// this rank's block, once wait() returned. Gloo and NCCL run them in the order they started.
+  Pending start_all_reduce_sum(const Tensor& tensor) const;
+  Pending start_reduce_scatter_sum(const Tensor& input, Tensor& output) const;
   /// shard [n] from every rank -> [size() * n], block r from rank r.
   Tensor all_gather(const Tensor& shard) const;
   void barrier() const;
   /// Point to point with group-local ranks. `tag` tells apart messages between one pair (Gloo;
   /// NCCL matches by order, which the schedules keep identical on both ends).
-  PendingSend send(const Tensor& tensor, int64_t peer, int tag) const;
+  Pending send(const Tensor& tensor, int64_t peer, int tag) const;
   void recv(Tensor& tensor, int64_t peer, int tag) const;  // tensor: preallocated, contiguous
 
   struct Impl;  // the c10d process group (process_groups.cpp)

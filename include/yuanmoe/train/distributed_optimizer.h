@@ -7,7 +7,8 @@
 //
 //   (*) an expert's gradient on one rank already sums the tokens of its whole ep group.
 //
-// Gradients are reduced in buckets of about 25 MB in the parameters' dtype, and each group's copies share the AdamW
+// Gradients are reduced in buckets of about 25 MB (train/gradient_buckets.h: overlapped with the
+// step's last backward under parallel.overlap_grad_reduce), and each group's copies share the AdamW
 // work as parallel.shard_optimizer says (ZeRO-1, Megatron's distributed optimizer): sharded, each
 // bucket is reduce-scattered over the group, so rank r of a group of g holds the reduced gradient
 // of the bucket's chunk r, AdamW updates that chunk only (its moments are the only ones the rank
@@ -31,6 +32,7 @@
 #include "yuanmoe/parallel/expert_parallel.h"
 #include "yuanmoe/parallel/process_groups.h"
 #include "yuanmoe/train/adamw.h"
+#include "yuanmoe/train/gradient_buckets.h"
 
 namespace yuanmoe::train {
 
@@ -38,16 +40,27 @@ class DistributedOptimizer {
  public:
   /// `model`: this rank's stage, already on its device and with expert parallelism applied
   /// (`experts` is what apply_expert_parallel returned). Sharding views the parameters' storage:
-  /// nothing may replace it afterwards (load_model_state copies in place).
+  /// nothing may replace it afterwards (load_model_state copies in place). `overlap_reduction`
+  /// and `bucket_bytes`: parallel.overlap_grad_reduce and grad_bucket_mb.
   DistributedOptimizer(model::TransformerImpl& model, const config::TrainConfig& train,
-                       const parallel::ParallelContext& parallel, bool shard, parallel::ExpertSharding experts);
+                       const parallel::ParallelContext& parallel, bool shard, parallel::ExpertSharding experts,
+                       bool overlap_reduction = true, int64_t bucket_bytes = GradientBuckets::kDefaultBucketBytes);
   ~DistributedOptimizer();
 
   void set_learning_rate(double lr);
+  /// Before the step's last backward on this stage: with overlap on, its gradient hooks start
+  /// reducing each bucket as soon as it is complete.
+  void reduce_during_next_backward();
   /// After the backward passes: the tied embedding's copies summed, then every gradient
   /// reduced to the data-parallel mean: this rank's chunks when sharded, else the parameters'
   /// .grad in place (a missing one becomes zeros first when there is anything to reduce).
   void reduce_gradients();
+  /// The gradients AdamW steps with, once reduced: the parameters' own, or this rank's reduced
+  /// chunks when sharded.
+  std::vector<Tensor> gradients() const;
+  /// Seconds spent in reduce_gradients() reducing after the backward, summed over the run: the
+  /// communication that the backward did not hide (docs/parallelism.md).
+  double reduction_seconds() const;
   /// The square of the L2 norm of the whole model's reduced gradient: every stage, every expert
   /// once, the last stage's tied copy left out (fp64 sums). [] fp64 on the parameters' device,
   /// not read back (the step reads it with its other figures). A collective.

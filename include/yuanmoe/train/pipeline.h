@@ -15,6 +15,7 @@
 // first stage, labels by the last. Activations travel as fp32 [B, S, D].
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "yuanmoe/config/config.h"
@@ -31,6 +32,8 @@ struct PipelineStepOptions {
   std::vector<double> lm_loss_scales;
   double aux_loss_scale = 1.0;  // of every micro-batch's router terms: 1 / micro-batches
   config::Precision precision = config::Precision::kFp32;
+  /// Called just before this stage's last backward of the step (the gradient buckets arm).
+  std::function<void()> before_last_backward;
 };
 
 /// The sums and counts stay on the stage's device: reading them is the step's one wait for it.

@@ -1,7 +1,8 @@
 // One optimizer step, top to bottom, the same for `yuanmoe train` and `yuanmoe bench`:
 //   learning rate -> zero grads -> the pipeline schedule over this rank's micro-batches
-//   (train/pipeline.h; one stage: plain gradient accumulation) -> gradients reduced (tied
-//   copies summed, data-parallel mean; train/distributed_optimizer.h) -> global gradient norm ->
+//   (train/pipeline.h; one stage: plain gradient accumulation; the last backward starts the
+//   gradient reduction, bucket by bucket) -> gradients reduced (tied copies summed,
+//   data-parallel mean; train/distributed_optimizer.h) -> global gradient norm ->
 //   the step's figures read back from the device in one copy, its one wait for the device
 //   (core/host_sync.h) -> loss, router terms and routed-pair counts reduced over the world ->
 //   the non-finite policy -> the routers' balancing updates (ReMoE's L1 coefficient, the
@@ -79,10 +80,10 @@ class OptimizerStep {
   /// Micro-batches and tokens of a step, from the config and the data-parallel size.
   const config::DerivedValues& derived() const { return derived_; }
 
-  /// Test seam (tests/integration/train_test.cpp, docs/reliability.md): called after the backward
-  /// passes of step `step` (1-based), before the gradients are reduced, with every parameter,
-  /// e.g. to poison the gradients.
-  std::function<void(int64_t step, const std::vector<Tensor>& parameters)> after_backward;
+  /// Test seam (tests/integration/train_test.cpp, docs/reliability.md): called in step `step`
+  /// (1-based) once the gradients are reduced, before their norm, with the gradients AdamW steps
+  /// with (DistributedOptimizer::gradients), e.g. to poison them.
+  std::function<void(int64_t step, const std::vector<Tensor>& gradients)> after_reduction;
 
  private:
   const config::RunConfig& config_;
@@ -91,7 +92,6 @@ class OptimizerStep {
   parallel::ParallelContext& parallel_;
   RouterBalancing router_balancing_;
   const config::DerivedValues derived_;
-  std::vector<Tensor> parameters_;
   int64_t consecutive_skips_ = 0;
 };
 
