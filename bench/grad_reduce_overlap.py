@@ -28,8 +28,8 @@ STEPS = int(sys.argv[3]) if len(sys.argv) > 3 else 8
 ROUNDS = int(sys.argv[4]) if len(sys.argv) > 4 else 2
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 WORK = tempfile.mkdtemp(prefix="yuanmoe-overlap-")
-LINE = re.compile(r"gradient reduction on rank (\d+), per step: ([\d.]+) ms after the backward \(overlap (on|off)\), "
-                  r"step ([\d.]+) ms")
+LINE = re.compile(r"gradient reduction on rank (\d+), per step: ([\d.]+) ms after the backward, ([\d.]+) ms of it "
+                  r"waiting for collectives \(overlap (on|off)\), step ([\d.]+) ms")
 
 
 def train(run_dir, nproc, overlap, extra):
@@ -47,7 +47,7 @@ def train(run_dir, nproc, overlap, extra):
         m = LINE.search(open(log).read())
         if not m:
             raise SystemExit("%s: no gradient reduction line" % log)
-        ranks.append({"reduction_ms": float(m.group(2)), "step_ms": float(m.group(4))})
+        ranks.append({"reduction_ms": float(m.group(2)), "waiting_ms": float(m.group(3)), "step_ms": float(m.group(5))})
     losses = [json.loads(line)["loss"] for line in open(os.path.join(WORK, run_dir, "metrics.jsonl"))
               if '"loss"' in line and '"split"' not in line]
     return ranks, losses
@@ -68,19 +68,22 @@ def main():
                 ranks, loss = train("%s_%s_%d" % (name.replace(" ", "_").replace("=", ""), overlap, r), nproc, overlap,
                                     extra)
                 runs[overlap].append({"ranks": ranks, "reduction_ms": mean(ranks, "reduction_ms"),
-                                      "step_ms": mean(ranks, "step_ms")})
+                                      "waiting_ms": mean(ranks, "waiting_ms"), "step_ms": mean(ranks, "step_ms")})
                 losses.setdefault(overlap, loss)
-                print("%s overlap %s round %d: reduction after backward %.1f ms, step %.1f ms"
+                print("%s overlap %s round %d: reduction after backward %.1f ms (waiting %.1f), step %.1f ms"
                       % (name, "on" if overlap else "off", r + 1, runs[overlap][-1]["reduction_ms"],
-                         runs[overlap][-1]["step_ms"]), flush=True)
+                         runs[overlap][-1]["waiting_ms"], runs[overlap][-1]["step_ms"]), flush=True)
         row = {"layout": name, "ranks": nproc, "steps": STEPS, "rounds": ROUNDS,
                "same_losses": losses[True] == losses[False], "runs": {"on": runs[True], "off": runs[False]}}
         for key, overlap in (("on", True), ("off", False)):
             row[key + "_reduction_ms"] = statistics.median(x["reduction_ms"] for x in runs[overlap])
+            row[key + "_waiting_ms"] = statistics.median(x["waiting_ms"] for x in runs[overlap])
             row[key + "_step_ms"] = statistics.median(x["step_ms"] for x in runs[overlap])
         results.append(row)
-        print("%s: reduction after backward %.1f ms (on) vs %.1f ms (off); step %.1f vs %.1f ms; losses %s"
-              % (name, row["on_reduction_ms"], row["off_reduction_ms"], row["on_step_ms"], row["off_step_ms"],
+        print("%s: reduction after backward %.1f ms (on, waiting %.1f) vs %.1f ms (off, waiting %.1f); step %.1f vs "
+              "%.1f ms; losses %s"
+              % (name, row["on_reduction_ms"], row["on_waiting_ms"], row["off_reduction_ms"], row["off_waiting_ms"],
+                 row["on_step_ms"], row["off_step_ms"],
                  "bit-identical" if row["same_losses"] else "DIFFER"), flush=True)
     with open(OUT, "w") as f:
         json.dump({"config": "configs/tiny-m32.json", "micro_batch_size": 2, "backend": "gloo",

@@ -27,6 +27,8 @@ int run_bench(int argc, const char* const* argv) {
        "instead of random tokens")
       ("attention-kernel", "only this causal attention kernel, fwd+bwd on one micro-batch, and its memory: "
        "sdpa or materialised", cxxopts::value<std::string>())
+      ("profile", "after the timed steps, one more under LibTorch's profiler, its Chrome trace written to FILE "
+       "(bench/profile_step.py sums it per operator)", cxxopts::value<std::string>())
       ("json", "also write the figures as JSON to FILE", cxxopts::value<std::string>());
   const auto parsed = parse_or_help(options, argc, argv);
   if (!parsed) return 0;
@@ -43,6 +45,10 @@ int run_bench(int argc, const char* const* argv) {
   bench.step_only = args.count("step-only") > 0;
   bench.real_data = args.count("data") > 0;
   if (args.count("attention-kernel")) bench.attention_kernel = args["attention-kernel"].as<std::string>();
+  if (args.count("profile")) {
+    bench.profile_path = args["profile"].as<std::string>();
+    if (!std::ofstream(bench.profile_path)) throw std::runtime_error(bench.profile_path + ": cannot open for writing");
+  }
   std::ofstream json_file;
   if (args.count("json")) {  // opened first: a bad path fails before minutes of measuring
     const std::string path = args["json"].as<std::string>();

@@ -22,8 +22,12 @@ Routing RouterImpl::forward(const Tensor& x_TD) { return forward(x_TD, TokenGrou
 Routing RouterImpl::forward(const Tensor& x_TD, const TokenGroups& tokens) {
   const bool rerun = std::exchange(rerun_, false);
   // Routers run in fp32 at least: "compute gate in float32 to help stability of expert load
-  // balancing" (torchtitan); Yuan uses --use-fp32-router.
-  const Tensor logits_TE = score(x_TD.to(at_least_fp32(x_TD)));
+  // balancing" (torchtitan); Yuan uses --use-fp32-router. Autocast is off around the scores, or
+  // under train.precision = bf16 it would run their GEMMs in bf16.
+  const Tensor logits_TE = [&] {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    return score(x_TD.to(at_least_fp32(x_TD)));
+  }();
   if (!is_training()) {
     torch::NoGradGuard no_grad;
     const Tensor p_TE = routing_distribution(logits_TE.detach()).to(torch::kDouble);
@@ -130,14 +134,16 @@ AttentionRouterImpl::AttentionRouterImpl(const config::MoeConfig& config, int64_
 }
 
 Tensor AttentionRouterImpl::score(const Tensor& x_TD) {
-  const Tensor q_TE = linear_scores(x_TD, query->weight);
-  const Tensor k_TE = linear_scores(x_TD, key->weight);
-  const Tensor v_TE = linear_scores(x_TD, value->weight);
-  // Per token an E x E attention over experts: A_ij = q_i k_j (no scaling), row softmax, times v.
-  // The weighted sum is a broadcast multiply and a reduction: a bmm over T tiny [E, E] x [E, 1]
-  // products is several times slower on CPU (docs/benchmarks.md).
-  const Tensor probs_TEE = torch::softmax(q_TE.unsqueeze(2) * k_TE.unsqueeze(1), -1);
-  return (probs_TEE * v_TE.unsqueeze(1)).sum(-1);
+  // q, k, v = W_q x, W_k x, W_v x as one [T, D] x [D, 3E] GEMM (Megatron's fused
+  // query_key_value weight), then per token an E x E attention over experts: A_ij = q_i k_j (no
+  // scaling), row softmax, times v. The weighted sum is a broadcast multiply and a reduction: a
+  // bmm over T tiny [E, E] x [E, 1] products is several times slower on CPU, and so is a
+  // hand-written backward through the saved probabilities (docs/routers.md, "Cost").
+  const int64_t experts = query->weight.size(0);
+  const Tensor qkv_T3E = linear_scores(x_TD, torch::cat({query->weight, key->weight, value->weight}));
+  const std::vector<Tensor> qkv = qkv_T3E.split(experts, -1);
+  const Tensor probs_TEE = torch::softmax(qkv[0].unsqueeze(2) * qkv[1].unsqueeze(1), -1);
+  return (probs_TEE * qkv[2].unsqueeze(1)).sum(-1);
 }
 
 LinearRouterImpl::LinearRouterImpl(const config::MoeConfig& config, int64_t hidden_size)

@@ -1,6 +1,7 @@
 #include "yuanmoe/train/benchmark.h"
 
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <cstdio>
 #include <functional>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include "yuanmoe/config/derived.h"
@@ -126,6 +128,20 @@ void measure_step(const BenchOptions& options, OptimizerStep& step, const std::v
   report.step_median_seconds = median(report.step_seconds);
   report.tokens_per_s = static_cast<double>(report.tokens_per_step) / report.step_median_seconds;
   report.mfu = report.tokens_per_s * report.flops_per_token / report.peak_flops;
+}
+
+/// One more step under LibTorch's Kineto profiler, the trace saved to `path` (BenchOptions).
+void profile_step(const std::string& path, int64_t index, OptimizerStep& step, const std::vector<data::Batch>& batches,
+                  const torch::Device& device) {
+  using torch::profiler::impl::ActivityType;
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  std::set<ActivityType> activities{ActivityType::CPU};
+  if (device.is_cuda()) activities.insert(ActivityType::CUDA);
+  torch::autograd::profiler::prepareProfiler(config, activities);
+  torch::autograd::profiler::enableProfiler(config, activities);
+  size_t next = 0;
+  seconds_of([&] { step.run(index, [&] { return batches[next++]; }); }, device);
+  torch::autograd::profiler::disableProfiler()->save(path);
 }
 
 /// Each forward stage of one micro-batch alone, on layer 0 (an MoE layer) and the head, scaled
@@ -360,6 +376,7 @@ BenchReport run_benchmark(const config::RunConfig& config, const BenchOptions& o
                                  parallel::expert_weights(*model));
   OptimizerStep step(config, *model, optimizer, single_process);
   measure_step(options, step, batches, device, report);
+  if (!options.profile_path.empty()) profile_step(options.profile_path, options.warmup + options.steps, step, batches, device);
   // The VM's speed drifts (docs/benchmarks.md): measure again right after the steps and keep the
   // higher reading, so MFU is never flattered by a slow one.
   const MatmulRate rate_after = measure_matmul_rate(device, compute_dtype(config.train.precision));

@@ -188,8 +188,13 @@ std::vector<Tensor> DistributedOptimizer::gradients() const {
   return out;
 }
 
-double DistributedOptimizer::reduction_seconds() const {
-  return layout_->dense.buckets->finish_seconds() + layout_->expert.buckets->finish_seconds();
+DistributedOptimizer::ReductionSeconds DistributedOptimizer::reduction_seconds() const {
+  ReductionSeconds out;
+  for (const ReduceGroup* group : {&layout_->dense, &layout_->expert}) {
+    out.after_backward += group->buckets->finish_seconds();
+    out.waiting += group->buckets->wait_seconds();
+  }
+  return out;
 }
 
 Tensor DistributedOptimizer::squared_gradient_norm() const {

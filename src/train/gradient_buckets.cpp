@@ -112,18 +112,22 @@ void GradientBuckets::start(size_t b) {
 
 void GradientBuckets::finish(const std::function<void(size_t bucket, const Tensor& mean)>& take) {
   if (!active_) return;
-  const auto t0 = std::chrono::steady_clock::now();
+  using Clock = std::chrono::steady_clock;
+  const auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+  const Clock::time_point t0 = Clock::now();
   if (!armed_) next_ = 0;  // no hook started anything
   armed_ = false;
   torch::NoGradGuard no_grad;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     if (b >= next_) start(next_++);
+    const Clock::time_point wait_start = Clock::now();
     pending_[b].wait();
+    wait_seconds_ += seconds_since(wait_start);
     if (dp_ > 1) reduced_[b].div_(static_cast<double>(dp_));  // Gloo has no AVG: sum, then divide
     take(b, reduced_[b]);
     flat_[b] = reduced_[b] = Tensor();
   }
-  finish_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  finish_seconds_ += seconds_since(t0);
 }
 
 }  // namespace yuanmoe::train

@@ -199,7 +199,8 @@ TrainSummary Trainer::run() {
   ExpertTimesTally expert_times(optimizer_->experts().times);
   // The gradient reduction left after the backward, per step, past this process's first step
   // (which sets up the collectives' buffers): docs/parallelism.md, "Gradient reduction".
-  double reduction_seconds_before = 0.0, timed_step_seconds = 0.0;
+  DistributedOptimizer::ReductionSeconds reduction_before;
+  double timed_step_seconds = 0.0;
   int64_t timed_steps = -1;
   while (progress_.step < stop_step) {
     const auto start = std::chrono::steady_clock::now();
@@ -208,7 +209,7 @@ TrainSummary Trainer::run() {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     expert_times.end_step(seconds);
     if (++timed_steps == 0) {
-      reduction_seconds_before = optimizer_->reduction_seconds();
+      reduction_before = optimizer_->reduction_seconds();
     } else {
       timed_step_seconds += seconds;
     }
@@ -236,10 +237,11 @@ TrainSummary Trainer::run() {
   if (const std::string line = expert_times.summary(parallel_.world().rank); !line.empty()) console_->info(line);
   if (parallel_.layout().dp > 1 && timed_steps > 0) {
     const double per_step = 1e3 / static_cast<double>(timed_steps);
-    console_->info(fmt::format("gradient reduction on rank {}, per step: {:.1f} ms after the backward (overlap {}), "
-                               "step {:.1f} ms",
-                               parallel_.world().rank,
-                               per_step * (optimizer_->reduction_seconds() - reduction_seconds_before),
+    const DistributedOptimizer::ReductionSeconds reduction = optimizer_->reduction_seconds();
+    console_->info(fmt::format("gradient reduction on rank {}, per step: {:.1f} ms after the backward, {:.1f} ms of it "
+                               "waiting for collectives (overlap {}), step {:.1f} ms",
+                               parallel_.world().rank, per_step * (reduction.after_backward - reduction_before.after_backward),
+                               per_step * (reduction.waiting - reduction_before.waiting),
                                config_.parallel.overlap_grad_reduce ? "on" : "off", per_step * timed_step_seconds));
   }
   if (tensorboard_ && tensorboard_->lines() > 0) {

@@ -2,6 +2,7 @@
 // every router kind, and each router's once-per-step update (the ReLU coefficient, the bias).
 #include "support/fixtures.h"
 #include "yuanmoe/model/moe.h"
+#include "yuanmoe/train/precision.h"
 
 namespace yuanmoe::model {
 namespace {
@@ -87,6 +88,51 @@ TEST_F(RouterTest, RoutersRunInFp32ForBf16Input) {
     const Routing bf16 = router->forward(x.to(torch::kBFloat16));
     EXPECT_EQ(bf16.gates_TK.scalar_type(), torch::kFloat) << config::to_string(kind);
     EXPECT_LT(max_abs_diff(fp32.gates_TK, bf16.gates_TK), 0.05) << config::to_string(kind);
+  }
+}
+
+// The attention router (one fused [3E, D] GEMM, src/model/router.cpp) against the formula with
+// three projections, in double: gates and the gradients of a loss on them, for x and the three
+// weights.
+TEST_F(RouterTest, AttentionRouterEqualsTheFormulaWithGradientsInFp64) {
+  const auto moe = testing::small_moe_config(RouterKind::kAttention);
+  auto router = make_initialised_router(moe, 16);
+  router->to(torch::kDouble);
+  auto& attention = dynamic_cast<AttentionRouterImpl&>(*router);
+  const Tensor x = torch::randn({9, 16}, torch::kDouble).requires_grad_(true);
+  const Routing routing = router->forward(x);
+  const Tensor weights_TK = torch::randn(routing.gates_TK.sizes(), torch::kDouble);
+  const std::vector<Tensor> inputs{x, attention.query->weight, attention.key->weight, attention.value->weight};
+  const auto ours = torch::autograd::grad({(routing.gates_TK * weights_TK).sum()}, inputs);
+
+  std::vector<Tensor> leaves;
+  for (const Tensor& t : inputs) leaves.push_back(t.detach().clone().requires_grad_(true));
+  const Tensor q = torch::matmul(leaves[0], leaves[1].t()), k = torch::matmul(leaves[0], leaves[2].t()),
+               v = torch::matmul(leaves[0], leaves[3].t());
+  const Tensor logits_TE = (torch::softmax(q.unsqueeze(2) * k.unsqueeze(1), -1) * v.unsqueeze(1)).sum(-1);
+  const Tensor chosen_TK = torch::softmax(logits_TE, -1).gather(1, routing.expert_ids_TK);
+  const Tensor gates_TK = chosen_TK / chosen_TK.sum(-1, /*keepdim=*/true);
+  const auto theirs = torch::autograd::grad({(gates_TK * weights_TK).sum()}, leaves);
+  EXPECT_LT(max_abs_diff(routing.gates_TK, gates_TK), 1e-14);
+  const char* names[] = {"x", "query", "key", "value"};
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    EXPECT_LT(max_abs_diff(ours[i], theirs[i]), 1e-12) << names[i];
+    EXPECT_GT(theirs[i].abs().max().item<double>(), 1e-3) << names[i];  // a gradient worth comparing
+  }
+}
+
+// Under bf16 autocast (train.precision = bf16) the routers' GEMMs still run in fp32: the same
+// bits as without autocast.
+TEST_F(RouterTest, RouterScoresIgnoreAutocast) {
+  for (auto kind : testing::all_router_kinds()) {
+    auto router = make_initialised_router(testing::small_moe_config(kind), 16);
+    const auto x = torch::randn({6, 16});
+    const Routing plain = router->forward(x);
+    const Routing autocast = [&] {
+      train::AutocastScope scope(config::Precision::kBf16, torch::kCPU);
+      return router->forward(x);
+    }();
+    EXPECT_TRUE(torch::equal(plain.gates_TK, autocast.gates_TK)) << config::to_string(kind);
   }
 }
 

@@ -11,6 +11,7 @@
 //               GPU): the MoE block vs a dense SwiGLU FFN of the same active FLOPs (width top_k x F),
 //               _grouped_mm vs the per-expert loop, and SDPA vs materialised attention, fwd + bwd
 //   memory      the process's peak resident set (getrusage)
+//   profile     with --profile, one more step's operator trace (Kineto), for bench/profile_step.py
 // Medians of repeated runs; no figure here is a test threshold.
 #pragma once
 
@@ -35,6 +36,10 @@ struct BenchOptions {
   /// Non-empty: measure only this causal attention kernel ("sdpa", "materialised"),
   /// forward + backward on one micro-batch's [B, H, S, Dh], and the memory it adds.
   std::string attention_kernel;
+  /// Non-empty: one more step after the timed ones under LibTorch's Kineto profiler (CPU
+  /// operators; CUDA kernels on a GPU), saved here as a Chrome trace (bench/profile_step.py sums
+  /// it per operator, forward and backward apart). Its time is in no other figure.
+  std::string profile_path;
 };
 
 /// One attention kernel alone (BenchOptions::attention_kernel). One kernel per process, so that

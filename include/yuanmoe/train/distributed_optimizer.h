@@ -58,9 +58,13 @@ class DistributedOptimizer {
   /// The gradients AdamW steps with, once reduced: the parameters' own, or this rank's reduced
   /// chunks when sharded.
   std::vector<Tensor> gradients() const;
-  /// Seconds spent in reduce_gradients() reducing after the backward, summed over the run: the
-  /// communication that the backward did not hide (docs/parallelism.md).
-  double reduction_seconds() const;
+  /// Seconds spent in reduce_gradients() reducing after the backward, summed over the run, and
+  /// of those, waiting for collectives: the communication that the backward did not hide
+  /// (docs/parallelism.md).
+  struct ReductionSeconds {
+    double after_backward = 0.0, waiting = 0.0;
+  };
+  ReductionSeconds reduction_seconds() const;
   /// The square of the L2 norm of the whole model's reduced gradient: every stage, every expert
   /// once, the last stage's tied copy left out (fp64 sums). [] fp64 on the parameters' device,
   /// not read back (the step reads it with its other figures). A collective.

@@ -73,8 +73,10 @@ class GradientBuckets {
   /// Buckets whose collective has started since arm() (all of them once finish() returned).
   size_t started() const { return next_; }
 
-  /// Seconds finish() took in all (collectives not hidden behind the backward, and the division).
+  /// Seconds finish() took in all (collectives not hidden behind the backward, the division and
+  /// handing the means over), and of those, seconds waiting for collectives.
   double finish_seconds() const { return finish_seconds_; }
+  double wait_seconds() const { return wait_seconds_; }
 
  private:
   struct Hook;  // a parameter's post-accumulate-grad hook
@@ -96,7 +98,7 @@ class GradientBuckets {
   size_t next_ = 0;                      // the first bucket not started (all started once finished)
   std::vector<parallel::Pending> pending_;  // per bucket
   std::vector<Tensor> flat_, reduced_;   // per bucket in flight: [shard x chunk], and its result
-  double finish_seconds_ = 0.0;
+  double finish_seconds_ = 0.0, wait_seconds_ = 0.0;
 };
 
 }  // namespace yuanmoe::train
