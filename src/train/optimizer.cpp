@@ -6,12 +6,14 @@ bool uses_weight_decay(const Tensor& parameter) { return parameter.dim() >= 2; }
 
 Tensor squared_gradient_sum(const std::vector<Tensor>& parameters, const torch::Device& device) {
   torch::NoGradGuard no_grad;
-  std::vector<Tensor> squares;
+  std::vector<Tensor> gradients;
   for (const auto& p : parameters) {
-    if (p.grad().defined()) squares.push_back(p.grad().to(torch::kDouble).pow(2).sum());
+    if (p.grad().defined()) gradients.push_back(p.grad());
   }
-  return squares.empty() ? torch::zeros({}, torch::dtype(torch::kDouble).device(device))
-                         : torch::stack(squares).sum();
+  if (gradients.empty()) return torch::zeros({}, torch::dtype(torch::kDouble).device(device));
+  // Accumulated in fp64 as it reads the fp32 gradients: no fp64 copy of them (what
+  // torch.nn.utils.clip_grad_norm_ does with foreach=True, in fp64).
+  return torch::stack(at::_foreach_norm(gradients, 2, torch::kDouble)).square().sum();
 }
 
 void scale_gradients_to_norm(const std::vector<Tensor>& parameters, double max_norm, double norm) {
