@@ -134,7 +134,8 @@ void measure_step(const BenchOptions& options, OptimizerStep& step, const std::v
 void profile_step(const std::string& path, int64_t index, OptimizerStep& step, const std::vector<data::Batch>& batches,
                   const torch::Device& device) {
   using torch::profiler::impl::ActivityType;
-  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO,
+                                                     /*report_input_shapes=*/true);  // GEMM rates by shape
   std::set<ActivityType> activities{ActivityType::CPU};
   if (device.is_cuda()) activities.insert(ActivityType::CUDA);
   torch::autograd::profiler::prepareProfiler(config, activities);

@@ -165,16 +165,12 @@ void DistributedOptimizer::reduce_gradients() {
   for (ReduceGroup* group : {&layout.dense, &layout.expert}) {
     GradientBuckets& buckets = *group->buckets;
     if (!buckets.active()) continue;  // one copy: its gradient is the mean
-    const bool sharded = group->shard->size() > 1;
+    // Each piece's gradient becomes a view of the bucket's mean: no copy back, and the buffer
+    // lives as long as the gradients (until the next step's zero_grad).
     buckets.finish([&](size_t bucket, const Tensor& mean) {
       for (size_t p : group->pieces_of_bucket[bucket]) {
         Piece& piece = layout.pieces[p];
-        const Tensor own = mean.narrow(0, piece.chunk_offset, piece.values.numel());
-        if (sharded) {
-          piece.values.mutable_grad() = own;  // a view: the chunk lives as long as the gradient
-        } else {
-          piece.values.grad().copy_(own.view_as(piece.values));
-        }
+        piece.values.mutable_grad() = mean.narrow(0, piece.chunk_offset, piece.values.numel()).view_as(piece.values);
       }
     });
   }

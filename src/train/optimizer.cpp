@@ -11,8 +11,8 @@ Tensor squared_gradient_sum(const std::vector<Tensor>& parameters, const torch::
     if (p.grad().defined()) gradients.push_back(p.grad());
   }
   if (gradients.empty()) return torch::zeros({}, torch::dtype(torch::kDouble).device(device));
-  // Accumulated in fp64 as it reads the fp32 gradients: no fp64 copy of them (what
-  // torch.nn.utils.clip_grad_norm_ does with foreach=True, in fp64).
+  // torch.nn.utils.clip_grad_norm_'s foreach norm, in fp64. On the CPU it still converts each
+  // tensor to fp64 first, but then reduces it in one pass instead of squaring and summing copies.
   return torch::stack(at::_foreach_norm(gradients, 2, torch::kDouble)).square().sum();
 }
 

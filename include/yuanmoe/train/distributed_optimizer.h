@@ -53,7 +53,8 @@ class DistributedOptimizer {
   void reduce_during_next_backward();
   /// After the backward passes: the tied embedding's copies summed, then every gradient
   /// reduced to the data-parallel mean: this rank's chunks when sharded, else the parameters'
-  /// .grad in place (a missing one becomes zeros first when there is anything to reduce).
+  /// .grad, as views of the reduced buckets (a missing one becomes zeros first when there is
+  /// anything to reduce).
   void reduce_gradients();
   /// The gradients AdamW steps with, once reduced: the parameters' own, or this rank's reduced
   /// chunks when sharded.
