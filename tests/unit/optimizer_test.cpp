@@ -2,6 +2,8 @@
 // only, the data-parallel mean of the gradients and the tied embedding's sum on real Gloo groups
 // (ranks as threads, support/on_ranks.h), the norm over pipeline stages and clipping, state by
 // name across stage layouts, and the sharded AdamW against the replicated one.
+#include <ATen/Parallel.h>
+
 #include "support/fixtures.h"
 #include "support/on_ranks.h"
 #include "yuanmoe/model/init.h"
@@ -94,6 +96,33 @@ TEST(DistributedOptimizerGradientsTest, StepClipsToTheMaxNormAndTheNormIsReporte
   EXPECT_TRUE(torch::equal(model->named_parameters()[first].grad(), before));
   optimizer->step(/*max_norm=*/1.0, norm);
   EXPECT_NEAR(gradient_norm(*optimizer), 1.0, 1e-6);
+}
+
+// The squared norm against fp64 copies squared and summed: lengths around the chunk and lane
+// sizes, fp32 and fp64, a parameter without a gradient; the same bits at 1 and 2 threads.
+TEST(DistributedOptimizerGradientsTest, SquaredNormAccumulatesInFp64WhateverTheThreads) {
+  std::vector<Tensor> parameters;
+  for (const int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{65535}, int64_t{65536}, int64_t{200003}}) {
+    for (const auto dtype : {torch::kFloat, torch::kDouble}) {
+      Tensor p = torch::zeros({n}, dtype);
+      p.mutable_grad() = torch::randn({n}, dtype) * 1e-3;
+      parameters.push_back(p);
+    }
+  }
+  parameters.push_back(torch::zeros({5}));  // no gradient: left out
+  double want = 0.0;
+  for (const Tensor& p : parameters) {
+    if (p.grad().defined()) want += p.grad().to(torch::kDouble).pow(2).sum().item<double>();
+  }
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const double one = squared_gradient_sum(parameters, torch::kCPU).item<double>();
+  at::set_num_threads(2);
+  const double two = squared_gradient_sum(parameters, torch::kCPU).item<double>();
+  at::set_num_threads(threads);
+  EXPECT_EQ(one, two);
+  EXPECT_NEAR(one, want, 1e-13 * want);
+  EXPECT_EQ(squared_gradient_sum({torch::zeros({3})}, torch::kCPU).item<double>(), 0.0);
 }
 
 TEST(DistributedOptimizerTest, DecaysMatricesNotVectors) {

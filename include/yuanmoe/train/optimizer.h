@@ -14,9 +14,9 @@ namespace yuanmoe::train {
 /// as in nanoGPT and Megatron) and never to vectors (RMSNorm weights, LFA conv biases).
 bool uses_weight_decay(const Tensor& parameter);
 
-/// The sum of the squared gradient entries of `parameters` (each tensor's L2 norm accumulated in
-/// fp64, squared, then summed over the tensors in order: deterministic), left on the device
-/// unread: [] fp64, zero on `device` when no parameter has a gradient.
+/// The sum of the squared gradient entries of `parameters` (each tensor's sum of squares
+/// accumulated in fp64, then summed over the tensors in order: deterministic, whatever the thread
+/// count), left on the device unread: [] fp64, zero on `device` when no parameter has a gradient.
 Tensor squared_gradient_sum(const std::vector<Tensor>& parameters, const torch::Device& device);
 
 /// When max_norm > 0 and norm exceeds it, every gradient scaled by max_norm / norm.
