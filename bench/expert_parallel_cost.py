@@ -15,29 +15,20 @@ usage: python3 bench/expert_parallel_cost.py build/yuanmoe OUT.json [STEPS]
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
+
+from tiny_launch import launch_tiny_m32
 
 BIN = os.path.abspath(sys.argv[1])
 OUT = sys.argv[2]
 STEPS = int(sys.argv[3]) if len(sys.argv) > 3 else 12
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 WORK = tempfile.mkdtemp(prefix="yuanmoe-ep-cost-")
 
 
 def train(run_dir, nproc, ep):
-    args = ["train", "--config", os.path.join(ROOT, "configs", "tiny-m32.json"), "--run-dir", os.path.join(WORK, run_dir),
-            "--set", "train.micro_batch_size=2", "--set", "train.max_steps=%d" % STEPS,
-            "--set", "train.eval_interval=0", "--set", "checkpoint.interval=0", "--set", "log.progress=false",
-            "--set", "log.plots=false", "--set", "log.peak_tflops=1", "--set", "parallel.expert=%d" % ep]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    subprocess.run([BIN, "launch", "--nproc", str(nproc), "--", *args], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
     ranks = []
-    for rank in range(nproc):
-        log = os.path.join(WORK, run_dir, "train.log" if rank == 0 else "train.rank%d.log" % rank)
-        text = open(log).read()
+    for text in launch_tiny_m32(BIN, os.path.join(WORK, run_dir), nproc, STEPS, ["parallel.expert=%d" % ep]):
         m = re.search(r"expert parallelism on rank \d+, per step: all-to-all ([\d.]+) ms, experts forward ([\d.]+) ms "
                       r"\+ backward ([\d.]+) ms, step ([\d.]+) ms", text)
         if m:

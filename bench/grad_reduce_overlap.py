@@ -18,35 +18,27 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
+
+from tiny_launch import launch_tiny_m32
 
 BIN = os.path.abspath(sys.argv[1])
 OUT = sys.argv[2]
 STEPS = int(sys.argv[3]) if len(sys.argv) > 3 else 8
 ROUNDS = int(sys.argv[4]) if len(sys.argv) > 4 else 2
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 WORK = tempfile.mkdtemp(prefix="yuanmoe-overlap-")
 LINE = re.compile(r"gradient reduction on rank (\d+), per step: ([\d.]+) ms after the backward, ([\d.]+) ms of it "
                   r"waiting for collectives \(overlap (on|off)\), step ([\d.]+) ms")
 
 
 def train(run_dir, nproc, overlap, extra):
-    args = ["train", "--config", os.path.join(ROOT, "configs", "tiny-m32.json"), "--run-dir", os.path.join(WORK, run_dir),
-            "--set", "train.micro_batch_size=2", "--set", "train.max_steps=%d" % STEPS,
-            "--set", "train.eval_interval=0", "--set", "checkpoint.interval=0", "--set", "log.progress=false",
-            "--set", "log.plots=false", "--set", "log.peak_tflops=1", "--set", "log.interval=1",
-            "--set", "parallel.overlap_grad_reduce=%s" % ("true" if overlap else "false"), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    subprocess.run([BIN, "launch", "--nproc", str(nproc), "--", *args], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    overrides = ["log.interval=1", "parallel.overlap_grad_reduce=%s" % ("true" if overlap else "false"), *extra]
     ranks = []
-    for rank in range(nproc):
-        log = os.path.join(WORK, run_dir, "train.log" if rank == 0 else "train.rank%d.log" % rank)
-        m = LINE.search(open(log).read())
+    for rank, text in enumerate(launch_tiny_m32(BIN, os.path.join(WORK, run_dir), nproc, STEPS, overrides)):
+        m = LINE.search(text)
         if not m:
-            raise SystemExit("%s: no gradient reduction line" % log)
+            raise SystemExit("%s rank %d: no gradient reduction line" % (run_dir, rank))
         ranks.append({"reduction_ms": float(m.group(2)), "waiting_ms": float(m.group(3)), "step_ms": float(m.group(5))})
     losses = [json.loads(line)["loss"] for line in open(os.path.join(WORK, run_dir, "metrics.jsonl"))
               if '"loss"' in line and '"split"' not in line]
@@ -58,7 +50,7 @@ def mean(rows, key):
 
 
 def main():
-    layouts = [("dp=2", 2, []), ("dp=2 sharded", 2, ["--set", "parallel.shard_optimizer=true"]), ("dp=4", 4, [])]
+    layouts = [("dp=2", 2, []), ("dp=2 sharded", 2, ["parallel.shard_optimizer=true"]), ("dp=4", 4, [])]
     results = []
     for name, nproc, extra in layouts:
         runs = {True: [], False: []}

@@ -17,6 +17,7 @@ struct Slot {
   std::string name;
   Tensor parameter;
   bool in_norm = true;  // false for the last stage's copy of a tied embedding
+  bool expert = false;  // reduced over the edp group (expert parallelism)
 };
 
 /// The part of one parameter this rank updates: AdamW steps `values` with its gradient. Sharded,
@@ -81,8 +82,8 @@ DistributedOptimizer::DistributedOptimizer(model::TransformerImpl& model, const 
     slot.parameter = item.value();
     slot.in_norm = !model_.stage.holds_tied_copy(slot.name);
     TORCH_CHECK(slot.parameter.is_contiguous(), slot.name, ": the optimizer needs contiguous parameters");
-    const bool expert = experts_.ranks > 1 && experts_.names.count(slot.name) > 0;
-    (expert ? layout.expert : layout.dense).slots.push_back(layout.slots.size());
+    slot.expert = experts_.ranks > 1 && experts_.names.count(slot.name) > 0;
+    (slot.expert ? layout.expert : layout.dense).slots.push_back(layout.slots.size());
     layout.slots.push_back(std::move(slot));
   }
   if (parallel_.embedding.size() > 1) layout.tied_embedding = model_.embed_tokens->weight;
@@ -134,8 +135,7 @@ DistributedOptimizer::DistributedOptimizer(model::TransformerImpl& model, const 
   std::vector<double> weight_decays;
   for (Piece& piece : pieces) {
     const size_t p = layout.pieces.size();
-    const bool expert = experts_.ranks > 1 && experts_.names.count(layout.slots[piece.slot].name) > 0;
-    ReduceGroup& group = expert ? layout.expert : layout.dense;
+    ReduceGroup& group = layout.slots[piece.slot].expert ? layout.expert : layout.dense;
     group.pieces.push_back(p);
     group.pieces_of_bucket[piece.bucket].push_back(p);
     layout.pieces_of_slot[piece.slot].push_back(p);

@@ -51,7 +51,6 @@ GradientBuckets::GradientBuckets(std::vector<Tensor> parameters, std::vector<std
   for (GradientBucket& bucket : buckets_) bucket.chunk = (bucket.elements + shard_.size() - 1) / shard_.size();
 
   pending_.resize(buckets_.size());
-  flat_.resize(buckets_.size());
   reduced_.resize(buckets_.size());
   if (hooked_) {
     for (size_t i = 0; i < parameters_.size(); ++i) {
@@ -101,12 +100,12 @@ void GradientBuckets::start(size_t b) {
   }
   const int64_t padding = shard_.size() * bucket.chunk - bucket.elements;
   if (padding > 0) parts.push_back(torch::zeros({padding}, parts.front().options()));
-  flat_[b] = torch::cat(parts);  // [shard x chunk]
+  const Tensor flat = torch::cat(parts);  // [shard x chunk]
   if (shard_.size() > 1) {
-    pending_[b] = shard_.start_reduce_scatter_sum(flat_[b], reduced_[b]);  // [chunk]
+    pending_[b] = shard_.start_reduce_scatter_sum(flat, reduced_[b]);  // [chunk]
   } else {
-    reduced_[b] = flat_[b];
-    pending_[b] = copies_.start_all_reduce_sum(flat_[b]);
+    reduced_[b] = flat;  // summed in place
+    pending_[b] = copies_.start_all_reduce_sum(flat);
   }
 }
 
@@ -125,7 +124,7 @@ void GradientBuckets::finish(const std::function<void(size_t bucket, const Tenso
     wait_seconds_ += seconds_since(wait_start);
     if (dp_ > 1) reduced_[b].div_(static_cast<double>(dp_));  // Gloo has no AVG: sum, then divide
     take(b, reduced_[b]);
-    flat_[b] = reduced_[b] = Tensor();
+    reduced_[b] = Tensor();
   }
   finish_seconds_ += seconds_since(t0);
 }

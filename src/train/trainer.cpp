@@ -44,8 +44,8 @@ std::pair<std::shared_ptr<spdlog::logger>, std::shared_ptr<spdlog::logger>> run_
   return {console, file};
 }
 
-/// `train --debug-nonfinite-steps` (docs/reliability.md): every gradient NaN after the backward
-/// passes of the given 1-based steps, as a diverging step would leave them.
+/// `train --debug-nonfinite-steps` (docs/reliability.md): every reduced gradient NaN in the given
+/// 1-based steps, as a diverging step would leave them.
 std::function<void(int64_t, const std::vector<Tensor>&)> poison_gradients_at(std::set<int64_t> steps) {
   return [steps = std::move(steps)](int64_t step, const std::vector<Tensor>& gradients) {
     if (steps.count(step) == 0) return;
@@ -85,6 +85,38 @@ class ExpertTimesTally {
   parallel::ExpertParallelTimes before_, sums_;
   double step_seconds_ = 0.0;
   int64_t steps_ = 0;
+};
+
+/// The data-parallel gradient reduction left after the backward, per step, past this process's
+/// first step (which sets up the collectives' buffers), for the summary line at the end of a run
+/// (docs/parallelism.md, "Gradient reduction").
+class ReductionTally {
+ public:
+  ReductionTally(const DistributedOptimizer& optimizer, bool overlap) : optimizer_(optimizer), overlap_(overlap) {}
+  void end_step(double seconds) {
+    if (++steps_ == 0) {
+      before_ = optimizer_.reduction_seconds();
+    } else {
+      step_seconds_ += seconds;
+    }
+  }
+  /// "" before a second step.
+  std::string summary(int64_t rank) const {
+    if (steps_ <= 0) return "";
+    const double per_step = 1e3 / static_cast<double>(steps_);
+    const DistributedOptimizer::ReductionSeconds now = optimizer_.reduction_seconds();
+    return fmt::format("gradient reduction on rank {}, per step: {:.1f} ms after the backward, {:.1f} ms of it waiting "
+                       "for collectives (overlap {}), step {:.1f} ms",
+                       rank, per_step * (now.after_backward - before_.after_backward),
+                       per_step * (now.waiting - before_.waiting), overlap_ ? "on" : "off", per_step * step_seconds_);
+  }
+
+ private:
+  const DistributedOptimizer& optimizer_;
+  const bool overlap_;
+  DistributedOptimizer::ReductionSeconds before_;
+  double step_seconds_ = 0.0;
+  int64_t steps_ = -1;  // timed steps: the first is left out
 };
 
 bool every(int64_t step, int64_t interval) { return interval > 0 && step % interval == 0; }
@@ -197,22 +229,14 @@ TrainSummary Trainer::run() {
   ProgressBar bar(progress_.step, train.max_steps, config_.log.progress && is_logging_rank());
   StepInterval interval;
   ExpertTimesTally expert_times(optimizer_->experts().times);
-  // The gradient reduction left after the backward, per step, past this process's first step
-  // (which sets up the collectives' buffers): docs/parallelism.md, "Gradient reduction".
-  DistributedOptimizer::ReductionSeconds reduction_before;
-  double timed_step_seconds = 0.0;
-  int64_t timed_steps = -1;
+  ReductionTally reduction(*optimizer_, config_.parallel.overlap_grad_reduce);
   while (progress_.step < stop_step) {
     const auto start = std::chrono::steady_clock::now();
     expert_times.begin_step();
     const StepResult result = step_->run(progress_.step, [&] { return data_->next_batch(); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     expert_times.end_step(seconds);
-    if (++timed_steps == 0) {
-      reduction_before = optimizer_->reduction_seconds();
-    } else {
-      timed_step_seconds += seconds;
-    }
+    reduction.end_step(seconds);
     log_step_outcome(result);
     const int64_t step = ++progress_.step;
     progress_.tokens_seen += tokens_per_step;
@@ -235,14 +259,8 @@ TrainSummary Trainer::run() {
   bar.finish();
   summary.last_step = progress_.step;
   if (const std::string line = expert_times.summary(parallel_.world().rank); !line.empty()) console_->info(line);
-  if (parallel_.layout().dp > 1 && timed_steps > 0) {
-    const double per_step = 1e3 / static_cast<double>(timed_steps);
-    const DistributedOptimizer::ReductionSeconds reduction = optimizer_->reduction_seconds();
-    console_->info(fmt::format("gradient reduction on rank {}, per step: {:.1f} ms after the backward, {:.1f} ms of it "
-                               "waiting for collectives (overlap {}), step {:.1f} ms",
-                               parallel_.world().rank, per_step * (reduction.after_backward - reduction_before.after_backward),
-                               per_step * (reduction.waiting - reduction_before.waiting),
-                               config_.parallel.overlap_grad_reduce ? "on" : "off", per_step * timed_step_seconds));
+  if (const std::string line = reduction.summary(parallel_.world().rank); !line.empty() && parallel_.layout().dp > 1) {
+    console_->info(line);
   }
   if (tensorboard_ && tensorboard_->lines() > 0) {
     file_->info(fmt::format("TensorBoard: {} lines written to {} in {:.1f} ms ({:.3f} ms per line)",

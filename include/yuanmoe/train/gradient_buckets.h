@@ -96,8 +96,8 @@ class GradientBuckets {
   std::vector<char> is_ready_;           // per parameter
   std::vector<size_t> waiting_;          // per bucket: parameters not ready yet
   size_t next_ = 0;                      // the first bucket not started (all started once finished)
-  std::vector<parallel::Pending> pending_;  // per bucket
-  std::vector<Tensor> flat_, reduced_;   // per bucket in flight: [shard x chunk], and its result
+  std::vector<parallel::Pending> pending_;  // per bucket in flight (it keeps its input alive)
+  std::vector<Tensor> reduced_;          // per bucket in flight: its sum, once pending_ is waited
   double finish_seconds_ = 0.0, wait_seconds_ = 0.0;
 };
 
