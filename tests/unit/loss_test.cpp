@@ -2,6 +2,9 @@
 #include "support/fixtures.h"
 #include "yuanmoe/train/loss.h"
 
+#include <ATen/Parallel.h>
+#include <cmath>
+
 namespace yuanmoe::train {
 namespace {
 
@@ -28,6 +31,82 @@ TEST(LanguageModelLossTest, IgnoredLabelsAreLeftOutOfTheMean) {
   logits.mutable_grad() = Tensor();
   none.backward();
   EXPECT_EQ(logits.grad().abs().max().item<double>(), 0.0);
+}
+
+// The fused loss against PyTorch's cross_entropy in fp64, loss and gradient, over several row
+// blocks (2^19 / 4096 = 128 rows each), with ignored labels and an upstream gradient other than 1.
+TEST(LanguageModelLossTest, EqualsPyTorchCrossEntropyWithGradientsInFp64) {
+  torch::manual_seed(3);
+  const int64_t tokens = 300, vocab = 4096;
+  const Tensor logits = (3 * torch::randn({tokens, vocab}, torch::kDouble)).requires_grad_(true);
+  Tensor labels = torch::randint(vocab, {tokens}, torch::kLong);
+  labels.index_put_({torch::randint(tokens, {40}, torch::kLong)}, kIgnoredLabel);
+  const Tensor loss = language_model_loss(logits.view({3, 100, vocab}), labels.view({3, 100}));
+  (0.37 * loss).backward();
+
+  const Tensor reference_logits = logits.detach().clone().requires_grad_(true);
+  const Tensor want = torch::nn::functional::cross_entropy(
+      reference_logits, labels, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(kIgnoredLabel));
+  (0.37 * want).backward();
+  EXPECT_NEAR(loss.item<double>(), want.item<double>(), 1e-12);
+  EXPECT_LT((logits.grad() - reference_logits.grad()).abs().max().item<double>(), 1e-15);
+  EXPECT_EQ(logits.grad().index({labels == kIgnoredLabel}).abs().max().item<double>(), 0.0);
+}
+
+// fp32: the same bits at any thread count (each row's arithmetic does not depend on the blocks),
+// within fp32 rounding of the fp64 loss, and finite where a probability underflows.
+TEST(LanguageModelLossTest, Fp32IsThreadCountIndependentAndFiniteForSpreadLogits) {
+  torch::manual_seed(4);
+  Tensor logits = torch::randn({257, 1000});
+  logits.index_put_({0, 7}, 120.0);  // row 0's other probabilities are below 1e-50: 0 in fp32
+  const Tensor labels = torch::randint(1000, {257}, torch::kLong);
+  const auto run = [&](int threads) {
+    at::set_num_threads(threads);
+    const Tensor x = logits.clone().requires_grad_(true);
+    const Tensor loss = language_model_loss(x, labels);
+    loss.backward();
+    return std::make_pair(loss.detach(), x.grad());
+  };
+  const int threads = at::get_num_threads();
+  const auto [loss_1, grad_1] = run(1);
+  const auto [loss_2, grad_2] = run(2);
+  at::set_num_threads(threads);
+  EXPECT_TRUE(torch::equal(loss_1, loss_2));
+  EXPECT_TRUE(torch::equal(grad_1, grad_2));
+  const double want = language_model_loss(logits.to(torch::kDouble), labels).item<double>();
+  EXPECT_TRUE(std::isfinite(loss_1.item<float>()));
+  EXPECT_NEAR(loss_1.item<double>(), want, 1e-5 * want);
+}
+
+// bf16 logits: the loss runs in fp32 and the gradient comes back in bf16, as under autocast.
+TEST(LanguageModelLossTest, Bf16LogitsGiveAnFp32LossAndABf16Gradient) {
+  torch::manual_seed(5);
+  const Tensor logits = torch::randn({8, 50}).to(torch::kBFloat16).requires_grad_(true);
+  const Tensor labels = torch::randint(50, {8}, torch::kLong);
+  const Tensor loss = language_model_loss(logits, labels);
+  EXPECT_EQ(loss.scalar_type(), torch::kFloat);
+  EXPECT_NEAR(loss.item<double>(), language_model_loss(logits.detach().to(torch::kDouble), labels).item<double>(),
+              1e-6);
+  loss.backward();
+  EXPECT_EQ(logits.grad().scalar_type(), torch::kBFloat16);
+}
+
+// The backward writes the gradient over the forward's saved exponentials: a second backward
+// through the same graph is refused by name, not answered with a wrong gradient.
+TEST(LanguageModelLossTest, ASecondBackwardIsRefused) {
+  const Tensor logits = torch::randn({4, 10}).requires_grad_(true);
+  const Tensor loss = language_model_loss(logits, torch::tensor({1, 2, 3, 4}, torch::kLong));
+  loss.backward({}, /*retain_graph=*/true);
+  EXPECT_THROW(
+      {
+        try {
+          loss.backward();
+        } catch (const c10::Error& e) {
+          EXPECT_NE(std::string(e.what()).find("language_model_loss: backward ran twice"), std::string::npos);
+          throw;
+        }
+      },
+      c10::Error);
 }
 
 }  // namespace
