@@ -1,6 +1,9 @@
 #include "yuanmoe/model/experts.h"
 
+#include "yuanmoe/core/parallel.h"
+
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/autocast_mode.h>
 #include <functional>
 #include <torch/csrc/autograd/custom_function.h>
@@ -69,8 +72,7 @@ void for_each_expert(const std::vector<int64_t>& rows_per_expert, bool on_cpu,
     for (int64_t g = 0; g <= group; ++g) group_begin[g] = std::min(group_begin[g], e);
   }
   group_begin[0] = 0;
-  at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t end_group) {
-    torch::NoGradGuard no_grad;  // worker threads start with grad mode on
+  parallel_for_with_caller_state(0, groups, 1, [&](int64_t first_group, int64_t end_group) {
     for (int64_t g = first_group; g < end_group; ++g) {
       for (int64_t e = group_begin[g]; e < group_begin[g + 1]; ++e) {
         if (rows_per_expert[e] > 0) fn(e, starts[e], rows_per_expert[e]);
@@ -79,26 +81,61 @@ void for_each_expert(const std::vector<int64_t>& rows_per_expert, bool on_cpu,
   });
 }
 
+/// h = silu(a) * b over rows of u = [a | b].
+Tensor swiglu_activation(const Tensor& u_M2F) {
+  const int64_t ffn = u_M2F.size(1) / 2;
+  return torch::silu(u_M2F.narrow(1, 0, ffn)).mul_(u_M2F.narrow(1, ffn, ffn));
+}
+
+/// The SwiGLU activation's backward over rows: writes d_u = [d_a | d_b] from d_h and u, and returns
+/// h = silu(a) b, which the weight gradient of the second GEMM needs (recomputed, not saved).
+/// silu'(a) = s (1 + a (1 - s)) with s = sigmoid(a).
+Tensor swiglu_activation_backward(const Tensor& d_h_MF, const Tensor& u_M2F, Tensor d_u_M2F) {
+  const int64_t ffn = d_h_MF.size(1);
+  const Tensor a = u_M2F.narrow(1, 0, ffn), b = u_M2F.narrow(1, ffn, ffn);
+  const Tensor sigmoid_a = torch::sigmoid(a), silu_a = a * sigmoid_a;
+  Tensor d_a = d_u_M2F.narrow(1, 0, ffn), d_b = d_u_M2F.narrow(1, ffn, ffn);
+  at::mul_out(d_b, d_h_MF, silu_a);
+  at::mul_out(d_a, d_h_MF, torch::rsub(sigmoid_a, 1).mul_(a).add_(1).mul_(sigmoid_a).mul_(b));
+  return silu_a.mul_(b);
+}
+
 /// The experts' SwiGLU over rows grouped by expert, with a hand-written backward: GEMMs write
 /// straight into slices of one output (no per-expert tensors, no cat, no per-expert gradient
-/// stacks), the activation and its derivative run once over all rows, and only x and the
-/// pre-activation u are kept for backward. Megatron's GroupedMLP does the same with grouped GEMM
-/// kernels.
+/// stacks), and only x and the pre-activation u are kept for backward. Megatron's GroupedMLP does
+/// the same with grouped GEMM kernels.
+///
+/// On the CPU each expert's whole chain (both GEMMs, the activation, and in the backward its four
+/// GEMMs and the activation's derivative) runs on one thread while its rows are in cache: over all
+/// rows at once the activation's passes are memory-bound, 3-4x slower than per expert
+/// (docs/benchmarks.md, "Profile of the step"). Elsewhere each stage runs once over all rows, so
+/// the activation is a handful of kernels, not a handful per expert.
 struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
   static variable_list forward(AutogradContext* ctx, const Tensor& xs_MD, const Tensor& w1_E2FD, const Tensor& w2_EDF,
                                const std::vector<int64_t>& rows_per_expert) {
+    // One profiler event around the work the intra-op threads share: its wall time (the
+    // backward's is the autograd node's event).
+    RECORD_FUNCTION("yuanmoe::grouped_swiglu", std::vector<c10::IValue>{});
     const Tensor xs = xs_MD.detach().contiguous(), w1 = w1_E2FD.detach(), w2 = w2_EDF.detach();
     const int64_t rows = xs.size(0), ffn = w2.size(2);
     const bool on_cpu = xs.device().is_cpu();
     Tensor u_M2F = torch::empty({rows, 2 * ffn}, xs.options());
-    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
-      mm_into(u_M2F.narrow(0, first, n), xs.narrow(0, first, n), w1[e].t());
-    });
-    const Tensor h_MF = torch::silu(u_M2F.narrow(1, 0, ffn)).mul_(u_M2F.narrow(1, ffn, ffn));
     Tensor ys_MD = torch::empty({rows, w2.size(1)}, xs.options());
-    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
-      mm_into(ys_MD.narrow(0, first, n), h_MF.narrow(0, first, n), w2[e].t());
-    });
+    const auto first_gemm = [&](int64_t e, int64_t first, int64_t n) {
+      mm_into(u_M2F.narrow(0, first, n), xs.narrow(0, first, n), w1[e].t());
+    };
+    if (on_cpu) {
+      for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+        first_gemm(e, first, n);
+        mm_into(ys_MD.narrow(0, first, n), swiglu_activation(u_M2F.narrow(0, first, n)), w2[e].t());
+      });
+    } else {
+      for_each_expert(rows_per_expert, on_cpu, first_gemm);
+      const Tensor h_MF = swiglu_activation(u_M2F);
+      for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+        mm_into(ys_MD.narrow(0, first, n), h_MF.narrow(0, first, n), w2[e].t());
+      });
+    }
     ctx->save_for_backward({xs, w1, w2, u_M2F});
     ctx->saved_data["rows"] = rows_per_expert;
     return {ys_MD};
@@ -109,36 +146,43 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     const Tensor &xs = saved[0], &w1 = saved[1], &w2 = saved[2], &u_M2F = saved[3];
     const std::vector<int64_t> rows_per_expert = ctx->saved_data["rows"].toIntVector();
     const Tensor d_ys = grad_outputs[0].contiguous();
-    const int64_t ffn = w2.size(2);
     const bool on_cpu = xs.device().is_cpu();
 
-    // h = silu(a) * b with a, b the halves of u; silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
-    const Tensor a = u_M2F.narrow(1, 0, ffn), b = u_M2F.narrow(1, ffn, ffn);
-    const Tensor sigmoid_a = torch::sigmoid(a), silu_a = a * sigmoid_a;
-    const Tensor h_MF = silu_a * b;
     // Weight gradients start empty: every expert with rows writes its whole slice, the rest are
     // zeroed (a full zero-fill would be one more pass over all experts' weights).
-    Tensor d_h = torch::empty_like(h_MF), d_w1 = torch::empty_like(w1), d_w2 = torch::empty_like(w2);
+    Tensor d_h = torch::empty({xs.size(0), w2.size(2)}, xs.options()), d_u = torch::empty_like(u_M2F);
+    Tensor d_xs = torch::empty_like(xs), d_w1 = torch::empty_like(w1), d_w2 = torch::empty_like(w2);
     for (size_t e = 0; e < rows_per_expert.size(); ++e) {
       if (rows_per_expert[e] == 0) {
         d_w1[static_cast<int64_t>(e)].zero_();
         d_w2[static_cast<int64_t>(e)].zero_();
       }
     }
-    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
-      const Tensor d_ys_e = d_ys.narrow(0, first, n);
-      mm_into(d_h.narrow(0, first, n), d_ys_e, w2[e]);
-      mm_into(d_w2[e], d_ys_e.t(), h_MF.narrow(0, first, n));
-    });
-    Tensor d_u = torch::empty_like(u_M2F);
-    d_u.narrow(1, 0, ffn).copy_(d_h * b * sigmoid_a * (1 + a * (1 - sigmoid_a)));
-    d_u.narrow(1, ffn, ffn).copy_(d_h * silu_a);
-    Tensor d_xs = torch::empty_like(xs);
-    for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+    // d_h = d_ys w2; then the activation's backward gives d_u (and h); then d_w2 = d_ys^T h,
+    // d_xs = d_u w1, d_w1 = d_u^T xs.
+    const auto d_h_gemm = [&](int64_t e, int64_t first, int64_t n) {
+      mm_into(d_h.narrow(0, first, n), d_ys.narrow(0, first, n), w2[e]);
+    };
+    const auto weight_and_input_gemms = [&](int64_t e, int64_t first, int64_t n, const Tensor& h_e) {
+      mm_into(d_w2[e], d_ys.narrow(0, first, n).t(), h_e);
       const Tensor d_u_e = d_u.narrow(0, first, n);
       mm_into(d_xs.narrow(0, first, n), d_u_e, w1[e]);
       mm_into(d_w1[e], d_u_e.t(), xs.narrow(0, first, n));
-    });
+    };
+    if (on_cpu) {
+      for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+        d_h_gemm(e, first, n);
+        const Tensor h_e = swiglu_activation_backward(d_h.narrow(0, first, n), u_M2F.narrow(0, first, n),
+                                                      d_u.narrow(0, first, n));
+        weight_and_input_gemms(e, first, n, h_e);
+      });
+    } else {
+      for_each_expert(rows_per_expert, on_cpu, d_h_gemm);
+      const Tensor h_MF = swiglu_activation_backward(d_h, u_M2F, d_u);
+      for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+        weight_and_input_gemms(e, first, n, h_MF.narrow(0, first, n));
+      });
+    }
     return {d_xs, d_w1, d_w2, Tensor()};
   }
 };
