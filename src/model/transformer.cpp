@@ -1,6 +1,7 @@
 #include "yuanmoe/model/transformer.h"
 
 #include <cmath>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include "yuanmoe/model/decode.h"
 
@@ -60,17 +61,85 @@ RopeAngles rope_angles(const Tensor& inverse_frequencies, const Tensor& position
   return {round_to_bf16(torch::cos(angles)), round_to_bf16(torch::sin(angles))};
 }
 
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+/// out = [x1 cos - x2 sin | x2 cos + x1 sin | x3] with x = [x1 | x2 | x3], x1 and x2 rotary_dim/2
+/// wide; `sign` -1 gives the inverse rotation (the backward). Written into `out`, no temporaries.
+void rotate_into(Tensor out, const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t rotary_dim,
+                 double sign) {
+  const int64_t half = rotary_dim / 2, head_dim = x.size(-1);
+  const Tensor x1 = x.narrow(-1, 0, half), x2 = x.narrow(-1, half, half);
+  Tensor out1 = out.narrow(-1, 0, half), out2 = out.narrow(-1, half, half);
+  at::mul_out(out1, x1, cos).addcmul_(x2, sin, -sign);
+  at::mul_out(out2, x2, cos).addcmul_(x1, sin, sign);
+  if (rotary_dim < head_dim) {
+    const int64_t rest = head_dim - rotary_dim;
+    out.narrow(-1, rotary_dim, rest).copy_(x.narrow(-1, rotary_dim, rest));
+  }
+}
+
+/// RoPE over the `parts` heads-dims-wide slices of x_BSHn (q and k of Yuan's per-head [q | k]
+/// layout), each returned as its own tensor: autograd's narrow, mul, cat and their backwards
+/// would zero-fill and copy the whole input once per slice. The backward rotates the gradient
+/// back into one buffer. Computed in fp32 at least; outputs and gradient in the input's dtype.
+struct RotaryEmbedding : public torch::autograd::Function<RotaryEmbedding> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x_BSHn, const Tensor& cos, const Tensor& sin,
+                               int64_t rotary_dim, int64_t parts) {
+    const int64_t head_dim = x_BSHn.size(-1) / parts;
+    const Tensor x = x_BSHn.detach().to(at_least_fp32(x_BSHn));
+    const Tensor cos_x = cos.to(x.scalar_type()), sin_x = sin.to(x.scalar_type());
+    variable_list outputs;
+    for (int64_t p = 0; p < parts; ++p) {
+      const Tensor x_p = x.narrow(-1, p * head_dim, head_dim);
+      Tensor out = torch::empty(x_p.sizes(), x.options());
+      rotate_into(out, x_p, cos_x, sin_x, rotary_dim, 1.0);
+      outputs.push_back(out.to(x_BSHn.scalar_type()));
+    }
+    ctx->save_for_backward({cos_x, sin_x});
+    ctx->saved_data["rotary_dim"] = rotary_dim;
+    ctx->saved_data["dtype"] = x_BSHn.scalar_type();
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const int64_t rotary_dim = ctx->saved_data["rotary_dim"].toInt();
+    const int64_t parts = static_cast<int64_t>(grad_outputs.size());
+    const Tensor& cos = saved[0];
+    const Tensor& sin = saved[1];
+    std::vector<int64_t> sizes;
+    for (const auto& g : grad_outputs) {
+      if (g.defined()) sizes = g.sizes().vec();
+    }
+    const int64_t head_dim = sizes.back();
+    sizes.back() = parts * head_dim;
+    Tensor d_x = torch::empty(sizes, cos.options());
+    for (int64_t p = 0; p < parts; ++p) {
+      Tensor d_x_p = d_x.narrow(-1, p * head_dim, head_dim);
+      if (grad_outputs[p].defined()) {
+        rotate_into(d_x_p, grad_outputs[p].to(cos.scalar_type()), cos, sin, rotary_dim, -1.0);
+      } else {
+        d_x_p.zero_();
+      }
+    }
+    return {d_x.to(ctx->saved_data["dtype"].toScalarType()), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+std::vector<Tensor> apply_rope_to_parts(const Tensor& x_BSHn, const RopeAngles& angles, int64_t rotary_dim,
+                                        int64_t parts) {
+  TORCH_CHECK(x_BSHn.size(-1) % parts == 0, "apply_rope: last dim ", x_BSHn.size(-1), " is not ", parts, " parts");
+  if (rotary_dim == 0) return x_BSHn.chunk(parts, -1);
+  return RotaryEmbedding::apply(x_BSHn, angles.cos, angles.sin, rotary_dim, parts);
+}
+
 Tensor apply_rope(const Tensor& x_BSHDh, const RopeAngles& angles, int64_t rotary_dim) {
-  if (rotary_dim == 0) return x_BSHDh;
-  const int64_t half = rotary_dim / 2;
-  const Tensor x = x_BSHDh.to(at_least_fp32(x_BSHDh));
-  const Tensor x1 = x.narrow(-1, 0, half);
-  const Tensor x2 = x.narrow(-1, half, half);
-  const Tensor cos = angles.cos.to(x.scalar_type()), sin = angles.sin.to(x.scalar_type());
-  std::vector<Tensor> parts{x1 * cos - x2 * sin, x2 * cos + x1 * sin};
-  const int64_t head_dim = x.size(-1);
-  if (rotary_dim < head_dim) parts.push_back(x.narrow(-1, rotary_dim, head_dim - rotary_dim));
-  return torch::cat(parts, -1).to(x_BSHDh.scalar_type());
+  return apply_rope_to_parts(x_BSHDh, angles, rotary_dim, 1)[0];
 }
 
 double ntk_scaled_rope_base(double base, double scale, int64_t rotary_dim) {
@@ -236,14 +305,15 @@ Tensor AttentionImpl::forward(const Tensor& a_BSD,
   const Tensor v_BSHDh = v_proj(a_BSD).view({batch, seq, heads, head_dim});
   const Tensor qk_input_BSD =
       config.lfa ? lf_gate(a_BSD, cache ? &cache->lfa : nullptr, document_ids_BS) : a_BSD;
+  // [q_proj | k_proj] as one GEMM (the [2P, D] weight is a small copy; no cat of the outputs),
   // [B, S, 2P] viewed per head as [q(Dh) | k(Dh)] (docs/model.md §4.1).
-  const Tensor qk_BSH2 = torch::cat({q_proj(qk_input_BSD), k_proj(qk_input_BSD)}, -1)
+  const Tensor qk_weight = torch::cat({q_proj->weight, k_proj->weight});
+  const Tensor qk_BSH2 = torch::matmul(qk_input_BSD, qk_weight.t())
                              .view({batch, seq, heads, 2 * head_dim});
   const RopeAngles angles =
       rope_angles(inverse_frequencies_on(a_BSD.device()), tokens.position_ids_BS, config.rope_tables);
-  const Tensor q_BSHDh = apply_rope(qk_BSH2.narrow(-1, 0, head_dim), angles, config.rotary_dim);
-  const Tensor k_BSHDh =
-      apply_rope(qk_BSH2.narrow(-1, head_dim, head_dim), angles, config.rotary_dim);
+  const std::vector<Tensor> qk_rotated = apply_rope_to_parts(qk_BSH2, angles, config.rotary_dim, 2);
+  const Tensor &q_BSHDh = qk_rotated[0], &k_BSHDh = qk_rotated[1];
 
   Tensor k_BHTDh = k_BSHDh.transpose(1, 2), v_BHTDh = v_BSHDh.transpose(1, 2);
   int64_t offset = 0;  // tokens before this chunk

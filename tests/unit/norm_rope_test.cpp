@@ -78,6 +78,37 @@ TEST_F(NormRopeTest, PartialRopeMatchesComplexForm) {
                            x.narrow(-1, rotary_dim, head_dim - rotary_dim)));
 }
 
+// The hand-written RoPE over Yuan's per-head [q | k] slices against the rotation written with
+// autograd ops, outputs and input gradient in fp64; a part without gradient gets zeros.
+TEST_F(NormRopeTest, RopeOverPartsMatchesTheFormulaWithGradientsInFp64) {
+  const int64_t rotary_dim = 8, head_dim = 16, half = rotary_dim / 2;
+  const auto x = torch::randn({2, 5, 3, 2 * head_dim}, torch::kDouble).requires_grad_(true);
+  const auto positions = torch::arange(10, torch::kLong).view({2, 5});
+  RopeAngles angles = rope_angles(rope_inverse_frequencies(rotary_dim, 10000.0), positions);
+  angles = {angles.cos.to(torch::kDouble), angles.sin.to(torch::kDouble)};
+  const std::vector<Tensor> parts = apply_rope_to_parts(x, angles, rotary_dim, 2);
+  const auto g_q = torch::randn_like(parts[0]), g_k = torch::randn_like(parts[1]);
+  (parts[0] * g_q + parts[1] * g_k).sum().backward();
+
+  const auto x_ref = x.detach().clone().requires_grad_(true);
+  const auto formula = [&](const Tensor& p) {
+    const auto x1 = p.narrow(-1, 0, half), x2 = p.narrow(-1, half, half);
+    return torch::cat({x1 * angles.cos - x2 * angles.sin, x2 * angles.cos + x1 * angles.sin,
+                       p.narrow(-1, rotary_dim, head_dim - rotary_dim)},
+                      -1);
+  };
+  const auto q_ref = formula(x_ref.narrow(-1, 0, head_dim)), k_ref = formula(x_ref.narrow(-1, head_dim, head_dim));
+  (q_ref * g_q + k_ref * g_k).sum().backward();
+  EXPECT_LT(max_abs_diff(parts[0], q_ref), 1e-15);
+  EXPECT_LT(max_abs_diff(parts[1], k_ref), 1e-15);
+  EXPECT_LT(max_abs_diff(x.grad(), x_ref.grad()), 1e-15);
+
+  const auto x_q = x.detach().clone().requires_grad_(true);
+  apply_rope_to_parts(x_q, angles, rotary_dim, 2)[0].sum().backward();  // k unused: no gradient
+  EXPECT_EQ(x_q.grad().narrow(-1, head_dim, head_dim).abs().max().item<double>(), 0.0);
+  EXPECT_GT(x_q.grad().narrow(-1, 0, head_dim).abs().max().item<double>(), 0.1);
+}
+
 TEST_F(NormRopeTest, RotatedDotProductDependsOnlyOnRelativePosition) {
   const int64_t rotary_dim = 16;
   const auto q = torch::randn({1, 1, 1, rotary_dim});

@@ -75,6 +75,10 @@ RopeAngles rope_angles(const Tensor& inverse_frequencies, const Tensor& position
 
 /// Rotates x_BSHDh (any float dtype, computed in fp32) on its first rotary_dim dims.
 Tensor apply_rope(const Tensor& x_BSHDh, const RopeAngles& angles, int64_t rotary_dim);
+/// x_BSHn's last dim as `parts` equal slices (Yuan's per-head [q | k]), each rotated as
+/// apply_rope does and returned as its own tensor.
+std::vector<Tensor> apply_rope_to_parts(const Tensor& x_BSHn, const RopeAngles& angles, int64_t rotary_dim,
+                                        int64_t parts);
 
 /// NTK-aware base for stretching the context by `scale` (arXiv 2405.17976 §4.2):
 /// b' = b * scale^(rotary_dim / (rotary_dim - 2)); 10000 at 4x, rotary_dim 128 -> 40890.
