@@ -1,5 +1,8 @@
 #include "yuanmoe/model/transformer.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -26,10 +29,112 @@ RmsNormImpl::RmsNormImpl(int64_t dim, double eps) : eps(eps) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+/// Rows per task of the CPU kernels below: fixed, so that the weight gradient's partial sums, and
+/// with them its bits, do not depend on the thread count.
+constexpr int64_t kNormRowsPerTask = 64;
+
+/// sum of term(i) over [0, n) in fp64, in eight interleaved partial sums so that the additions do
+/// not wait on one another.
+template <typename Term>
+double lane_sum(int64_t n, const Term& term) {
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
+  }
+  for (; i < n; ++i) lanes[0] += term(i);
+  double total = 0;
+  for (const double lane : lanes) total += lane;
+  return total;
+}
+
+/// RMSNorm on the CPU, one pass per row each way (sums in fp64): y = (x r) w with
+/// r = 1 / sqrt(mean(x^2) + eps), dx = r (g w - x r mean(g w x r)), dw = sum over rows of g x r.
+/// Autograd's version of the same formula makes about 14 passes over the activations in the
+/// backward, each a separate operator (docs/benchmarks.md, "Profile of the step").
+struct RmsNormCpu : public torch::autograd::Function<RmsNormCpu> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x_TD, const Tensor& weight_D, double eps) {
+    const Tensor x = x_TD.detach().contiguous(), w = weight_D.detach().contiguous();
+    const int64_t rows = x.size(0), dim = x.size(1);
+    Tensor y = torch::empty_like(x), inv_rms = torch::empty({rows}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm_cpu", [&] {
+      const scalar_t* xs = x.const_data_ptr<scalar_t>();
+      const scalar_t* ws = w.const_data_ptr<scalar_t>();
+      scalar_t* ys = y.data_ptr<scalar_t>();
+      scalar_t* rs = inv_rms.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, kNormRowsPerTask, [&](int64_t first, int64_t last) {
+        for (int64_t t = first; t < last; ++t) {
+          const scalar_t* row = xs + t * dim;
+          const double squares = lane_sum(dim, [&](int64_t i) {
+            const auto v = static_cast<double>(row[i]);
+            return v * v;
+          });
+          const auto r = static_cast<scalar_t>(1.0 / std::sqrt(squares / static_cast<double>(dim) + eps));
+          rs[t] = r;
+          for (int64_t i = 0; i < dim; ++i) ys[t * dim + i] = row[i] * r * ws[i];
+        }
+      });
+    });
+    ctx->save_for_backward({x, w, inv_rms});
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &inv_rms = saved[2];
+    const Tensor g = grad_outputs[0].contiguous();
+    const int64_t rows = x.size(0), dim = x.size(1);
+    const int64_t tasks = (rows + kNormRowsPerTask - 1) / kNormRowsPerTask;
+    Tensor d_x = torch::empty_like(x), d_w_partial = torch::empty({tasks, dim}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm_cpu_backward", [&] {
+      const scalar_t* xs = x.const_data_ptr<scalar_t>();
+      const scalar_t* ws = w.const_data_ptr<scalar_t>();
+      const scalar_t* rs = inv_rms.const_data_ptr<scalar_t>();
+      const scalar_t* gs = g.const_data_ptr<scalar_t>();
+      scalar_t* dxs = d_x.data_ptr<scalar_t>();
+      scalar_t* partial = d_w_partial.data_ptr<scalar_t>();
+      at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t last_task) {
+        for (int64_t task = first_task; task < last_task; ++task) {
+          scalar_t* d_w = partial + task * dim;
+          std::fill(d_w, d_w + dim, scalar_t{0});
+          const int64_t end = std::min(rows, (task + 1) * kNormRowsPerTask);
+          for (int64_t t = task * kNormRowsPerTask; t < end; ++t) {
+            const scalar_t *x_row = xs + t * dim, *g_row = gs + t * dim;
+            const scalar_t r = rs[t];
+            const double dot = lane_sum(dim, [&](int64_t i) {
+              return static_cast<double>(g_row[i] * ws[i]) * static_cast<double>(x_row[i] * r);
+            });
+            const auto mean_dot = static_cast<scalar_t>(dot / static_cast<double>(dim));
+            for (int64_t i = 0; i < dim; ++i) {
+              const scalar_t normed = x_row[i] * r;
+              dxs[t * dim + i] = r * (g_row[i] * ws[i] - normed * mean_dot);
+              d_w[i] += g_row[i] * normed;
+            }
+          }
+        }
+      });
+    });
+    return {d_x, d_w_partial.sum(0), Tensor()};
+  }
+};
+
+}  // namespace
+
 Tensor RmsNormImpl::forward(const Tensor& x) {
   const Tensor x32 = x.to(at_least_fp32(x));
+  const Tensor w = weight.to(x32.scalar_type());
+  if (x32.device().is_cpu()) {
+    const int64_t dim = x32.size(-1);
+    return RmsNormCpu::apply(x32.reshape({-1, dim}), w, eps)[0].view(x32.sizes()).to(x.scalar_type());
+  }
   const Tensor inv_rms = torch::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return (x32 * inv_rms * weight.to(x32.scalar_type())).to(x.scalar_type());
+  return (x32 * inv_rms * w).to(x.scalar_type());
 }
 
 // ================================================================================================
@@ -67,9 +172,10 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 /// out = [x1 cos - x2 sin | x2 cos + x1 sin | x3] with x = [x1 | x2 | x3], x1 and x2 rotary_dim/2
-/// wide; `sign` -1 gives the inverse rotation (the backward). Written into `out`, no temporaries.
+/// wide; `inverse` rotates the other way (the backward). Written into `out`, no temporaries.
 void rotate_into(Tensor out, const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t rotary_dim,
-                 double sign) {
+                 bool inverse) {
+  const double sign = inverse ? -1.0 : 1.0;
   const int64_t half = rotary_dim / 2, head_dim = x.size(-1);
   const Tensor x1 = x.narrow(-1, 0, half), x2 = x.narrow(-1, half, half);
   Tensor out1 = out.narrow(-1, 0, half), out2 = out.narrow(-1, half, half);
@@ -95,7 +201,7 @@ struct RotaryEmbedding : public torch::autograd::Function<RotaryEmbedding> {
     for (int64_t p = 0; p < parts; ++p) {
       const Tensor x_p = x.narrow(-1, p * head_dim, head_dim);
       Tensor out = torch::empty(x_p.sizes(), x.options());
-      rotate_into(out, x_p, cos_x, sin_x, rotary_dim, 1.0);
+      rotate_into(out, x_p, cos_x, sin_x, rotary_dim, /*inverse=*/false);
       outputs.push_back(out.to(x_BSHn.scalar_type()));
     }
     ctx->save_for_backward({cos_x, sin_x});
@@ -120,7 +226,7 @@ struct RotaryEmbedding : public torch::autograd::Function<RotaryEmbedding> {
     for (int64_t p = 0; p < parts; ++p) {
       Tensor d_x_p = d_x.narrow(-1, p * head_dim, head_dim);
       if (grad_outputs[p].defined()) {
-        rotate_into(d_x_p, grad_outputs[p].to(cos.scalar_type()), cos, sin, rotary_dim, -1.0);
+        rotate_into(d_x_p, grad_outputs[p].to(cos.scalar_type()), cos, sin, rotary_dim, /*inverse=*/true);
       } else {
         d_x_p.zero_();
       }
