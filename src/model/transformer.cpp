@@ -168,9 +168,6 @@ RopeAngles rope_angles(const Tensor& inverse_frequencies, const Tensor& position
 
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 /// rotate_into on the CPU: one loop over the rows (b, s, h), in cache and over the intra-op
 /// threads. ATen's strided multiplies run inner loops rotary_dim/2 long, one per row: 1.1 ms a
 /// call for q and k of a tiny-m32 micro-batch.

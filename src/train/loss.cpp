@@ -18,8 +18,8 @@ using torch::autograd::variable_list;
 /// enough blocks to share among the threads.
 int64_t rows_per_task(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 19) / std::max<int64_t>(1, vocab)); }
 
-/// Calls fn(first_row, rows) over [0, rows): on the CPU in cache-sized blocks spread over the
-/// intra-op threads (each block's ATen ops then run on one thread), elsewhere once for all rows.
+/// Calls fn(first_row, rows) over [0, rows): on the CPU in blocks of rows_per_task rows spread over
+/// the intra-op threads (each block's ATen ops then run on one thread), elsewhere once for all rows.
 /// Every row's arithmetic is the same whatever the blocks, so the result does not depend on the
 /// thread count.
 template <typename Fn>
@@ -42,7 +42,7 @@ void for_row_blocks(const Tensor& x_TV, Fn&& fn) {
 /// written once, as softmax minus one-hot (Megatron's fused vocab-parallel cross-entropy and
 /// Liger's fused linear cross-entropy do the same). The forward keeps exp(x - max) per row, which
 /// the backward scales in place into the gradient: no log-softmax tensor, no zero-filled one-hot,
-/// no second pass over the logits. The loss per row is log(sum) + max - x[label], from the logits
+/// and the backward does not read the logits again. The loss per row is log(sum) + max - x[label], from the logits
 /// themselves, so a probability that underflows in fp32 still gives a finite loss.
 struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits_TV, const Tensor& labels_T) {

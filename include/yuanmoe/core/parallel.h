@@ -9,9 +9,10 @@
 namespace yuanmoe {
 
 /// at::parallel_for(begin, end, grain, fn), with the caller's thread-local state (grad mode,
-/// dispatch keys, the profiler's callbacks) installed on every worker. at::parallel_for over
-/// OpenMP starts its workers without it, as PyTorch's own at::launch does not: without this a
-/// worker would run with grad mode on, and a profile would hold none of its operators.
+/// dispatch keys, the profiler's callbacks) installed on every worker. at::launch and the
+/// autograd engine carry that state to their threads; at::parallel_for over OpenMP does not, so
+/// without this a worker would run with grad mode on and a profile would hold none of its
+/// operators.
 template <typename Fn>
 void parallel_for_with_caller_state(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
   const at::ThreadLocalState state;
