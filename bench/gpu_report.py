@@ -145,6 +145,12 @@ def headline(stage, logs, report):
         if e and e.get("tokens_per_s"):
             return "%.0f tokens/s" % e["tokens_per_s"]
         return first_error(log) or "no eager.json"
+    if name == "profile":
+        m = re.search(r"^device: ([\d.]+ ms) of kernels", log, re.M)
+        h = re.search(r"^profiled step, the calling thread's operators' self time: ([\d.]+ ms)", log, re.M)
+        if m or h:
+            return "; ".join(x for x in ("host %s" % h.group(1) if h else "", "device %s" % m.group(1) if m else "") if x)
+        return first_error(log) or "no profile"
     if name == "ctest":
         passed, skipped, failed = counts(report["ctest"])
         return "%d passed, %d skipped, %d failed%s" % (passed, skipped, len(failed),
@@ -239,6 +245,11 @@ def main():
             md += ["", "yuanmoe / eager = **%.2fx** tokens/s" % (b["tokens_per_s"] / e["tokens_per_s"])]
     else:
         md.append("no result (eager.log)")
+
+    profile = read(logs, "profile.log") or ""
+    if "\ndevice: " in profile:  # the kernels' time per name, from bench/profile_step.py
+        md += ["", "## One step under the profiler: device time per kernel (profile.log)", "", "```",
+               profile[profile.index("\ndevice: ") + 1:].rstrip(), "```"]
 
     if report["ctest"]:
         passed, skipped, failed = counts(report["ctest"])

@@ -15,8 +15,9 @@ An operator counts as backward when it runs inside one of the autograd engine's
 operator around it does); everything else (forward, loss, the gradient norm, AdamW) counts as
 forward and optimizer. Then the matrix products by shape (aten::mm, addmm, bmm with their input
 shapes): calls, time and GFLOP/s per call. A call made inside a parallel region runs on one
-thread, so its rate compares with one thread's share of the peak. CPU operators only: on a GPU the
-trace also holds the kernels, which chrome://tracing or Perfetto show.
+thread, so its rate compares with one thread's share of the peak. On a GPU the operators' times
+are the host's (launches, and waits where the host syncs); the device's own time is the kernels',
+summed per kernel name at the end (chrome://tracing or Perfetto show them on their streams).
 
 usage: python3 bench/profile_step.py TRACE.json [--top 25] [--peak GFLOPS] [--json OUT.json]
 """
@@ -196,6 +197,20 @@ def main():
                   (us / 1e3, n, flops / us / 1e3, " (1 thread)" if one_thread else "", name, dims))
             result["gemms"].append({"name": name, "dims": json.loads(dims), "ms": us / 1e3, "calls": n,
                                     "gflop_per_s": flops / us / 1e3, "one_thread": one_thread})
+    kernels = collections.defaultdict(lambda: [0.0, 0])
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            kernels[(e["cat"], e["name"])][0] += e["dur"]
+            kernels[(e["cat"], e["name"])][1] += 1
+    if kernels:
+        busy = sum(us for us, _ in kernels.values())
+        print("\ndevice: %.1f ms of kernels, copies and fills (summed over streams)" % (busy / 1e3))
+        result["device_ms"] = busy / 1e3
+        result["kernels"] = []
+        for (cat, name), (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
+            print("  %8.1f ms %5.1f %%  %5d x  %s%s" % (us / 1e3, 100 * us / busy, n,
+                                                       "" if cat == "kernel" else "(" + cat + ") ", name[:100]))
+            result["kernels"].append({"category": cat, "name": name, "ms": us / 1e3, "calls": n})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -22,6 +22,7 @@
 #   device-tests   that binary: CUDA against the CPU, NCCL on cuda:0, the step under sync debug
 #   bench          yuanmoe bench on GPU_CHECK_CONFIG -> bench.json
 #   eager          bench/pytorch_eager_step.py on the same config and device -> eager.json
+#   profile        one step under bench --profile, summed by bench/profile_step.py (kernels per name)
 #   build-rest     every other target
 #   ctest          the rest of the suite on the device; tests that force the CPU, need gnuplot
 #                  where it is missing, or only replay fuzz inputs are left to CI (named in the report)
@@ -189,6 +190,10 @@ stage bench 180 build-device "$build/yuanmoe" bench --config "$config" --steps 5
   --json "$logs/bench.json"
 stage eager 150 preflight env PYTHONUNBUFFERED=1 "$python" bench/pytorch_eager_step.py --config "$config" \
   --steps 3 --warmup 1 --device "$device" --json "$logs/eager.json"
+# The trace stays in build-gpu/ (tens of MB with the kernels); its sums go to profile.log.
+stage profile 120 build-device bash -c '"$1" bench --config "$2" --step-only --steps 2 --warmup 2 \
+  --profile "$3/trace.json" && "$4" bench/profile_step.py "$3/trace.json" --top 30' \
+  profile "$build/yuanmoe" "$config" "$build" "$python"
 stage build-rest 400 build-device cmake --build "$build" -j "$jobs"
 
 ctest_jobs=$((jobs >= 16 ? 8 : (jobs >= 2 ? jobs : 1)))

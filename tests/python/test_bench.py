@@ -2,7 +2,8 @@
 """`yuanmoe bench` and the eager PyTorch step bench on a small model: the JSON holds every figure
 docs/benchmarks.md tables (bench/run_benchmarks.py reads it), the figures agree with each other
 (tokens/s = tokens per step / median step, MFU = tokens/s x FLOPs per token / peak), the
-breakdown names every part of the step and accounts for it, and bad input fails in one line.
+breakdown names every part of the step and accounts for it, a profiled step's parallel regions
+hold every thread's GEMMs, and bad input fails in one line.
 Timings are never compared with thresholds here: only their consistency.
 
 usage: python3 test_bench.py BUILD_DIR/yuanmoe
@@ -100,6 +101,45 @@ check(p.returncode != 0 and "--steps" in p.stderr, "--steps 0 refused")
 p = run([BIN, "bench", "--config", "configs/tiny-m32.json", "--attention-kernel", "blockwise"])
 check(p.returncode != 0 and "--attention-kernel: expected sdpa or materialised, got 'blockwise'" in p.stderr,
       "unknown attention kernel refused: %s" % p.stderr.strip())
+
+# --- bench --profile and bench/profile_step.py -------------------------------------------------
+# Two threads, so that the experts' GEMMs are split between the calling thread and a worker: the
+# parallel regions must hold both threads' GEMMs, which the experts' shapes give exactly. SMALL:
+# 2 layers x 2 micro-batches of 128 tokens, top-2 -> 256 rows per layer and micro-batch, each
+# 2 x (256 x 512) + 2 x (256 x 256) FLOPs forward; the backward twice that.
+trace = os.path.join(WORK, "trace.json")
+p = subprocess.run([BIN, "bench", "--config", "configs/tiny-m32.json"] + SMALL +
+                   ["--step-only", "--steps", "1", "--warmup", "1", "--profile", trace],
+                   cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=600)
+check(p.returncode == 0 and os.path.getsize(trace) > 0, "bench --profile writes a trace (%s)" % p.stderr.strip()[-200:])
+profile_json = os.path.join(WORK, "profile.json")
+p = run([sys.executable, "bench/profile_step.py", trace, "--json", profile_json])
+check(p.returncode == 0, "profile_step.py reads it (%s)" % p.stderr.strip()[-300:])
+prof = json.load(open(profile_json))
+regions = {r["name"]: r for r in prof.get("parallel_regions", [])}
+forward = regions.get("yuanmoe::grouped_swiglu", {})
+backward = next((r for n, r in regions.items() if "GroupedSwiGLU" in n), {})
+want_gflop = 2 * 2 * 256 * (2 * 256 * 512 + 2 * 256 * 256) / 1e9
+check(math.isclose(forward.get("gflop", 0), want_gflop, rel_tol=1e-9) and forward.get("worker_ms", 0) > 0,
+      "experts' forward region: %.4f GFLOP over both threads (want %.4f), worker %.1f ms"
+      % (forward.get("gflop", 0), want_gflop, forward.get("worker_ms", 0)))
+check(math.isclose(backward.get("gflop", 0), 2 * want_gflop, rel_tol=1e-9),
+      "experts' backward region: %.4f GFLOP (want twice the forward's)" % backward.get("gflop", 0))
+check(prof["step_ms"] > 0 and prof["phases"]["backward"] > 0, "the step's phases are summed")
+
+# A trace with device kernels (as CUDA gives): their time summed per name, largest first.
+fake = os.path.join(WORK, "kernels.json")
+json.dump({"traceEvents": [
+    {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1, "ts": 0, "dur": 50,
+     "args": {"Input Dims": [[64, 64], [64, 64]]}},
+    {"ph": "X", "cat": "kernel", "name": "gemm_a", "pid": 0, "tid": 7, "ts": 10, "dur": 30},
+    {"ph": "X", "cat": "kernel", "name": "gemm_a", "pid": 0, "tid": 7, "ts": 60, "dur": 30},
+    {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "pid": 0, "tid": 8, "ts": 0, "dur": 5}]}, open(fake, "w"))
+p = run([sys.executable, "bench/profile_step.py", fake, "--json", profile_json])
+prof = json.load(open(profile_json))
+check(p.returncode == 0 and math.isclose(prof.get("device_ms", 0), 0.065)
+      and [(k["name"], k["calls"]) for k in prof.get("kernels", [])] == [("gemm_a", 2), ("Memcpy HtoD", 1)],
+      "device kernels summed per name: %s" % prof.get("kernels"))
 
 # --- the eager PyTorch step bench ----------------------------------------------------------------
 cfg = json.load(open(os.path.join(ROOT, "configs", "tiny-m32.json")))
