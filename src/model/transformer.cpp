@@ -6,6 +6,7 @@
 #include <cmath>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "yuanmoe/core/lane_sum.h"
 #include "yuanmoe/model/decode.h"
 
 namespace yuanmoe::model {
@@ -38,26 +39,10 @@ using torch::autograd::variable_list;
 /// with them its bits, do not depend on the thread count.
 constexpr int64_t kNormRowsPerTask = 64;
 
-/// sum of term(i) over [0, n) in fp64, in eight interleaved partial sums so that the additions do
-/// not wait on one another.
-template <typename Term>
-double lane_sum(int64_t n, const Term& term) {
-  constexpr int64_t kLanes = 8;
-  double lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
-  }
-  for (; i < n; ++i) lanes[0] += term(i);
-  double total = 0;
-  for (const double lane : lanes) total += lane;
-  return total;
-}
-
 /// RMSNorm on the CPU, one pass per row each way (sums in fp64): y = (x r) w with
 /// r = 1 / sqrt(mean(x^2) + eps), dx = r (g w - x r mean(g w x r)), dw = sum over rows of g x r.
-/// Autograd's version of the same formula makes about 14 passes over the activations in the
-/// backward, each a separate operator (docs/benchmarks.md, "Profile of the step").
+/// Autograd's version of the same formula runs a dozen operators each way, each a pass over the
+/// activations: 25 ms of a tiny-m32 step against 4.7 (docs/benchmarks.md, "Profile of the step").
 struct RmsNormCpu : public torch::autograd::Function<RmsNormCpu> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x_TD, const Tensor& weight_D, double eps) {
     const Tensor x = x_TD.detach().contiguous(), w = weight_D.detach().contiguous();
@@ -175,6 +160,9 @@ template <typename scalar_t>
 void rotate_into_cpu(Tensor& out, const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t rotary_dim,
                      bool inverse) {
   const int64_t batch = x.size(0), seq = x.size(1), heads = x.size(2), head_dim = x.size(3), half = rotary_dim / 2;
+  const int64_t x_b = x.stride(0), x_s = x.stride(1), x_h = x.stride(2);
+  const int64_t out_b = out.stride(0), out_s = out.stride(1), out_h = out.stride(2);
+  const int64_t cos_b = cos.stride(0), cos_s = cos.stride(1), sin_b = sin.stride(0), sin_s = sin.stride(1);
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
   const scalar_t* cs = cos.const_data_ptr<scalar_t>();
   const scalar_t* ss = sin.const_data_ptr<scalar_t>();
@@ -182,11 +170,11 @@ void rotate_into_cpu(Tensor& out, const Tensor& x, const Tensor& cos, const Tens
   at::parallel_for(0, batch * seq, 16, [&](int64_t first, int64_t last) {
     for (int64_t token = first; token < last; ++token) {
       const int64_t b = token / seq, s = token % seq;
-      const scalar_t* c = cs + b * cos.stride(0) + s * cos.stride(1);
-      const scalar_t* n = ss + b * sin.stride(0) + s * sin.stride(1);
+      const scalar_t* c = cs + b * cos_b + s * cos_s;
+      const scalar_t* n = ss + b * sin_b + s * sin_s;
       for (int64_t h = 0; h < heads; ++h) {
-        const scalar_t* in = xs + b * x.stride(0) + s * x.stride(1) + h * x.stride(2);
-        scalar_t* o = os + b * out.stride(0) + s * out.stride(1) + h * out.stride(2);
+        const scalar_t* in = xs + b * x_b + s * x_s + h * x_h;
+        scalar_t* o = os + b * out_b + s * out_s + h * out_h;
         if (inverse) {
           for (int64_t i = 0; i < half; ++i) {
             o[i] = in[i] * c[i] + in[i + half] * n[i];

@@ -1,5 +1,7 @@
 #include "yuanmoe/train/optimizer.h"
 
+#include "yuanmoe/core/lane_sum.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -14,10 +16,9 @@ namespace {
 /// The sum of squares of a CPU tensor's fp32 or fp64 entries, accumulated in fp64 as they are
 /// read: no fp64 copy of them (at::_foreach_norm's dtype argument converts the whole tensor first,
 /// 36 ms of a tiny-m32 step: docs/benchmarks.md, "Profile of the step"). Chunks of 2^16 entries,
-/// each summed in eight lanes the compiler vectorises, then the chunks in order: the same bits
-/// whatever the thread count.
+/// each a lane_sum, then the chunks in order: the same bits whatever the thread count.
 double squared_sum_cpu(const Tensor& values) {
-  constexpr int64_t kChunk = int64_t{1} << 16, kLanes = 8;
+  constexpr int64_t kChunk = int64_t{1} << 16;
   const Tensor flat = values.contiguous().view(-1);
   const int64_t n = flat.numel(), chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(static_cast<size_t>(chunks));
@@ -25,19 +26,11 @@ double squared_sum_cpu(const Tensor& values) {
     const scalar_t* data = flat.const_data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
-        const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
-        double lanes[kLanes] = {};
-        int64_t i = begin;
-        for (; i + kLanes <= end; i += kLanes) {
-          for (int64_t j = 0; j < kLanes; ++j) {
-            const auto x = static_cast<double>(data[i + j]);
-            lanes[j] += x * x;
-          }
-        }
-        for (; i < end; ++i) lanes[0] += static_cast<double>(data[i]) * static_cast<double>(data[i]);
-        double sum = 0.0;
-        for (const double lane : lanes) sum += lane;
-        partial[static_cast<size_t>(c)] = sum;
+        const scalar_t* chunk = data + c * kChunk;
+        partial[static_cast<size_t>(c)] = lane_sum(std::min(kChunk, n - c * kChunk), [&](int64_t i) {
+          const auto x = static_cast<double>(chunk[i]);
+          return x * x;
+        });
       }
     });
   });
