@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <ATen/autocast_mode.h>
+#include <algorithm>
+#include <atomic>
 #include <functional>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -49,34 +51,35 @@ std::vector<int64_t> row_starts(const std::vector<int64_t>& rows_per_expert) {
   return starts;
 }
 
-/// Calls fn(e, first_row, rows) for every expert with rows. On CPU the experts are spread over the
-/// intra-op threads in contiguous groups of about equal rows, and each GEMM runs on one thread
+/// Calls fn(e, first_row, rows) for every expert with rows. On CPU each GEMM runs on one thread
 /// (OpenBLAS does inside an OpenMP region): for GEMMs of ~64 rows this beats splitting each GEMM
-/// over the threads (docs/benchmarks.md). Callers write disjoint rows and disjoint experts.
+/// over the threads (docs/benchmarks.md). The threads pull experts from one queue, most rows
+/// first (longest processing time first), so they finish within about one small expert of each
+/// other: an expert's cost is not proportional to its rows (its weights are read whatever their
+/// number). Which thread runs an expert does not change its arithmetic. Callers write disjoint
+/// rows and disjoint experts.
 void for_each_expert(const std::vector<int64_t>& rows_per_expert, bool on_cpu,
                      const std::function<void(int64_t, int64_t, int64_t)>& fn) {
   const std::vector<int64_t> starts = row_starts(rows_per_expert);
   const auto experts = static_cast<int64_t>(rows_per_expert.size());
-  const int64_t total = starts.back();
-  const int64_t groups = on_cpu ? std::min<int64_t>(at::get_num_threads(), experts) : 1;
-  if (groups <= 1 || total == 0) {
+  const int64_t threads = on_cpu ? std::min<int64_t>(at::get_num_threads(), experts) : 1;
+  if (threads <= 1) {
     for (int64_t e = 0; e < experts; ++e) {
       if (rows_per_expert[e] > 0) fn(e, starts[e], rows_per_expert[e]);
     }
     return;
   }
-  // Expert e joins the group its middle row falls in: monotone in e, so groups are contiguous.
-  std::vector<int64_t> group_begin(groups + 1, experts);
-  for (int64_t e = experts - 1; e >= 0; --e) {
-    const int64_t group = std::min(groups - 1, (2 * starts[e] + rows_per_expert[e]) * groups / (2 * total));
-    for (int64_t g = 0; g <= group; ++g) group_begin[g] = std::min(group_begin[g], e);
+  std::vector<int64_t> queue;
+  for (int64_t e = 0; e < experts; ++e) {
+    if (rows_per_expert[e] > 0) queue.push_back(e);
   }
-  group_begin[0] = 0;
-  parallel_for_with_caller_state(0, groups, 1, [&](int64_t first_group, int64_t end_group) {
-    for (int64_t g = first_group; g < end_group; ++g) {
-      for (int64_t e = group_begin[g]; e < group_begin[g + 1]; ++e) {
-        if (rows_per_expert[e] > 0) fn(e, starts[e], rows_per_expert[e]);
-      }
+  std::stable_sort(queue.begin(), queue.end(),
+                   [&](int64_t a, int64_t b) { return rows_per_expert[a] > rows_per_expert[b]; });
+  std::atomic<size_t> next{0};
+  parallel_for_with_caller_state(0, threads, 1, [&](int64_t /*first*/, int64_t /*last*/) {
+    for (size_t i = next.fetch_add(1); i < queue.size(); i = next.fetch_add(1)) {
+      const int64_t e = queue[i];
+      fn(e, starts[e], rows_per_expert[e]);
     }
   });
 }
