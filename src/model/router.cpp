@@ -1,5 +1,7 @@
 #include "yuanmoe/model/router.h"
 
+#include "yuanmoe/model/expert_attention.h"
+
 #include <limits>
 #include <utility>
 
@@ -135,15 +137,8 @@ AttentionRouterImpl::AttentionRouterImpl(const config::MoeConfig& config, int64_
 
 Tensor AttentionRouterImpl::score(const Tensor& x_TD) {
   // q, k, v = W_q x, W_k x, W_v x as one [T, D] x [D, 3E] GEMM (Megatron's fused
-  // query_key_value weight), then per token an E x E attention over experts: A_ij = q_i k_j (no
-  // scaling), row softmax, times v. The weighted sum is a broadcast multiply and a reduction: a
-  // bmm over T tiny [E, E] x [E, 1] products is several times slower on CPU, and so is a
-  // hand-written backward through the saved probabilities (docs/routers.md, "Cost").
-  const int64_t experts = query->weight.size(0);
-  const Tensor qkv_T3E = linear_scores(x_TD, torch::cat({query->weight, key->weight, value->weight}));
-  const std::vector<Tensor> qkv = qkv_T3E.split(experts, -1);
-  const Tensor probs_TEE = torch::softmax(qkv[0].unsqueeze(2) * qkv[1].unsqueeze(1), -1);
-  return (probs_TEE * qkv[2].unsqueeze(1)).sum(-1);
+  // query_key_value weight), then per token an E x E attention over experts.
+  return expert_attention(linear_scores(x_TD, torch::cat({query->weight, key->weight, value->weight})));
 }
 
 LinearRouterImpl::LinearRouterImpl(const config::MoeConfig& config, int64_t hidden_size)

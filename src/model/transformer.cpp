@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "yuanmoe/core/lane_sum.h"
+#include "yuanmoe/model/attention_cpu.h"
 #include "yuanmoe/model/decode.h"
 
 namespace yuanmoe::model {
@@ -396,10 +397,17 @@ Tensor attention_core(config::AttentionKernel kernel,
                       double dropout_p,
                       int64_t offset,
                       const Tensor& document_ids_BS) {
-  // libtorch's fused SDPA for whole sequences: faster than materialised scores at every length
-  // measured, and memory linear in S (docs/benchmarks.md). Dropout needs the probabilities and a
-  // chunk after cached keys needs the offset mask: those materialise (docs/config.md).
+  // A fused kernel for whole sequences: faster than materialised scores at every length measured,
+  // and memory linear in S (docs/benchmarks.md). Dropout needs the probabilities and a chunk after
+  // cached keys needs the offset mask: those materialise (docs/config.md).
   if (kernel == config::AttentionKernel::kSdpa && dropout_p == 0 && offset == 0) {
+    // On the CPU our kernel (attention_cpu.h) where it applies: faster than libtorch's CPU flash
+    // kernel at tiny-m32's shape (docs/benchmarks.md, "Attention on the CPU").
+    const Tensor q_BSHDh = q_BHSDh.transpose(1, 2), k_BSHDh = k_BHSDh.transpose(1, 2),
+                 v_BSHDh = v_BHSDh.transpose(1, 2);
+    if (causal_attention_cpu_applies(q_BSHDh, k_BSHDh, v_BSHDh, document_ids_BS)) {
+      return causal_attention_cpu(q_BSHDh, k_BSHDh, v_BSHDh, document_ids_BS).transpose(1, 2);
+    }
     return sdpa_causal_attention(q_BHSDh, k_BHSDh, v_BHSDh, document_ids_BS);
   }
   return causal_attention(q_BHSDh, k_BHSDh, v_BHSDh, dropout_p, offset, document_ids_BS);

@@ -6,6 +6,7 @@
 // plain causal path runs unchanged.
 #include "support/fixtures.h"
 #include "yuanmoe/data/sampler.h"
+#include "yuanmoe/model/attention_cpu.h"
 #include "yuanmoe/model/decode.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/recompute.h"
@@ -144,12 +145,13 @@ TEST_F(DocumentMaskTest, SdpaWithTheDocumentMaskEqualsMaterialisedInDouble) {
   }
 }
 
-// Off (no document ids): attention_core is exactly the is_causal SDPA call and the plain
+// Off (no document ids): attention_core is exactly the plain causal CPU kernel and the plain
 // materialised softmax, bit for bit; one document per row through the mask gives the same values.
 TEST_F(DocumentMaskTest, WithoutDocumentIdsThePlainCausalPathRuns) {
   const PackedHeads h = packed_heads(false);
+  const auto bshd = [](const Tensor& x) { return x.transpose(1, 2); };
   EXPECT_TRUE(torch::equal(attention_core(config::AttentionKernel::kSdpa, h.q, h.k, h.v),
-                           at::scaled_dot_product_attention(h.q, h.k, h.v, {}, 0.0, /*is_causal=*/true)));
+                           causal_attention_cpu(bshd(h.q), bshd(h.k), bshd(h.v)).transpose(1, 2)));
   EXPECT_TRUE(torch::equal(attention_core(config::AttentionKernel::kMaterialised, h.q, h.k, h.v),
                            causal_attention(h.q, h.k, h.v, 0.0)));
   const Tensor one_document = torch::zeros({2, 16}, torch::kLong);

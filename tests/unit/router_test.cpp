@@ -1,6 +1,7 @@
 // Routers against per-token loops and the reference formulas (docs/routers.md), gating properties for
 // every router kind, and each router's once-per-step update (the ReLU coefficient, the bias).
 #include "support/fixtures.h"
+#include "yuanmoe/model/expert_attention.h"
 #include "yuanmoe/model/moe.h"
 #include "yuanmoe/train/precision.h"
 
@@ -118,6 +119,55 @@ TEST_F(RouterTest, AttentionRouterEqualsTheFormulaWithGradientsInFp64) {
   for (size_t i = 0; i < inputs.size(); ++i) {
     EXPECT_LT(max_abs_diff(ours[i], theirs[i]), 1e-12) << names[i];
     EXPECT_GT(theirs[i].abs().max().item<double>(), 1e-3) << names[i];  // a gradient worth comparing
+  }
+}
+
+/// r_i = sum_j softmax_j(q_i k_j) v_j by broadcasting, the form autograd differentiates.
+Tensor expert_attention_formula(const Tensor& qkv_T3E) {
+  const std::vector<Tensor> qkv = qkv_T3E.split(qkv_T3E.size(1) / 3, -1);
+  return (torch::softmax(qkv[0].unsqueeze(2) * qkv[1].unsqueeze(1), -1) * qkv[2].unsqueeze(1)).sum(-1);
+}
+
+// The expert attention's CPU kernel (src/model/router.cpp) against the formula in fp64, with the
+// gradient of every part of q, k and v: E = 5 leaves a tail after the kernel's 8-lane sums, 21
+// tokens a part-filled block of 8, and the spread of q k (up to about 40) puts most of each
+// softmax row far below its maximum.
+TEST_F(RouterTest, ExpertAttentionKernelEqualsTheFormulaWithGradientsInFp64) {
+  for (const int64_t experts : {5, 32}) {
+    const Tensor qkv = (3.0 * torch::randn({21, 3 * experts}, torch::kDouble)).requires_grad_(true);
+    const Tensor weights_TE = torch::randn({21, experts}, torch::kDouble);
+    const Tensor ours = expert_attention(qkv);
+    const Tensor theirs = expert_attention_formula(qkv);
+    EXPECT_LT(max_abs_diff(ours, theirs), 1e-13) << "E = " << experts;
+    const Tensor d_ours = torch::autograd::grad({(ours * weights_TE).sum()}, {qkv})[0];
+    const Tensor d_theirs = torch::autograd::grad({(theirs * weights_TE).sum()}, {qkv})[0];
+    EXPECT_LT(max_abs_diff(d_ours, d_theirs), 1e-12) << "E = " << experts;
+    for (int64_t part = 0; part < 3; ++part) {  // q, k and v each get a gradient worth comparing
+      EXPECT_GT(d_theirs.narrow(1, part * experts, experts).abs().max().item<double>(), 1e-2) << part;
+    }
+  }
+}
+
+// In fp32 the kernel works token by token, so the thread count cannot change its bits; and a
+// saturated softmax (q k up to about 10^4) stays finite and agrees with the fp64 formula.
+TEST_F(RouterTest, ExpertAttentionKernelInFp32IsThreadIndependentAndFinite) {
+  const int threads = at::get_num_threads();
+  for (const double scale : {1.0, 100.0}) {
+    const Tensor qkv = (scale * torch::randn({37, 96})).requires_grad_(true);
+    const Tensor weights_TE = torch::randn({37, 32});
+    std::vector<Tensor> results;
+    for (const int n : {1, 2}) {
+      at::set_num_threads(n);
+      const Tensor logits = expert_attention(qkv);
+      results.push_back(logits.detach());
+      results.push_back(torch::autograd::grad({(logits * weights_TE).sum()}, {qkv})[0]);
+    }
+    at::set_num_threads(threads);
+    EXPECT_TRUE(torch::equal(results[0], results[2])) << "scale " << scale;
+    EXPECT_TRUE(torch::equal(results[1], results[3])) << "scale " << scale;
+    EXPECT_TRUE(torch::isfinite(results[1]).all().item<bool>()) << "scale " << scale;
+    const Tensor reference = expert_attention_formula(qkv.detach().to(torch::kDouble));
+    EXPECT_LT(max_abs_diff(results[0].to(torch::kDouble), reference), 1e-5 * scale) << "scale " << scale;
   }
 }
 

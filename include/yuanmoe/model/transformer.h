@@ -155,9 +155,10 @@ Tensor sdpa_causal_attention(const Tensor& q_BHSDh,
                              const Tensor& v_BHSDh,
                              const Tensor& document_ids_BS = {});
 
-/// The causal attention core the model runs (and `yuanmoe bench` times): SDPA when `kernel` asks
-/// for it and it applies (no dropout, whole sequences), else the materialised reference; both
-/// with the document mask when document_ids_BS is given.
+/// The causal attention core the model runs (and `yuanmoe bench` times): with `kernel` sdpa and
+/// where it applies (no dropout, whole sequences) a fused kernel, causal_attention_cpu
+/// (attention_cpu.h) for fp32 and fp64 on the CPU and sdpa_causal_attention elsewhere; else the
+/// materialised reference. All take the document mask when document_ids_BS is given.
 Tensor attention_core(config::AttentionKernel kernel,
                       const Tensor& q_BHSDh,
                       const Tensor& k_BHSDh,
