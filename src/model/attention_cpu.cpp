@@ -2,6 +2,7 @@
 #include "yuanmoe/model/attention_cpu.h"
 
 #include "yuanmoe/core/fast_exp.h"
+#include "yuanmoe/core/lane_sum.h"
 #include "yuanmoe/core/parallel.h"
 
 #include <ATen/Dispatch.h>
@@ -22,52 +23,6 @@ using torch::autograd::variable_list;
 /// Query rows per block. PyTorch's CPU flash attention takes 64 for 192 <= S < 768; a block's
 /// scores against up to 256 keys (64 KiB in fp32) stay in the L2 cache between the GEMMs.
 constexpr int64_t kQueryBlock = 64;
-
-/// The largest of x[0, n) in eight interleaved lanes (a fixed order, vectorised).
-template <typename scalar_t>
-inline scalar_t lane_max(const scalar_t* x, int64_t n) {
-  constexpr int64_t kLanes = 8;
-  scalar_t lanes[kLanes];
-  std::fill(lanes, lanes + kLanes, -std::numeric_limits<scalar_t>::infinity());
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
-  }
-  for (; i < n; ++i) lanes[0] = x[i] > lanes[0] ? x[i] : lanes[0];
-  scalar_t largest = lanes[0];
-  for (int64_t l = 1; l < kLanes; ++l) largest = lanes[l] > largest ? lanes[l] : largest;
-  return largest;
-}
-
-/// The sum of x[0, n) in eight interleaved lanes, then the lanes in order.
-template <typename scalar_t>
-inline scalar_t lane_total(const scalar_t* x, int64_t n) {
-  constexpr int64_t kLanes = 8;
-  scalar_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[i + l];
-  }
-  for (; i < n; ++i) lanes[0] += x[i];
-  scalar_t total = 0;
-  for (const scalar_t lane : lanes) total += lane;
-  return total;
-}
-
-/// sum_i a_i b_i in eight interleaved lanes, then the lanes in order.
-template <typename scalar_t>
-inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  constexpr int64_t kLanes = 8;
-  scalar_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
-  }
-  for (; i < n; ++i) lanes[0] += a[i] * b[i];
-  scalar_t total = 0;
-  for (const scalar_t lane : lanes) total += lane;
-  return total;
-}
 
 /// One row of raw scores s[0, n) (q . k) whose keys [first, last] are visible: scales them,
 /// writes p = exp(scale s - m) / sum in place (0 for the hidden keys) and returns m and sum.

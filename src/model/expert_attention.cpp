@@ -2,6 +2,7 @@
 #include "yuanmoe/model/expert_attention.h"
 
 #include "yuanmoe/core/fast_exp.h"
+#include "yuanmoe/core/lane_sum.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -61,22 +62,6 @@ void forward_tokens(const scalar_t* qkv, int64_t experts, int64_t first, int64_t
     token_exponentials(q, experts, row_max.data(), e.data());
     weighted_values(e.data(), q + 2 * experts, experts, sum.data(), r + t * experts);
   }
-}
-
-/// sum_i a_i b_i in eight interleaved partial sums of scalar_t, then the lanes in order: a fixed
-/// order the compiler vectorises.
-template <typename scalar_t>
-inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  constexpr int64_t kLanes = 8;
-  scalar_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
-  }
-  for (; i < n; ++i) lanes[0] += a[i] * b[i];
-  scalar_t total = 0;
-  for (const scalar_t lane : lanes) total += lane;
-  return total;
 }
 
 /// One token's d q, d k and d v from g = d loss / d r, its exponentials e and their sums. With

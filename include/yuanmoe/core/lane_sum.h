@@ -1,7 +1,11 @@
-// A sum in fp64 whose additions do not wait on one another, for hand-written CPU reductions.
+// Reductions whose additions do not wait on one another, for hand-written CPU kernels: eight
+// interleaved lanes, then the lanes in order. A fixed order (the same bits on every call) and one
+// the compiler can vectorise.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace yuanmoe {
 
@@ -20,6 +24,52 @@ double lane_sum(int64_t n, const Term& term) {
   double total = 0;
   for (const double lane : lanes) total += lane;
   return total;
+}
+
+/// The sum of x[0, n) in scalar_t, in lanes as lane_sum.
+template <typename scalar_t>
+inline scalar_t lane_total(const scalar_t* x, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  scalar_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[i + l];
+  }
+  for (; i < n; ++i) lanes[0] += x[i];
+  scalar_t total = 0;
+  for (const scalar_t lane : lanes) total += lane;
+  return total;
+}
+
+/// sum_i a_i b_i in scalar_t, in lanes as lane_sum.
+template <typename scalar_t>
+inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  scalar_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
+  for (; i < n; ++i) lanes[0] += a[i] * b[i];
+  scalar_t total = 0;
+  for (const scalar_t lane : lanes) total += lane;
+  return total;
+}
+
+/// The largest of x[0, n), in lanes as lane_sum (NaN is passed over, as by std::max).
+template <typename scalar_t>
+inline scalar_t lane_max(const scalar_t* x, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  scalar_t lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, -std::numeric_limits<scalar_t>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
+  }
+  for (; i < n; ++i) lanes[0] = x[i] > lanes[0] ? x[i] : lanes[0];
+  scalar_t largest = lanes[0];
+  for (int64_t l = 1; l < kLanes; ++l) largest = lanes[l] > largest ? lanes[l] : largest;
+  return largest;
 }
 
 }  // namespace yuanmoe
