@@ -9,7 +9,7 @@
      alternating processes A B A B ... so that machine drift hits both; ratio of median tokens/s.
   3. Peak resident memory of one training step vs sequence length (micro-batch 1, recompute),
      per attention kernel, one process per point.
-  4. The causal attention kernels alone (libtorch's SDPA, materialised S x S) at
+  4. The causal attention kernels alone (the fused path of model.attention = sdpa, materialised S x S) at
      256 to 16K tokens: forward + backward and the memory each adds, one process per kernel and
      length, kernels alternating.
   5. With --finetune-from CHECKPOINT: the 16K fine-tune step of configs/tiny-m32-1k-finetune.json
@@ -272,7 +272,9 @@ def write_doc(out, m, full, linear, ours, eager, ours_tps, eager_tps, memory, th
     add("`yuanmoe bench --attention-kernel K`: causal attention of one micro-batch of tiny-m32's shape")
     add("(1 x 4 heads x S x 128, fp32), forward + backward, median of repeats; memory is the peak resident")
     add("set the kernel adds above its inputs. One process per kernel and length, the kernels")
-    add("alternating, 2 rounds; the table gives the median over rounds and the ratio to SDPA.")
+    add("alternating, 2 rounds; the table gives the median over rounds and the ratio to SDPA. `sdpa` is")
+    add("the fused path `model.attention = sdpa` runs: on the CPU our kernel up to 1,024 tokens")
+    add("(src/model/attention_cpu.cpp), libtorch's CPU flash kernel beyond.")
     add("")
     add("| tokens | kernel | fwd+bwd ms | / SDPA | peak memory added MiB |")
     add("|---|---|---|---|---|")

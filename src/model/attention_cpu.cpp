@@ -24,6 +24,12 @@ using torch::autograd::variable_list;
 /// scores against up to 256 keys (64 KiB in fp32) stay in the L2 cache between the GEMMs.
 constexpr int64_t kQueryBlock = 64;
 
+/// The longest sequence the kernel takes. Forward + backward against libtorch 2.11's CPU flash
+/// kernel, 4 heads of 128, 2 threads (docs/benchmarks.md, "Attention on the CPU"): 0.78 of its
+/// time at S 256, 0.81-0.87 at 1K, 1.05-1.07 at 4K and 1.4-1.5 at 16K, where a block's scores
+/// against every earlier key (64 x S) outgrow the L2 cache; SDPA keeps its key blocks.
+constexpr int64_t kLongestSequence = 1024;
+
 /// One row of raw scores s[0, n) (q . k) whose keys [first, last] are visible: scales them,
 /// writes p = exp(scale s - m) / sum in place (0 for the hidden keys) and returns m and sum.
 template <typename scalar_t>
@@ -186,7 +192,8 @@ bool causal_attention_cpu_applies(const Tensor& q_BSHDh, const Tensor& k_BSHDh, 
   const auto dtype = q_BSHDh.scalar_type();
   if (!q_BSHDh.device().is_cpu() || (dtype != torch::kFloat && dtype != torch::kDouble)) return false;
   if (k_BSHDh.scalar_type() != dtype || v_BSHDh.scalar_type() != dtype) return false;
-  if (q_BSHDh.dim() != 4 || k_BSHDh.sizes() != q_BSHDh.sizes() || v_BSHDh.dim() != 4 ||
+  if (q_BSHDh.dim() != 4 || q_BSHDh.size(1) > kLongestSequence || k_BSHDh.sizes() != q_BSHDh.sizes() ||
+      v_BSHDh.dim() != 4 ||
       v_BSHDh.sizes().slice(0, 3) != q_BSHDh.sizes().slice(0, 3)) {
     return false;
   }

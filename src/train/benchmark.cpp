@@ -17,6 +17,7 @@
 #include "yuanmoe/core/memory.h"
 #include "yuanmoe/data/indexed_dataset.h"
 #include "yuanmoe/data/sampler.h"
+#include "yuanmoe/model/attention_cpu.h"
 #include "yuanmoe/model/init.h"
 #include "yuanmoe/model/recompute.h"
 #include "yuanmoe/model/transformer.h"
@@ -235,7 +236,7 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
 }
 
 /// Side-by-side pairs, forward + backward: MoE block vs the dense FFN of the same active FLOPs,
-/// libtorch's fused SDPA vs materialised attention. Under the step's precision (bf16 autocast on
+/// libtorch's fused SDPA vs materialised attention, and on the CPU our attention kernel vs SDPA. Under the step's precision (bf16 autocast on
 /// a GPU), so each side runs the kernels the step runs: _grouped_mm's bf16 kernel, not its fp32
 /// fallback.
 void measure_pairs(const config::RunConfig& config, const BenchOptions& options, model::TransformerImpl& model,
@@ -302,6 +303,20 @@ void measure_pairs(const config::RunConfig& config, const BenchOptions& options,
       forward_backward([&] { return model::causal_attention(q, k, v, 0.0); }), options.repeats, device);
   report.pairs.push_back({"causal attention core (fwd+bwd, S " + std::to_string(seq) + ")", "SDPA (fused)",
                           "materialised S x S", sdpa_s, full_s});
+  // The CPU kernel model.attention = sdpa runs where it applies, against libtorch's SDPA, in the
+  // model's layout ([B, H, S, Dh] views of [B, S, H, Dh] rows).
+  const Tensor q_BSHDh = q.detach().transpose(1, 2).contiguous().requires_grad_(true);
+  const Tensor k_BSHDh = k.detach().transpose(1, 2).contiguous().requires_grad_(true);
+  const Tensor v_BSHDh = v.detach().transpose(1, 2).contiguous().requires_grad_(true);
+  if (model::causal_attention_cpu_applies(q_BSHDh, k_BSHDh, v_BSHDh, {})) {
+    const auto bhsd = [](const Tensor& x) { return x.transpose(1, 2); };
+    const auto [ours_s, libtorch_s] = interleaved_medians(
+        forward_backward([&] { return model::causal_attention_cpu(q_BSHDh, k_BSHDh, v_BSHDh); }),
+        forward_backward([&] { return model::sdpa_causal_attention(bhsd(q_BSHDh), bhsd(k_BSHDh), bhsd(v_BSHDh)); }),
+        options.repeats, device);
+    report.pairs.push_back({"causal attention core on the CPU (fwd+bwd, S " + std::to_string(seq) + ")",
+                            "our CPU kernel", "libtorch SDPA (CPU flash)", ours_s, libtorch_s});
+  }
 }
 
 std::string fixed(double value, int digits) {

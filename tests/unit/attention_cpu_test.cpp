@@ -87,12 +87,14 @@ TEST_F(AttentionCpuTest, Fp32IsThreadIndependentAndAgreesWithSdpa) {
 }
 
 // What the kernel leaves to SDPA (besides other devices): bf16, keys of another shape than the
-// queries, and document ids that are not contiguous runs.
+// queries, sequences over 1,024 tokens, and document ids that are not contiguous runs.
 TEST_F(AttentionCpuTest, LeavesOtherInputsToSdpa) {
   const Tensor x = torch::randn({1, 6, 2, 4});
   EXPECT_TRUE(causal_attention_cpu_applies(x, x, x, documents_of({{2, 4}})));
   EXPECT_FALSE(causal_attention_cpu_applies(x.to(torch::kBFloat16), x.to(torch::kBFloat16), x.to(torch::kBFloat16), {}));
   EXPECT_FALSE(causal_attention_cpu_applies(x, torch::randn({1, 6, 2, 5}), x, {}));
+  const Tensor long_x = torch::zeros({1, 1025, 1, 4});
+  EXPECT_FALSE(causal_attention_cpu_applies(long_x, long_x, long_x, {}));
   EXPECT_FALSE(causal_attention_cpu_applies(x, x, x, torch::tensor({0, 0, 1, 1, 0, 0}, torch::kLong).view({1, 6})));
 }
 
