@@ -65,6 +65,7 @@ check(0.4 < total / r["median_step_seconds"] < 2.5,
 pairs = {pp["name"].split(" (")[0]: pp for pp in r["pairs"]}
 check(any(n.startswith("MoE block vs dense") for n in pairs), "MoE vs dense pair present")
 check(any(n.startswith("causal attention core") for n in pairs), "attention pair present")
+check("causal attention core on the CPU" in pairs, "on the CPU, our attention kernel against libtorch's SDPA")
 check(all(pp["a_seconds"] > 0 and pp["b_seconds"] > 0 and
           math.isclose(pp["ratio_a_over_b"], pp["a_seconds"] / pp["b_seconds"], rel_tol=1e-9) for pp in r["pairs"]),
       "pair ratios are A / B")
