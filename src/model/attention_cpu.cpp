@@ -158,7 +158,9 @@ struct CausalAttentionCpu : public torch::autograd::Function<CausalAttentionCpu>
           const int64_t row_stride = heads * value_dim;  // of d_out and out, both contiguous
           const scalar_t* d_o = d_out_SD.const_data_ptr<scalar_t>();
           const scalar_t* o = out_SD.const_data_ptr<scalar_t>();
-          for (int64_t i = 0; i < seq; ++i) d_o_dot_o[i] = lane_dot(d_o + i * row_stride, o + i * row_stride, value_dim);
+          for (int64_t i = 0; i < seq; ++i) {
+            d_o_dot_o[i] = lane_dot(d_o + i * row_stride, o + i * row_stride, value_dim);
+          }
           for (int64_t r0 = 0; r0 < seq; r0 += kQueryBlock) {
             const int64_t rows = std::min(kQueryBlock, seq - r0), c0 = first[r0], keys = r0 + rows - c0;
             const Tensor q_block = q_SD.narrow(0, r0, rows), d_out_block = d_out_SD.narrow(0, r0, rows);

@@ -5,10 +5,10 @@
 
 namespace yuanmoe::model {
 
-/// Whether causal_attention_cpu takes these inputs: fp32 or fp64 on the CPU, sequences up to 1,024
-/// tokens (beyond, libtorch's flash kernel is faster), q, k and v of one dtype, q and k of one
-/// shape, v of theirs but for its width, and document ids (when given) that are contiguous runs in every row, as
-/// packed documents are (non-decreasing ids).
+/// Whether causal_attention_cpu takes these inputs: fp32 or fp64 on the CPU, sequences up to
+/// 1,024 tokens (beyond, libtorch's flash kernel is faster), q, k and v of one dtype, q and k of
+/// one shape, v of theirs but for its width, and document ids (when given) that are contiguous
+/// runs in every row, as packed documents are (non-decreasing ids).
 bool causal_attention_cpu_applies(const Tensor& q_BSHDh, const Tensor& k_BSHDh, const Tensor& v_BSHDh,
                                   const Tensor& document_ids_BS);
 
