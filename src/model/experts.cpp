@@ -1,7 +1,9 @@
 #include "yuanmoe/model/experts.h"
 
+#include "yuanmoe/core/fast_exp.h"
 #include "yuanmoe/core/parallel.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <ATen/autocast_mode.h>
@@ -84,9 +86,65 @@ void for_each_expert(const std::vector<int64_t>& rows_per_expert, bool on_cpu,
   });
 }
 
+/// sigmoid(a) from exp(-|a|), which cannot overflow.
+template <typename scalar_t>
+inline scalar_t sigmoid_of(scalar_t a) {
+  const scalar_t e = exp_of_nonpositive(a >= 0 ? -a : a);
+  return (a >= 0 ? scalar_t{1} : e) / (scalar_t{1} + e);
+}
+
+/// h = silu(a) b over rows of u = [a | b], one pass (the CPU's loop for one expert's rows).
+template <typename scalar_t>
+YUANMOE_AVX2_CLONE void swiglu_rows(const scalar_t* u, int64_t rows, int64_t ffn, scalar_t* h) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t *a = u + r * 2 * ffn, *b = a + ffn;
+    scalar_t* h_r = h + r * ffn;
+    for (int64_t i = 0; i < ffn; ++i) h_r[i] = a[i] * sigmoid_of(a[i]) * b[i];
+  }
+}
+
+/// One row of the activation's backward: d_a = d_h b silu'(a) and d_b = d_h silu(a), and
+/// h = silu(a) b, with silu'(a) = s (1 + a (1 - s)) and s = sigmoid(a). The halves and rows are
+/// disjoint; restrict says so, or the compiler does not vectorise the loop.
+template <typename scalar_t>
+inline void swiglu_backward_row(const scalar_t* __restrict a, const scalar_t* __restrict b,
+                                const scalar_t* __restrict d_h, int64_t ffn, scalar_t* __restrict d_a,
+                                scalar_t* __restrict d_b, scalar_t* __restrict h) {
+  for (int64_t i = 0; i < ffn; ++i) {
+    const scalar_t sig = sigmoid_of(a[i]), silu = a[i] * sig;
+    d_b[i] = d_h[i] * silu;
+    d_a[i] = d_h[i] * b[i] * (sig * (scalar_t{1} + a[i] * (scalar_t{1} - sig)));
+    h[i] = silu * b[i];
+  }
+}
+
+/// The activation's backward over rows of u = [a | b] and d_u = [d_a | d_b], one pass.
+template <typename scalar_t>
+YUANMOE_AVX2_CLONE void swiglu_backward_rows(const scalar_t* d_h, const scalar_t* u, int64_t rows, int64_t ffn,
+                                             scalar_t* d_u, scalar_t* h) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* a = u + r * 2 * ffn;
+    scalar_t* d_a = d_u + r * 2 * ffn;
+    swiglu_backward_row(a, a + ffn, d_h + r * ffn, ffn, d_a, d_a + ffn, h + r * ffn);
+  }
+}
+
+/// Whether the activation takes the loops above: contiguous fp32 or fp64 rows on the CPU.
+bool swiglu_rows_apply(const Tensor& u_M2F) {
+  return u_M2F.device().is_cpu() && u_M2F.is_contiguous() &&
+         (u_M2F.scalar_type() == torch::kFloat || u_M2F.scalar_type() == torch::kDouble);
+}
+
 /// h = silu(a) * b over rows of u = [a | b].
 Tensor swiglu_activation(const Tensor& u_M2F) {
   const int64_t ffn = u_M2F.size(1) / 2;
+  if (swiglu_rows_apply(u_M2F)) {
+    Tensor h_MF = torch::empty({u_M2F.size(0), ffn}, u_M2F.options());
+    AT_DISPATCH_FLOATING_TYPES(u_M2F.scalar_type(), "swiglu_rows", [&] {
+      swiglu_rows(u_M2F.const_data_ptr<scalar_t>(), u_M2F.size(0), ffn, h_MF.data_ptr<scalar_t>());
+    });
+    return h_MF;
+  }
   return torch::silu(u_M2F.narrow(1, 0, ffn)).mul_(u_M2F.narrow(1, ffn, ffn));
 }
 
@@ -95,6 +153,14 @@ Tensor swiglu_activation(const Tensor& u_M2F) {
 /// silu'(a) = s (1 + a (1 - s)) with s = sigmoid(a).
 Tensor swiglu_activation_backward(const Tensor& d_h_MF, const Tensor& u_M2F, Tensor d_u_M2F) {
   const int64_t ffn = d_h_MF.size(1);
+  if (swiglu_rows_apply(u_M2F) && d_h_MF.is_contiguous() && d_u_M2F.is_contiguous()) {
+    Tensor h_MF = torch::empty_like(d_h_MF);
+    AT_DISPATCH_FLOATING_TYPES(u_M2F.scalar_type(), "swiglu_backward_rows", [&] {
+      swiglu_backward_rows(d_h_MF.const_data_ptr<scalar_t>(), u_M2F.const_data_ptr<scalar_t>(), u_M2F.size(0), ffn,
+                           d_u_M2F.data_ptr<scalar_t>(), h_MF.data_ptr<scalar_t>());
+    });
+    return h_MF;
+  }
   const Tensor a = u_M2F.narrow(1, 0, ffn), b = u_M2F.narrow(1, ffn, ffn);
   const Tensor sigmoid_a = torch::sigmoid(a), silu_a = a * sigmoid_a;
   Tensor d_a = d_u_M2F.narrow(1, 0, ffn), d_b = d_u_M2F.narrow(1, ffn, ffn);
