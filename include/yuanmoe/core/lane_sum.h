@@ -9,54 +9,42 @@
 
 namespace yuanmoe {
 
-/// The sum of term(i) over [0, n) in fp64, in eight interleaved partial sums (lane j takes
+/// The sum of term(i) over [0, n) in Acc, in eight interleaved partial sums (lane j takes
 /// i = j mod 8, the tail goes to lane 0), then the lanes in order: a fixed order, so the same bits
 /// on every call, and one the compiler can vectorise.
-template <typename Term>
-double lane_sum(int64_t n, const Term& term) {
+template <typename Acc, typename Term>
+Acc lane_accumulate(int64_t n, const Term& term) {
   constexpr int64_t kLanes = 8;
-  double lanes[kLanes] = {};
+  Acc lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
   }
   for (; i < n; ++i) lanes[0] += term(i);
-  double total = 0;
-  for (const double lane : lanes) total += lane;
+  Acc total = 0;
+  for (const Acc lane : lanes) total += lane;
   return total;
 }
 
-/// The sum of x[0, n) in scalar_t, in lanes as lane_sum.
+/// The sum of term(i) over [0, n) in fp64.
+template <typename Term>
+double lane_sum(int64_t n, const Term& term) {
+  return lane_accumulate<double>(n, term);
+}
+
+/// The sum of x[0, n) in scalar_t.
 template <typename scalar_t>
 inline scalar_t lane_total(const scalar_t* x, int64_t n) {
-  constexpr int64_t kLanes = 8;
-  scalar_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[i + l];
-  }
-  for (; i < n; ++i) lanes[0] += x[i];
-  scalar_t total = 0;
-  for (const scalar_t lane : lanes) total += lane;
-  return total;
+  return lane_accumulate<scalar_t>(n, [x](int64_t i) { return x[i]; });
 }
 
-/// sum_i a_i b_i in scalar_t, in lanes as lane_sum.
+/// sum_i a_i b_i in scalar_t.
 template <typename scalar_t>
 inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  constexpr int64_t kLanes = 8;
-  scalar_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
-  }
-  for (; i < n; ++i) lanes[0] += a[i] * b[i];
-  scalar_t total = 0;
-  for (const scalar_t lane : lanes) total += lane;
-  return total;
+  return lane_accumulate<scalar_t>(n, [a, b](int64_t i) { return a[i] * b[i]; });
 }
 
-/// The largest of x[0, n), in lanes as lane_sum (NaN is passed over, as by std::max).
+/// The largest of x[0, n), in lanes as lane_accumulate (NaN is passed over, as by std::max).
 template <typename scalar_t>
 inline scalar_t lane_max(const scalar_t* x, int64_t n) {
   constexpr int64_t kLanes = 8;
