@@ -2,6 +2,7 @@
 
 #include "yuanmoe/core/fast_exp.h"
 #include "yuanmoe/core/parallel.h"
+#include "yuanmoe/core/small_gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -53,9 +54,8 @@ std::vector<int64_t> row_starts(const std::vector<int64_t>& rows_per_expert) {
   return starts;
 }
 
-/// Calls fn(e, first_row, rows) for every expert with rows. On CPU each GEMM runs on one thread
-/// (OpenBLAS does inside an OpenMP region): for GEMMs of ~64 rows this beats splitting each GEMM
-/// over the threads (docs/benchmarks.md). The threads pull experts from one queue, most rows
+/// Calls fn(e, first_row, rows) for every expert with rows. On CPU each expert runs on one thread:
+/// for GEMMs of ~64 rows this beats splitting each GEMM over the threads (docs/benchmarks.md). The threads pull experts from one queue, most rows
 /// first (longest processing time first), so they finish within about one small expert of each
 /// other: an expert's cost is not proportional to its rows (its weights are read whatever their
 /// number). Which thread runs an expert does not change its arithmetic. Callers write disjoint
@@ -169,15 +169,54 @@ Tensor swiglu_activation_backward(const Tensor& d_h_MF, const Tensor& u_M2F, Ten
   return silu_a.mul_(b);
 }
 
+/// One expert's forward on the CPU, on one thread, transposed: u^T = w1 x^T, h^T = act(u^T),
+/// y^T = w2 h^T. The weights are then the broadcast operand of small_mm_into, read in place as
+/// stored, and the rows the vector operand: no GEMM packs or transposes a weight, only the rows
+/// (x and y, n x D each) are transposed. The expert's block of u (n rows of 2F, contiguous) holds
+/// u^T [2F, n], the layout the backward reads; the activation runs over it as one row [a | b] of
+/// F n values each.
+void expert_forward_cpu(const Tensor& x_nD, const Tensor& w1_2FD, const Tensor& w2_DF, const Tensor& u_block,
+                        Tensor y_nD) {
+  const int64_t n = x_nD.size(0), ffn = w2_DF.size(1);
+  const Tensor x_Dn = x_nD.t().contiguous();
+  const Tensor u_2Fn = u_block.view({2 * ffn, n});
+  small_mm_into(u_2Fn, w1_2FD, x_Dn);
+  const Tensor h_Fn = swiglu_activation(u_2Fn.view({1, 2 * ffn * n})).view({ffn, n});
+  Tensor y_Dn = torch::empty({w2_DF.size(0), n}, x_nD.options());
+  small_mm_into(y_Dn, w2_DF, h_Fn);
+  y_nD.copy_(y_Dn.t());
+}
+
+/// One expert's backward on the CPU, in the forward's transposed layout: d_h^T = w2^T d_y^T (w2
+/// read through a transposed view), the activation's backward over d_u^T's block (which also gives
+/// h^T), then d_w2 = d_y^T h, d_x = d_u w1 (d_u^T read through a transposed view) and
+/// d_w1 = d_u^T x.
+void expert_backward_cpu(const Tensor& d_y_nD, const Tensor& x_nD, const Tensor& w1_2FD, const Tensor& w2_DF,
+                         const Tensor& u_block, const Tensor& d_u_block, Tensor d_x_nD, Tensor d_w1_2FD,
+                         Tensor d_w2_DF) {
+  const int64_t n = x_nD.size(0), ffn = w2_DF.size(1);
+  const Tensor d_y_Dn = d_y_nD.t().contiguous();
+  Tensor d_h_Fn = torch::empty({ffn, n}, x_nD.options());
+  small_mm_into(d_h_Fn, w2_DF.t(), d_y_Dn);
+  const Tensor d_u_2Fn = d_u_block.view({2 * ffn, n});
+  const Tensor h_Fn = swiglu_activation_backward(d_h_Fn.view({1, ffn * n}), u_block.view({1, 2 * ffn * n}),
+                                                 d_u_2Fn.view({1, 2 * ffn * n}))
+                          .view({ffn, n});
+  small_mm_into(d_w2_DF, d_y_Dn, h_Fn.t().contiguous());
+  small_mm_into(d_x_nD, d_u_2Fn.t(), w1_2FD);
+  small_mm_into(d_w1_2FD, d_u_2Fn, x_nD);
+}
+
 /// The experts' SwiGLU over rows grouped by expert, with a hand-written backward: GEMMs write
 /// straight into slices of one output (no per-expert tensors, no cat, no per-expert gradient
 /// stacks), and only x and the pre-activation u are kept for backward. Megatron's GroupedMLP does
 /// the same with grouped GEMM kernels.
 ///
 /// On the CPU each expert's whole chain (both GEMMs, the activation, and in the backward its four
-/// GEMMs and the activation's derivative) runs on one thread while its rows are in cache: over all
-/// 2,048 rows of a tiny-m32 micro-batch at once, the activation's backward measured 3.8x slower
-/// than expert by expert (one thread). Elsewhere each stage runs once over all rows, so the
+/// GEMMs and the activation's derivative) runs on one thread while its rows are in cache, in the
+/// transposed layout of expert_forward_cpu (each expert's block of the saved u holds u^T): over
+/// all 2,048 rows of a tiny-m32 micro-batch at once, the activation's backward measured 3.8x
+/// slower than expert by expert (one thread). Elsewhere each stage runs once over all rows, so the
 /// activation is a handful of kernels, not a handful per expert.
 struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
   static variable_list forward(AutogradContext* ctx, const Tensor& xs_MD, const Tensor& w1_E2FD, const Tensor& w2_EDF,
@@ -190,16 +229,15 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     const bool on_cpu = xs.device().is_cpu();
     Tensor u_M2F = torch::empty({rows, 2 * ffn}, xs.options());
     Tensor ys_MD = torch::empty({rows, w2.size(1)}, xs.options());
-    const auto first_gemm = [&](int64_t e, int64_t first, int64_t n) {
-      mm_into(u_M2F.narrow(0, first, n), xs.narrow(0, first, n), w1[e].t());
-    };
     if (on_cpu) {
       for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
-        first_gemm(e, first, n);
-        mm_into(ys_MD.narrow(0, first, n), swiglu_activation(u_M2F.narrow(0, first, n)), w2[e].t());
+        expert_forward_cpu(xs.narrow(0, first, n), w1[e], w2[e], u_M2F.narrow(0, first, n),
+                           ys_MD.narrow(0, first, n));
       });
     } else {
-      for_each_expert(rows_per_expert, on_cpu, first_gemm);
+      for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+        mm_into(u_M2F.narrow(0, first, n), xs.narrow(0, first, n), w1[e].t());
+      });
       const Tensor h_MF = swiglu_activation(u_M2F);
       for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
         mm_into(ys_MD.narrow(0, first, n), h_MF.narrow(0, first, n), w2[e].t());
@@ -219,7 +257,7 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
 
     // Weight gradients start empty: every expert with rows writes its whole slice, the rest are
     // zeroed (a full zero-fill would be one more pass over all experts' weights).
-    Tensor d_h = torch::empty({xs.size(0), w2.size(2)}, xs.options()), d_u = torch::empty_like(u_M2F);
+    Tensor d_u = torch::empty_like(u_M2F);
     Tensor d_xs = torch::empty_like(xs), d_w1 = torch::empty_like(w1), d_w2 = torch::empty_like(w2);
     for (size_t e = 0; e < rows_per_expert.size(); ++e) {
       if (rows_per_expert[e] == 0) {
@@ -227,29 +265,25 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
         d_w2[static_cast<int64_t>(e)].zero_();
       }
     }
-    // d_h = d_ys w2; then the activation's backward gives d_u (and h); then d_w2 = d_ys^T h,
-    // d_xs = d_u w1, d_w1 = d_u^T xs.
-    const auto d_h_gemm = [&](int64_t e, int64_t first, int64_t n) {
-      mm_into(d_h.narrow(0, first, n), d_ys.narrow(0, first, n), w2[e]);
-    };
-    const auto weight_and_input_gemms = [&](int64_t e, int64_t first, int64_t n, const Tensor& h_e) {
-      mm_into(d_w2[e], d_ys.narrow(0, first, n).t(), h_e);
-      const Tensor d_u_e = d_u.narrow(0, first, n);
-      mm_into(d_xs.narrow(0, first, n), d_u_e, w1[e]);
-      mm_into(d_w1[e], d_u_e.t(), xs.narrow(0, first, n));
-    };
     if (on_cpu) {
       for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
-        d_h_gemm(e, first, n);
-        const Tensor h_e = swiglu_activation_backward(d_h.narrow(0, first, n), u_M2F.narrow(0, first, n),
-                                                      d_u.narrow(0, first, n));
-        weight_and_input_gemms(e, first, n, h_e);
+        expert_backward_cpu(d_ys.narrow(0, first, n), xs.narrow(0, first, n), w1[e], w2[e],
+                            u_M2F.narrow(0, first, n), d_u.narrow(0, first, n), d_xs.narrow(0, first, n), d_w1[e],
+                            d_w2[e]);
       });
     } else {
-      for_each_expert(rows_per_expert, on_cpu, d_h_gemm);
+      // d_h = d_ys w2; then the activation's backward gives d_u (and h); then d_w2 = d_ys^T h,
+      // d_xs = d_u w1, d_w1 = d_u^T xs.
+      Tensor d_h = torch::empty({xs.size(0), w2.size(2)}, xs.options());
+      for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
+        mm_into(d_h.narrow(0, first, n), d_ys.narrow(0, first, n), w2[e]);
+      });
       const Tensor h_MF = swiglu_activation_backward(d_h, u_M2F, d_u);
       for_each_expert(rows_per_expert, on_cpu, [&](int64_t e, int64_t first, int64_t n) {
-        weight_and_input_gemms(e, first, n, h_MF.narrow(0, first, n));
+        const Tensor d_u_e = d_u.narrow(0, first, n);
+        mm_into(d_w2[e], d_ys.narrow(0, first, n).t(), h_MF.narrow(0, first, n));
+        mm_into(d_xs.narrow(0, first, n), d_u_e, w1[e]);
+        mm_into(d_w1[e], d_u_e.t(), xs.narrow(0, first, n));
       });
     }
     return {d_xs, d_w1, d_w2, Tensor()};

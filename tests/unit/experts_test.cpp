@@ -58,6 +58,44 @@ TEST_P(GroupedExpertsTest, ValuesAndGradientsEqualPerExpertSwiGLUInDouble) {
   EXPECT_TRUE(actual_grads[1][0].eq(0).all().item<bool>());  // idle expert: zero gradient
 }
 
+
+// fp32 takes small_mm_into's kernel where the CPU has AVX-512 (the double test above runs the same
+// transposed layout through at::mm_out): against the same experts in double, with row counts that
+// leave tails in both tile directions.
+TEST_P(GroupedExpertsTest, Fp32ValuesAndGradientsFollowDouble) {
+  const int threads_before = at::get_num_threads();
+  at::set_num_threads(GetParam());
+  GroupedExperts experts(4, 64, 48);
+  {
+    torch::NoGradGuard no_grad;
+    experts->w1.normal_(0.0, 0.1);
+    experts->w2.normal_(0.0, 0.1);
+  }
+  const std::vector<int64_t> rows{0, 70, 13, 1};
+  const auto xs = torch::randn({84, 64}, torch::requires_grad(true));
+  const auto d_ys = torch::randn({84, 64});
+  const auto actual = experts->forward_loop(xs, rows);
+  const auto actual_grads = torch::autograd::grad({actual}, {xs, experts->w1, experts->w2}, {d_ys});
+
+  GroupedExperts experts64(4, 64, 48);
+  {
+    torch::NoGradGuard no_grad;
+    experts64->to(torch::kDouble);
+    experts64->w1.copy_(experts->w1);
+    experts64->w2.copy_(experts->w2);
+  }
+  const auto xs64 = xs.detach().to(torch::kDouble).requires_grad_(true);
+  const auto expected = experts64->forward_loop(xs64, rows);
+  const auto expected_grads =
+      torch::autograd::grad({expected}, {xs64, experts64->w1, experts64->w2}, {d_ys.to(torch::kDouble)});
+  at::set_num_threads(threads_before);
+
+  EXPECT_LT(max_abs_diff(actual.to(torch::kDouble), expected), 1e-5);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_LT(max_abs_diff(actual_grads[i].to(torch::kDouble), expected_grads[i]), 1e-4) << "input " << i;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Threads, GroupedExpertsTest, ::testing::Values(1, 2));
 
 // at::_grouped_mm has a CPU kernel in libtorch 2.11 (fp32 and bf16, operands whose strides are

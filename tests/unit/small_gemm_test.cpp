@@ -1,0 +1,72 @@
+// small_mm_into: on fp32 with AVX-512 each output element is one chain of fused multiply-adds
+// over k in order, so it equals an explicit std::fma loop bit for bit; every tail of rows (6 per
+// tile) and columns (64 per tile, masked vectors of 16) and both layouts of a, with out a view
+// whose neighbours must stay untouched. Elsewhere (fp64, other CPUs) it is at::mm_out.
+#include <cmath>
+
+#include "support/fixtures.h"
+#include "yuanmoe/core/small_gemm.h"
+
+namespace yuanmoe {
+namespace {
+
+using SmallGemmTest = testing::SeededTest;
+
+/// out(i, j) = fma chain over k, in order, from 0.
+Tensor fma_loop_reference(const Tensor& a, const Tensor& b) {
+  const auto a_acc = a.accessor<float, 2>();
+  const auto b_acc = b.accessor<float, 2>();
+  Tensor out = torch::empty({a.size(0), b.size(1)});
+  auto out_acc = out.accessor<float, 2>();
+  for (int64_t i = 0; i < a.size(0); ++i) {
+    for (int64_t j = 0; j < b.size(1); ++j) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < a.size(1); ++k) acc = std::fma(a_acc[i][k], b_acc[k][j], acc);
+      out_acc[i][j] = acc;
+    }
+  }
+  return out;
+}
+
+TEST_F(SmallGemmTest, Fp32EqualsAnFmaChainPerElementForEveryTail) {
+  if (!small_mm_kernel_available()) GTEST_SKIP() << "this CPU has no AVX-512: fp32 products go to at::mm_out";
+  for (const int64_t m : {1, 5, 6, 7, 13, 64}) {
+    for (const int64_t n : {1, 15, 16, 17, 63, 64, 65, 130}) {
+      for (const int64_t k : {1, 37, 256}) {
+        for (const bool a_transposed : {false, true}) {
+          const Tensor a = a_transposed ? torch::randn({k, m}).t() : torch::randn({m, k});
+          const Tensor b = torch::randn({k, n + 3}).narrow(1, 1, n);  // row stride n + 3
+          const Tensor frame = torch::full({m + 2, n + 5}, 7.0f);
+          small_mm_into(frame.narrow(0, 1, m).narrow(1, 2, n), a, b);
+          const Tensor expected = fma_loop_reference(a, b);
+          ASSERT_TRUE(frame.narrow(0, 1, m).narrow(1, 2, n).equal(expected))
+              << m << " x " << n << " x " << k << (a_transposed ? ", a transposed" : "");
+          Tensor outside = frame.clone();
+          outside.narrow(0, 1, m).narrow(1, 2, n).fill_(7.0f);
+          ASSERT_TRUE(outside.eq(7.0f).all().item<bool>()) << "wrote outside the view: " << m << " x " << n;
+        }
+      }
+    }
+  }
+}
+
+TEST_F(SmallGemmTest, ZeroInnerSizeWritesZeros) {
+  Tensor out = torch::full({3, 20}, 5.0f);
+  small_mm_into(out, torch::empty({3, 0}), torch::empty({0, 20}));
+  EXPECT_TRUE(out.eq(0).all().item<bool>());
+}
+
+TEST_F(SmallGemmTest, OtherDtypesAndLayoutsEqualAtMm) {
+  const Tensor a = torch::randn({9, 40}, torch::kDouble), b = torch::randn({40, 70}, torch::kDouble);
+  Tensor out = torch::empty({9, 70}, torch::kDouble);
+  small_mm_into(out, a, b);
+  EXPECT_TRUE(out.equal(torch::mm(a, b)));
+  // b with a column stride (a transposed view) is not the kernel's layout in fp32 either.
+  const Tensor a32 = torch::randn({9, 40}), b32_t = torch::randn({70, 40}).t();
+  Tensor out32 = torch::empty({9, 70});
+  small_mm_into(out32, a32, b32_t);
+  EXPECT_TRUE(out32.equal(torch::mm(a32, b32_t)));
+}
+
+}  // namespace
+}  // namespace yuanmoe
