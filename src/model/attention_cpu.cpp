@@ -4,6 +4,7 @@
 #include "yuanmoe/core/fast_exp.h"
 #include "yuanmoe/core/lane_sum.h"
 #include "yuanmoe/core/parallel.h"
+#include "yuanmoe/core/small_gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/record_function.h>
@@ -87,9 +88,6 @@ Tensor first_visible_keys(const Tensor& document_ids_BS, int64_t batch, int64_t 
 /// [S, Dh] of one (batch row, head) of a [B, S, H, Dh] tensor.
 Tensor head_rows(const Tensor& x_BSHDh, int64_t b, int64_t h) { return x_BSHDh.select(0, b).select(1, h); }
 
-/// out = a b, written into `out` (a view into a larger tensor, hence by value).
-void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
-
 struct CausalAttentionCpu : public torch::autograd::Function<CausalAttentionCpu> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q_BSHDh, const Tensor& k_BSHDh,
                                const Tensor& v_BSHDh, const Tensor& first_key_BS) {
@@ -104,9 +102,11 @@ struct CausalAttentionCpu : public torch::autograd::Function<CausalAttentionCpu>
       const int64_t* first_key = first_key_BS.const_data_ptr<int64_t>();
       parallel_for_with_caller_state(0, batch * heads, 1, [&](int64_t first_pair, int64_t last_pair) {
         Tensor scores = torch::empty({kQueryBlock * seq}, q.options());
+        Tensor k_DS = torch::empty({head_dim, seq}, q.options());
         for (int64_t pair = first_pair; pair < last_pair; ++pair) {
           const int64_t b = pair / heads, h = pair % heads;
-          const Tensor q_SD = head_rows(q, b, h), k_SD = head_rows(k, b, h), v_SD = head_rows(v, b, h);
+          const Tensor q_SD = head_rows(q, b, h), v_SD = head_rows(v, b, h);
+          transpose_into(k_DS, head_rows(k, b, h));
           const Tensor out_SD = head_rows(out_BSHDh, b, h);
           const int64_t* first = first_key + b * seq;
           scalar_t* m = row_max_BHS.data_ptr<scalar_t>() + pair * seq;
@@ -114,12 +114,12 @@ struct CausalAttentionCpu : public torch::autograd::Function<CausalAttentionCpu>
           for (int64_t r0 = 0; r0 < seq; r0 += kQueryBlock) {
             const int64_t rows = std::min(kQueryBlock, seq - r0), c0 = first[r0], keys = r0 + rows - c0;
             Tensor p = scores.narrow(0, 0, rows * keys).view({rows, keys});
-            at::mm_out(p, q_SD.narrow(0, r0, rows), k_SD.narrow(0, c0, keys).t());
+            small_mm_into(p, q_SD.narrow(0, r0, rows), k_DS.narrow(1, c0, keys));
             scalar_t* p_rows = p.data_ptr<scalar_t>();
             for (int64_t i = r0; i < r0 + rows; ++i) {
               softmax_row(p_rows + (i - r0) * keys, keys, first[i] - c0, i - c0, scale, m + i, sum + i);
             }
-            mm_into(out_SD.narrow(0, r0, rows), p, v_SD.narrow(0, c0, keys));
+            small_mm_into(out_SD.narrow(0, r0, rows), p, v_SD.narrow(0, c0, keys));
           }
         }
       });
@@ -146,10 +146,13 @@ struct CausalAttentionCpu : public torch::autograd::Function<CausalAttentionCpu>
       parallel_for_with_caller_state(0, batch * heads, 1, [&](int64_t first_pair, int64_t last_pair) {
         Tensor scores = torch::empty({kQueryBlock * seq}, q.options());
         Tensor score_grads = torch::empty({kQueryBlock * seq}, q.options());
+        Tensor k_DS = torch::empty({head_dim, seq}, q.options()), v_DS = torch::empty({value_dim, seq}, q.options());
         std::vector<scalar_t> d_o_dot_o(seq);
         for (int64_t pair = first_pair; pair < last_pair; ++pair) {
           const int64_t b = pair / heads, h = pair % heads;
-          const Tensor q_SD = head_rows(q, b, h), k_SD = head_rows(k, b, h), v_SD = head_rows(v, b, h);
+          const Tensor q_SD = head_rows(q, b, h), k_SD = head_rows(k, b, h);
+          transpose_into(k_DS, k_SD);
+          transpose_into(v_DS, head_rows(v, b, h));
           const Tensor d_out_SD = head_rows(d_out, b, h), out_SD = head_rows(out, b, h);
           Tensor d_q_SD = head_rows(d_q, b, h), d_k_SD = head_rows(d_k, b, h), d_v_SD = head_rows(d_v, b, h);
           const int64_t* first = first_key + b * seq;
@@ -164,11 +167,10 @@ struct CausalAttentionCpu : public torch::autograd::Function<CausalAttentionCpu>
           for (int64_t r0 = 0; r0 < seq; r0 += kQueryBlock) {
             const int64_t rows = std::min(kQueryBlock, seq - r0), c0 = first[r0], keys = r0 + rows - c0;
             const Tensor q_block = q_SD.narrow(0, r0, rows), d_out_block = d_out_SD.narrow(0, r0, rows);
-            const Tensor k_keys = k_SD.narrow(0, c0, keys), v_keys = v_SD.narrow(0, c0, keys);
             Tensor p = scores.narrow(0, 0, rows * keys).view({rows, keys});
             Tensor d_s = score_grads.narrow(0, 0, rows * keys).view({rows, keys});
-            at::mm_out(p, q_block, k_keys.t());
-            at::mm_out(d_s, d_out_block, v_keys.t());
+            small_mm_into(p, q_block, k_DS.narrow(1, c0, keys));
+            small_mm_into(d_s, d_out_block, v_DS.narrow(1, c0, keys));
             scalar_t* p_rows = p.data_ptr<scalar_t>();
             scalar_t* d_s_rows = d_s.data_ptr<scalar_t>();
             for (int64_t i = r0; i < r0 + rows; ++i) {
@@ -176,9 +178,9 @@ struct CausalAttentionCpu : public torch::autograd::Function<CausalAttentionCpu>
               probabilities_row(p_row, keys, first[i] - c0, i - c0, scale, m[i], sum[i]);
               score_gradient_row(p_row, d_s_rows + (i - r0) * keys, keys, d_o_dot_o[i], scale);
             }
-            d_v_SD.narrow(0, c0, keys).addmm_(p.t(), d_out_block);
-            mm_into(d_q_SD.narrow(0, r0, rows), d_s, k_keys);
-            d_k_SD.narrow(0, c0, keys).addmm_(d_s.t(), q_block);
+            small_mm_add_into(d_v_SD.narrow(0, c0, keys), p.t(), d_out_block);
+            small_mm_into(d_q_SD.narrow(0, r0, rows), d_s, k_SD.narrow(0, c0, keys));
+            small_mm_add_into(d_k_SD.narrow(0, c0, keys), d_s.t(), q_block);
           }
         }
       });

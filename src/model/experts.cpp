@@ -178,13 +178,14 @@ Tensor swiglu_activation_backward(const Tensor& d_h_MF, const Tensor& u_M2F, Ten
 void expert_forward_cpu(const Tensor& x_nD, const Tensor& w1_2FD, const Tensor& w2_DF, const Tensor& u_block,
                         Tensor y_nD) {
   const int64_t n = x_nD.size(0), ffn = w2_DF.size(1);
-  const Tensor x_Dn = x_nD.t().contiguous();
+  Tensor x_Dn = torch::empty({x_nD.size(1), n}, x_nD.options());
+  transpose_into(x_Dn, x_nD);
   const Tensor u_2Fn = u_block.view({2 * ffn, n});
   small_mm_into(u_2Fn, w1_2FD, x_Dn);
   const Tensor h_Fn = swiglu_activation(u_2Fn.view({1, 2 * ffn * n})).view({ffn, n});
   Tensor y_Dn = torch::empty({w2_DF.size(0), n}, x_nD.options());
   small_mm_into(y_Dn, w2_DF, h_Fn);
-  y_nD.copy_(y_Dn.t());
+  transpose_into(y_nD, y_Dn);
 }
 
 /// One expert's backward on the CPU, in the forward's transposed layout: d_h^T = w2^T d_y^T (w2
@@ -195,14 +196,17 @@ void expert_backward_cpu(const Tensor& d_y_nD, const Tensor& x_nD, const Tensor&
                          const Tensor& u_block, const Tensor& d_u_block, Tensor d_x_nD, Tensor d_w1_2FD,
                          Tensor d_w2_DF) {
   const int64_t n = x_nD.size(0), ffn = w2_DF.size(1);
-  const Tensor d_y_Dn = d_y_nD.t().contiguous();
+  Tensor d_y_Dn = torch::empty({d_y_nD.size(1), n}, x_nD.options());
+  transpose_into(d_y_Dn, d_y_nD);
   Tensor d_h_Fn = torch::empty({ffn, n}, x_nD.options());
   small_mm_into(d_h_Fn, w2_DF.t(), d_y_Dn);
   const Tensor d_u_2Fn = d_u_block.view({2 * ffn, n});
   const Tensor h_Fn = swiglu_activation_backward(d_h_Fn.view({1, ffn * n}), u_block.view({1, 2 * ffn * n}),
                                                  d_u_2Fn.view({1, 2 * ffn * n}))
                           .view({ffn, n});
-  small_mm_into(d_w2_DF, d_y_Dn, h_Fn.t().contiguous());
+  Tensor h_nF = torch::empty({n, ffn}, x_nD.options());
+  transpose_into(h_nF, h_Fn);
+  small_mm_into(d_w2_DF, d_y_Dn, h_nF);
   small_mm_into(d_x_nD, d_u_2Fn.t(), w1_2FD);
   small_mm_into(d_w1_2FD, d_u_2Fn, x_nD);
 }

@@ -1,7 +1,8 @@
-// small_mm_into: on fp32 with AVX-512 each output element is one chain of fused multiply-adds
-// over k in order, so it equals an explicit std::fma loop bit for bit; every tail of rows (6 per
-// tile) and columns (64 per tile, masked vectors of 16) and both layouts of a, with out a view
-// whose neighbours must stay untouched. Elsewhere (fp64, other CPUs) it is at::mm_out.
+// small_mm_into and small_mm_add_into: on fp32 with AVX-512 each output element is one chain of
+// fused multiply-adds over k in order (from 0, or from out's value when adding), so it equals an
+// explicit std::fma loop bit for bit; every tail of rows (6 per tile) and columns (64 per tile,
+// masked vectors of 16) and both layouts of a, with out a view whose neighbours must stay
+// untouched. Elsewhere (fp64, other CPUs) they are at::mm_out and addmm_.
 #include <cmath>
 
 #include "support/fixtures.h"
@@ -12,15 +13,15 @@ namespace {
 
 using SmallGemmTest = testing::SeededTest;
 
-/// out(i, j) = fma chain over k, in order, from 0.
-Tensor fma_loop_reference(const Tensor& a, const Tensor& b) {
+/// out(i, j) = fma chain over k, in order, from start(i, j).
+Tensor fma_loop_reference(const Tensor& a, const Tensor& b, const Tensor& start) {
   const auto a_acc = a.accessor<float, 2>();
   const auto b_acc = b.accessor<float, 2>();
-  Tensor out = torch::empty({a.size(0), b.size(1)});
+  Tensor out = start.clone();
   auto out_acc = out.accessor<float, 2>();
   for (int64_t i = 0; i < a.size(0); ++i) {
     for (int64_t j = 0; j < b.size(1); ++j) {
-      float acc = 0.0f;
+      float acc = out_acc[i][j];
       for (int64_t k = 0; k < a.size(1); ++k) acc = std::fma(a_acc[i][k], b_acc[k][j], acc);
       out_acc[i][j] = acc;
     }
@@ -37,10 +38,17 @@ TEST_F(SmallGemmTest, Fp32EqualsAnFmaChainPerElementForEveryTail) {
           const Tensor a = a_transposed ? torch::randn({k, m}).t() : torch::randn({m, k});
           const Tensor b = torch::randn({k, n + 3}).narrow(1, 1, n);  // row stride n + 3
           const Tensor frame = torch::full({m + 2, n + 5}, 7.0f);
-          small_mm_into(frame.narrow(0, 1, m).narrow(1, 2, n), a, b);
-          const Tensor expected = fma_loop_reference(a, b);
-          ASSERT_TRUE(frame.narrow(0, 1, m).narrow(1, 2, n).equal(expected))
-              << m << " x " << n << " x " << k << (a_transposed ? ", a transposed" : "");
+          const Tensor view = frame.narrow(0, 1, m).narrow(1, 2, n);
+          const bool add = (m + n + k) % 2 == 1;
+          if (add) view.normal_();
+          const Tensor start = add ? view.clone() : torch::zeros({m, n});
+          if (add) {
+            small_mm_add_into(view, a, b);
+          } else {
+            small_mm_into(view, a, b);
+          }
+          ASSERT_TRUE(view.equal(fma_loop_reference(a, b, start)))
+              << m << " x " << n << " x " << k << (a_transposed ? ", a transposed" : "") << (add ? ", adding" : "");
           Tensor outside = frame.clone();
           outside.narrow(0, 1, m).narrow(1, 2, n).fill_(7.0f);
           ASSERT_TRUE(outside.eq(7.0f).all().item<bool>()) << "wrote outside the view: " << m << " x " << n;
@@ -61,11 +69,28 @@ TEST_F(SmallGemmTest, OtherDtypesAndLayoutsEqualAtMm) {
   Tensor out = torch::empty({9, 70}, torch::kDouble);
   small_mm_into(out, a, b);
   EXPECT_TRUE(out.equal(torch::mm(a, b)));
+  const Tensor start = torch::randn({9, 70}, torch::kDouble);
+  out.copy_(start);
+  small_mm_add_into(out, a, b);
+  EXPECT_TRUE(out.equal(torch::addmm(start, a, b)));
   // b with a column stride (a transposed view) is not the kernel's layout in fp32 either.
   const Tensor a32 = torch::randn({9, 40}), b32_t = torch::randn({70, 40}).t();
   Tensor out32 = torch::empty({9, 70});
   small_mm_into(out32, a32, b32_t);
   EXPECT_TRUE(out32.equal(torch::mm(a32, b32_t)));
+}
+
+TEST_F(SmallGemmTest, TransposeIntoCopiesEveryElementAcrossBlockTails) {
+  for (const auto dtype : {torch::kFloat, torch::kDouble}) {
+    // A strided source (rows of a wider tensor) and a destination view into a larger one.
+    const Tensor src = torch::randn({37, 70}, dtype).narrow(1, 3, 21);
+    const Tensor frame = torch::zeros({25, 40}, dtype);
+    transpose_into(frame.narrow(0, 2, 21).narrow(1, 1, 37), src);
+    EXPECT_TRUE(frame.narrow(0, 2, 21).narrow(1, 1, 37).equal(src.t()));
+    Tensor outside = frame.clone();
+    outside.narrow(0, 2, 21).narrow(1, 1, 37).zero_();
+    EXPECT_TRUE(outside.eq(0).all().item<bool>());
+  }
 }
 
 }  // namespace

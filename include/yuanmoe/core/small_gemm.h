@@ -16,6 +16,14 @@ namespace yuanmoe {
 /// this size costs as much as the product. Anything else goes to at::mm_out.
 void small_mm_into(Tensor out, const Tensor& a, const Tensor& b);
 
+/// out += a b, the same way: with the kernel each element's chain starts from its value in out.
+void small_mm_add_into(Tensor out, const Tensor& a, const Tensor& b);
+
+/// dst = src^T for 2-D fp32 or fp64 tensors on the CPU, any strides: the operands above, copied
+/// in 16 x 16 blocks so that both sides are read and written a cache line at a time (ATen's copy
+/// of a strided transposed view goes element by element).
+void transpose_into(Tensor dst, const Tensor& src);
+
 /// Whether fp32 products on this CPU take the kernel above (for tests and bench).
 bool small_mm_kernel_available();
 
