@@ -14,8 +14,8 @@ An operator counts as backward when it runs inside one of the autograd engine's
 `autograd::engine::evaluate_function: ...Backward` events (a worker's, when the caller's
 operator around it does); everything else (forward, loss, the gradient norm, AdamW) counts as
 forward and optimizer. Then the matrix products by shape (aten::mm, addmm, bmm with their input
-shapes): calls, time and GFLOP/s per call. A call made inside a parallel region runs on one
-thread, so its rate compares with one thread's share of the peak. On a GPU the operators' times
+shapes; yuanmoe::small_mm, core/small_gemm.h's CPU kernel): calls, time and GFLOP/s per call. A
+call made inside a parallel region runs on one thread, so its rate compares with one thread's share of the peak. On a GPU the operators' times
 are the host's (launches, and waits where the host syncs); the device's own time is the kernels',
 summed per kernel name at the end (chrome://tracing or Perfetto show them on their streams).
 
@@ -30,13 +30,19 @@ import json
 BACKWARD = "autograd::engine::evaluate_function"
 
 
-GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
+# yuanmoe::small_mm(_add) is core/small_gemm.h's kernel, recorded with (a, b) as its inputs.
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "yuanmoe::small_mm", "yuanmoe::small_mm_add")
+
+
+def is_operator(name):
+    """An ATen operator or yuanmoe's kernel: never a region of its own."""
+    return name.startswith("aten::") or name in GEMMS
 
 
 def gemm_flops(name, dims):
     """2 M N K (x batch) from the operator's input shapes; None when they are not matrices."""
     try:
-        if name == "aten::mm":
+        if name in ("aten::mm", "yuanmoe::small_mm", "yuanmoe::small_mm_add"):
             (m, k), (_, n) = dims[0], dims[1]
             return 2 * m * n * k
         if name == "aten::addmm":
@@ -63,7 +69,7 @@ def operator_events(events):
 
 def self_times(thread_events, enclosing=lambda e: None):
     """[(event, in_backward, self_us, region)] for one thread's events, nested by time. `region` is
-    the innermost enclosing event that is not an aten operator; `enclosing(e)` gives the caller's
+    the innermost enclosing event that is not an operator; `enclosing(e)` gives the caller's
     event around a worker's outermost events."""
     out = []
     stack = []  # [event, children_us, in_backward, region]
@@ -74,7 +80,7 @@ def self_times(thread_events, enclosing=lambda e: None):
         if stack:
             stack[-1][1] += e["dur"]
             parent_backward, region = stack[-1][2], stack[-1][3]
-            if not stack[-1][0]["name"].startswith("aten::"):
+            if not is_operator(stack[-1][0]["name"]):
                 region = stack[-1][0]
         else:
             outer = enclosing(e)
@@ -101,8 +107,8 @@ def main():
                       min(e["ts"] for e in by_thread[t]))
     main_rows = self_times(by_thread[main_thread])
 
-    # A worker's event belongs to the innermost non-aten event of the caller around it.
-    regions = sorted(((ev, backward) for ev, backward, _, _ in main_rows if not ev["name"].startswith("aten::")),
+    # A worker's event belongs to the innermost non-operator event of the caller around it.
+    regions = sorted(((ev, backward) for ev, backward, _, _ in main_rows if not is_operator(ev["name"])),
                      key=lambda r: r[0]["ts"])
     starts = [r[0]["ts"] for r in regions]
 

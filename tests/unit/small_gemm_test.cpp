@@ -81,7 +81,8 @@ TEST_F(SmallGemmTest, OtherDtypesAndLayoutsEqualAtMm) {
 }
 
 TEST_F(SmallGemmTest, TransposeIntoCopiesEveryElementAcrossBlockTails) {
-  for (const auto dtype : {torch::kFloat, torch::kDouble}) {
+  // bf16 and half too: under CPU autocast the attention's operands arrive in bf16.
+  for (const auto dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16, torch::kHalf}) {
     // A strided source (rows of a wider tensor) and a destination view into a larger one.
     const Tensor src = torch::randn({37, 70}, dtype).narrow(1, 3, 21);
     const Tensor frame = torch::zeros({25, 40}, dtype);
