@@ -25,21 +25,6 @@ using torch::autograd::variable_list;
 /// scores against up to 256 keys (64 KiB in fp32) stay in the L2 cache between the GEMMs.
 constexpr int64_t kQueryBlock = 64;
 
-/// Query rows per strip of a block in the products over keys: a strip's scores stop at its own last
-/// query, so the diagonal block's upper triangle is mostly not computed (the softmax rows zero
-/// what lies past each query). Two of small_mm_into's 6-row tiles.
-constexpr int64_t kCausalStrip = 12;
-
-/// Calls fn(first_row, rows, keys) for each strip of a query block whose rows start at r0 and
-/// whose keys start at c0: the strip's rows of the block and the keys up to its last query.
-template <typename Fn>
-void for_each_causal_strip(int64_t block_rows, int64_t r0, int64_t c0, const Fn& fn) {
-  for (int64_t s0 = 0; s0 < block_rows; s0 += kCausalStrip) {
-    const int64_t rows = std::min(kCausalStrip, block_rows - s0);
-    fn(s0, rows, r0 + s0 + rows - c0);
-  }
-}
-
 /// The longest sequence the kernel takes. Forward + backward against libtorch 2.11's CPU flash
 /// kernel, 4 heads of 128, 2 threads (docs/benchmarks.md, "Attention on the CPU"): 0.78 of its
 /// time at S 256, 0.81-0.87 at 1K, 1.05-1.07 at 4K and 1.4-1.5 at 16K, where a block's scores
@@ -77,13 +62,11 @@ YUANMOE_AVX2_CLONE void probabilities_row(scalar_t* s, int64_t n, int64_t first,
 }
 
 /// d s = scale p (d p - D) over one row, written over d p: the softmax backward with
-/// D = sum_j p_j d p_j = d o . o, and the score's scale. d p is read up to the row's last visible
-/// key (its strip computed no further); past it d s is 0, as p is.
+/// D = sum_j p_j d p_j = d o . o, and the score's scale.
 template <typename scalar_t>
-YUANMOE_AVX2_CLONE void score_gradient_row(const scalar_t* p, scalar_t* d_p, int64_t n, int64_t last,
-                                           scalar_t d_o_dot_o, scalar_t scale) {
-  for (int64_t j = 0; j <= last; ++j) d_p[j] = p[j] * (d_p[j] - d_o_dot_o) * scale;
-  std::fill(d_p + last + 1, d_p + n, scalar_t{0});
+YUANMOE_AVX2_CLONE void score_gradient_row(const scalar_t* p, scalar_t* d_p, int64_t n, scalar_t d_o_dot_o,
+                                           scalar_t scale) {
+  for (int64_t j = 0; j < n; ++j) d_p[j] = p[j] * (d_p[j] - d_o_dot_o) * scale;
 }
 
 /// The first key each query sees, per batch row: the start of its document, 0 without documents.
@@ -131,18 +114,12 @@ struct CausalAttentionCpu : public torch::autograd::Function<CausalAttentionCpu>
           for (int64_t r0 = 0; r0 < seq; r0 += kQueryBlock) {
             const int64_t rows = std::min(kQueryBlock, seq - r0), c0 = first[r0], keys = r0 + rows - c0;
             Tensor p = scores.narrow(0, 0, rows * keys).view({rows, keys});
-            for_each_causal_strip(rows, r0, c0, [&](int64_t s0, int64_t strip_rows, int64_t strip_keys) {
-              small_mm_into(p.narrow(0, s0, strip_rows).narrow(1, 0, strip_keys), q_SD.narrow(0, r0 + s0, strip_rows),
-                            k_DS.narrow(1, c0, strip_keys));
-            });
+            small_mm_into(p, q_SD.narrow(0, r0, rows), k_DS.narrow(1, c0, keys));
             scalar_t* p_rows = p.data_ptr<scalar_t>();
             for (int64_t i = r0; i < r0 + rows; ++i) {
               softmax_row(p_rows + (i - r0) * keys, keys, first[i] - c0, i - c0, scale, m + i, sum + i);
             }
-            for_each_causal_strip(rows, r0, c0, [&](int64_t s0, int64_t strip_rows, int64_t strip_keys) {
-              small_mm_into(out_SD.narrow(0, r0 + s0, strip_rows), p.narrow(0, s0, strip_rows).narrow(1, 0, strip_keys),
-                            v_SD.narrow(0, c0, strip_keys));
-            });
+            small_mm_into(out_SD.narrow(0, r0, rows), p, v_SD.narrow(0, c0, keys));
           }
         }
       });
@@ -192,24 +169,17 @@ struct CausalAttentionCpu : public torch::autograd::Function<CausalAttentionCpu>
             const Tensor q_block = q_SD.narrow(0, r0, rows), d_out_block = d_out_SD.narrow(0, r0, rows);
             Tensor p = scores.narrow(0, 0, rows * keys).view({rows, keys});
             Tensor d_s = score_grads.narrow(0, 0, rows * keys).view({rows, keys});
-            for_each_causal_strip(rows, r0, c0, [&](int64_t s0, int64_t strip_rows, int64_t strip_keys) {
-              small_mm_into(p.narrow(0, s0, strip_rows).narrow(1, 0, strip_keys), q_block.narrow(0, s0, strip_rows),
-                            k_DS.narrow(1, c0, strip_keys));
-              small_mm_into(d_s.narrow(0, s0, strip_rows).narrow(1, 0, strip_keys),
-                            d_out_block.narrow(0, s0, strip_rows), v_DS.narrow(1, c0, strip_keys));
-            });
+            small_mm_into(p, q_block, k_DS.narrow(1, c0, keys));
+            small_mm_into(d_s, d_out_block, v_DS.narrow(1, c0, keys));
             scalar_t* p_rows = p.data_ptr<scalar_t>();
             scalar_t* d_s_rows = d_s.data_ptr<scalar_t>();
             for (int64_t i = r0; i < r0 + rows; ++i) {
               scalar_t* p_row = p_rows + (i - r0) * keys;
               probabilities_row(p_row, keys, first[i] - c0, i - c0, scale, m[i], sum[i]);
-              score_gradient_row(p_row, d_s_rows + (i - r0) * keys, keys, i - c0, d_o_dot_o[i], scale);
+              score_gradient_row(p_row, d_s_rows + (i - r0) * keys, keys, d_o_dot_o[i], scale);
             }
             small_mm_add_into(d_v_SD.narrow(0, c0, keys), p.t(), d_out_block);
-            for_each_causal_strip(rows, r0, c0, [&](int64_t s0, int64_t strip_rows, int64_t strip_keys) {
-              small_mm_into(d_q_SD.narrow(0, r0 + s0, strip_rows), d_s.narrow(0, s0, strip_rows).narrow(1, 0, strip_keys),
-                            k_SD.narrow(0, c0, strip_keys));
-            });
+            small_mm_into(d_q_SD.narrow(0, r0, rows), d_s, k_SD.narrow(0, c0, keys));
             small_mm_add_into(d_k_SD.narrow(0, c0, keys), d_s.t(), q_block);
           }
         }

@@ -17,9 +17,7 @@ bool causal_attention_cpu_applies(const Tensor& q_BSHDh, const Tensor& k_BSHDh, 
 /// (any strides with a unit last one). Returns [B, S, H, Dv], contiguous.
 ///
 /// Each (batch row, head) runs on one thread in query blocks of 64 rows: a block's scores
-/// against the keys it can see, the softmax rows in place, then the output. The products are
-/// small_mm_into's (core/small_gemm.h), in strips of 12 query rows that stop at the strip's last
-/// query, so the diagonal block's upper triangle is mostly skipped.
+/// against the keys it can see (one GEMM), the softmax rows in place, one GEMM for the output.
 /// The backward recomputes a block's probabilities from each row's saved maximum and sum (the
 /// same bits as the forward's), as flash attention does, so memory stays linear in S.
 Tensor causal_attention_cpu(const Tensor& q_BSHDh, const Tensor& k_BSHDh, const Tensor& v_BSHDh,
