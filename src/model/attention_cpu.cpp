@@ -26,8 +26,8 @@ using torch::autograd::variable_list;
 constexpr int64_t kQueryBlock = 64;
 
 /// The longest sequence the kernel takes. Forward + backward against libtorch 2.11's CPU flash
-/// kernel, 4 heads of 128, 2 threads (docs/benchmarks.md, "Attention on the CPU"): 0.78 of its
-/// time at S 256, 0.81-0.87 at 1K, 1.05-1.07 at 4K and 1.4-1.5 at 16K, where a block's scores
+/// kernel, 4 heads of 128, 2 threads (docs/benchmarks.md, "Attention on the CPU"): 0.68 of its
+/// time at S 256, 0.70-0.73 at 1K, 0.96-0.99 at 4K and 1.32 at 16K, where a block's scores
 /// against every earlier key (64 x S) outgrow the L2 cache; SDPA keeps its key blocks.
 constexpr int64_t kLongestSequence = 1024;
 

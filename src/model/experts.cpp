@@ -55,11 +55,12 @@ std::vector<int64_t> row_starts(const std::vector<int64_t>& rows_per_expert) {
 }
 
 /// Calls fn(e, first_row, rows) for every expert with rows. On CPU each expert runs on one thread:
-/// for GEMMs of ~64 rows this beats splitting each GEMM over the threads (docs/benchmarks.md). The threads pull experts from one queue, most rows
-/// first (longest processing time first), so they finish within about one small expert of each
-/// other: an expert's cost is not proportional to its rows (its weights are read whatever their
-/// number). Which thread runs an expert does not change its arithmetic. Callers write disjoint
-/// rows and disjoint experts.
+/// for GEMMs of ~64 rows this beats splitting each GEMM over the threads (docs/benchmarks.md,
+/// "Experts on the CPU"). The threads pull experts from one queue, most rows first (longest
+/// processing time first), so they finish within about one small expert of each other: an
+/// expert's cost is not proportional to its rows (its weights are read whatever their number).
+/// Which thread runs an expert does not change its arithmetic. Callers write disjoint rows and
+/// disjoint experts.
 void for_each_expert(const std::vector<int64_t>& rows_per_expert, bool on_cpu,
                      const std::function<void(int64_t, int64_t, int64_t)>& fn) {
   const std::vector<int64_t> starts = row_starts(rows_per_expert);

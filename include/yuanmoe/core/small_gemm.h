@@ -11,15 +11,15 @@ namespace yuanmoe {
 /// For fp32 on a CPU with AVX-512 this is a register-blocked kernel of our own: 6 rows of `out` x
 /// 64 columns in 24 vector accumulators, each element one chain of fused multiply-adds over k in
 /// order, `a` broadcast straight from its strides and `b` read in place, nothing packed. At 64
-/// rows x 256 x 512 on one thread it measured 75-86 GFLOP/s against MKL's 46-62
-/// (docs/benchmarks.md, "Experts on the CPU"): BLAS packs both operands on every call, which at
-/// this size costs as much as the product. Anything else goes to at::mm_out.
+/// rows x 256 x 512 on one thread it measured 84-86 GFLOP/s against MKL's 55-62, which stays
+/// near 70 even with the weights packed beforehand (docs/benchmarks.md, "Experts on the CPU").
+/// Anything else goes to at::mm_out.
 void small_mm_into(Tensor out, const Tensor& a, const Tensor& b);
 
 /// out += a b, the same way: with the kernel each element's chain starts from its value in out.
 void small_mm_add_into(Tensor out, const Tensor& a, const Tensor& b);
 
-/// dst = src^T for 2-D fp32 or fp64 tensors on the CPU, any strides: the operands above, copied
+/// dst = src^T for 2-D floating-point tensors on the CPU, any strides: the operands above, copied
 /// in 16 x 16 blocks so that both sides are read and written a cache line at a time (ATen's copy
 /// of a strided transposed view goes element by element).
 void transpose_into(Tensor dst, const Tensor& src);
