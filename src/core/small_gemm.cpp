@@ -95,6 +95,48 @@ YUANMOE_AVX512 void small_mm_avx512(int64_t m_size, int64_t n_size, int64_t k_si
   }
 }
 
+// GCC 12's unpack and shuffle intrinsics pass _mm512_undefined_ps(), which it then reports as
+// used uninitialised (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+/// dst = src^T for one 16 x 16 fp32 block, both with unit column stride: 16 rows loaded, then
+/// interleaved 32 bits, 64 bits and twice 128 bits at a time, 16 rows stored.
+YUANMOE_AVX512 void transpose_block16(const float* src, int64_t src_row, float* dst, int64_t dst_row) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_row);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4 j + c] then holds, in its 128-bit lane L, rows 4 j .. 4 j + 3 of column 4 L + c.
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512d lo_rows = _mm512_castps_pd(t[4 * j]), lo_rows_hi = _mm512_castps_pd(t[4 * j + 1]);
+    const __m512d hi_rows = _mm512_castps_pd(t[4 * j + 2]), hi_rows_hi = _mm512_castps_pd(t[4 * j + 3]);
+    r[4 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo_rows, hi_rows));
+    r[4 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo_rows, hi_rows));
+    r[4 * j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo_rows_hi, hi_rows_hi));
+    r[4 * j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo_rows_hi, hi_rows_hi));
+  }
+  // Column 4 L + c gathers lane L of r[c], r[4 + c], r[8 + c], r[12 + c].
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512 even_lanes_a = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    const __m512 even_lanes_b = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 odd_lanes_a = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+    const __m512 odd_lanes_b = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    _mm512_storeu_ps(dst + c * dst_row, _mm512_shuffle_f32x4(even_lanes_a, even_lanes_b, 0x88));
+    _mm512_storeu_ps(dst + (8 + c) * dst_row, _mm512_shuffle_f32x4(even_lanes_a, even_lanes_b, 0xDD));
+    _mm512_storeu_ps(dst + (4 + c) * dst_row, _mm512_shuffle_f32x4(odd_lanes_a, odd_lanes_b, 0x88));
+    _mm512_storeu_ps(dst + (12 + c) * dst_row, _mm512_shuffle_f32x4(odd_lanes_a, odd_lanes_b, 0xDD));
+  }
+}
+
+#pragma GCC diagnostic pop
+
 }  // namespace
 #endif
 
@@ -143,15 +185,33 @@ void transpose_into(Tensor dst, const Tensor& src) {
   TORCH_CHECK(dst.dim() == 2 && src.dim() == 2 && dst.size(0) == src.size(1) && dst.size(1) == src.size(0) &&
                   dst.scalar_type() == src.scalar_type() && dst.device().is_cpu() && src.device().is_cpu(),
               "transpose_into: expected dst [N, M] and src [M, N] of one dtype on the CPU");
+  const int64_t rows = src.size(0), cols = src.size(1);
+  const int64_t s_row = src.stride(0), s_col = src.stride(1), d_row = dst.stride(0), d_col = dst.stride(1);
+  constexpr int64_t kBlock = 16;
+  // Full 16 x 16 fp32 blocks between unit-stride rows go through registers; the rest element by element.
+  const bool in_registers =
+      small_mm_kernel_available() && src.scalar_type() == torch::kFloat && s_col == 1 && d_col == 1;
+  const int64_t register_rows = in_registers ? rows / kBlock * kBlock : 0;
+  const int64_t register_cols = in_registers ? cols / kBlock * kBlock : 0;
+#ifdef YUANMOE_SMALL_GEMM_AVX512
+  if (register_rows > 0 && register_cols > 0) {
+    const float* in = src.const_data_ptr<float>();
+    float* out = dst.data_ptr<float>();
+    for (int64_t r0 = 0; r0 < register_rows; r0 += kBlock) {
+      for (int64_t c0 = 0; c0 < register_cols; c0 += kBlock) {
+        transpose_block16(in + r0 * s_row + c0, s_row, out + c0 * d_row + r0, d_row);
+      }
+    }
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "transpose_into", [&] {
-    constexpr int64_t kBlock = 16;
-    const int64_t rows = src.size(0), cols = src.size(1);
-    const int64_t s_row = src.stride(0), s_col = src.stride(1), d_row = dst.stride(0), d_col = dst.stride(1);
     const scalar_t* in = src.const_data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
     for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
       const int64_t r1 = std::min(rows, r0 + kBlock);
-      for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      // Columns the register blocks covered are skipped in their rows.
+      const int64_t first_col = r1 <= register_rows ? register_cols : 0;
+      for (int64_t c0 = first_col; c0 < cols; c0 += kBlock) {
         const int64_t c1 = std::min(cols, c0 + kBlock);
         for (int64_t c = c0; c < c1; ++c) {
           for (int64_t r = r0; r < r1; ++r) out[c * d_row + r * d_col] = in[r * s_row + c * s_col];

@@ -81,17 +81,29 @@ TEST_F(SmallGemmTest, OtherDtypesAndLayoutsEqualAtMm) {
 }
 
 TEST_F(SmallGemmTest, TransposeIntoCopiesEveryElementAcrossBlockTails) {
-  // bf16 and half too: under CPU autocast the attention's operands arrive in bf16.
+  // bf16 and half too: under CPU autocast the attention's operands arrive in bf16. In fp32 with
+  // AVX-512, full 16 x 16 blocks go through registers and the tails element by element.
+  struct Shape {
+    int64_t rows, cols;
+  };
   for (const auto dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16, torch::kHalf}) {
-    // A strided source (rows of a wider tensor) and a destination view into a larger one.
-    const Tensor src = torch::randn({37, 70}, dtype).narrow(1, 3, 21);
-    const Tensor frame = torch::zeros({25, 40}, dtype);
-    transpose_into(frame.narrow(0, 2, 21).narrow(1, 1, 37), src);
-    EXPECT_TRUE(frame.narrow(0, 2, 21).narrow(1, 1, 37).equal(src.t()));
-    Tensor outside = frame.clone();
-    outside.narrow(0, 2, 21).narrow(1, 1, 37).zero_();
-    EXPECT_TRUE(outside.eq(0).all().item<bool>());
+    for (const Shape shape : {Shape{37, 21}, Shape{64, 128}, Shape{50, 70}, Shape{15, 33}}) {
+      // A strided source (rows of a wider tensor) and a destination view into a larger one.
+      const Tensor src = torch::randn({shape.rows, shape.cols + 49}, dtype).narrow(1, 3, shape.cols);
+      const Tensor frame = torch::zeros({shape.cols + 4, shape.rows + 3}, dtype);
+      const Tensor dst = frame.narrow(0, 2, shape.cols).narrow(1, 1, shape.rows);
+      transpose_into(dst, src);
+      EXPECT_TRUE(dst.equal(src.t())) << shape.rows << " x " << shape.cols << " " << dtype;
+      Tensor outside = frame.clone();
+      outside.narrow(0, 2, shape.cols).narrow(1, 1, shape.rows).zero_();
+      EXPECT_TRUE(outside.eq(0).all().item<bool>()) << shape.rows << " x " << shape.cols << " " << dtype;
+    }
   }
+  // A transposed (column-strided) source takes the element-by-element path.
+  const Tensor column_major = torch::randn({40, 48}).t();
+  Tensor out = torch::empty({40, 48});
+  transpose_into(out, column_major);
+  EXPECT_TRUE(out.equal(column_major.t()));
 }
 
 }  // namespace
