@@ -15,9 +15,10 @@ An operator counts as backward when it runs inside one of the autograd engine's
 operator around it does); everything else (forward, loss, the gradient norm, AdamW) counts as
 forward and optimizer. Then the matrix products by shape (aten::mm, addmm, bmm with their input
 shapes; yuanmoe::small_mm, core/small_gemm.h's CPU kernel): calls, time and GFLOP/s per call. A
-call made inside a parallel region runs on one thread, so its rate compares with one thread's share of the peak. On a GPU the operators' times
-are the host's (launches, and waits where the host syncs); the device's own time is the kernels',
-summed per kernel name at the end (chrome://tracing or Perfetto show them on their streams).
+call made inside a parallel region runs on one thread, so its rate compares with one thread's
+share of the peak. On a GPU the operators' times are the host's (launches, and waits where the
+host syncs); the device's own time is the kernels', summed per kernel name at the end
+(chrome://tracing or Perfetto show them on their streams).
 
 usage: python3 bench/profile_step.py TRACE.json [--top 25] [--peak GFLOPS] [--json OUT.json]
 """
