@@ -22,7 +22,7 @@ AdamW::AdamW(std::vector<Tensor> parameters, std::vector<double> weight_decays, 
   }
 }
 
-void AdamW::step() {
+void AdamW::step(double gradient_divisor) {
   torch::NoGradGuard no_grad;
   // One kernel launch per (device, dtype, weight decay): the lists the kernel takes.
   struct Launch {
@@ -43,7 +43,9 @@ void AdamW::step() {
     auto launch = std::find_if(launches.begin(), launches.end(), [&](const Launch& l) {
       return l.device == p.device() && l.dtype == dtype && l.weight_decay == weight_decays_[i];
     });
-    if (launch == launches.end()) launch = launches.insert(launches.end(), Launch{p.device(), dtype, weight_decays_[i]});
+    if (launch == launches.end()) {
+      launch = launches.insert(launches.end(), Launch{p.device(), dtype, weight_decays_[i], {}, {}, {}, {}, {}});
+    }
     launch->parameters.push_back(p);
     launch->gradients.push_back(grad);
     launch->exp_avgs.push_back(states_[i]->exp_avg);
@@ -52,8 +54,12 @@ void AdamW::step() {
   }
   for (Launch& l : launches) {
     at::_foreach_add_(l.steps, 1.0);  // the kernel reads t, incremented first as torch.optim does
+    std::optional<Tensor> divisor;  // fp32 on the parameters' device, as the kernel reads it
+    if (gradient_divisor != 1.0) {
+      divisor = torch::full({}, gradient_divisor, torch::dtype(torch::kFloat).device(l.device));
+    }
     at::_fused_adamw_(l.parameters, l.gradients, l.exp_avgs, l.exp_avg_sqs, /*max_exp_avg_sqs=*/{}, l.steps, lr_,
-                      beta1_, beta2_, l.weight_decay, eps_, /*amsgrad=*/false, /*maximize=*/false);
+                      beta1_, beta2_, l.weight_decay, eps_, /*amsgrad=*/false, /*maximize=*/false, divisor);
   }
 }
 

@@ -207,10 +207,7 @@ Tensor DistributedOptimizer::squared_gradient_norm() const {
 
 void DistributedOptimizer::step(double max_norm, double norm) {
   const Layout& layout = *layout_;
-  std::vector<Tensor> pieces = layout.piece_values(layout.dense, false);
-  for (const Tensor& t : layout.piece_values(layout.expert, false)) pieces.push_back(t);
-  scale_gradients_to_norm(pieces, max_norm, norm);
-  adamw_->step();
+  adamw_->step(clip_divisor(max_norm, norm));  // AdamW's parameters are the pieces
   torch::NoGradGuard no_grad;
   for (const ReduceGroup* group : {&layout.dense, &layout.expert}) {
     if (group->shard->size() == 1) continue;  // the pieces are the parameters

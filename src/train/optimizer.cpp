@@ -63,13 +63,9 @@ Tensor squared_gradient_sum(const std::vector<Tensor>& parameters, const torch::
   return torch::stack(at::_foreach_norm(gradients, 2, torch::kDouble)).square().sum();
 }
 
-void scale_gradients_to_norm(const std::vector<Tensor>& parameters, double max_norm, double norm) {
-  torch::NoGradGuard no_grad;
-  if (max_norm <= 0 || norm <= max_norm) return;
-  const double scale = max_norm / (norm + 1e-6);
-  for (const auto& p : parameters) {
-    if (p.grad().defined()) p.grad().mul_(scale);
-  }
+double clip_divisor(double max_norm, double norm) {
+  if (max_norm <= 0 || norm <= max_norm) return 1.0;
+  return (norm + 1e-6) / max_norm;
 }
 
 }  // namespace yuanmoe::train

@@ -2,7 +2,7 @@
 // formulation of the same update: 20 steps with a learning rate that changes every step, two
 // weight decays, parameters that are views of one flat tensor (as the sharded optimizer's
 // pieces are) and a parameter without a gradient on some steps; then a state handed over from
-// LibTorch's optimizer mid-run.
+// LibTorch's optimizer mid-run; and a gradient divisor (clipping) equal to dividing first.
 #include <gtest/gtest.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -142,6 +142,31 @@ TEST(FusedAdamWTest, ContinuesFromLibTorchState) {
   fused.clear_state();
   EXPECT_EQ(fused.state(0), nullptr);
   EXPECT_EQ(fused.state_bytes(), 0);
+}
+
+// step(divisor) divides each gradient inside the kernel: the same bits as dividing the gradients
+// by the fp32 divisor first, in parameters, moments and the gradients it leaves behind.
+TEST(FusedAdamWTest, GradientDivisorEqualsDividingTheGradientsFirst) {
+  for (const auto dtype : {torch::kFloat, torch::kDouble}) {
+    Parameters p = make_parameters(dtype);
+    AdamW inside(p.tensors[0], {0.1, 0.1, 0.1, 0.0}, settings());
+    AdamW first(p.tensors[1], {0.1, 0.1, 0.1, 0.0}, settings());
+    for (int step = 0; step < 5; ++step) {
+      const double divisor = 1.0 + 0.7 * step;  // 1: no division at all
+      for (int copy = 0; copy < 2; ++copy) set_gradients(p.tensors[copy], step);
+      const Tensor divisor_fp32 = torch::full({}, divisor, torch::kFloat);
+      for (Tensor& t : p.tensors[1]) {
+        if (t.grad().defined()) t.mutable_grad() = t.grad() / divisor_fp32;
+      }
+      inside.step(divisor);
+      first.step();
+      for (size_t i = 0; i < 4; ++i) {
+        EXPECT_TRUE(torch::equal(p.tensors[0][i], p.tensors[1][i])) << dtype << " step " << step << " " << i;
+        if (p.tensors[1][i].grad().defined()) EXPECT_TRUE(torch::equal(p.tensors[0][i].grad(), p.tensors[1][i].grad()));
+        EXPECT_TRUE(torch::equal(inside.state(i)->exp_avg_sq, first.state(i)->exp_avg_sq));
+      }
+    }
+  }
 }
 
 }  // namespace

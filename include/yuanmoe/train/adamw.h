@@ -33,8 +33,10 @@ class AdamW {
 
   void set_learning_rate(double lr) { lr_ = lr; }
   /// Updates every parameter that has a gradient; one without keeps its value and its state (a
-  /// routed expert no token reached, as torch.optim.AdamW skips it).
-  void step();
+  /// routed expert no token reached, as torch.optim.AdamW skips it). Each gradient is divided by
+  /// gradient_divisor first, in place (clipping: clip_divisor() in optimizer.h), inside the kernel:
+  /// its grad_scale, which GradScaler uses to unscale, and which divides in fp32 as g / s.
+  void step(double gradient_divisor = 1.0);
 
   size_t size() const { return parameters_.size(); }
   /// Parameter i's state, nullptr before its first update.

@@ -19,7 +19,9 @@ bool uses_weight_decay(const Tensor& parameter);
 /// count), left on the device unread: [] fp64, zero on `device` when no parameter has a gradient.
 Tensor squared_gradient_sum(const std::vector<Tensor>& parameters, const torch::Device& device);
 
-/// When max_norm > 0 and norm exceeds it, every gradient scaled by max_norm / norm.
-void scale_gradients_to_norm(const std::vector<Tensor>& parameters, double max_norm, double norm);
+/// What clipping to max_norm divides every gradient by: (norm + 1e-6) / max_norm when max_norm > 0
+/// and norm exceeds it (torch.nn.utils.clip_grad_norm_'s coefficient, inverted), else 1. AdamW
+/// applies it inside its kernel (AdamW::step), so clipping costs no pass of its own.
+double clip_divisor(double max_norm, double norm);
 
 }  // namespace yuanmoe::train
