@@ -209,7 +209,7 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
   const Tensor& head_weight = m.tie_embeddings ? model.embed_tokens->weight : model.lm_head->weight;
   out.push_back({"head + loss", per_step(time([&] {
                                            language_model_loss(torch::matmul(model.norm(x_BSD), head_weight.t()),
-                                                               batch.labels);
+                                                               batch.labels, /*overwrite_logits=*/true);
                                          }),
                                          1)});
   double attributed = 0.0;
@@ -219,7 +219,7 @@ void measure_components(const config::RunConfig& config, const BenchOptions& opt
   // trainer runs them; backward is their difference.
   report.forward_seconds = time([&] {
     for (const auto& b : batches) {
-      language_model_loss(model.forward(b.tokens, token_layout(b, device)).out, b.labels);
+      language_model_loss(model.forward(b.tokens, token_layout(b, device)).out, b.labels, /*overwrite_logits=*/true);
     }
   });
   StepResult last;

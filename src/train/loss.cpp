@@ -42,27 +42,32 @@ void for_row_blocks(const Tensor& x_TV, Fn&& fn) {
 /// written once, as softmax minus one-hot (Megatron's fused vocab-parallel cross-entropy and
 /// Liger's fused linear cross-entropy do the same). The forward keeps exp(x - max) per row, which
 /// the backward scales in place into the gradient: no log-softmax tensor, no zero-filled one-hot,
-/// and the backward does not read the logits again. The loss per row is log(sum) + max - x[label], from the logits
-/// themselves, so a probability that underflows in fp32 still gives a finite loss.
+/// and the backward does not read the logits again. The loss per row is log(sum) + max - x[label],
+/// from the logits themselves, so a probability that underflows in fp32 still gives a finite loss.
+/// With overwrite_logits the exponentials are written over the logits, as Megatron's
+/// vocab-parallel cross-entropy subtracts the max in place: one [T, V] buffer fewer to allocate
+/// and to stream through memory.
 struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& logits_TV, const Tensor& labels_T) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits_TV, const Tensor& labels_T,
+                               bool overwrite_logits) {
     // One profiler event around the work the intra-op threads share: its wall time.
     RECORD_FUNCTION("yuanmoe::cross_entropy", std::vector<c10::IValue>{});
     const Tensor x_TV = logits_TV.detach().contiguous();
     const int64_t tokens = x_TV.size(0);
     const Tensor counted_T = labels_T != kIgnoredLabel;
     const Tensor label_T1 = labels_T.masked_fill(counted_T.logical_not(), 0).unsqueeze(1);
-    Tensor exp_TV = torch::empty_like(x_TV);
+    Tensor exp_TV = overwrite_logits ? x_TV : torch::empty_like(x_TV);
     Tensor sum_T1 = torch::empty({tokens, 1}, x_TV.options());
     Tensor loss_T1 = torch::empty({tokens, 1}, x_TV.options());
     for_row_blocks(x_TV, [&](int64_t first, int64_t rows) {
       const Tensor x = x_TV.narrow(0, first, rows);
       Tensor exp = exp_TV.narrow(0, first, rows), sum = sum_T1.narrow(0, first, rows);
+      const Tensor label_logit = x.gather(1, label_T1.narrow(0, first, rows));  // before exp may overwrite x
       const Tensor max = x.amax(1, /*keepdim=*/true);
       at::sub_out(exp, x, max).exp_();
       at::sum_out(sum, exp, 1, /*keepdim=*/true);
       Tensor loss = loss_T1.narrow(0, first, rows);
-      at::sub_out(loss, sum.log().add_(max), x.gather(1, label_T1.narrow(0, first, rows)));
+      at::sub_out(loss, sum.log().add_(max), label_logit);
     });
     // Zero for ignored rows (where, not a product: their logits may be anything), then the mean;
     // every label ignored gives 0 / 1 = 0.
@@ -95,17 +100,17 @@ struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
       const Tensor labels = label_T1.narrow(0, first, rows);
       grad.scatter_add_(1, labels, -row_scale);
     });
-    return {grad_TV, Tensor()};
+    return {grad_TV, Tensor(), Tensor()};
   }
 };
 
 }  // namespace
 
-Tensor language_model_loss(const Tensor& logits_BSV, const Tensor& labels_BS) {
+Tensor language_model_loss(const Tensor& logits_BSV, const Tensor& labels_BS, bool overwrite_logits) {
   const int64_t vocab = logits_BSV.size(-1);
   const Tensor logits_TV = logits_BSV.reshape({-1, vocab});
   const Tensor labels_T = labels_BS.reshape({-1}).to(logits_TV.device());
-  return CrossEntropy::apply(logits_TV.to(at_least_fp32(logits_TV)), labels_T)[0];
+  return CrossEntropy::apply(logits_TV.to(at_least_fp32(logits_TV)), labels_T, overwrite_logits)[0];
 }
 
 int64_t counted_labels(const Tensor& labels) {

@@ -99,7 +99,8 @@ PipelineStepResult run_pipeline_step(model::TransformerImpl& model, parallel::Pa
         result.routed_pairs_LE = result.routed_pairs_LE.defined() ? result.routed_pairs_LE + out.routed_pairs_LE : out.routed_pairs_LE;
       }
       if (last) {
-        const Tensor lm_loss = language_model_loss(out.out, batch.labels.to(device, /*non_blocking=*/true));
+        const Tensor lm_loss =
+            language_model_loss(out.out, batch.labels.to(device, /*non_blocking=*/true), /*overwrite_logits=*/true);
         lm_losses.push_back(lm_loss.detach().to(torch::kDouble));
         // The scalar whose backward seeds this micro-batch's gradients (kept apart: scales differ).
         state.output = out.aux_loss.defined()

@@ -91,6 +91,32 @@ TEST(LanguageModelLossTest, Bf16LogitsGiveAnFp32LossAndABf16Gradient) {
   EXPECT_EQ(logits.grad().scalar_type(), torch::kBFloat16);
 }
 
+// overwrite_logits keeps the softmax terms in the logits' memory (the train step's case): the
+// same loss and gradient bits as with a buffer of their own, at 1 and 2 threads, with ignored
+// labels; the logits the caller passed are then spent (they hold the exponentials).
+TEST(LanguageModelLossTest, OverwritingTheLogitsGivesTheSameLossAndGradient) {
+  torch::manual_seed(6);
+  const int num_threads = at::get_num_threads();
+  for (const int threads : {1, 2}) {
+    at::set_num_threads(threads);
+    const Tensor h = torch::randn({3, 40, 16}).requires_grad_(true);
+    const Tensor w = torch::randn({300, 16});
+    Tensor labels = torch::randint(300, {3, 40}, torch::kLong);
+    labels.narrow(1, 0, 5).fill_(kIgnoredLabel);
+    Tensor losses[2], grads[2];
+    for (const bool overwrite : {false, true}) {
+      const Tensor logits = torch::matmul(h, w.t());  // an autograd output, as the model's head gives
+      const Tensor kept = logits.detach().clone();
+      losses[overwrite] = language_model_loss(logits, labels, overwrite);
+      grads[overwrite] = torch::autograd::grad({losses[overwrite]}, {h})[0];
+      EXPECT_EQ(torch::equal(logits.detach(), kept), !overwrite) << "overwrite " << overwrite;
+    }
+    EXPECT_TRUE(torch::equal(losses[0], losses[1])) << threads << " threads";
+    EXPECT_TRUE(torch::equal(grads[0], grads[1])) << threads << " threads";
+  }
+  at::set_num_threads(num_threads);
+}
+
 // The backward writes the gradient over the forward's saved exponentials: a second backward
 // through the same graph is refused by name, not answered with a wrong gradient.
 TEST(LanguageModelLossTest, ASecondBackwardIsRefused) {
