@@ -60,8 +60,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-/// Tokens one CPU task sums: rows of a few hundred values each, enough to amortise a task.
-constexpr int64_t kTokensPerTask = 64;
+/// Rows one CPU task handles (tokens forward, pairs backward): a few hundred values each, enough
+/// to amortise a task.
+constexpr int64_t kRowsPerTask = 64;
 
 /// The hand-written CPU path: contiguous fp32 or fp64 rows on the host.
 bool fused_on_cpu(const Tensor& rows_ND) {
@@ -77,8 +78,9 @@ Tensor slot_positions_P(const Tensor& pair_ids_N, int64_t pairs) {
 }
 
 /// out[t] = sum over the slots k of token t, in slot order, of rows[p] * scale[p] (rows[p] without
-/// scale), p = position[t K + k]; absent pairs add nothing. The products and the sums in the order of
-/// ATen's (rows * scale) -> index_copy into zeros -> sum(1), in one pass over the rows.
+/// scale), p = position[t K + k]; absent pairs add nothing. One pass over the rows in place of
+/// ATen's (rows * scale) -> index_copy into zeros -> sum(1), with its bits for two slots (one
+/// addition); with more, ATen sums the slots in interleaved partial sums and this in slot order.
 template <typename scalar_t>
 void sum_slots(const Tensor& position_P, int64_t slots, const Tensor& rows_ND, const Tensor& scale_N, Tensor& out_TD) {
   const int64_t tokens = out_TD.size(0), hidden = out_TD.size(1);
@@ -86,7 +88,7 @@ void sum_slots(const Tensor& position_P, int64_t slots, const Tensor& rows_ND, c
   const scalar_t* rows = rows_ND.const_data_ptr<scalar_t>();
   const scalar_t* scale = scale_N.defined() ? scale_N.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = out_TD.data_ptr<scalar_t>();
-  at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
       scalar_t* __restrict dst = out + t * hidden;
       std::fill(dst, dst + hidden, scalar_t{0});
@@ -137,7 +139,7 @@ struct CombinePairsCpu : public torch::autograd::Function<CombinePairsCpu> {
       const int64_t* pair_id = pair_ids_N.const_data_ptr<int64_t>();
       scalar_t* d_y = d_ys_ND.data_ptr<scalar_t>();
       scalar_t* d_g = d_gates_N.data_ptr<scalar_t>();
-      at::parallel_for(0, pairs, kTokensPerTask, [&](int64_t first, int64_t last) {
+      at::parallel_for(0, pairs, kRowsPerTask, [&](int64_t first, int64_t last) {
         for (int64_t p = first; p < last; ++p) {
           const scalar_t* __restrict d_row = d_out + (pair_id[p] / slots) * hidden;
           scalar_t* __restrict d_y_row = d_y + p * hidden;
