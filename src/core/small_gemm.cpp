@@ -6,13 +6,17 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define YUANMOE_SMALL_GEMM_AVX512 1
+#define YUANMOE_SMALL_GEMM_X86 1
 #endif
 
 namespace yuanmoe {
 
-#ifdef YUANMOE_SMALL_GEMM_AVX512
+#ifdef YUANMOE_SMALL_GEMM_X86
 namespace {
+
+/// Rows of k one pass of the AVX2 kernel covers: a 16-column panel of 256 rows of b is 16 KiB, half
+/// of a Zen 3 core's L1 (128 rows measured slower at K 256 and 512).
+constexpr int64_t kAvx2KChunk = 256;
 
 #define YUANMOE_AVX512 __attribute__((target("avx512f")))
 
@@ -135,53 +139,225 @@ YUANMOE_AVX512 void transpose_block16(const float* src, int64_t src_row, float* 
   }
 }
 
+
+#define YUANMOE_AVX2 __attribute__((target("avx2,fma")))
+
+/// The AVX2 register tile: MR rows of out x NV vectors of 8 columns, MR x NV at most 6 x 2 = 12
+/// accumulators of the 16 vector registers (BLIS's Haswell sgemm tile), each element the same
+/// chain of fused multiply-adds over k as in the AVX-512 tile, hence the same bits. b is a packed
+/// panel (16 columns, aligned, zero-padded), so only out's columns are masked, and only in a tile
+/// that needs it: AVX2's masked loads and stores are slower than plain ones.
+template <int MR, int NV, bool kMasked>
+YUANMOE_AVX2 inline void tile_avx2(int64_t k_size, const float* a, int64_t a_row, int64_t a_col, const float* b,
+                                   int64_t ldb, float* out, int64_t ldo, __m256i last, bool add) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      float* out_v = out + i * ldo + 8 * v;
+      acc[i][v] = !add                        ? _mm256_setzero_ps()
+                  : (kMasked && v == NV - 1) ? _mm256_maskload_ps(out_v, last)
+                                             : _mm256_loadu_ps(out_v);
+    }
+  }
+  for (int64_t k = 0; k < k_size; ++k) {
+    const float* b_k = b + k * ldb;
+    __m256 b_v[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      b_v[v] = _mm256_load_ps(b_k + 8 * v);
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a_ik = _mm256_broadcast_ss(a + i * a_row + k * a_col);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(a_ik, b_v[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      float* out_v = out + i * ldo + 8 * v;
+      if (kMasked && v == NV - 1) {
+        _mm256_maskstore_ps(out_v, last, acc[i][v]);
+      } else {
+        _mm256_storeu_ps(out_v, acc[i][v]);
+      }
+    }
+  }
+}
+
+/// MR rows of out x one panel of at most 16 columns.
+template <int MR>
+YUANMOE_AVX2 inline void panel_tile_avx2(int64_t width, int64_t k_size, const float* a, int64_t a_row,
+                                         int64_t a_col, const float* b, int64_t ldb, float* out, int64_t ldo,
+                                         bool add) {
+  if (width == 16) return tile_avx2<MR, 2, false>(k_size, a, a_row, a_col, b, ldb, out, ldo, __m256i{}, add);
+  if (width == 8) return tile_avx2<MR, 1, false>(k_size, a, a_row, a_col, b, ldb, out, ldo, __m256i{}, add);
+  const int64_t in_last = width > 8 ? width - 8 : width;
+  const __m256i last =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(in_last)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (width > 8) return tile_avx2<MR, 2, true>(k_size, a, a_row, a_col, b, ldb, out, ldo, last, add);
+  tile_avx2<MR, 1, true>(k_size, a, a_row, a_col, b, ldb, out, ldo, last, add);
+}
+
+/// `rows` rows of out x one packed panel, 6 rows at a time and then the rest.
+YUANMOE_AVX2 inline void rows_of_panel_avx2(int64_t rows, int64_t width, int64_t kc, const float* a, int64_t a_row,
+                                            int64_t a_col, const float* panel, float* out, int64_t ldo, bool add) {
+  constexpr int kRows = 6;
+  constexpr int64_t kColumns = 16;
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows) {
+    panel_tile_avx2<kRows>(width, kc, a + i * a_row, a_row, a_col, panel, kColumns, out + i * ldo, ldo, add);
+  }
+  const float* a_i = a + i * a_row;
+  float* out_i = out + i * ldo;
+  switch (rows - i) {
+    case 1: panel_tile_avx2<1>(width, kc, a_i, a_row, a_col, panel, kColumns, out_i, ldo, add); break;
+    case 2: panel_tile_avx2<2>(width, kc, a_i, a_row, a_col, panel, kColumns, out_i, ldo, add); break;
+    case 3: panel_tile_avx2<3>(width, kc, a_i, a_row, a_col, panel, kColumns, out_i, ldo, add); break;
+    case 4: panel_tile_avx2<4>(width, kc, a_i, a_row, a_col, panel, kColumns, out_i, ldo, add); break;
+    case 5: panel_tile_avx2<5>(width, kc, a_i, a_row, a_col, panel, kColumns, out_i, ldo, add); break;
+    default: break;
+  }
+}
+
+/// out[M, N] (+)= a[M, K] b[K, N] with AVX2: panels of 16 columns, each over all rows, k in chunks.
+/// Each chunk of a panel is first copied into a contiguous buffer, the last panel zero-padded: read
+/// in place, b's rows, 256 bytes or more apart, fall into a few of L1's sets and evict each other
+/// (bench/results/2026-12-07f-avx2-kernel has the kernel with and without the copy).
+/// A chunk's chains continue from out where the one before stopped: the same fused multiply-adds
+/// in the same order as one pass over k.
+YUANMOE_AVX2 void small_mm_avx2(int64_t m_size, int64_t n_size, int64_t k_size, const float* a, int64_t a_row,
+                                int64_t a_col, const float* b, int64_t ldb, float* out, int64_t ldo, bool add) {
+  constexpr int64_t kColumns = 16;
+  alignas(64) float panel[kAvx2KChunk * kColumns];
+  // One pass when k is 0, which writes zeros (or leaves out as it is, when adding).
+  for (int64_t k0 = 0; k0 < k_size || k0 == 0; k0 += kAvx2KChunk) {
+    const int64_t kc = std::min(kAvx2KChunk, k_size - k0);
+    const bool add_chunk = add || k0 > 0;
+    for (int64_t n0 = 0; n0 < n_size; n0 += kColumns) {
+      const int64_t width = std::min(kColumns, n_size - n0);
+      const float* b_panel = b + k0 * ldb + n0;
+      if (width == kColumns) {
+        for (int64_t k = 0; k < kc; ++k) {
+          _mm256_store_ps(panel + k * kColumns, _mm256_loadu_ps(b_panel + k * ldb));
+          _mm256_store_ps(panel + k * kColumns + 8, _mm256_loadu_ps(b_panel + k * ldb + 8));
+        }
+      } else {
+        for (int64_t k = 0; k < kc; ++k) {
+          for (int64_t j = 0; j < kColumns; ++j) panel[k * kColumns + j] = j < width ? b_panel[k * ldb + j] : 0.0f;
+        }
+      }
+      rows_of_panel_avx2(m_size, width, kc, a + k0 * a_col, a_row, a_col, panel, out + n0, ldo, add_chunk);
+    }
+  }
+}
+
+/// dst = src^T for one 8 x 8 fp32 block, both with unit column stride: interleaved 32 bits, then 64
+/// bits, then the 128-bit halves exchanged.
+YUANMOE_AVX2 void transpose_block8(const float* src, int64_t src_row, float* dst, int64_t dst_row) {
+  __m256 r[8], t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_row);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4 h + c] then holds rows 4 h .. 4 h + 3 of column c in its low half and of column 4 + c in
+  // its high half.
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    r[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    r[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    r[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    r[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(dst + c * dst_row, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+    _mm256_storeu_ps(dst + (4 + c) * dst_row, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+  }
+}
+
+/// A 16 x 16 block as four 8 x 8 ones.
+YUANMOE_AVX2 void transpose_block16_avx2(const float* src, int64_t src_row, float* dst, int64_t dst_row) {
+  for (int64_t r = 0; r < 16; r += 8) {
+    for (int64_t c = 0; c < 16; c += 8) transpose_block8(src + r * src_row + c, src_row, dst + c * dst_row + r, dst_row);
+  }
+}
+
 #pragma GCC diagnostic pop
 
 }  // namespace
 #endif
 
-bool small_mm_kernel_available() {
-#ifdef YUANMOE_SMALL_GEMM_AVX512
-  static const bool available = __builtin_cpu_supports("avx512f") != 0;
-  return available;
+CpuKernelIsa cpu_kernel_isa() {
+#ifdef YUANMOE_SMALL_GEMM_X86
+  static const CpuKernelIsa isa = __builtin_cpu_supports("avx512f") ? CpuKernelIsa::kAvx512
+                                  : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                                      ? CpuKernelIsa::kAvx2
+                                      : CpuKernelIsa::kNone;
+  return isa;
 #else
-  return false;
+  return CpuKernelIsa::kNone;
 #endif
 }
 
 namespace {
 
-/// Whether the kernel takes out (+)= a b: fp32 on a CPU with AVX-512, b and out with unit stride
-/// along their rows.
-bool kernel_applies(const Tensor& out, const Tensor& a, const Tensor& b) {
-  return small_mm_kernel_available() && out.device().is_cpu() && a.scalar_type() == torch::kFloat &&
+/// Whether a kernel takes out (+)= a b: fp32 on a CPU with one, b and out with unit stride along
+/// their rows.
+bool kernel_applies(const Tensor& out, const Tensor& a, const Tensor& b, CpuKernelIsa isa) {
+  return isa != CpuKernelIsa::kNone && out.device().is_cpu() && a.scalar_type() == torch::kFloat &&
          b.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat && a.dim() == 2 && b.dim() == 2 &&
          out.dim() == 2 && a.size(1) == b.size(0) && out.size(0) == a.size(0) && out.size(1) == b.size(1) &&
          (b.size(1) <= 1 || b.stride(1) == 1) && (out.size(1) <= 1 || out.stride(1) == 1);
 }
 
-void small_mm(Tensor& out, const Tensor& a, const Tensor& b, bool add) {
-#ifdef YUANMOE_SMALL_GEMM_AVX512
+void small_mm(Tensor& out, const Tensor& a, const Tensor& b, bool add, CpuKernelIsa isa) {
+#ifdef YUANMOE_SMALL_GEMM_X86
   // Named with a and b as inputs, so that a profile counts its FLOPs as it does aten::mm's.
   RECORD_FUNCTION(add ? "yuanmoe::small_mm_add" : "yuanmoe::small_mm", std::vector<c10::IValue>({a, b}));
-  small_mm_avx512(out.size(0), out.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
-                  b.const_data_ptr<float>(), b.stride(0), out.data_ptr<float>(), out.stride(0), add);
+  const auto kernel = isa == CpuKernelIsa::kAvx512 ? small_mm_avx512 : small_mm_avx2;
+  kernel(out.size(0), out.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+         b.const_data_ptr<float>(), b.stride(0), out.data_ptr<float>(), out.stride(0), add);
 #else
-  (void)out, (void)a, (void)b, (void)add;
+  (void)out, (void)a, (void)b, (void)add, (void)isa;
 #endif
+}
+
+void check_supported(CpuKernelIsa isa) {
+  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(cpu_kernel_isa()),
+              "small_gemm: this CPU does not run the requested instruction set's kernels");
 }
 
 }  // namespace
 
-void small_mm_into(Tensor out, const Tensor& a, const Tensor& b) {
-  if (kernel_applies(out, a, b)) {
-    small_mm(out, a, b, /*add=*/false);
+void small_mm_into(Tensor out, const Tensor& a, const Tensor& b, bool add, CpuKernelIsa isa) {
+  check_supported(isa);
+  if (kernel_applies(out, a, b, isa)) {
+    small_mm(out, a, b, add, isa);
+  } else if (add) {
+    out.addmm_(a, b);
   } else {
     at::mm_out(out, a, b);
   }
 }
 
-void transpose_into(Tensor dst, const Tensor& src) {
+void small_mm_into(Tensor out, const Tensor& a, const Tensor& b) {
+  small_mm_into(std::move(out), a, b, /*add=*/false, cpu_kernel_isa());
+}
+
+void small_mm_add_into(Tensor out, const Tensor& a, const Tensor& b) {
+  small_mm_into(std::move(out), a, b, /*add=*/true, cpu_kernel_isa());
+}
+
+void transpose_into(Tensor dst, const Tensor& src, CpuKernelIsa isa) {
+  check_supported(isa);
   TORCH_CHECK(dst.dim() == 2 && src.dim() == 2 && dst.size(0) == src.size(1) && dst.size(1) == src.size(0) &&
                   dst.scalar_type() == src.scalar_type() && dst.device().is_cpu() && src.device().is_cpu(),
               "transpose_into: expected dst [N, M] and src [M, N] of one dtype on the CPU");
@@ -190,16 +366,17 @@ void transpose_into(Tensor dst, const Tensor& src) {
   constexpr int64_t kBlock = 16;
   // Full 16 x 16 fp32 blocks between unit-stride rows go through registers; the rest element by element.
   const bool in_registers =
-      small_mm_kernel_available() && src.scalar_type() == torch::kFloat && s_col == 1 && d_col == 1;
+      isa != CpuKernelIsa::kNone && src.scalar_type() == torch::kFloat && s_col == 1 && d_col == 1;
   const int64_t register_rows = in_registers ? rows / kBlock * kBlock : 0;
   const int64_t register_cols = in_registers ? cols / kBlock * kBlock : 0;
-#ifdef YUANMOE_SMALL_GEMM_AVX512
+#ifdef YUANMOE_SMALL_GEMM_X86
   if (register_rows > 0 && register_cols > 0) {
+    const auto block = isa == CpuKernelIsa::kAvx512 ? transpose_block16 : transpose_block16_avx2;
     const float* in = src.const_data_ptr<float>();
     float* out = dst.data_ptr<float>();
     for (int64_t r0 = 0; r0 < register_rows; r0 += kBlock) {
       for (int64_t c0 = 0; c0 < register_cols; c0 += kBlock) {
-        transpose_block16(in + r0 * s_row + c0, s_row, out + c0 * d_row + r0, d_row);
+        block(in + r0 * s_row + c0, s_row, out + c0 * d_row + r0, d_row);
       }
     }
   }
@@ -221,12 +398,6 @@ void transpose_into(Tensor dst, const Tensor& src) {
   });
 }
 
-void small_mm_add_into(Tensor out, const Tensor& a, const Tensor& b) {
-  if (kernel_applies(out, a, b)) {
-    small_mm(out, a, b, /*add=*/true);
-  } else {
-    out.addmm_(a, b);
-  }
-}
+void transpose_into(Tensor dst, const Tensor& src) { transpose_into(std::move(dst), src, cpu_kernel_isa()); }
 
 }  // namespace yuanmoe
