@@ -63,7 +63,24 @@ def machine():
     with open("/proc/meminfo") as f:
         mem_gib = int(f.readline().split()[1]) / 2**20
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "blas": blas,
-            "kernel": platform.release()}
+            "kernel": platform.release(), "vector": vector_units()}
+
+
+def vector_units():
+    """The CPU's widest vector instructions and family, which pick yuanmoe's own CPU kernels
+    (include/yuanmoe/core/small_gemm.h: AVX-512, else AVX2, else at::mm_out) and ATen's."""
+    flags, family = set(), "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("cpu family") and family == "?":
+                    family = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if {"avx2", "fma"} <= flags else "neither AVX-512 nor AVX2"
+    return "%s (cpu family %s)" % (isa, family)
 
 
 def ms(seconds):
@@ -187,6 +204,7 @@ def write_doc(out, m, full, linear, ours, eager, ours_tps, eager_tps, memory, th
     add("| | |")
     add("|---|---|")
     add("| CPU | %s, %d cores, %.0f GiB |" % (m["cpu"], m["cores"], m["memory_gib"]))
+    add("| vector instructions | %s: yuanmoe's small-product kernels run with these |" % m["vector"])
     add("| BLAS | %s |" % m["blas"])
     add("| libtorch | %s, %d intra-op threads |" % (full["torch_version"], full["threads"]))
     add("| matmul peak | %.1f GFLOP/s sustained: fp32 2048^3, median of 9 runs, the higher of before and after the steps, "
