@@ -3,11 +3,14 @@
 
 Every layout trains the same 4-layer, 8-expert model (aux loss and bias balancing on, so router
 state must stay identical across ranks) on the same global batches for 10 steps; its logged
-losses must equal the single-process run's within 1e-5 (pipeline layouts), or 1e-4 where data
-parallelism sums the gradient in another order (per rank, then across ranks): those sums agree to
-about 1e-12 relative (step 1's gradient norm), but the top-k routing and the bias balancing's
-sign updates are discrete, and a token within that of a tie flips. Measured in two builds: 7.3e-6,
-and 3.0e-5 first at step 8 with every earlier step within 1e-6.
+losses must equal the single-process run's within 1e-4. Data parallelism sums the gradient in
+another order (per rank, then across ranks), and so does pipeline parallelism for the tied
+embedding (each copy over its stage's micro-batches, then the first and last stage's copies, as
+Megatron does): step 1's gradient norm agrees to about 1e-9 relative, but the top-k routing and
+the bias balancing's sign updates are discrete, and a token within that of a tie flips.
+Measured: dp in two builds 7.3e-6, and 3.0e-5 first at step 8 with every earlier step within
+1e-6; pp=2 on an AVX2 CPU 3.1e-5 first at step 8 with every earlier step within 1.1e-6 (2.3e-6
+in the build before its AVX2 kernels).
   dp=2 (yuanmoe launch), pp=2 1f1b, pp=2 gpipe, pp=2 with recompute, dp=2 x pp=2, dp=2 under
   torchrun --no-python.
 Resume across layouts: 5 steps at pp=2 then 5 at pp=1, and 5 at dp=2 then 5 at pp=4 (the
@@ -34,7 +37,7 @@ BIN = os.path.abspath(sys.argv[1])
 WORK = tempfile.mkdtemp(prefix="yuanmoe-parallel-")
 check = Checks()
 STEPS = 10
-DATA_PARALLEL_TOLERANCE = 1e-4  # the docstring says why
+LAYOUT_TOLERANCE = 1e-4  # the docstring says why
 
 
 def run(args, env=None, expect_ok=True, timeout=600):
@@ -160,24 +163,24 @@ def main():
         prepare()
         train("single")
         train("dp2", nproc=2)
-        compare("dp=2 (launch) vs 1 process", "dp2", "single", tolerance=DATA_PARALLEL_TOLERANCE)
+        compare("dp=2 (launch) vs 1 process", "dp2", "single", tolerance=LAYOUT_TOLERANCE)
         train("pp2", nproc=2, pp=2)
-        compare("pp=2 1f1b vs 1 process", "pp2", "single")
+        compare("pp=2 1f1b vs 1 process", "pp2", "single", tolerance=LAYOUT_TOLERANCE)
         train("pp2_gpipe", nproc=2, pp=2, schedule="gpipe")
-        compare("pp=2 gpipe vs 1 process", "pp2_gpipe", "single")
+        compare("pp=2 gpipe vs 1 process", "pp2_gpipe", "single", tolerance=LAYOUT_TOLERANCE)
         train("pp2_recompute", nproc=2, pp=2, extra=["--set", "train.recompute=true"])
-        compare("pp=2 1f1b with train.recompute vs 1 process", "pp2_recompute", "single")
+        compare("pp=2 1f1b with train.recompute vs 1 process", "pp2_recompute", "single", tolerance=LAYOUT_TOLERANCE)
         train("dp2pp2", nproc=4, pp=2)
-        compare("dp=2 x pp=2 vs 1 process", "dp2pp2", "single", tolerance=DATA_PARALLEL_TOLERANCE)
+        compare("dp=2 x pp=2 vs 1 process", "dp2pp2", "single", tolerance=LAYOUT_TOLERANCE)
         train("torchrun", nproc=2, launcher="torchrun")
-        compare("dp=2 (torchrun --no-python) vs 1 process", "torchrun", "single", tolerance=DATA_PARALLEL_TOLERANCE)
+        compare("dp=2 (torchrun --no-python) vs 1 process", "torchrun", "single", tolerance=LAYOUT_TOLERANCE)
         # Layout changes between save and resume.
         train("pp2_then_pp1", nproc=2, pp=2, extra=["--exit-after-steps", "5"])
         train("pp2_then_pp1", nproc=1, pp=1)
-        compare("saved at pp=2, resumed at pp=1", "pp2_then_pp1", "single")
+        compare("saved at pp=2, resumed at pp=1", "pp2_then_pp1", "single", tolerance=LAYOUT_TOLERANCE)
         train("dp2_then_pp4", nproc=2, extra=["--exit-after-steps", "5"])
         train("dp2_then_pp4", nproc=4, pp=4)
-        compare("saved at dp=2, resumed at pp=4", "dp2_then_pp4", "single", tolerance=DATA_PARALLEL_TOLERANCE)
+        compare("saved at dp=2, resumed at pp=4", "dp2_then_pp4", "single", tolerance=LAYOUT_TOLERANCE)
         kill_one_rank()
     finally:
         code = check.finish(WORK)
