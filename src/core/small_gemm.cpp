@@ -14,10 +14,6 @@ namespace yuanmoe {
 #ifdef YUANMOE_SMALL_GEMM_X86
 namespace {
 
-/// Rows of k one pass of the AVX2 kernel covers: a 16-column panel of 256 rows of b is 16 KiB, half
-/// of a Zen 3 core's L1 (128 rows measured slower at K 256 and 512).
-constexpr int64_t kAvx2KChunk = 256;
-
 #define YUANMOE_AVX512 __attribute__((target("avx512f")))
 
 /// The register tile: MR rows of out x NV vectors of 16 columns, over the whole of k, the chains
@@ -139,8 +135,11 @@ YUANMOE_AVX512 void transpose_block16(const float* src, int64_t src_row, float* 
   }
 }
 
-
 #define YUANMOE_AVX2 __attribute__((target("avx2,fma")))
+
+/// Rows of k one pass of the AVX2 kernel covers: a 16-column panel of 256 rows of b is 16 KiB, half
+/// of a Zen 3 core's L1 (chunks of 128 rows measured slower on the products with k = 256).
+constexpr int64_t kAvx2KChunk = 256;
 
 /// The AVX2 register tile: MR rows of out x NV vectors of 8 columns, MR x NV at most 6 x 2 = 12
 /// accumulators of the 16 vector registers (BLIS's Haswell sgemm tile), each element the same
@@ -226,8 +225,8 @@ YUANMOE_AVX2 inline void rows_of_panel_avx2(int64_t rows, int64_t width, int64_t
 
 /// out[M, N] (+)= a[M, K] b[K, N] with AVX2: panels of 16 columns, each over all rows, k in chunks.
 /// Each chunk of a panel is first copied into a contiguous buffer, the last panel zero-padded: read
-/// in place, b's rows, 256 bytes or more apart, fall into a few of L1's sets and evict each other
-/// (bench/results/2026-12-07f-avx2-kernel has the kernel with and without the copy).
+/// in place, 64 bytes from rows 256 bytes to 1 KiB apart (which map onto a few of L1's sets), the
+/// kernel was no faster than MKL (bench/results/2026-12-07f-avx2-kernel, with and without the copy).
 /// A chunk's chains continue from out where the one before stopped: the same fused multiply-adds
 /// in the same order as one pass over k.
 YUANMOE_AVX2 void small_mm_avx2(int64_t m_size, int64_t n_size, int64_t k_size, const float* a, int64_t a_row,
