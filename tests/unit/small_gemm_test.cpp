@@ -46,29 +46,29 @@ const char* name_of(CpuKernelIsa isa) {
 TEST_F(SmallGemmTest, Fp32EqualsAnFmaChainPerElementForEveryTail) {
   if (kernel_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX-512 nor AVX2: fp32 products go to at::mm_out";
   for (const CpuKernelIsa isa : kernel_isas()) {
-  for (const int64_t m : {1, 5, 6, 7, 13, 64}) {
-    for (const int64_t n : {1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 130}) {
-      for (const int64_t k : {0, 1, 37, 256, 300, 513}) {
-        for (const bool a_transposed : {false, true}) {
-          const Tensor a = a_transposed ? torch::randn({k, m}).t() : torch::randn({m, k});
-          const Tensor b = torch::randn({k, n + 3}).narrow(1, 1, n);  // row stride n + 3
-          const Tensor frame = torch::full({m + 2, n + 5}, 7.0f);
-          const Tensor view = frame.narrow(0, 1, m).narrow(1, 2, n);
-          const bool add = (m + n + k) % 2 == 1;
-          if (add) view.normal_();
-          const Tensor start = add ? view.clone() : torch::zeros({m, n});
-          small_mm_into(view, a, b, add, isa);
-          ASSERT_TRUE(view.equal(fma_loop_reference(a, b, start)))
-              << name_of(isa) << ": " << m << " x " << n << " x " << k << (a_transposed ? ", a transposed" : "")
-              << (add ? ", adding" : "");
-          Tensor outside = frame.clone();
-          outside.narrow(0, 1, m).narrow(1, 2, n).fill_(7.0f);
-          ASSERT_TRUE(outside.eq(7.0f).all().item<bool>())
-              << name_of(isa) << ": wrote outside the view: " << m << " x " << n;
+    for (const int64_t m : {1, 5, 6, 7, 13, 64}) {
+      for (const int64_t n : {1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 130}) {
+        for (const int64_t k : {0, 1, 37, 256, 300, 513}) {
+          for (const bool a_transposed : {false, true}) {
+            const Tensor a = a_transposed ? torch::randn({k, m}).t() : torch::randn({m, k});
+            const Tensor b = torch::randn({k, n + 3}).narrow(1, 1, n);  // row stride n + 3
+            const Tensor frame = torch::full({m + 2, n + 5}, 7.0f);
+            const Tensor view = frame.narrow(0, 1, m).narrow(1, 2, n);
+            const bool add = (m + n + k) % 2 == 1;
+            if (add) view.normal_();
+            const Tensor start = add ? view.clone() : torch::zeros({m, n});
+            small_mm_into(view, a, b, add, isa);
+            ASSERT_TRUE(view.equal(fma_loop_reference(a, b, start)))
+                << name_of(isa) << ": " << m << " x " << n << " x " << k << (a_transposed ? ", a transposed" : "")
+                << (add ? ", adding" : "");
+            Tensor outside = frame.clone();
+            outside.narrow(0, 1, m).narrow(1, 2, n).fill_(7.0f);
+            ASSERT_TRUE(outside.eq(7.0f).all().item<bool>())
+                << name_of(isa) << ": wrote outside the view: " << m << " x " << n;
+          }
         }
       }
     }
-  }
   }
 }
 
