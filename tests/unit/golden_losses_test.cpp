@@ -9,8 +9,8 @@
 // instruction set, so an AMD and an Intel CPU differ in the last bits of the first gradient and
 // the runs drift apart from there. MACHINE is the vendor and ATen's CPU capability
 // ("AuthenticAMD-AVX512"). On a machine without its own set, the first step (before any update:
-// forward, backward and norm) is compared with every other machine's to 1e-6, and the exact
-// 20 steps are skipped, saying how to write the set.
+// forward, backward and norm) is compared with every other machine's (kStepOneTolerance below),
+// and the exact 20 steps are skipped, saying how to write the set.
 //
 // After an intended change of the arithmetic, rewrite this machine's set, delete the other
 // machines' (they hold the old arithmetic) and say why in the commit:
@@ -147,6 +147,17 @@ std::vector<StepFigures> run_cell(const Cell& cell) {
 
 constexpr const char* kGoldenRoot = "tests/assets/losses";
 
+/// Step 1 against another machine's set, relative. Other rounding can flip a near-tie in the top-2
+/// choice of one token: on an Intel Xeon (GenuineIntel-AVX512) the attention-router cells' step 1
+/// differs from the AMD set by up to 5.6e-6 in the loss, 2.0e-6 in the aux loss and 1.2e-4 in the
+/// gradient norm (the unmasked cells), while the same cells in fp64 on that machine agree with the
+/// AMD fp32 set to 3e-8: a flipped choice, not drift. The tolerances leave 5x or more over that
+/// flip; a wrong scale, mask or gradient is orders of magnitude beyond them.
+struct StepOneTolerance {
+  double loss = 3e-5, aux_loss = 3e-5, grad_norm = 1e-3;
+};
+constexpr StepOneTolerance kStepOneTolerance;
+
 /// The CPU's vendor and ATen's CPU capability, e.g. "AuthenticAMD-AVX512".
 std::string machine_key() {
   std::string vendor = "unknown";
@@ -208,12 +219,17 @@ TEST_P(GoldenLossesTest, TwentyStepsMatchExactly) {
     for (const std::string& machine : others) {
       const nlohmann::json other = config::read_json_file(golden_path(machine, cell));
       const nlohmann::json& first = other.at("steps").at(size_t{0});
-      EXPECT_NEAR(got[0].loss, first.at("loss").get<double>(), 1e-6 * std::abs(got[0].loss)) << machine;
-      EXPECT_NEAR(got[0].aux_loss, first.at("aux_loss").get<double>(), 1e-6 * std::abs(got[0].aux_loss)) << machine;
-      EXPECT_NEAR(got[0].grad_norm, first.at("grad_norm").get<double>(), 1e-6 * std::abs(got[0].grad_norm)) << machine;
+      EXPECT_NEAR(got[0].loss, first.at("loss").get<double>(), kStepOneTolerance.loss * std::abs(got[0].loss))
+          << machine;
+      EXPECT_NEAR(got[0].aux_loss, first.at("aux_loss").get<double>(),
+                  kStepOneTolerance.aux_loss * std::abs(got[0].aux_loss))
+          << machine;
+      EXPECT_NEAR(got[0].grad_norm, first.at("grad_norm").get<double>(),
+                  kStepOneTolerance.grad_norm * std::abs(got[0].grad_norm))
+          << machine;
     }
     GTEST_SKIP() << "no golden losses for this machine (" << machine_key() << "); step 1 agrees with "
-                 << others.front() << "'s to 1e-6. YUANMOE_WRITE_GOLDEN_LOSSES=1 writes " << path;
+                 << others.front() << "'s. YUANMOE_WRITE_GOLDEN_LOSSES=1 writes " << path;
   }
 
   const nlohmann::json golden = config::read_json_file(path);
