@@ -1,7 +1,7 @@
 // The AVX-512 small_mm kernel (src/core/small_gemm.cpp) against MKL through at::mm_out and against
 // packed variants of itself, one thread, on a tiny-m32 step's products in the layouts their
 // callers pass: an expert's six (n rows, hidden 256, ffn 256; cycling through 32 experts' weights
-// as the step does) and an attention block's six (64 query rows, S 256, head dim 128, q/k/v rows
+// as the step does, or as many as the second argument) and an attention block's six (64 query rows, S 256, head dim 128, q/k/v rows
 // strided by 4 heads). The packed variants copy 64-column panels of b into a contiguous buffer, k
 // in chunks of KC, each panel then run over all rows of a (`packed_mm` below, built from the
 // kernel's own tile); each element is the same fused multiply-add chain over k, so all give the
